@@ -3,7 +3,7 @@ r"""Counterfactual strings: abduction, action, prediction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import pyro
 import pyro.poutine as poutine
@@ -111,7 +111,7 @@ def _stack_baseline_noise(scm: LanguageModelSCM, guide_trace: poutine.Trace, siz
     for name, node in guide_trace.nodes.items():
         if node["type"] != "sample":
             continue
-        value = node["value"]
+        value = cast(torch.Tensor, node["value"])
         if name in steps:
             value = torch.cat([value.expand(shape), standard_gumbel(shape, value.dtype, value.device)])
         # only what replay reads: the guide's distributions would keep its draws alive
@@ -135,7 +135,10 @@ def _predict(
     """
     guide_trace = poutine.trace(pyro.plate(DRAWS, size, dim=-1)(guide)).get_trace(prompt)
     observed = guide.observed_ids
-    noise = {noise_site(t): guide_trace.nodes[scm.site(noise_site(t))]["value"] for t in range(len(logits))}
+    noise: dict[str, torch.Tensor] = {
+        noise_site(t): cast(torch.Tensor, guide_trace.nodes[scm.site(noise_site(t))]["value"])
+        for t in range(len(logits))
+    }
     noise_stats = noise_statistics(logits, observed, noise)
     del noise
     joint = _stack_baseline_noise(scm, guide_trace, size)

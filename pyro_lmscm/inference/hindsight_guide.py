@@ -80,7 +80,7 @@ class _StepPosterior(GumbelMaxPosterior):
         new.joint, new.step = self.joint, self.step
         return new
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] | list[int] = torch.Size()) -> torch.Tensor:
         if self.joint is not None:
             value = self.joint.take(self.step, self._extended_shape(sample_shape))
             if value is not None:

@@ -36,9 +36,9 @@ def test_shapes_and_null_replay_in_every_chunk(scm, chunk_size):
 
 def test_reproducible_and_one_chunk_equals_none(scm):
     observed = torch.tensor([5, 9, 3, 7])
-    run = lambda chunk: counterfactual(  # noqa: E731
-        scm, PROMPT, observed, {"prompt": [2, 9, 4]}, num_samples=10, seed=3, chunk_size=chunk
-    )
+    def run(chunk):
+        return counterfactual(scm, PROMPT, observed, {"prompt": [2, 9, 4]}, num_samples=10, seed=3, chunk_size=chunk)
+
     _same(run(None), run(10))
     _same(run(None), run(64))
     _same(run(4), run(4))

@@ -80,3 +80,20 @@ def test_expand_and_inactive_rows_are_prior():
     u = d.expand((20000,)).sample()
     # with the observed token inactive its coordinate is plain Gumbel(0, 1): mean = Euler's gamma
     assert abs(float(u[:, 1].mean()) - 0.5772) < 0.03
+
+
+def test_standard_exponential_is_seeded_by_torch_and_independent_of_threads():
+    from pyro_lmscm.inference.gumbel_max_posterior import _BLOCK, standard_exponential
+
+    draws = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            draws.append(standard_exponential((3, _BLOCK), dtype=torch.float64))  # three blocks
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1])
+    assert float(draws[0].min()) > 0.0
+    assert stats.kstest(draws[0].flatten()[:20000].numpy(), "expon").pvalue > 1e-3
