@@ -123,7 +123,9 @@ def demo(
         prompt_ids = lm.encode(prompt)
         observed = lm.encode(text) if text is not None else None
         with err_console.status(f"abducting the noise and replaying {samples} posterior draws"):
-            result = counterfactual(scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed)
+            result = counterfactual(
+                scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
+            )
         console.print(f"[bold]prompt:[/] {prompt}")
         _print_result(result, f"do(mechanism = {steer!r})")
         console.print(f"[dim]{time.perf_counter() - start:.1f} s[/]")
@@ -158,7 +160,9 @@ def counterfactual_command(
         spec = parse_intervention(intervention, lm)
         scm = LanguageModelSCM(lm, max_new_tokens, decoding, mechanisms=spec.mechanisms)
         observed = lm.encode(text) if text is not None else None
-        result = counterfactual(scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed)
+        result = counterfactual(
+            scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
+        )
         if as_json:
             out = {
                 "prompt": prompt,

@@ -20,7 +20,7 @@ from .compare import AbductionComparison, ComparisonRow, compare_abduction, ks_s
 from .counterfactual import CounterfactualResult, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
-from .hindsight_guide import HindsightGumbelGuide
+from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "kish_ess",
     "ks_statistic",
     "make_method",
+    "noise_trace",
     "upstream_marginals",
     "noise_statistics",
 ]

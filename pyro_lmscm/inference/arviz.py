@@ -164,7 +164,7 @@ def to_inference_data(
     >>> from pyro_lmscm.inference.arviz import to_inference_data
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
     >>> result = counterfactual(scm, torch.tensor([2, 3]), intervention={"prompt": [2, 9]},
-    ...                         num_samples=40, seed=0)
+    ...                         num_samples=40, seed=0, baseline=True)
     >>> idata = to_inference_data(result.counterfactual, baseline=result.interventional)
     >>> idata.posterior["edit_distance"].shape, sorted(idata.groups())
     ((4, 10), ['constant_data', 'posterior', 'prior'])

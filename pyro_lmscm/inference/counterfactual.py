@@ -3,19 +3,19 @@ r"""Counterfactual strings: abduction, action, prediction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..errors import ObservationError
+from ..errors import InferenceError, ObservationError
 from ..interventions.ops import Intervention, as_do_data
 from ..models.sites import noise_site
 from .abduction import active_steps, noise_statistics
 from .distribution import CounterfactualDistribution
 from .gumbel_max_posterior import standard_gumbel
-from .hindsight_guide import HindsightGumbelGuide
+from .hindsight_guide import HindsightGumbelGuide, noise_trace
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -29,13 +29,13 @@ DRAWS = "__draws"
 
 @dataclass
 class CounterfactualResult:
-    """The factual string and, per posterior draw, its counterfactual and an
-    interventional (fresh-noise) baseline.
+    """The factual string and, per posterior draw, its counterfactual and (with
+    ``counterfactual(..., baseline=True)``) an interventional (fresh-noise) baseline.
 
     :ivar prompt_ids: ``(L,)``.
     :ivar factual_ids: ``(n,)``, the observed (or sampled) continuation.
     :ivar counterfactual_ids: ``(num_samples, T)``; padded after the end of sequence.
-    :ivar interventional_ids: ``(num_samples, T)``.
+    :ivar interventional_ids: ``(num_samples, T)``, or ``None`` without a baseline.
     :ivar intervention: the ``poutine.do`` data that was applied.
     :ivar log_prob_factual: :math:`\\log p(\\text{factual} \\mid \\text{prompt})`.
     :ivar noise_stats: per-draw summaries of the posterior noise at the observed steps,
@@ -47,7 +47,7 @@ class CounterfactualResult:
     prompt_ids: torch.Tensor
     factual_ids: torch.Tensor
     counterfactual_ids: torch.Tensor
-    interventional_ids: torch.Tensor
+    interventional_ids: torch.Tensor | None
     intervention: dict[str, torch.Tensor]
     log_prob_factual: float
     noise_stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -65,7 +65,7 @@ class CounterfactualResult:
 
     @property
     def interventional_texts(self) -> list[str]:
-        return self._texts(self.interventional_ids)
+        return self._texts(self._baseline_ids())
 
     @property
     def counterfactual(self) -> CounterfactualDistribution:
@@ -74,8 +74,18 @@ class CounterfactualResult:
 
     @property
     def interventional(self) -> CounterfactualDistribution:
-        """The interventional (fresh-noise) baseline as a :class:`CounterfactualDistribution`."""
-        return self._distribution(self.interventional_ids, "interventional", None)
+        """The interventional (fresh-noise) baseline as a :class:`CounterfactualDistribution`.
+
+        :raises InferenceError: if the result was computed without ``baseline=True``.
+        """
+        return self._distribution(self._baseline_ids(), "interventional", None)
+
+    def _baseline_ids(self) -> torch.Tensor:
+        if self.interventional_ids is None:
+            raise InferenceError(
+                "this result has no interventional baseline: call counterfactual(..., baseline=True)."
+            )
+        return self.interventional_ids
 
     def _distribution(
         self, ids: torch.Tensor, kind: str, noise_stats: dict[str, torch.Tensor] | None
@@ -90,9 +100,10 @@ class CounterfactualResult:
 
     def to_arviz(self, **kwargs: Any) -> InferenceData:
         """ArviZ export: the counterfactual draws as the ``posterior`` group and the
-        interventional baseline as the ``prior`` group (see
+        interventional baseline, if computed, as the ``prior`` group (see
         :func:`pyro_lmscm.inference.arviz.to_inference_data`)."""
-        return self.counterfactual.to_arviz(baseline=self.interventional, **kwargs)
+        baseline = None if self.interventional_ids is None else self.interventional
+        return self.counterfactual.to_arviz(baseline=baseline, **kwargs)
 
 
 def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
@@ -102,23 +113,6 @@ def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     return ids[:length]
 
 
-def _stack_baseline_noise(scm: LanguageModelSCM, guide_trace: poutine.Trace, size: int) -> poutine.Trace:
-    """A trace to replay under a plate of ``2 size``: rows ``:size`` hold the guide's noise,
-    rows ``size:`` fresh prior noise, for every noise site."""
-    shape = (size, scm.vocab_size)
-    steps = {scm.site(noise_site(t)) for t in range(scm.max_new_tokens)}
-    joint = poutine.Trace()
-    for name, node in guide_trace.nodes.items():
-        if node["type"] != "sample":
-            continue
-        value = cast(torch.Tensor, node["value"])
-        if name in steps:
-            value = torch.cat([value.expand(shape), standard_gumbel(shape, value.dtype, value.device)])
-        # only what replay reads: the guide's distributions would keep its draws alive
-        joint.add_node(name, name=name, type="sample", is_observed=False, value=value, infer=node["infer"])
-    return joint
-
-
 def _predict(
     scm: LanguageModelSCM,
     guide: HindsightGumbelGuide,
@@ -126,26 +120,24 @@ def _predict(
     prompt: torch.Tensor,
     logits: torch.Tensor,
     size: int,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    baseline: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """One chunk of ``size`` posterior draws: counterfactual ids ``(size, T)``,
-    interventional ids ``(size, T)`` and the noise statistics.
+    interventional ids ``(size, T)`` (``None`` without ``baseline``) and the noise statistics.
 
-    The guide's noise and ``size`` rows of fresh prior noise are stacked into one trace
+    With ``baseline`` the guide's noise and ``size`` rows of fresh prior noise are stacked
     and replayed under a plate of ``2 size``: one KV-cached decoding run for both.
     """
-    guide_trace = poutine.trace(pyro.plate(DRAWS, size, dim=-1)(guide)).get_trace(prompt)
-    observed = guide.observed_ids
-    noise: dict[str, torch.Tensor] = {
-        noise_site(t): cast(torch.Tensor, guide_trace.nodes[scm.site(noise_site(t))]["value"])
-        for t in range(len(logits))
-    }
-    noise_stats = noise_statistics(logits, observed, noise)
-    del noise
-    joint = _stack_baseline_noise(scm, guide_trace, size)
-    del guide_trace  # frees the guide's draws before the replay
-    ids = poutine.replay(pyro.plate(DRAWS, 2 * size, dim=-1)(intervened), trace=joint)(prompt)
-    ids = ids.expand(2 * size, scm.max_new_tokens)
-    return ids[:size], ids[size:], noise_stats
+    noise = guide.sample_noise(prompt, (size,))  # (size, T, V)
+    steps = {noise_site(t): noise[:, t] for t in range(len(logits))}
+    noise_stats = noise_statistics(logits, guide.observed_ids, steps)
+    del steps
+    if baseline:
+        noise = torch.cat([noise, standard_gumbel(noise.shape, noise.dtype, noise.device)])
+    rows = noise.shape[0]
+    ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(intervened), trace=noise_trace(scm, noise))(prompt)
+    ids = ids.expand(rows, scm.max_new_tokens)
+    return ids[:size], (ids[size:] if baseline else None), noise_stats
 
 
 def counterfactual(
@@ -157,6 +149,7 @@ def counterfactual(
     seed: int | None = None,
     margin: float = 0.0,
     chunk_size: int | None = None,
+    baseline: bool = False,
 ) -> CounterfactualResult:
     r"""What would ``observed`` have been under ``intervention``?
 
@@ -165,9 +158,14 @@ def counterfactual(
     2. *Action*: ``poutine.do(scm.model, data=intervention)``.
     3. *Prediction*: ``poutine.replay`` of the intervened model on the noise.
 
-    The interventional baseline runs the same intervened model on fresh prior noise, in
-    the same batched decoding run as the counterfactuals (rows ``num_samples`` to
-    ``2 num_samples`` of one replay), so it costs little more than the counterfactuals.
+    The cost is one teacher-forced forward pass and :math:`O(N \cdot T \cdot V)` noise work
+    (abduction), then one KV-cached decoding run of ``num_samples`` rows (prediction).
+
+    With ``baseline=True`` the result also holds the interventional (rung 2) baseline:
+    the same intervened model on fresh prior noise, decoded in the same batched run as the
+    counterfactuals (rows ``num_samples`` to ``2 num_samples`` of one replay). That is a
+    second query, so it is off by default: on a CPU it costs what decoding twice the rows
+    costs.
 
     :param scm: the SCM.
     :param prompt: prompt ids ``(L,)``.
@@ -179,13 +177,15 @@ def counterfactual(
     :param seed: seeds torch's generator for this call only (the global state is restored).
     :param margin: see :class:`HindsightGumbelGuide`.
     :param chunk_size: process the posterior draws in chunks of at most this many (each:
-        abduction under a plate, one replay, baseline), so that peak memory, about
-        :math:`3 \times \text{chunk} \times T \times V` float32 noise values (the draws,
-        and the draws stacked with the baseline's noise for the replay), stays bounded
+        abduction, one replay), so that peak memory, about :math:`\text{chunk} \times T
+        \times V` float32 noise values (three times that with ``baseline``: the draws, and
+        the draws stacked with the baseline's noise for the replay), stays bounded
         for large ``num_samples``; ``None`` is one chunk. With a ``seed`` the result is
         reproducible for a given ``chunk_size``; chunks draw the noise one after another
         from the same generator, so another ``chunk_size`` gives other (equally
         distributed) draws, and any ``chunk_size >= num_samples`` equals ``None``.
+    :param baseline: also decode the interventional baseline
+        (:attr:`CounterfactualResult.interventional_ids`).
     :raises ObservationError, AbductionError, InterventionError: on bad input.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=6)
@@ -218,11 +218,12 @@ def counterfactual(
         intervened = poutine.do(scm.model, data=data)
         size = num_samples if chunk_size is None else min(chunk_size, num_samples)
         chunks = [
-            _predict(scm, guide, intervened, prompt, logits, min(size, num_samples - start))
+            _predict(scm, guide, intervened, prompt, logits, min(size, num_samples - start), baseline)
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
-        interventional_ids = torch.cat([chunk[1] for chunk in chunks])
+        baselines = [chunk[1] for chunk in chunks]
+        interventional_ids = None if baselines[0] is None else torch.cat(baselines)
         stats = [chunk[2] for chunk in chunks]
         noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]}
     return CounterfactualResult(
@@ -230,7 +231,9 @@ def counterfactual(
         prompt_ids=prompt,
         factual_ids=observed,
         counterfactual_ids=counterfactual_ids.expand(num_samples, scm.max_new_tokens),
-        interventional_ids=interventional_ids.expand(num_samples, scm.max_new_tokens),
+        interventional_ids=(
+            None if interventional_ids is None else interventional_ids.expand(num_samples, scm.max_new_tokens)
+        ),
         intervention=data,
         log_prob_factual=float(guide.log_prob_observed(prompt)),
         noise_stats=noise_stats,

@@ -124,7 +124,7 @@ class CounterfactualDistribution:
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
     >>> result = counterfactual(scm, torch.tensor([2, 3]), intervention={"prompt": [2, 9]},
-    ...                         num_samples=200, seed=0)
+    ...                         num_samples=200, seed=0, baseline=True)
     >>> def same_first_token(string):
     ...     return string[0] == int(result.factual_ids[0])
     >>> difference = (result.counterfactual.probability(same_first_token)

@@ -6,18 +6,18 @@ from typing import TYPE_CHECKING, Mapping
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 
 from ..errors import AbductionError, ObservationError
 from ..models.anchor import FactualAnchor
-from ..models.distributions import IntegerDelta
-from ..models.sites import MECHANISM, PROMPT, noise_site, parse_step_site
-from .gumbel_max_posterior import GumbelMaxPosterior
+from ..models.sites import noise_site, parse_step_site
+from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
 
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["HindsightGumbelGuide"]
+__all__ = ["HindsightGumbelGuide", "noise_trace"]
 
 def _observed_ids(observations: torch.Tensor | Mapping[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """Observed ids ``(..., n)`` from a tensor or a ``{"w_t": ...}`` data dict."""
@@ -34,6 +34,26 @@ def _observed_ids(observations: torch.Tensor | Mapping[str, torch.Tensor], prefi
             f"observed token sites must be w_0..w_(n-1) with none missing, got {sorted(steps)}."
         )
     return torch.stack(torch.broadcast_tensors(*(steps[t] for t in range(len(steps)))), dim=-1)
+
+
+def noise_trace(scm: LanguageModelSCM, noise: torch.Tensor) -> poutine.Trace:
+    r"""A trace holding noise values for ``poutine.replay``: site ``u_t`` (with the SCM's
+    name prefix) gets ``noise[..., t, :]``.
+
+    :param noise: ``(..., T, V)``, e.g. :meth:`HindsightGumbelGuide.sample_noise`; replay
+        it under a plate whose size is its leading dimension.
+    :raises ValueError: if the shape does not match ``scm.max_new_tokens`` and the vocabulary.
+    """
+    if noise.dim() < 2 or tuple(noise.shape[-2:]) != (scm.max_new_tokens, scm.vocab_size):
+        raise ValueError(
+            f"`noise` must have shape (..., {scm.max_new_tokens}, {scm.vocab_size}) "
+            f"(max_new_tokens, vocabulary), got {tuple(noise.shape)}."
+        )
+    trace = poutine.Trace()
+    for t in range(scm.max_new_tokens):
+        name = scm.site(noise_site(t))
+        trace.add_node(name, name=name, type="sample", is_observed=False, value=noise[..., t, :], infer={})
+    return trace
 
 
 class _JointDraw:
@@ -215,6 +235,41 @@ class HindsightGumbelGuide:
         observed = self.observed_ids.expand(logits.shape[:-1])
         log_p = logits.log_softmax(-1).gather(-1, observed.unsqueeze(-1)).squeeze(-1)
         return torch.where(self._active(observed), log_p, 0.0).sum(-1)
+
+    @torch.no_grad()
+    def sample_noise(
+        self, prompt_ids: torch.Tensor, sample_shape: torch.Size | tuple[int, ...] = torch.Size()
+    ) -> torch.Tensor:
+        r"""Every noise site at once: :math:`u_{0:T}` stacked along dim −2, shape
+        ``sample_shape + batch_shape + (T, V)``, where ``batch_shape`` is that of the
+        observation (and prompt) and :math:`T` is ``scm.max_new_tokens``.
+
+        The law is that of the guide's sites traced under a plate of ``sample_shape``
+        (``poutine.trace(pyro.plate(...)(guide))``): the posterior at the observed steps,
+        the prior :math:`\mathrm{Gumbel}(0, 1)^V` after them. It is one vectorised draw and
+        no Pyro site, for callers that replay the noise themselves
+        (:func:`~pyro_lmscm.counterfactual` does, through :func:`noise_trace`): on a small
+        model the :math:`T` traced sites cost more than the forward pass.
+
+        >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
+        >>> guide = HindsightGumbelGuide(scm, torch.tensor([7, 3, 3]))
+        >>> u = guide.sample_noise(torch.tensor([1, 2]), (4,))
+        >>> tuple(u.shape)
+        (4, 5, 28)
+        >>> from pyro_lmscm.inference import noise_trace
+        >>> replayed = poutine.replay(scm.model, trace=noise_trace(scm, u[0]))(torch.tensor([1, 2]))
+        >>> replayed[:3].tolist()
+        [7, 3, 3]
+        """
+        logits = self.decoded_logits(prompt_ids)
+        observed = self.observed_ids.expand(logits.shape[:-1])
+        posterior = GumbelMaxPosterior(logits, observed, margin=self.margin, active=self._active(observed))
+        u = posterior.sample(sample_shape)
+        rest = self.scm.max_new_tokens - observed.shape[-1]
+        if rest > 0:
+            prior = standard_gumbel(u.shape[:-2] + (rest, u.shape[-1]), u.dtype, u.device)
+            u = torch.cat([u, prior], dim=-2)
+        return u
 
     def __call__(self, prompt_ids: torch.Tensor) -> None:
         prompt_ids = self.scm.check_prompt(prompt_ids)

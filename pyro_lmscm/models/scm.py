@@ -181,8 +181,11 @@ class LanguageModelSCM:
 
     def finished_after(self, ids: torch.Tensor) -> torch.Tensor:
         """Bool mask of shape ``ids.shape``: has an end-of-sequence token occurred at or before ``t``."""
-        eos = torch.tensor(self.lm.eos_token_ids, dtype=torch.long, device=ids.device)
-        return torch.isin(ids, eos).cummax(dim=-1).values
+        eos = self.lm.eos_token_ids
+        if not eos:
+            return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        hit = ids == eos[0] if len(eos) == 1 else torch.isin(ids, torch.tensor(eos, device=ids.device))
+        return hit.cummax(dim=-1).values
 
     def observations(self, observed_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The data dict ``{"w_t": observed_ids[..., t]}`` for ``pyro.condition``.

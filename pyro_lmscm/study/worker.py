@@ -183,7 +183,8 @@ class StudyWorker:
                     observed = observed[: config.max_new_tokens]
                     record["truncated"] = True
             result = counterfactual(
-                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed
+                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
+                baseline=True,
             )
         except LMSCMError as error:
             record["error"] = f"{type(error).__name__}: {error}"

@@ -28,7 +28,7 @@ def _close_figures():
 @pytest.fixture
 def result(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=5, mechanisms={"other": ModelSwap(tiny_llama(seed=1))})
-    return counterfactual(scm, PROMPT, None, {"mechanism": "other"}, num_samples=400, seed=0)
+    return counterfactual(scm, PROMPT, None, {"mechanism": "other"}, num_samples=400, seed=0, baseline=True)
 
 
 def test_groups_variables_and_values(result):

@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
+from pyro_lmscm.errors import InferenceError
 
 PROMPT = torch.tensor([2, 3, 4])
 
@@ -18,7 +19,9 @@ def scm(lm):
 
 def _same(a, b):
     assert torch.equal(a.counterfactual_ids, b.counterfactual_ids)
-    assert torch.equal(a.interventional_ids, b.interventional_ids)
+    assert (a.interventional_ids is None) == (b.interventional_ids is None)
+    if a.interventional_ids is not None:
+        assert torch.equal(a.interventional_ids, b.interventional_ids)
     assert a.noise_stats.keys() == b.noise_stats.keys()
     for key in a.noise_stats:
         assert torch.equal(a.noise_stats[key], b.noise_stats[key])
@@ -26,7 +29,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("chunk_size", [None, 5, 7, 100])
 def test_shapes_and_null_replay_in_every_chunk(scm, chunk_size):
-    result = counterfactual(scm, PROMPT, None, {}, num_samples=12, seed=0, chunk_size=chunk_size)
+    result = counterfactual(scm, PROMPT, None, {}, num_samples=12, seed=0, chunk_size=chunk_size, baseline=True)
     n = len(result.factual_ids)
     assert result.counterfactual_ids.shape == result.interventional_ids.shape == (12, 8)
     assert torch.equal(result.counterfactual_ids[:, :n], result.factual_ids.expand(12, n))
@@ -36,12 +39,16 @@ def test_shapes_and_null_replay_in_every_chunk(scm, chunk_size):
 
 def test_reproducible_and_one_chunk_equals_none(scm):
     observed = torch.tensor([5, 9, 3, 7])
-    def run(chunk):
-        return counterfactual(scm, PROMPT, observed, {"prompt": [2, 9, 4]}, num_samples=10, seed=3, chunk_size=chunk)
+
+    def run(chunk, baseline=True):
+        return counterfactual(
+            scm, PROMPT, observed, {"prompt": [2, 9, 4]}, num_samples=10, seed=3, chunk_size=chunk, baseline=baseline
+        )
 
     _same(run(None), run(10))
     _same(run(None), run(64))
     _same(run(4), run(4))
+    _same(run(4, baseline=False), run(4, baseline=False))
     chunked, whole = run(4), run(None)
     assert not torch.equal(chunked.interventional_ids, whole.interventional_ids)  # other draws, same law
 
@@ -49,8 +56,8 @@ def test_reproducible_and_one_chunk_equals_none(scm):
 def test_chunks_draw_from_the_same_distribution(scm):
     observed = torch.tensor([5, 9, 3, 7])
     intervention = {"prompt": [2, 9, 4]}
-    whole = counterfactual(scm, PROMPT, observed, intervention, num_samples=600, seed=0)
-    chunked = counterfactual(scm, PROMPT, observed, intervention, num_samples=600, seed=1, chunk_size=64)
+    whole = counterfactual(scm, PROMPT, observed, intervention, num_samples=600, seed=0, baseline=True)
+    chunked = counterfactual(scm, PROMPT, observed, intervention, num_samples=600, seed=1, chunk_size=64, baseline=True)
     for key in whole.noise_stats:
         for t in range(whole.noise_stats[key].shape[-1]):
             a, b = whole.noise_stats[key][:, t].numpy(), chunked.noise_stats[key][:, t].numpy()
@@ -67,12 +74,30 @@ def test_interventional_baseline_is_the_intervened_model_on_fresh_noise(scm):
     """The baseline rows run in the same batch as the counterfactuals, on prior noise:
     their first token has the law of the intervened model's first token."""
     intervention = {"prompt": [2, 9, 4]}
-    result = counterfactual(scm, PROMPT, torch.tensor([5, 9]), intervention, num_samples=2000, seed=0, chunk_size=500)
+    result = counterfactual(
+        scm, PROMPT, torch.tensor([5, 9]), intervention, num_samples=2000, seed=0, chunk_size=500, baseline=True
+    )
     with pyro.plate("draws", 2000, dim=-1):
         direct = poutine.do(scm.model, data={"prompt": torch.tensor([2, 9, 4])})(PROMPT)
     counts = torch.stack([torch.bincount(result.interventional_ids[:, 0], minlength=28), torch.bincount(direct[:, 0], minlength=28)])
     counts = counts[:, counts.sum(0) > 0]
     assert stats.chi2_contingency(counts.numpy()).pvalue > 1e-3
+
+
+def test_baseline_is_opt_in_and_leaves_the_counterfactuals_unchanged(scm):
+    """Without ``baseline`` only the counterfactual rows are decoded: the same draws (the
+    baseline's noise is drawn after the posterior's), and no interventional result."""
+    observed, intervention = torch.tensor([5, 9, 3, 7]), {"prompt": [2, 9, 4]}
+    alone = counterfactual(scm, PROMPT, observed, intervention, num_samples=50, seed=2)
+    paired = counterfactual(scm, PROMPT, observed, intervention, num_samples=50, seed=2, baseline=True)
+    assert torch.equal(alone.counterfactual_ids, paired.counterfactual_ids)
+    assert not torch.equal(paired.counterfactual_ids, paired.interventional_ids)
+    assert alone.interventional_ids is None
+    with pytest.raises(InferenceError, match="baseline=True"):
+        alone.interventional
+    with pytest.raises(InferenceError, match="baseline=True"):
+        alone.interventional_texts
+    assert sorted(alone.to_arviz().groups()) == ["constant_data", "posterior"]
 
 
 def test_named_scm(lm):

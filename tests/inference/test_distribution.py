@@ -52,7 +52,7 @@ def test_probability_agrees_with_rejection_sampling(six):
     observed, reference = rejection_counterfactual(six, prompt, 60_000)
     assert observed.tolist() == [2, 1, 0]  # an end of sequence, then padding
     assert reference.num_samples > 10_000
-    result = counterfactual(six, prompt, observed, {"mechanism": "other"}, num_samples=4000, seed=1)
+    result = counterfactual(six, prompt, observed, {"mechanism": "other"}, num_samples=4000, seed=1, baseline=True)
     events = {
         "changed": "changed",
         "same first token": lambda s: s[0] == int(observed[0]),
@@ -139,17 +139,17 @@ def test_counterfactual_versus_interventional_with_uncertainty(lm):
     """The shared noise keeps a counterfactual string closer to the factual one than a fresh
     sample is; the difference is many standard errors. Null intervention: exactly zero."""
     scm = LanguageModelSCM(lm, max_new_tokens=5, mechanisms={"other": ModelSwap(tiny_llama(seed=1))})
-    result = counterfactual(scm, PROMPT, None, {"mechanism": "other"}, num_samples=300, seed=0)
+    result = counterfactual(scm, PROMPT, None, {"mechanism": "other"}, num_samples=300, seed=0, baseline=True)
     difference = result.interventional.expectation("edit_distance") - result.counterfactual.expectation("edit_distance")
     assert difference.value > 4 * difference.stderr
-    null = counterfactual(scm, PROMPT, result.factual_ids, {}, num_samples=100, seed=0)
+    null = counterfactual(scm, PROMPT, result.factual_ids, {}, num_samples=100, seed=0, baseline=True)
     assert null.counterfactual.expectation("edit_distance") == Estimate(0.0, 0.0)
     assert null.interventional.expectation("edit_distance").value > 0
 
 
 def test_counts_probabilities_and_total_variation(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=4)
-    result = counterfactual(scm, PROMPT, None, {"prompt": [2, 9]}, num_samples=200, seed=0)
+    result = counterfactual(scm, PROMPT, None, {"prompt": [2, 9]}, num_samples=200, seed=0, baseline=True)
     cf, iv = result.counterfactual, result.interventional
     counts = cf.counts()
     assert sum(counts.values()) == 200
@@ -184,7 +184,7 @@ def test_window_of_a_prefix_observation(lm):
 
 def test_noise_statistics_are_attached(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=5)
-    result = counterfactual(scm, PROMPT, torch.tensor([5, 9, 1]), {"prompt": [2, 9]}, num_samples=30, seed=0)
+    result = counterfactual(scm, PROMPT, torch.tensor([5, 9, 1]), {"prompt": [2, 9]}, num_samples=30, seed=0, baseline=True)
     stats = result.counterfactual.noise_stats
     assert set(stats) == {"observed_noise", "top_gumbel"}
     assert stats["observed_noise"].shape == (30, 3)

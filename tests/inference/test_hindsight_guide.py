@@ -9,6 +9,8 @@ from scipy import stats
 
 from pyro_lmscm import HindsightGumbelGuide, LanguageModelSCM, Mechanism, ModelSwap, counterfactual
 from pyro_lmscm.errors import AbductionError, InterventionError, ObservationError
+from pyro_lmscm.inference import noise_trace
+from pyro_lmscm.interventions.ops import as_do_data
 from pyro_lmscm.models import Decoding, noise_site
 from pyro_lmscm.testing import tiny_llama
 
@@ -83,8 +85,18 @@ def _chi2_pvalue(a, b):
     return stats.chi2_contingency(table.numpy()).pvalue
 
 
+def _traced_guide_counterfactuals(scm, prompt, observed, num_draws, margin):
+    """The guide as a Pyro guide: its sites traced under a plate, replayed through `do`."""
+    guide = HindsightGumbelGuide(scm, observed, margin=margin)
+    with pyro.plate("draws", num_draws, dim=-1):
+        guide_trace = poutine.trace(guide).get_trace(prompt)
+        intervened = poutine.do(scm.model, data=as_do_data(scm, {"mechanism": "other"}))
+        return poutine.replay(intervened, trace=guide_trace)(prompt)
+
+
+@pytest.mark.parametrize("path", ["counterfactual", "traced-guide"])
 @pytest.mark.parametrize("margin", [0.0, 1e-3], ids=["exact", "small-margin"])
-def test_counterfactual_distribution_matches_brute_force(margin):
+def test_counterfactual_distribution_matches_brute_force(margin, path):
     lm = tiny_llama(vocab_size=6, seed=5, logit_scale=15.0, with_tokenizer=False)
     other = tiny_llama(vocab_size=6, seed=6, logit_scale=15.0, with_tokenizer=False)
     scm = LanguageModelSCM(lm, max_new_tokens=3, mechanisms={"other": ModelSwap(other)})
@@ -96,9 +108,14 @@ def test_counterfactual_distribution_matches_brute_force(margin):
     reference = _rejection_counterfactuals(scm, prompt, observed, 150_000)
     assert len(reference) > 5000
     result = counterfactual(
-        scm, prompt, observed, {"mechanism": "other"}, num_samples=len(reference), seed=1, margin=margin
+        scm, prompt, observed, {"mechanism": "other"}, num_samples=len(reference), seed=1, margin=margin, baseline=True
     )
-    p_guide = _chi2_pvalue(result.counterfactual_ids, reference)
+    if path == "counterfactual":  # HindsightGumbelGuide.sample_noise, one vectorised draw
+        draws = result.counterfactual_ids
+    else:
+        pyro.set_rng_seed(2)
+        draws = _traced_guide_counterfactuals(scm, prompt, observed, len(reference), margin)
+    p_guide = _chi2_pvalue(draws, reference)
     p_baseline = _chi2_pvalue(result.interventional_ids, reference)
     assert p_guide > 1e-3, p_guide
     assert p_baseline < 1e-6, p_baseline  # fresh noise is not the counterfactual
@@ -218,6 +235,40 @@ def test_guide_composes_with_plate(lm):
     assert u0.shape == (30, lm.vocab_size)
     assert u0.unique(dim=0).shape[0] == 30
     assert trace.nodes["u_3"]["value"].shape == (30, lm.vocab_size)  # prior beyond the observation
+
+
+def test_sample_noise_has_the_law_of_the_traced_sites(lm):
+    """One vectorised draw of every site: posterior at the observed steps (same law as the
+    traced guide's sites, two-sample KS per coordinate), Gumbel(0, 1) prior after them; a
+    baseline of prior noise fails the same test."""
+    scm = LanguageModelSCM(lm, max_new_tokens=5)
+    observed = torch.tensor([5, 9, 14])
+    guide = HindsightGumbelGuide(scm, observed)
+    pyro.set_rng_seed(0)
+    u = guide.sample_noise(PROMPT, (4000,))
+    assert u.shape == (4000, 5, lm.vocab_size)
+    logits = guide.decoded_logits(PROMPT)
+    assert torch.equal((logits + u[:, :3]).argmax(-1), observed.expand(4000, 3))
+    with pyro.plate("draws", 4000, dim=-1):
+        trace = poutine.trace(guide).get_trace(PROMPT)
+    prior = torch.distributions.Gumbel(0.0, 1.0).sample((4000, lm.vocab_size))
+    for t, v in [(0, 5), (0, 0), (2, 14), (2, 3)]:
+        traced = trace.nodes[noise_site(t)]["value"][:, v].numpy()
+        assert stats.ks_2samp(u[:, t, v].numpy(), traced).pvalue > 1e-3, (t, v)
+        if v == int(observed[t]):  # the winner's noise is far from the prior
+            assert stats.ks_2samp(prior[:, v].numpy(), traced).pvalue < 1e-6, (t, v)
+    for t in (3, 4):
+        assert stats.kstest(u[:, t].flatten().numpy(), "gumbel_r").pvalue > 1e-3
+    batched = HindsightGumbelGuide(scm, torch.tensor([[5, 9, 1], [5, 9, 14]]))
+    assert batched.sample_noise(PROMPT, (7,)).shape == (7, 2, 5, lm.vocab_size)
+
+
+def test_noise_trace_checks_the_shape(lm):
+    scm = LanguageModelSCM(lm, max_new_tokens=5)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 5, 28\)"):
+        noise_trace(scm, torch.zeros(3, 4, lm.vocab_size))
+    named = LanguageModelSCM(lm, max_new_tokens=2, name="lm")
+    assert list(noise_trace(named, torch.zeros(3, 2, lm.vocab_size)).nodes) == ["lm/u_0", "lm/u_1"]
 
 
 def test_batched_observations_with_padding(lm):
