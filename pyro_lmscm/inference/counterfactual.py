@@ -132,8 +132,12 @@ def _predict(
     steps = {noise_site(t): noise[:, t] for t in range(len(logits))}
     noise_stats = noise_statistics(logits, guide.observed_ids, steps)
     del steps
-    if baseline:
-        noise = torch.cat([noise, standard_gumbel(noise.shape, noise.dtype, noise.device)])
+    if baseline:  # rows size: hold fresh prior noise, drawn in place (peak: 3 x the draws)
+        joint = noise.new_empty((2 * size,) + noise.shape[1:])
+        joint[:size] = noise
+        del noise
+        noise = joint
+        standard_gumbel(noise.shape, out=noise[size:])
     rows = noise.shape[0]
     ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(intervened), trace=noise_trace(scm, noise))(prompt)
     ids = ids.expand(rows, scm.max_new_tokens)
@@ -177,10 +181,11 @@ def counterfactual(
     :param seed: seeds torch's generator for this call only (the global state is restored).
     :param margin: see :class:`HindsightGumbelGuide`.
     :param chunk_size: process the posterior draws in chunks of at most this many (each:
-        abduction, one replay), so that peak memory, about :math:`\text{chunk} \times T
-        \times V` float32 noise values (three times that with ``baseline``: the draws, and
-        the draws stacked with the baseline's noise for the replay), stays bounded
-        for large ``num_samples``; ``None`` is one chunk. With a ``seed`` the result is
+        abduction, one replay), so that peak memory stays bounded for large
+        ``num_samples``: the noise is :math:`\text{chunk} \times T \times V` float32
+        values, twice that while an observation shorter than :math:`T` gets its prior
+        steps, and three times that while the draws are copied next to the baseline's
+        noise (``baseline=True``); ``None`` is one chunk. With a ``seed`` the result is
         reproducible for a given ``chunk_size``; chunks draw the noise one after another
         from the same generator, so another ``chunk_size`` gives other (equally
         distributed) draws, and any ``chunk_size >= num_samples`` equals ``None``.

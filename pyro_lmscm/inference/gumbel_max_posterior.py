@@ -28,8 +28,11 @@ def standard_exponential(
     shape: torch.Size | tuple[int, ...],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""Draws :math:`E \sim \mathrm{Exp}(1)` of the given shape, from torch's generator.
+    r"""Draws :math:`E \sim \mathrm{Exp}(1)` of the given shape, from torch's generator;
+    with ``out`` (a contiguous tensor), into ``out`` (``shape``, ``dtype`` and ``device``
+    are then its own).
 
     On the CPU, ``Tensor.exponential_`` draws one variate at a time (about 30 ns each,
     measured with torch 2.13), which made the :math:`O(T \cdot V)` abduction noise cost as
@@ -40,11 +43,18 @@ def standard_exponential(
     ``torch.get_num_threads()`` threads (NumPy releases the GIL) with the same result for
     any thread count. Other devices use ``exponential_``.
     """
+    if out is not None:
+        if not out.is_contiguous():
+            raise ValueError("`out` must be contiguous.")
+        if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64):
+            return out.exponential_()
+        shape, dtype, device = out.shape, out.dtype, out.device
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device).exponential_()
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    out = torch.empty(shape, dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     flat = out.view(-1).numpy()
     starts = range(0, flat.size, _BLOCK)
     seeds = np.random.SeedSequence(seed).spawn(len(starts)) if len(starts) > 1 else [seed]
@@ -71,9 +81,10 @@ def standard_gumbel(
     shape: torch.Size | tuple[int, ...],
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Draws :math:`u = -\log E \sim \mathrm{Gumbel}(0, 1)`, see :func:`standard_exponential`."""
-    return standard_exponential(shape, dtype, device).log_().neg_()
+    return standard_exponential(shape, dtype, device, out=out).log_().neg_()
 
 
 def _distinct(x: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -91,11 +102,21 @@ def _break_rounding_ties(logits: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
     In exact arithmetic the observed token wins almost surely; rounding ``l + u`` can
     turn a near-tie into a tie or a loss (measured: 2 draws in 10^4 at logits of 3e4,
     far rarer at LM scales). There the noises that now beat it are lowered until the
-    observed token wins by one unit in the last place. The check is two passes over V.
+    observed token wins by one unit in the last place. The check is two passes over V,
+    made on blocks of rows so that its scratch stays small next to ``u``.
     """
-    perturbed = logits + u
-    winner = perturbed.gather(-1, k).squeeze(-1)
-    wrong = (perturbed.scatter_(-1, k, float("-inf")).amax(-1) >= winner) & active
+    logits, k = logits.expand(u.shape), k.expand(u.shape[:-1] + (1,))
+    if u.dim() == 1:
+        logits, u, k, active = logits[None], u[None], k[None], active.expand(())[None]
+    per_slice = u[0].numel()
+    block = max(1, (_BLOCK * 16) // per_slice)  # slices along dim 0: about 16 MB of float32 scratch
+    wrong_rows = []
+    for start in range(0, u.shape[0], block):
+        perturbed = logits[start : start + block] + u[start : start + block]
+        index = k[start : start + block]
+        winner = perturbed.gather(-1, index).squeeze(-1)
+        wrong_rows.append(perturbed.scatter_(-1, index, float("-inf")).amax(-1) >= winner)
+    wrong = torch.cat(wrong_rows) & active
     if not bool(wrong.any()):
         return
     value = k.squeeze(-1)

@@ -60,6 +60,28 @@ def test_stable_for_huge_logits():
     assert bool((torch.argmax(logits + u, -1) == 1).all())
 
 
+@pytest.mark.parametrize("block", [None, 1], ids=["one-block", "row-blocks"])
+def test_observed_token_wins_in_floating_point(block, monkeypatch):
+    """At logits of 3e4, rounding of l + u flips about 2 in 10^4 draws before the fix-up;
+    with it the observed token wins every draw, also when the check runs block by block,
+    and in the unbatched case. Without the fix-up (baseline) some draws lose."""
+    from pyro_lmscm.inference import gumbel_max_posterior
+
+    if block is not None:
+        monkeypatch.setattr(gumbel_max_posterior, "_BLOCK", block)
+    logits = torch.tensor([[3e4, 3e4 - 0.01, -3e4], [3e4, 3e4 + 0.01, 2e4]])
+    value = torch.tensor([1, 0])
+    torch.manual_seed(0)
+    u = GumbelMaxPosterior(logits, value).sample((20000,))
+    assert bool((torch.argmax(logits + u, -1) == value).all())
+    single = GumbelMaxPosterior(logits[0], value[0]).sample()
+    assert int(torch.argmax(logits[0] + single)) == 1
+    monkeypatch.setattr(gumbel_max_posterior, "_break_rounding_ties", lambda *args: None)
+    torch.manual_seed(0)
+    raw = GumbelMaxPosterior(logits, value).sample((20000,))
+    assert not bool((torch.argmax(logits + raw, -1) == value).all())
+
+
 def test_margin_conditions_on_winning_by_delta():
     logits = torch.zeros(4)
     d = GumbelMaxPosterior(logits, torch.tensor(2), margin=0.5)
