@@ -1,0 +1,34 @@
+"""The benchmark script runs end to end in a CI-size configuration (its timings are not
+asserted: speed targets live in benchmarks/README.md, measured side by side)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_prints_every_ratio(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_counterfactual.py"),
+        "--quick", "--reps", "1", "--tokens", "8", "--draws", "4",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"\| (.+?) \((?:≤ [0-9.]+|no target)\) \| ([0-9.]+)", line)
+        if match:
+            rows[match.group(1)] = float(match.group(2))
+    assert set(rows) == {
+        "abduction / forward",
+        "abduction, traced sites / forward",
+        "counterfactual / generate",
+        "cf(N=1) / (forward + generate)",
+        "cf(N=1), baseline / (forward + generate)",
+        "batch N / N sequential",
+    }, result.stdout
+    assert all(0.0 < value < 1e3 for value in rows.values()), rows
