@@ -32,19 +32,10 @@ SMOLLM2 = "smollm2-135m-instruct"
 @pytest.fixture
 def tiny_llama_dir(tmp_path: Path) -> Path:
     """A tiny random Llama saved with ``save_pretrained`` and no tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from pyro_lmscm.testing import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     folder = tmp_path / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(vocab_size=64, with_tokenizer=False).model.save_pretrained(folder)
     return folder
 
 

@@ -137,7 +137,7 @@ def _predict(
         joint[:size] = noise
         del noise
         noise = joint
-        standard_gumbel(noise.shape, out=noise[size:])
+        standard_gumbel(noise[size:].shape, out=noise[size:])
     rows = noise.shape[0]
     ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(intervened), trace=noise_trace(scm, noise))(prompt)
     ids = ids.expand(rows, scm.max_new_tokens)
@@ -227,18 +227,15 @@ def counterfactual(
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
-        baselines = [chunk[1] for chunk in chunks]
-        interventional_ids = None if baselines[0] is None else torch.cat(baselines)
+        interventional_ids = torch.cat([chunk[1] for chunk in chunks]) if baseline else None
         stats = [chunk[2] for chunk in chunks]
         noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]}
     return CounterfactualResult(
         scm=scm,
         prompt_ids=prompt,
         factual_ids=observed,
-        counterfactual_ids=counterfactual_ids.expand(num_samples, scm.max_new_tokens),
-        interventional_ids=(
-            None if interventional_ids is None else interventional_ids.expand(num_samples, scm.max_new_tokens)
-        ),
+        counterfactual_ids=counterfactual_ids,  # (num_samples, T): each chunk is (size, T)
+        interventional_ids=interventional_ids,
         intervention=data,
         log_prob_factual=float(guide.log_prob_observed(prompt)),
         noise_stats=noise_stats,

@@ -261,25 +261,28 @@ class HindsightGumbelGuide:
         >>> replayed[:3].tolist()
         [7, 3, 3]
         """
-        logits = self.decoded_logits(prompt_ids)
-        observed = self.observed_ids.expand(logits.shape[:-1])
-        posterior = GumbelMaxPosterior(logits, observed, margin=self.margin, active=self._active(observed))
+        posterior = self._joint_posterior(prompt_ids)
         u = posterior.sample(sample_shape)
-        rest = self.scm.max_new_tokens - observed.shape[-1]
+        rest = self.scm.max_new_tokens - posterior.batch_shape[-1]
         if rest > 0:
             prior = standard_gumbel(u.shape[:-2] + (rest, u.shape[-1]), u.dtype, u.device)
             u = torch.cat([u, prior], dim=-2)
         return u
 
-    def __call__(self, prompt_ids: torch.Tensor) -> None:
-        prompt_ids = self.scm.check_prompt(prompt_ids)
+    def _joint_posterior(self, prompt_ids: torch.Tensor) -> GumbelMaxPosterior:
+        """The posterior of every observed step at once, batch shape ``(..., n)``."""
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
-        active = self._active(observed)
+        return GumbelMaxPosterior(logits, observed, margin=self.margin, active=self._active(observed))
+
+    def __call__(self, prompt_ids: torch.Tensor) -> None:
+        prompt_ids = self.scm.check_prompt(prompt_ids)
+        posterior = self._joint_posterior(prompt_ids)
+        logits, observed, active = posterior.logits, posterior.value, posterior.active
         vocab = self.scm.vocab_size
         zeros = torch.zeros(vocab, device=logits.device)
         prior = dist.Gumbel(zeros, torch.ones_like(zeros)).to_event(1)
-        joint = _JointDraw(GumbelMaxPosterior(logits, observed, margin=self.margin, active=active))
+        joint = _JointDraw(posterior)
         for t in range(self.scm.max_new_tokens):
             if t < observed.shape[-1]:
                 posterior = _StepPosterior(
