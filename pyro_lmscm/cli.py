@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import LMSCMError
+from .errors import LMSCMError, LMSCMWarning
 
 app = typer.Typer(
     help="Language models as structural causal models: what would this very string have been?",
@@ -26,6 +27,46 @@ err_console = Console(stderr=True)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEMO_PROMPT = "My brother is a doctor. Every morning, he"
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Inside the block, third-party warnings, log lines below errors and progress bars
+    (transformers' "Loading weights", the hub's downloads) are silenced; our own
+    :class:`~pyro_lmscm.errors.LMSCMWarning` and rich progress still show. Everything is
+    restored on exit."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, hub_bars_off = (
+        hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", LMSCMWarning)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            if not hub_bars_off:
+                enable_progress_bars()
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show third-party warnings, log lines and progress bars."
+    ),
+) -> None:
+    """Language models as structural causal models: what would this very string have been?"""
+    if not verbose:
+        ctx.with_resource(quiet_third_party())
 
 
 @contextmanager
@@ -45,32 +86,45 @@ def _load(model: str, dtype: str):
 
 
 def _highlight(lm, factual_ids, ids) -> Text:
-    """``ids`` as text, tokens that an edit script of ``factual -> ids`` changes in bold magenta."""
+    """``ids`` as text: tokens that an edit script of ``factual -> ids`` changes in bold
+    magenta, tokens past the observed span (``len(factual_ids)``) dimmed. Texts are cut at
+    character boundaries (:meth:`~pyro_lmscm.lm.HFLanguageModel.token_texts`), so a
+    character that spans several tokens prints whole, highlighted if any of them changed."""
     from rapidfuzz.distance import Levenshtein
 
     from .metrics import trim_after_end
 
+    span = len(factual_ids)
     factual = trim_after_end(factual_ids, lm.eos_token_ids)
     tokens = trim_after_end(ids, lm.eos_token_ids)
     changed = [False] * len(tokens)
-    for tag, _, _, j1, j2 in Levenshtein.opcodes(factual, tokens):
+    for tag, _, _, j1, j2 in Levenshtein.opcodes(factual, tokens[:span]):
         if tag in ("replace", "insert"):
             changed[j1:j2] = [True] * (j2 - j1)
+    ended = bool(tokens) and tokens[-1] in lm.eos_token_ids
+    pieces = lm.token_texts(tokens[:-1] if ended else tokens) + (["⏎"] if ended else [])
     text = Text()
-    for token, is_changed in zip(tokens, changed):
-        piece = lm.decode([token]) if token not in lm.eos_token_ids else "⏎"
-        text.append(piece, style="bold magenta" if is_changed else None)
+    pending = False  # a changed token inside a character that is not complete yet
+    for position, (piece, is_changed) in enumerate(zip(pieces, changed)):
+        pending = pending or is_changed
+        if not piece:
+            continue
+        text.append(piece, style="bold magenta" if pending else ("dim" if position >= span else None))
+        pending = False
     return text
 
 
 def _summary(lm, factual_ids, draws) -> tuple[str, str, str]:
-    """(changed draws, median first divergence, mean token edit distance) as strings."""
+    """(changed draws, median first divergence, mean token edit distance) as strings, over
+    the observed span: a draw that reproduces the observation and only goes on past its end
+    has not changed."""
     import statistics
 
     from .metrics import first_divergence, token_edit_distance, trim_after_end
 
+    span = len(factual_ids)
     factual = trim_after_end(factual_ids, lm.eos_token_ids)
-    rows = [trim_after_end(row, lm.eos_token_ids) for row in draws]
+    rows = [trim_after_end(row[:span], lm.eos_token_ids) for row in draws]
     divergences = [d for d in (first_divergence(factual, r) for r in rows) if d is not None]
     distance = statistics.fmean(token_edit_distance(factual, r) for r in rows)
     median = f"{statistics.median(divergences):g}" if divergences else "never"
@@ -81,7 +135,7 @@ def _print_result(result, title: str) -> None:
     lm = result.scm.lm
     table = Table(title=title, show_lines=True, expand=True)
     table.add_column("world", style="bold", no_wrap=True)
-    table.add_column("continuation (changed tokens highlighted)")
+    table.add_column("continuation (changed tokens highlighted; past the observed span, dimmed)")
     table.add_row("factual", Text(lm.decode(result.factual_ids)))
     for i, row in enumerate(result.counterfactual_ids[:3]):
         table.add_row(f"counterfactual #{i + 1}", _highlight(lm, result.factual_ids, row))
@@ -89,11 +143,25 @@ def _print_result(result, title: str) -> None:
         table.add_row(f"interventional #{i + 1}", _highlight(lm, result.factual_ids, row))
     console.print(table)
     stats = Table(title="how far from the factual string", expand=False)
-    for column in ("", "draws changed", "median first divergence (token)", "mean token edit distance"):
+    span = f"over the observed {len(result.factual_ids)} tokens"
+    for column in ("", f"draws changed ({span})", "median first divergence (token)", "mean token edit distance"):
         stats.add_column(column)
     stats.add_row("counterfactual", *_summary(lm, result.factual_ids, result.counterfactual_ids))
     stats.add_row("interventional", *_summary(lm, result.factual_ids, result.interventional_ids))
     console.print(stats)
+
+
+MAX_NEW_TOKENS_HELP = (
+    "Tokens to decode. Default: with --text, the observation's length (past it no noise is "
+    "abducted, so a longer counterfactual goes on as a fresh sample); else {default}."
+)
+
+
+def _steps(max_new_tokens: int | None, observed, default: int) -> int:
+    """The SCM's ``max_new_tokens``: as given, else the observed length, else ``default``."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return int(observed.shape[-1]) if observed is not None else default
 
 
 @app.command()
@@ -103,7 +171,7 @@ def demo(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, HF folder or hub id."),
     samples: int = typer.Option(8, min=1, help="Posterior draws."),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(24, min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=24)),
     alpha: float = typer.Option(1.0, help="Steering strength."),
     layer: Optional[int] = typer.Option(None, help="Steered layer (default: a third of the depth)."),
     top_k: int = typer.Option(50, min=1),
@@ -119,9 +187,10 @@ def demo(
         lm = _load(model, dtype)
         with err_console.status("computing the steering vector from contrastive prompts"):
             steer = gender_steering(lm, "female", layer=layer, alpha=alpha)
-        scm = LanguageModelSCM(lm, max_new_tokens, Decoding(top_k=top_k), mechanisms={"female": steer})
         prompt_ids = lm.encode(prompt)
         observed = lm.encode(text) if text is not None else None
+        steps = _steps(max_new_tokens, observed, default=24)
+        scm = LanguageModelSCM(lm, steps, Decoding(top_k=top_k), mechanisms={"female": steer})
         with err_console.status(f"abducting the noise and replaying {samples} posterior draws"):
             result = counterfactual(
                 scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
@@ -140,7 +209,7 @@ def counterfactual_command(
     intervention: str = typer.Option("", help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'prompt=...', 'model=PATH') or a JSON/YAML file."),
     samples: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(32, min=1),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=32)),
     temperature: float = typer.Option(1.0),
     top_k: Optional[int] = typer.Option(None),
     top_p: Optional[float] = typer.Option(None),
@@ -158,8 +227,8 @@ def counterfactual_command(
         decoding = Decoding(temperature, top_k, top_p)
         lm = _load(model, dtype)
         spec = parse_intervention(intervention, lm)
-        scm = LanguageModelSCM(lm, max_new_tokens, decoding, mechanisms=spec.mechanisms)
         observed = lm.encode(text) if text is not None else None
+        scm = LanguageModelSCM(lm, _steps(max_new_tokens, observed, default=32), decoding, mechanisms=spec.mechanisms)
         result = counterfactual(
             scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
         )

@@ -12,6 +12,7 @@ __all__ = [
     "InferenceError",
     "InterventionError",
     "LMSCMError",
+    "LMSCMWarning",
     "MechanismError",
     "ModelLoadError",
     "ObservationError",
@@ -64,3 +65,8 @@ class InferenceError(LMSCMError, ValueError):
 class StudyError(LMSCMError, ValueError):
     """A study cannot run as configured: a bad setting, an unreadable corpus, or an output
     folder that holds the results of another study."""
+
+
+class LMSCMWarning(UserWarning):
+    """Root of every warning issued by :mod:`pyro_lmscm`. The test suite turns it into an
+    error wherever it is raised, and the quiet command line still shows it."""

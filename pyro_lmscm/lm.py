@@ -14,6 +14,8 @@ Logits are returned in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -24,6 +26,22 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["HFLanguageModel"]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_keyword(model_class: type) -> str:
+    """The keyword under which ``model_class.forward`` takes (and returns) its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated,
+    to be removed in 5.40); older releases only know ``past_key_values``. Decided once per
+    class from the signature of ``forward`` (``inspect.signature`` follows the
+    ``functools.wraps`` of transformers' deprecation decorators), never by catching warnings.
+
+    >>> cache_keyword(type(tiny_lm.model)) in ("cache", "past_key_values")
+    True
+    """
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _as_list(value: Any) -> list[int]:
@@ -76,6 +94,9 @@ class HFLanguageModel:
         self.pad_token_id: int = int(pad)
         max_length = getattr(text_config, "max_position_embeddings", None)
         self.max_length: int | None = int(max_length) if max_length else None
+        # a PeftModel forwards ``**kwargs`` to the model it wraps: ask that model's class
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_keyword = cache_keyword(type(base))
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +144,7 @@ class HFLanguageModel:
         :returns: the next-token logits ``(n, V)`` (float32) and the cache.
         """
         out = self.model(input_ids=input_ids.to(self.device), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out[self._cache_keyword]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, past_key_values: Any) -> tuple[torch.Tensor, Any]:
@@ -133,10 +154,10 @@ class HFLanguageModel:
         """
         out = self.model(
             input_ids=tokens.to(self.device)[:, None],
-            past_key_values=past_key_values,
             use_cache=True,
+            **{self._cache_keyword: past_key_values},
         )
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out[self._cache_keyword]
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.
@@ -162,6 +183,36 @@ class HFLanguageModel:
                 ids = ids[:i]
                 break
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
+        """The text of each token of ``ids``, aligned to character boundaries.
+
+        Decoding one token at a time breaks characters that span several tokens (an emoji
+        of four byte-level tokens, a decomposed accent) into ``"\\ufffd"`` pieces. Here the
+        ids are decoded incrementally, as transformers' ``TextStreamer`` does: a token whose
+        prefix does not yet end on a whole character gets ``""`` and its text goes to the
+        token that completes the character. Joined, the pieces give ``decode(ids)`` (no end
+        of sequence is trimmed: an end-of-sequence id gets its own token text).
+
+        :param ids: token ids, shape ``(n,)``.
+        :returns: ``n`` strings.
+
+        >>> tiny_lm.token_texts(tiny_lm.encode("the man said"))
+        ['the', ' man', ' said']
+        """
+        tokenizer = self._require_tokenizer()
+        ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+        pieces: list[str] = []
+        done = ""  # text of the ids up to the last whole character
+        start = 0  # index of the first id not yet in `done`
+        for end in range(1, len(ids) + 1):
+            text = tokenizer.decode(ids[:end])
+            if text.endswith("\ufffd") and end < len(ids):
+                pieces.append("")  # an incomplete character: wait for its next byte
+                continue
+            pieces.append(text[len(done):] if text.startswith(done) else tokenizer.decode(ids[start:end]))
+            done, start = text, end
+        return pieces
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

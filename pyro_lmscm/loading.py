@@ -23,10 +23,14 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
-from .errors import ModelLoadError
+from .errors import LMSCMWarning, ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -317,6 +321,54 @@ def _local_folder(name: str) -> Path | None:
     return None
 
 
+#: How long :func:`hub_reachable` waits for its one connection to the hub.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One quick attempt to reach the Hugging Face hub: a TCP connection to its host.
+
+    ``HF_HUB_OFFLINE`` answers ``False`` at once. Otherwise one connection is opened to the
+    host of ``HF_ENDPOINT`` (or of the HTTPS proxy, when one is set), name lookup included,
+    and given up after ``timeout`` seconds. Without it an offline ``from_pretrained`` of a
+    hub id spends most of a minute in retries before it fails.
+
+    :returns: whether the connection was made.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or constants.ENDPOINT)
+    if not url.hostname:
+        return False
+    address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            reached.append(False)
+
+    # a thread bounds the name lookup too, which create_connection's timeout does not
+    thread = threading.Thread(target=connect, name="pyro-lmscm-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached and reached[0])
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds a ``config.json`` of ``repo_id`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id (HFValidationError)
+        return False
+
+
 def load_model_and_tokenizer(
     name_or_path: str = _DEFAULT_MODEL,
     *,
@@ -339,12 +391,14 @@ def load_model_and_tokenizer(
     """
     torch_dtype = _resolve_dtype(dtype)
     target = _resolve_device(device)
+    hub_id = False
     if name_or_path in EMBEDDED_MODELS:
         source = str(fetch_embedded(name_or_path, progress=progress))
         hint = f"The cached folder {source} looks damaged; delete it to fetch it again."
     else:
         folder = _local_folder(name_or_path)
-        source = str(folder) if folder is not None else name_or_path
+        hub_id = folder is None
+        source = name_or_path if hub_id else str(folder)
         hint = (
             f"It is not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}). Pass a local "
             "save_pretrained folder, or a hub id on a machine that reaches the Hugging Face hub; "
@@ -353,19 +407,33 @@ def load_model_and_tokenizer(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local_files_only = False
+    if hub_id:
+        # A hub id: the Hugging Face cache first, and at most one quick attempt at the hub.
+        online = hub_reachable()
+        if not online and not _in_hub_cache(name_or_path):
+            raise ModelLoadError(
+                f"Could not load model {name_or_path!r}: it is no local folder, it is not in "
+                f"the Hugging Face cache, and the hub is unreachable (one attempt of "
+                f"{HUB_PROBE_TIMEOUT_S:g} s; HF_ENDPOINT and HF_HUB_OFFLINE apply). {hint}"
+            )
+        local_files_only = not online
     with _transformers_progress(progress):
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **{_dtype_kwarg(): torch_dtype})
+            model = AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=local_files_only, **{_dtype_kwarg(): torch_dtype}
+            )
         except Exception as exc:
             raise ModelLoadError(
                 f"Could not load model {name_or_path!r}. {hint} Cause: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             warnings.warn(
                 f"No usable tokenizer for {name_or_path!r} ({type(exc).__name__}); returning "
                 "tokenizer=None. Token-id level use still works.",
+                LMSCMWarning,
                 stacklevel=2,
             )
             tokenizer = None

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -83,3 +86,66 @@ def test_compare_inference_with_too_few_draws_is_one_line(tmp_path):
     result = _run("compare-inference", "--tiny", "--num-samples", "8", "--max-new-tokens", "2",
                   "--methods", "exact", "--plot", str(tmp_path / "x.png"))
     assert result.exit_code == 2 and "raise --num-samples" in result.output
+
+
+def test_text_null_intervention_reports_no_change_and_stops_at_the_observation(tiny_folder):
+    """With --text the counterfactual covers the observed span (its default length), and the
+    null intervention changes no draw."""
+    result = _run("counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text",
+                  "said he went home", "--samples", "3", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert all(row == out["factual_ids"] for row in out["counterfactual_ids"])
+    table = _run("counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text",
+                 "said he went home", "--samples", "3", "--max-new-tokens", "8")
+    assert table.exit_code == 0, table.output
+    assert "│ counterfactual │ 0/3 " in table.stdout  # continuing past the observation is no change
+    forced = _run("counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text",
+                  "said he went home", "--samples", "3", "--intervention", 'w_1="she"')
+    assert "│ counterfactual │ 3/3 " in forced.stdout  # the baseline: a real change is counted
+
+
+NOISY_DRIVER = textwrap.dedent("""
+    import sys, warnings
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def noisy(cls, *args, **kwargs):  # a third-party call that warns, logs and draws a bar
+        warnings.warn("third-party deprecation", FutureWarning)
+        hf_logging.get_logger("transformers.fake").warning("third-party log line")
+        for _ in hf_logging.tqdm(range(3), desc="third-party bar"):
+            pass
+        return original(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(noisy)
+    from pyro_lmscm.cli import app
+    app(prog_name="pyro-lmscm")
+""")
+
+
+def test_cli_is_quiet_unless_verbose(tiny_folder, tmp_path):
+    driver = tmp_path / "noisy.py"
+    driver.write_text(NOISY_DRIVER)
+    args = ["counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text", "said he", "--samples", "2"]
+    noise = ("third-party deprecation", "third-party log line", "third-party bar")
+    quiet = subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "counterfactual #1" in quiet.stdout
+    assert not any(line in quiet.stderr for line in noise), quiet.stderr
+    assert "Warning" not in quiet.stderr and "Loading weights" not in quiet.stderr, quiet.stderr
+    verbose = subprocess.run([sys.executable, str(driver), "--verbose", *args], capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0, verbose.stderr
+    assert all(line in verbose.stderr for line in noise), verbose.stderr
+
+
+@pytest.mark.slow
+def test_emoji_and_null_intervention_on_smollm2():
+    """The acceptance run: every draw reproduces the observation, and the emoji (four
+    byte-level tokens) prints whole in every row."""
+    result = _run("counterfactual", "--prompt", "The nurse said that", "--text", " she was 😴 tired.",
+                  "--samples", "4")
+    assert result.exit_code == 0, result.output
+    assert "│ counterfactual │ 0/4 " in result.stdout
+    assert result.stdout.count("😴") == 4 and "\ufffd" not in result.stdout  # factual + 3 shown draws

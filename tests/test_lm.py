@@ -44,3 +44,34 @@ def test_check_ids(lm):
 
 def test_special_ids(lm):
     assert lm.eos_token_ids == [1] and lm.pad_token_id == 0 and lm.max_length == 128
+
+
+@pytest.fixture(scope="module")
+def byte_level_lm():
+    """A tiny model with a byte-level BPE tokenizer trained in code: characters outside its
+    small training text are split into several byte tokens, as in SmolLM2 or GPT-2."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from pyro_lmscm.lm import HFLanguageModel
+    from pyro_lmscm.testing import tiny_llama
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["she was tired and the nurse said so"] * 10, vocab_size=300, min_frequency=1)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    return HFLanguageModel(tiny_llama(with_tokenizer=False).model, tokenizer)
+
+
+@pytest.mark.parametrize("text", [" she was 😴 tired.", " cafe\u0301 ole\u0301", " 日本語 and 🇫🇷", "plain ascii"])
+def test_token_texts_cut_at_character_boundaries(byte_level_lm, text):
+    tokenizer = byte_level_lm.tokenizer
+    ids = tokenizer(text)["input_ids"]
+    pieces = byte_level_lm.token_texts(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    # every piece is the text its tokens add: prefixes decode to the joined pieces
+    for end in range(1, len(ids) + 1):
+        if pieces[end - 1]:
+            assert tokenizer.decode(ids[:end]) == "".join(pieces[:end])
+    if not text.isascii():  # baseline: decoding one token at a time breaks these characters
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)

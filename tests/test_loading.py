@@ -236,3 +236,63 @@ def test_smollm2_load_lm(smollm2: tuple[object, object]) -> None:
     lm = load_lm(SMOLLM2, device="cpu", progress=False)
     assert lm.vocab_size == 49152
     assert lm.tokenizer is not None
+
+
+# -- hub ids: the cache first, at most one quick attempt at the hub --------------------------
+
+
+@pytest.fixture
+def closed_hub(monkeypatch: pytest.MonkeyPatch):
+    """The hub endpoint is a closed loopback port (connection refused at once), and every
+    ``from_pretrained`` call is counted."""
+    import socket
+
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    with socket.socket() as probe:  # a free port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from pyro_lmscm.testing import tiny_llama
+
+    model = tiny_llama(vocab_size=64, with_tokenizer=False).model
+    calls: list[tuple] = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append((a, k)) or model)
+    return calls
+
+
+def test_an_unknown_hub_id_offline_fails_at_once_without_retries(closed_hub) -> None:
+    with pytest.raises(ModelLoadError, match="hub is unreachable") as info:
+        load_model_and_tokenizer("no-such-model-xyz", progress=False)
+    assert "not in the Hugging Face cache" in str(info.value) and isinstance(info.value, LMSCMError)
+    assert closed_hub == []  # transformers (and its retries) never ran
+
+
+def test_hub_reachable_probes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as server:  # a listening loopback port stands in for the hub
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        assert loading.hub_reachable()
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not loading.hub_reachable()  # offline mode asks nothing
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not loading.hub_reachable()  # the port is closed now
+
+
+def test_a_cached_hub_id_offline_loads_from_the_cache_only(closed_hub, monkeypatch) -> None:
+    monkeypatch.setattr(loading, "_in_hub_cache", lambda repo_id: True)
+    from transformers import AutoTokenizer
+
+    tokenizer_calls: list[dict] = []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer_calls.append(k))
+    model, _ = load_model_and_tokenizer("some-org/cached-model", progress=False)
+    assert model is not None and len(closed_hub) == 1
+    assert closed_hub[0][1]["local_files_only"] is True and tokenizer_calls[0]["local_files_only"] is True

@@ -108,9 +108,10 @@ def _prob(log_p: float | None) -> str:
 
 
 def _piece(token: str) -> str:
-    """A token made visible: newlines, tabs and all-space tokens get a glyph."""
+    """A token made visible: newlines, tabs and all-space tokens get a glyph; a token whose
+    text is empty (the first bytes of a character that the next token completes) gets "…"."""
     if not token:
-        return "∅"
+        return "…"
     if not token.strip(" "):
         return token.replace(" ", "␣")
     return token.replace("\n", "↵").replace("\t", "⇥")

@@ -104,10 +104,11 @@ class StudyWorker:
     # -- helpers -----------------------------------------------------------------------
 
     def _tokens(self, ids: Sequence[int]) -> list[str]:
+        # cut at character boundaries: a token inside a multi-token character gets "" and
+        # the token that completes it the whole character
         eos = self.lm.eos_token_ids
-        tokenizer = self.lm.tokenizer
-        assert tokenizer is not None  # encode() needed it already
-        return [EOS_MARK if token in eos else str(tokenizer.decode([token])) for token in ids]
+        pieces = self.lm.token_texts(ids)
+        return [EOS_MARK if token in eos else piece for token, piece in zip(ids, pieces)]
 
     def _label(self, text: str) -> str | None:
         return self.attribute.label(text) if self.attribute is not None else None
