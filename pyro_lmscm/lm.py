@@ -112,10 +112,19 @@ class HFLanguageModel:
         :returns: ``ids`` as a ``torch.long`` tensor on the model's device.
         :raises ObservationError: on a wrong dtype or an id outside the vocabulary.
         """
-        ids = torch.as_tensor(ids)
+        if isinstance(ids, str):
+            raise ObservationError(
+                f"`{what}` is a str; pass token ids (encode text with HFLanguageModel.encode)."
+            )
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise ObservationError(f"`{what}` must hold integer token ids, got {ids!r:.80}: {error}") from error
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ObservationError(f"`{what}` must hold integer token ids, got dtype {ids.dtype}.")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch ops take them
+            ids = ids.to(torch.float64)  # exact below 2**53; anything larger is out of range
+        if ids.numel() and (float(ids.min()) < 0 or float(ids.max()) >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)].flatten()[:5].tolist()
             raise ObservationError(
                 f"`{what}` has ids outside the vocabulary [0, {self.vocab_size}): {bad}."

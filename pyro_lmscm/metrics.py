@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 import torch
 from rapidfuzz.distance import Levenshtein
 
+from .validation import as_int
 from .errors import ObservationError
 from .interventions.ops import as_do_data
 from .models.sites import MECHANISM, PROMPT, parse_step_site
@@ -193,8 +194,7 @@ def string_log_prob(
     >>> bool(log_p[0] == log_p[1])  # nothing after the end of sequence counts
     True
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
     data = as_do_data(scm, intervention)
     prompt = data.get(scm.site(PROMPT), scm.check_prompt(prompt))
     if prompt.dim() != 1:

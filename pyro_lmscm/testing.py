@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyro.poutine as poutine
 import torch
 
+from .seeding import seeded
 from .lm import HFLanguageModel
 from .models.sites import noise_site
 
@@ -82,8 +83,7 @@ def tiny_llama(
         bos_token_id=2,
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)

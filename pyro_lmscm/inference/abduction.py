@@ -38,7 +38,6 @@ References
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from ..validation import as_int, as_real
+from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import as_do_data
 from ..models.sites import noise_site, token_site
@@ -224,13 +225,11 @@ class _Draws:
 
 
 def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < math.inf:
-        raise InferenceError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    as_real(value, name, minimum=0.0, exclusive=True)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InferenceError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    as_int(value, name, minimum=minimum)
 
 
 def _log_prior(noise: Mapping[str, torch.Tensor], num_active: int) -> torch.Tensor:
@@ -267,9 +266,7 @@ class Exact(AbductionMethod):
     name = "exact"
 
     def __init__(self, margin: float = 0.0) -> None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
-            raise InferenceError(f"`margin` must be a finite number >= 0, got {margin!r}.")
-        self.margin = float(margin)
+        self.margin = as_real(margin, "margin", minimum=0.0)
 
     def draw(self, problem: _Problem, num_samples: int) -> _Draws:
         guide = problem.guide
@@ -633,9 +630,7 @@ class AbductionResult:
         num_samples = self.num_samples if num_samples is None else num_samples
         _check_int("num_samples", num_samples, 1)
         data = as_do_data(self.scm, intervention)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed):
             if self.anchor is not None:
                 self.scm.anchor = self.anchor
             with pyro.plate(DRAWS, num_samples, dim=-1):
@@ -718,9 +713,7 @@ def abduct(
         raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
     if isinstance(method, RelaxedNUTS):
         method.check(scm)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed):
         start = time.perf_counter()
         guide = HindsightGumbelGuide(scm, observed)
         logits = guide.decoded_logits(prompt)

@@ -31,6 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
+from ..validation import is_integer
 from ..errors import InferenceError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ _INTEGER_STATISTICS = ("changed", "edit_distance", "first_divergence", "common_p
 
 def _chains(num_draws: int, chains: int | None, native: int | None) -> int:
     if chains is not None:
-        if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1 or num_draws % chains:
+        if not is_integer(chains) or chains < 1 or num_draws % chains:
             raise InferenceError(f"`chains` must be a positive integer dividing {num_draws} draws, got {chains!r}.")
         return chains
     if native is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
+from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import as_do_data
 from .abduction import AbductionMethod, AbductionResult, Exact, Prior, abduct, kish_ess, make_method
@@ -214,8 +215,7 @@ def compare_abduction(
         raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
     data = as_do_data(scm, intervention)
     if observed is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             observed = trim(scm, scm.model(prompt))
 
     exact = abduct(scm, prompt, observed, Exact(), reference_samples, seed=seed)

@@ -9,6 +9,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ..validation import as_int, as_real
+from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import Intervention, as_do_data
 from ..models.sites import noise_site
@@ -198,17 +200,15 @@ def counterfactual(
     >>> bool((result.counterfactual_ids[:, : len(result.factual_ids)] == result.factual_ids).all())
     True
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    num_samples = as_int(num_samples, "num_samples", minimum=1)
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
+    margin = as_real(margin, "margin", minimum=0.0)
     prompt = scm.check_prompt(prompt)
     if prompt.dim() != 1:
         raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
     data = as_do_data(scm, intervention)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed):
         raw_logits = None
         if observed is None:
             with scm.record_logits() as steps:

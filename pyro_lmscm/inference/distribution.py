@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Union
 
 import torch
 
+from ..validation import is_integer
 from ..errors import InferenceError, ObservationError
 from ..metrics import (
     NO_DIVERGENCE,
@@ -164,7 +165,7 @@ class CounterfactualDistribution:
         self.intervention = dict(intervention or {})
         self.kind = kind
         self.method = method
-        if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1 or n % num_chains:
+        if not is_integer(num_chains) or num_chains < 1 or n % num_chains:
             raise InferenceError(
                 f"`num_chains` must be a positive integer dividing the {n} draws, got {num_chains!r}."
             )

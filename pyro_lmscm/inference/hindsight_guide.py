@@ -9,6 +9,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from ..validation import as_real
 from ..errors import AbductionError, ObservationError
 from ..models.anchor import FactualAnchor
 from ..models.sites import noise_site, parse_step_site
@@ -171,9 +172,7 @@ class HindsightGumbelGuide:
                 "(a collapsed SCM marginalises the noise)."
             )
         self.observed_ids = scm.check_observed(_observed_ids(observations, scm.site("")))
-        if not margin >= 0.0:
-            raise ValueError(f"`margin` must be >= 0, got {margin!r}.")
-        self.margin = float(margin) / float(scm.decoding.temperature)
+        self.margin = as_real(margin, "margin", minimum=0.0) / float(scm.decoding.temperature)
         self._cache: tuple[torch.Tensor, torch.Tensor, FactualAnchor] | None = None
         n, vocab = self.observed_ids.shape[-1], scm.vocab_size
         if raw_logits is not None and tuple(raw_logits.shape[-2:]) != (n, vocab):

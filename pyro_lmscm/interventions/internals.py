@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
+from ..validation import as_int, as_real
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
 from .ops import TextOrIds
@@ -53,16 +53,11 @@ def _hidden_size(model: Any) -> int:
 
 
 def _check_int(value: Any, name: str, owner: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise MechanismError(f"{owner}: `{name}` must be an integer{bound}, got {value!r}.")
-    return value
+    return as_int(value, name, minimum=minimum, error=MechanismError, owner=owner)
 
 
 def _check_real(value: Any, name: str, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MechanismError(f"{owner}: `{name}` must be a finite number, got {value!r}.")
-    return float(value)
+    return as_real(value, name, error=MechanismError, owner=owner)
 
 
 def _check_vector(value: Any, name: str, owner: str, dim: int = 1) -> torch.Tensor:

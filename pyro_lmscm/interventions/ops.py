@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence, Union
 import torch
 
 from ..errors import InterventionError, MechanismError, ObservationError
-from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..models.sites import MECHANISM, PROMPT, parse_step_site, token_site
+from ..validation import as_token_id
 
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
@@ -31,9 +32,18 @@ def as_do_data(scm: LanguageModelSCM, intervention: Intervention | None) -> dict
 
     :raises InterventionError: for an unknown site, a noise site, or a bad value.
     """
+    if intervention is None:
+        intervention = {}
+    if not isinstance(intervention, Mapping):
+        raise InterventionError(
+            f"an intervention is a mapping from site names to values, e.g. {{'mechanism': 'steer'}} "
+            f"or {{'w_3': 42}}; got {type(intervention).__name__} {intervention!r:.80}."
+        )
     data: dict[str, torch.Tensor] = {}
     device = scm.lm.device
-    for name, value in (intervention or {}).items():
+    for name, value in intervention.items():
+        if not isinstance(name, str):
+            raise InterventionError(f"intervention site names are strings, got {name!r}.")
         if scm.name and name.startswith(scm.site("")):
             name = name[len(scm.site("")) :]
         if name == MECHANISM:
@@ -64,10 +74,6 @@ def as_do_data(scm: LanguageModelSCM, intervention: Intervention | None) -> dict
                 raise InterventionError(
                     f"site {name!r} does not exist: the SCM has steps 0..{scm.max_new_tokens - 1}."
                 )
-            token = torch.as_tensor(value)
-            if token.is_floating_point() or token.numel() != 1 or not 0 <= int(token) < scm.vocab_size:
-                raise InterventionError(
-                    f"do({name}={value!r}): expected one token id in [0, {scm.vocab_size})."
-                )
-            data[name] = token.reshape(()).to(device=device, dtype=torch.long)
+            token = as_token_id(value, scm.vocab_size, f"do({name}={value!r})", InterventionError)
+            data[token_site(t)] = torch.tensor(token, device=device)
     return {scm.site(name): value for name, value in data.items()}

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..lm import HFLanguageModel
     from ..models.mechanism import Mechanism
 
-__all__ = ["InterventionSpec", "parse_intervention"]
+__all__ = ["InterventionSpec", "parse_intervention", "read_spec"]
 
 
 @dataclass
@@ -40,7 +40,8 @@ class InterventionSpec:
     intervention: dict[str, Any] = field(default_factory=dict)
 
 
-def _read(spec: str) -> Mapping[str, Any]:
+def read_spec(spec: str) -> Mapping[str, Any]:
+    """The mapping of a spec string or of a JSON / YAML spec file (see the module docstring)."""
     path = Path(spec)
     if spec.endswith((".json", ".yaml", ".yml")):
         if not path.is_file():
@@ -100,7 +101,7 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
     """
     from ..loading import load_lm
 
-    data = spec if isinstance(spec, Mapping) else _read(spec or "")
+    data = spec if isinstance(spec, Mapping) else read_spec(spec or "")
     result = InterventionSpec()
     for key, value in data.items():
         try:

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from ..validation import as_int
 from ..errors import DecodingError
 
 __all__ = ["Decoding", "Temperature", "TopK", "TopP"]
@@ -64,9 +65,7 @@ class TopK:
     """
 
     def __init__(self, top_k: int) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise DecodingError(f"`top_k` must be a positive integer, got {top_k!r}.")
-        self.top_k = top_k
+        self.top_k = as_int(top_k, "top_k", minimum=1, error=DecodingError)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         k = min(self.top_k, logits.size(-1))

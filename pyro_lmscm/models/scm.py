@@ -9,7 +9,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ..errors import MechanismError, ObservationError
+from ..validation import as_int
+from ..errors import DecodingError, MechanismError, ObservationError
 from .anchor import FactualAnchor
 from .decoding import Decoding
 from .distributions import IntegerDelta
@@ -82,8 +83,7 @@ class LanguageModelSCM:
         name: str | None = None,
         collapsed: bool = False,
     ) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+        max_new_tokens = as_int(max_new_tokens, "max_new_tokens", minimum=1, error=DecodingError)
         self.lm = lm
         self.max_new_tokens = max_new_tokens
         self.decoding = decoding if decoding is not None else Decoding()

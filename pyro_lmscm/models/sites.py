@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from ..errors import InterventionError
+
 __all__ = [
     "MECHANISM",
     "PROMPT",
@@ -28,7 +30,11 @@ MECHANISM = "mechanism"
 NOISE_PREFIX = "u"
 TOKEN_PREFIX = "w"
 
-_STEP_SITE = re.compile(rf"^({NOISE_PREFIX}|{TOKEN_PREFIX})_(\d+)$")
+# canonical names only: ASCII digits, no leading zeros ("w_3", never "w_03", "w_3\n" or "w_٣")
+_STEP_SITE = re.compile(rf"({NOISE_PREFIX}|{TOKEN_PREFIX})_(0|[1-9][0-9]*)", re.ASCII)
+# what reads as a step site to a person: a non-canonical spelling of one is an error, not
+# another site
+_LOOSE_STEP_SITE = re.compile(rf"\s*({NOISE_PREFIX}|{TOKEN_PREFIX})_\s*(\d+)\s*")
 
 
 def noise_site(t: int) -> str:
@@ -42,11 +48,27 @@ def token_site(t: int) -> str:
 
 
 def parse_step_site(name: str) -> tuple[str, int] | None:
-    """Split a step site name into its prefix and step.
+    """Split a canonical step site name into its prefix and step.
+
+    Only the names that :func:`noise_site` and :func:`token_site` build are step sites.
 
     :returns: ``("u", t)`` or ``("w", t)``, or ``None`` if ``name`` is not a step site.
+    :raises InterventionError: for a non-canonical spelling of a step site (``"w_03"``,
+        ``"w_3\\n"``, ``"w_٣"``), which would otherwise match no site and be ignored.
+
+    >>> parse_step_site("w_3"), parse_step_site("prompt")
+    (('w', 3), None)
     """
-    match = _STEP_SITE.match(name)
-    if match is None:
+    if not isinstance(name, str):
         return None
-    return match.group(1), int(match.group(2))
+    match = _STEP_SITE.fullmatch(name)
+    if match is not None:
+        return match.group(1), int(match.group(2))
+    loose = _LOOSE_STEP_SITE.fullmatch(name)
+    if loose is not None:
+        canonical = f"{loose.group(1)}_{int(loose.group(2))}"
+        raise InterventionError(
+            f"site name {name!r} is not canonical: step sites are written {canonical!r} "
+            "(ASCII digits, no leading zeros, no spaces)."
+        )
+    return None

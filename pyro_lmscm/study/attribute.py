@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .config import StudyError
+from ..errors import StudyError
 
 __all__ = [
     "GENDER_WORDS",
@@ -159,8 +159,25 @@ class CallableAttribute(AttributeCheck):
         return factual_label != self.target
 
 
-def make_attribute(spec: str | Mapping[str, Any] | None) -> AttributeCheck | None:
+def check_code_allowed(spec: Any, allow_code: bool) -> None:
+    """Refuse an attribute that names a function to run, unless ``allow_code``.
+
+    :raises StudyError: naming the function and how to allow it.
+    """
+    if isinstance(spec, Mapping) and "function" in spec and not allow_code:
+        raise StudyError(
+            f"attribute {spec.get('name', 'attribute')!r} names the function {spec['function']!r}, which "
+            "would be imported and run on every generated text. Code in a config is opt-in: pass "
+            "--allow-code, or set allow_code: true (StudyConfig(allow_code=True)), if you trust this config."
+        )
+
+
+def make_attribute(spec: str | Mapping[str, Any] | None, allow_code: bool = False) -> AttributeCheck | None:
     """Build an attribute check from a config value.
+
+    A config reads as data (it is parsed with ``yaml.safe_load``), so a mapping that names a
+    function to import and run on every generated text is refused unless ``allow_code`` is
+    true (``--allow-code`` or ``allow_code: true`` in a study config).
 
     * ``None``: no check;
     * ``"gender"`` (male to female words) or ``"gender:male"`` (female to male);
@@ -168,7 +185,8 @@ def make_attribute(spec: str | Mapping[str, Any] | None) -> AttributeCheck | Non
       "target_words": [...]}``: word lists;
     * ``{"name": ..., "function": "pkg.mod:fn", "target": LABEL, "source": LABEL}``: a function.
 
-    :raises StudyError: on an unknown name or malformed mapping.
+    :raises StudyError: on an unknown name or malformed mapping, or a function without
+        ``allow_code``.
     """
     if spec is None:
         return None
@@ -188,6 +206,7 @@ def make_attribute(spec: str | Mapping[str, Any] | None) -> AttributeCheck | Non
     name = str(options.pop("name", "attribute"))
     try:
         if "function" in options:
+            check_code_allowed(spec, allow_code)
             return CallableAttribute(name=name, **options)
         return WordListAttribute(
             name=name,

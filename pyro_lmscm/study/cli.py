@@ -68,6 +68,12 @@ def study_command(
     report_only: bool = typer.Option(False, "--report-only", help="Rewrite the report of --output from its records."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip tables, plots and HTML."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    allow_code: bool = typer.Option(
+        False, "--allow-code", help="Allow an attribute that names a Python function to run on every text."
+    ),
+    force_recompute: bool = typer.Option(
+        False, "--force-recompute", help="Recompute records whose inputs changed, instead of refusing to resume."
+    ),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
     from .config import StudyConfig, StudyError, demo_config
@@ -110,6 +116,8 @@ def study_command(
             "shard_size": shard_size,
             "report": False if no_report else None,
             "progress": False if no_progress else None,
+            "allow_code": True if allow_code else None,
+            "force_recompute": True if force_recompute else None,
         }
         if demo and config is not None:
             raise StudyError("give either a config file or --demo, not both.")

@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..validation import as_int, as_seed
+from .attribute import check_code_allowed
 from ..errors import StudyError
 
 __all__ = [
@@ -83,6 +85,10 @@ class StudyConfig:
     :param attribute: the target-attribute check: ``"gender"`` (male to female words),
         ``"gender:male"`` (the reverse), a mapping (see
         :func:`~pyro_lmscm.study.attribute.make_attribute`) or ``None``.
+    :param allow_code: allow an ``attribute`` that names a function to import and run on
+        every text (off: a config is data, and such a config is refused).
+    :param force_recompute: on resume, recompute the records whose inputs changed (see
+        :func:`~pyro_lmscm.study.runner.run_study`) instead of refusing.
     :param format: ``"jsonl"`` or ``"parquet"`` (needs ``pyarrow``).
     :param threads: torch threads per process (also per Ray worker).
     :param limit: process only the first ``limit`` strings of the corpus.
@@ -110,6 +116,8 @@ class StudyConfig:
     top_p: float | None = None
     seed: int = 0
     attribute: str | dict[str, Any] | None = "gender"
+    allow_code: bool = False
+    force_recompute: bool = False
     format: str = "jsonl"
     threads: int = 1
     limit: int | None = None
@@ -126,8 +134,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         def positive(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise StudyError(f"StudyConfig: `{name}` must be an integer >= {minimum}, got {value!r}.")
+            as_int(value, name, minimum=minimum, error=StudyError, owner="StudyConfig")
 
         if not isinstance(self.corpus, (str, Path)) or not str(self.corpus):
             raise StudyError(f"StudyConfig: `corpus` must be a path or 'demo', got {self.corpus!r}.")
@@ -138,8 +145,7 @@ class StudyConfig:
             positive(name)
         if self.limit is not None:
             positive("limit", 0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise StudyError(f"StudyConfig: `seed` must be a non-negative integer, got {self.seed!r}.")
+        as_seed(self.seed, error=StudyError)
         if self.format not in _FORMATS:
             raise StudyError(f"StudyConfig: `format` must be one of {_FORMATS}, got {self.format!r}.")
         if not isinstance(self.confidence, float) or not 0.0 < self.confidence < 1.0:
@@ -155,6 +161,10 @@ class StudyConfig:
             raise StudyError(f"StudyConfig: `name` must be a non-empty string without '/', got {self.name!r}.")
         if self.ray_address is not None:
             self.ray = True
+        for flag in ("allow_code", "force_recompute"):
+            if not isinstance(getattr(self, flag), bool):
+                raise StudyError(f"StudyConfig: `{flag}` must be true or false, got {getattr(self, flag)!r}.")
+        check_code_allowed(self.attribute, self.allow_code)
 
     # -- construction ------------------------------------------------------------------
 

@@ -107,6 +107,10 @@ class RecordStore:
     def close(self) -> None:
         """Release open files."""
 
+    def remove(self, indices: Iterable[int]) -> None:  # pragma: no cover - abstract
+        """Delete the records of ``indices`` durably (to recompute them)."""
+        raise NotImplementedError
+
     @staticmethod
     def _unique_sorted(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         by_index: dict[int, dict[str, Any]] = {}
@@ -187,6 +191,20 @@ class JSONLStore(RecordStore):
             self._handle.close()
             self._handle = None
 
+    def remove(self, indices: Iterable[int]) -> None:
+        drop = set(indices)
+        if not drop or not self.path.is_file():
+            return
+        self.close()
+        keep = [line for line in self._lines() if int(json.loads(line)["index"]) not in drop]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "wb") as handle:  # written aside and renamed: a crash keeps one whole file
+            handle.write("".join(line + "\n" for line in keep).encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
 
 def _parquet_schema() -> Any:
     import pyarrow as pa
@@ -224,6 +242,7 @@ def _parquet_schema() -> Any:
             ("continuation_given", pa.bool_()),
             ("truncated", pa.bool_()),
             ("seed", pa.int64()),
+            ("fingerprint", pa.string()),
             ("error", pa.string()),
             ("log_prob_observed", pa.float64()),
             ("factual", factual),
@@ -276,6 +295,12 @@ class ParquetStore(RecordStore):
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(self.path)
+
+    def remove(self, indices: Iterable[int]) -> None:
+        for index in set(indices):
+            (self.path / f"part-{int(index):09d}.parquet").unlink(missing_ok=True)
+        if self.path.is_dir():
+            _fsync_dir(self.path)
 
 
 def _drop_absent(record: dict[str, Any]) -> dict[str, Any]:

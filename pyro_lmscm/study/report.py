@@ -42,6 +42,7 @@ __all__ = [
     "METRICS",
     "Metric",
     "SummaryRow",
+    "csv_cell",
     "draw_rows",
     "plot_histograms",
     "summarize",
@@ -228,12 +229,29 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
+#: A cell starting with one of these is read as a formula by spreadsheet programs.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return gets a leading ``'`` (OWASP's advice against
+    formula injection); numbers and other values are left as they are.
+
+    >>> csv_cell("=1+1"), csv_cell("-1 day"), csv_cell(-1.5), csv_cell("fine")
+    ("'=1+1", "'-1 day", -1.5, 'fine')
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _summary_csv(rows: Sequence[SummaryRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["group", "metric", "kind", "mean", "low", "high", "n"])
     for row in rows:
-        writer.writerow([row.group, row.metric, row.kind, repr(row.mean), repr(row.low), repr(row.high), row.n])
+        writer.writerow([csv_cell(row.group), row.metric, row.kind, repr(row.mean), repr(row.low), repr(row.high), row.n])
     return buffer.getvalue()
 
 
@@ -343,7 +361,7 @@ def write_report(output_dir: str | Path, records: Sequence[Record], config: Stud
     with open(files["draws_csv"], "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(DRAW_COLUMNS), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(draw_rows(records))
+        writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in draw_rows(records))
     files.update(plot_histograms(records, output_dir, config.max_new_tokens))
     files["html"] = write_html(output_dir / "report.html", records, config, rows, group_rows, files)
     return files

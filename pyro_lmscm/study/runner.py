@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
+from .fingerprint import record_fingerprint, study_inputs
 from .records import open_store
 from .worker import StudyWorker, torch_threads
 
@@ -58,35 +59,69 @@ class StudyResult:
         return path.read_text(encoding="utf-8") if path is not None else None
 
 
-def _check_meta(output_dir: Path, config: StudyConfig) -> None:
-    """Write ``study.json``, or check that an existing one describes the same study."""
+def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -> bool:
+    """Write ``study.json``, or check that an existing one describes the same study: the same
+    result settings and the same model contents.
+
+    :returns: whether the stored records are all stale (only with ``force_recompute``).
+    :raises StudyError: listing what changed, without ``force_recompute``.
+    """
     path = output_dir / META_FILE
     settings = json.loads(json.dumps(config.result_settings(), default=str))
+    stale = False
     if path.is_file():
         meta = json.loads(path.read_text(encoding="utf-8"))
-        old = meta.get("result_settings", {})
-        diff = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in settings.items() if old.get(key) != value]
-        if diff:
+        old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
+        new = {**settings, **inputs}
+        diff = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value]
+        if diff and not config.force_recompute:
             raise StudyError(
                 f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "
-                "output folder, or delete this one to start over."
+                "output folder, delete this one, or pass --force-recompute (force_recompute=True) to "
+                "recompute every record."
             )
-    meta = {"fingerprint": config.fingerprint(), "result_settings": settings, "config": config.to_dict()}
+        stale = bool(diff)
+    meta = {
+        "fingerprint": config.fingerprint(),
+        "result_settings": settings,
+        "inputs": inputs,
+        "config": config.to_dict(),
+    }
     tmp = path.with_name(f".{META_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+    return stale
 
 
-def _check_resumed(records: list[dict[str, Any]], items: list[CorpusItem], output_dir: Path) -> None:
+def _stale_records(
+    records: list[dict[str, Any]], items: list[CorpusItem], fingerprints: dict[int, str], config: StudyConfig
+) -> list[int]:
+    """The indices of stored records made from other inputs than the corpus now gives.
+
+    :raises StudyError: listing them, without ``force_recompute``.
+    """
+    stale = []
     for record in records:
         index = record["index"]
-        if index < len(items):
-            item = items[index]
-            if record["prompt"] != item.prompt or record["continuation_given"] != (item.continuation is not None):
-                raise StudyError(
-                    f"{output_dir}: the stored record {index} is for the prompt {record['prompt']!r}, but the "
-                    f"corpus now has {item.prompt!r} there; the corpus changed. Use another output folder."
-                )
+        if index >= len(items):
+            continue
+        item = items[index]
+        if record.get("fingerprint") is not None:
+            changed = record["fingerprint"] != fingerprints[index]
+        else:  # records of an older version carry no fingerprint
+            changed = record["prompt"] != item.prompt or record["continuation_given"] != (item.continuation is not None)
+        if changed:
+            stale.append(index)
+    if stale and not config.force_recompute:
+        first = items[stale[0]]
+        shown = ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else "")
+        raise StudyError(
+            f"{config.output_dir}: {len(stale)} stored records were made from other inputs than the corpus "
+            f"now gives (records {shown}; record {stale[0]} now has prompt {first.prompt!r} and continuation "
+            f"{first.continuation!r}); the corpus changed. Use another output folder, or pass "
+            "--force-recompute (force_recompute=True) to recompute them."
+        )
+    return stale
 
 
 class _Progress:
@@ -162,11 +197,16 @@ def run_study(
         items = items[: config.limit]
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    _check_meta(output_dir, config)
+    inputs = study_inputs(config)
+    all_stale = _check_meta(output_dir, config, inputs)
+    fingerprints = {item.index: record_fingerprint(item, config, inputs) for item in items}
     store = open_store(output_dir, config.format)
     try:
         stored = store.load()
-        _check_resumed(stored, items, output_dir)
+        stale = [r["index"] for r in stored] if all_stale else _stale_records(stored, items, fingerprints, config)
+        if stale:
+            store.remove(stale)
+            stored = store.load()
         done = {record["index"] for record in stored}
         todo = [item for item in items if item.index not in done]
         skipped = len(items) - len(todo)
@@ -174,6 +214,7 @@ def run_study(
         with _Progress(config.progress, len(items), skipped, config.name) as bar:
 
             def store_record(record: dict[str, Any]) -> None:
+                record["fingerprint"] = fingerprints[record["index"]]
                 store.append(record)
                 bar.advance()
                 if on_record is not None:

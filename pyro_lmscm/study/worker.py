@@ -99,7 +99,7 @@ class StudyWorker:
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
         self.intervention = spec.intervention
         self.data = as_do_data(self.scm, spec.intervention)
-        self.attribute = make_attribute(self.config.attribute)
+        self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def test_word_list_mapping():
 
 
 def test_callable_attribute():
-    check = make_attribute({"name": "tone", "function": f"{__name__}:shouting", "target": "loud"})
+    check = make_attribute({"name": "tone", "function": f"{__name__}:shouting", "target": "loud"}, allow_code=True)
     assert isinstance(check, CallableAttribute)
     assert check.label("stop!") == "loud" and check.flipped("calm", "loud") is True
     assert check.flipped("loud", "loud") is None
@@ -55,5 +55,24 @@ def test_callable_attribute():
 )
 def test_bad_attributes(spec, match):
     with pytest.raises(StudyError, match=match):
-        make_attribute(spec)
+        make_attribute(spec, allow_code=True)
     assert make_attribute(None) is None
+
+
+def test_code_in_a_config_is_opt_in(tmp_path):
+    """A config that names a function (here os:system, which would run every text through the
+    shell) is refused unless code is allowed: as a mapping, in a StudyConfig and from a file."""
+    from pyro_lmscm.study import StudyConfig
+
+    spec = {"name": "shell", "function": "os:system", "target": "0"}
+    with pytest.raises(StudyError, match="opt-in: pass --allow-code"):
+        make_attribute(spec)
+    with pytest.raises(StudyError, match="'os:system'"):
+        StudyConfig(corpus="demo", attribute=spec)
+    config = tmp_path / "study.yaml"
+    config.write_text("corpus: demo\nattribute: {name: shell, function: 'os:system', target: '0'}\n")
+    with pytest.raises(StudyError, match="allow_code: true"):
+        StudyConfig.from_file(config)
+    assert StudyConfig.from_file(config, allow_code=True).allow_code is True
+    assert isinstance(make_attribute(spec, allow_code=True), CallableAttribute)
+    assert isinstance(make_attribute("gender"), WordListAttribute)  # word lists stay data

@@ -79,3 +79,27 @@ def test_write_report_files(make_config):
     cf = next(r for r in rows if r["metric"] == "normalized_token_edit_distance" and r["group"] == "all"
               and r["kind"] == "counterfactual")
     assert float(cf["mean"]) == pytest.approx(values.mean())
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(make_config):
+    from pyro_lmscm.study import write_report
+
+    config = make_config(limit=2)
+    result = run_study(config)
+    records = result.records
+    payloads = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(A1)"]
+    for record in records:
+        record["group"] = "=HYPERLINK(\"http://evil\")"
+        for kind in ("counterfactual", "interventional"):
+            for draw, text in zip(record[kind], payloads * 3):
+                draw["text"] = text
+    files = write_report(result.output_dir, records, config)
+    with open(files["draws_csv"], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    texts = {row["text"] for row in rows}
+    assert texts and all(text.startswith("'") for text in texts), texts
+    assert {text[1:] for text in texts} <= set(payloads)
+    assert all(row["group"] == "'=HYPERLINK(\"http://evil\")" for row in rows)
+    assert any(float(row["log_prob_factual"]) < 0 for row in rows if row["log_prob_factual"])  # numbers stay numbers
+    with open(files["summary_csv"], newline="", encoding="utf-8") as handle:
+        assert all(not row["group"].startswith("=") for row in csv.DictReader(handle))

@@ -115,3 +115,36 @@ def test_records_are_written_one_by_one(make_config, monkeypatch):
     run_study(config, on_record=lambda r: seen.append(path.read_text().count("\n")))
     assert seen == [1, 2, 3]
     assert runner_module.META_FILE in os.listdir(config.output_dir)
+
+
+def test_an_edited_continuation_is_refused_and_force_recompute_recomputes(make_config, corpus_file):
+    first = run_study(make_config())
+    text = corpus_file.read_text()
+    assert "the story\tday night was" in text
+    corpus_file.write_text(text.replace("the story\tday night was", "the story\tday was"))
+    with pytest.raises(StudyError, match=r"1 stored records were made from other inputs .*continuation 'day was'"):
+        run_study(make_config())
+    again = run_study(make_config(force_recompute=True))
+    assert again.computed == 1 and again.skipped == 8
+    changed = [r for r in again.records if r["prompt"] == "the story"]
+    assert changed[0]["factual"]["text"] == "day was"
+    assert [r for r in again.records if r["prompt"] != "the story"] == [
+        r for r in first.records if r["prompt"] != "the story"
+    ]
+    assert run_study(make_config()).computed == 0  # now consistent: a plain resume
+
+
+def test_new_weights_at_the_same_path_are_refused(make_config, tiny_folders, tmp_path):
+    import shutil
+
+    from pyro_lmscm.testing import tiny_llama
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folders[0], folder)
+    first = run_study(make_config(model=str(folder), limit=3))
+    assert run_study(make_config(model=str(folder), limit=3)).computed == 0  # same content
+    tiny_llama(seed=5).model.save_pretrained(folder)  # other weights, same path
+    with pytest.raises(StudyError, match=r"holds the results of another study \(model: 'sha256:"):
+        run_study(make_config(model=str(folder), limit=3))
+    again = run_study(make_config(model=str(folder), limit=3, force_recompute=True))
+    assert again.computed == 3 and again.records != first.records

@@ -1,0 +1,108 @@
+"""The one place where arguments are checked: integers, reals, token ids and seeds.
+
+Every check raises the :class:`~pyro_lmscm.errors.LMSCMError` subclass its caller names
+(``error=``), with the argument's name, its value and what was expected, so that bad input
+never reaches torch as an ``OverflowError``, ``NotImplementedError`` or a 35 GB allocation.
+Integers may be Python or NumPy integers (and 0-d integer tensors), never ``bool``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from .errors import InferenceError, LMSCMError
+
+__all__ = ["as_int", "as_real", "as_seed", "as_token_id", "is_integer"]
+
+#: torch's generators take seeds in ``[0, 2**64)``.
+MAX_SEED = 2**64 - 1
+
+
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer scalar: ``int``, a NumPy integer or a 0-d or
+    one-element integer tensor, and not ``bool``."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    if isinstance(value, numbers.Integral):
+        return True
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    return isinstance(value, np.ndarray) and value.size == 1 and np.issubdtype(value.dtype, np.integer)
+
+
+def as_int(
+    value: Any,
+    name: str,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    error: type[LMSCMError] = InferenceError,
+    owner: str = "",
+) -> int:
+    """``value`` as a Python ``int`` in ``[minimum, maximum]``; ``owner`` (a class name)
+    starts the message.
+
+    :raises error: for a non-integer or a value out of range.
+
+    >>> as_int(3, "num_samples", minimum=1)
+    3
+    """
+    bounds = " and ".join(
+        part for part in ("" if minimum is None else f">= {minimum}", "" if maximum is None else f"<= {maximum}") if part
+    )
+    expected = "a positive integer" if (minimum, maximum) == (1, None) else f"an integer {bounds}".rstrip()
+    if not is_integer(value):
+        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
+    number = int(value.item() if hasattr(value, "item") else value)
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {number!r}.")
+    return number
+
+
+def as_real(
+    value: Any,
+    name: str,
+    minimum: float | None = None,
+    exclusive: bool = False,
+    error: type[LMSCMError] = InferenceError,
+    owner: str = "",
+) -> float:
+    """``value`` as a finite ``float``, ``>= minimum`` (``> minimum`` if ``exclusive``).
+
+    :raises error: for a non-number, NaN or infinity, or a value out of range.
+    """
+    expected = "a finite number" + ("" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
+    number = float(value)
+    below = minimum is not None and (number <= minimum if exclusive else number < minimum)
+    if not math.isfinite(number) or below:
+        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r}.")
+    return number
+
+
+def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError]) -> int:
+    """One token id in ``[0, vocab_size)``, from an integer or a one-element integer tensor.
+
+    :raises error: naming ``what``, for anything else.
+    """
+    if not is_integer(value):
+        raise error(f"{what}: expected one token id in [0, {vocab_size}), got {value!r:.80}.")
+    token = int(value.item() if hasattr(value, "item") else value)
+    if not 0 <= token < vocab_size:
+        raise error(f"{what}: expected one token id in [0, {vocab_size}), got {token}.")
+    return token
+
+
+def as_seed(seed: Any, error: type[LMSCMError] = InferenceError) -> int | None:
+    """``None``, or a seed for ``torch.manual_seed`` in ``[0, 2**64)``."""
+    if seed is None:
+        return None
+    return as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=error)
