@@ -39,6 +39,7 @@ import torch
 
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
+from .internals import restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -187,8 +188,7 @@ class LoRAAdapter(Mechanism):
                 f"LoRAAdapter.from_config: peft could not inject {config!r}: {error}"
             ) from error
         finally:
-            for parameter, flag in flags:
-                parameter.requires_grad_(flag)
+            restore_atomically(lambda: [parameter.requires_grad_(flag) for parameter, flag in flags])
         if state_dict is not None:
             result = set_peft_model_state_dict(lm.model, dict(state_dict), adapter_name=adapter_name)
             unexpected = list(getattr(result, "unexpected_keys", []) or [])
@@ -232,19 +232,24 @@ class LoRAAdapter(Mechanism):
     @contextmanager
     def _enabled(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
         saved = []
-        try:
-            for layer in self._layers:
-                flags = [(p, p.requires_grad) for p in _adapter_parameters(layer)]
-                saved.append((layer, list(layer.active_adapters), layer.disable_adapters, flags))
-                layer.set_adapter(self.adapter_name)
-                layer.enable_adapters(True)
-            yield lm
-        finally:
+
+        def restore() -> None:  # idempotent: run again from the start if interrupted
             for layer, active, disabled, flags in reversed(saved):
                 layer.set_adapter(active)
                 layer.enable_adapters(not disabled)
                 for parameter, flag in flags:
                     parameter.requires_grad_(flag)
+
+        try:
+            with sigint_deferred():
+                for layer in self._layers:
+                    flags = [(p, p.requires_grad) for p in _adapter_parameters(layer)]
+                    saved.append((layer, list(layer.active_adapters), layer.disable_adapters, flags))
+                    layer.set_adapter(self.adapter_name)
+                    layer.enable_adapters(True)
+            yield lm
+        finally:
+            restore_atomically(restore)
 
     def __repr__(self) -> str:
         return f"LoRAAdapter({self.adapter_name!r}, layers={len(self._layers)})"

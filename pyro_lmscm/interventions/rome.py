@@ -21,6 +21,7 @@ from .internals import (
     _decoder_layers,
     _resolve_layer,
     _StopForward,
+    forward_hook,
 )
 from .weight_edit import WeightDelta
 
@@ -209,23 +210,19 @@ class _Projection:
             seen.append((args[0].detach().float(), output.detach().float()))
             raise _StopForward
 
-        handle = self.module.register_forward_hook(record)
-        try:
-            with torch.no_grad():
-                for indices in by_length.values():
-                    seen.clear()
-                    try:
-                        lm.model(
-                            input_ids=torch.stack([prompts[i] for i in indices]).to(lm.device),
-                            use_cache=False,
-                        )
-                    except _StopForward:
-                        pass
-                    keys, values = seen[0]
-                    for row, i in enumerate(indices):
-                        out[i] = (keys[row], values[row])
-        finally:
-            handle.remove()
+        with forward_hook(self.module, record), torch.no_grad():
+            for indices in by_length.values():
+                seen.clear()
+                try:
+                    lm.model(
+                        input_ids=torch.stack([prompts[i] for i in indices]).to(lm.device),
+                        use_cache=False,
+                    )
+                except _StopForward:
+                    pass
+                keys, values = seen[0]
+                for row, i in enumerate(indices):
+                    out[i] = (keys[row], values[row])
         return [out[i] for i in range(len(prompts))]
 
 
@@ -239,11 +236,8 @@ def _log_probs_with_delta(
     def add(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output + (onehot * delta).to(output.dtype)
 
-    handle = projection.module.register_forward_hook(add)
-    try:
+    with forward_hook(projection.module, add):
         logits = lm.model(input_ids=ids[None].to(lm.device), use_cache=False).logits[0]
-    finally:
-        handle.remove()
     return logits.float().log_softmax(-1)
 
 

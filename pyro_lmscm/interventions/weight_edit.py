@@ -9,6 +9,7 @@ import torch
 
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
+from .internals import restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -102,21 +103,27 @@ class WeightDelta(Mechanism):
 
     @contextmanager
     def _applied(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        parameters: list[torch.Tensor] = []
+        originals: list[torch.Tensor] = []
+
+        @torch.no_grad()
+        def restore() -> None:  # one call for every parameter: nothing in between to interrupt
+            if parameters:
+                torch._foreach_copy_(parameters, originals)
+
         try:
-            with torch.no_grad():
+            with sigint_deferred(), torch.no_grad():
                 for name, delta in self.deltas.items():
                     parameter = _parameter(lm, name, "WeightDelta")
                     original = parameter.detach().clone()
-                    saved.append((parameter, original))
+                    parameters.append(parameter)
+                    originals.append(original)
                     wide = torch.promote_types(parameter.dtype, delta.dtype)
                     edited = original.to(wide) + delta.to(device=original.device, dtype=wide)
                     parameter.copy_(edited)
             yield lm
         finally:
-            with torch.no_grad():
-                for parameter, original in reversed(saved):
-                    parameter.copy_(original)
+            restore_atomically(restore)
 
     def __repr__(self) -> str:
         shapes = {name: tuple(delta.shape) for name, delta in self.deltas.items()}
