@@ -35,7 +35,11 @@ def quiet_third_party() -> Iterator[None]:
     (transformers' "Loading weights", the hub's downloads) are silenced; our own
     :class:`~pyro_lmscm.errors.LMSCMWarning` and rich progress still show. Everything is
     restored on exit."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
     from transformers.utils import logging as hf_logging
 
     verbosity, bars, hub_bars_off = (
@@ -278,7 +282,8 @@ def compare_inference(ctx: typer.Context) -> None:
     Options are those of examples/compare_inference.py (--tiny, --model, --num-samples,
     --max-new-tokens, --methods, --plot, ...); pass --help to list them.
     """
-    from .compare_inference import build_parser, main as run
+    from .compare_inference import build_parser
+    from .compare_inference import main as run
 
     with _one_line_errors():
         run(build_parser().parse_args(ctx.args))

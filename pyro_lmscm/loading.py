@@ -228,7 +228,9 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
 
     kwargs: dict[str, object] = {"gguf_file": gguf.name, _dtype_kwarg(): torch.float32}
     try:  # transformers >= 5 keeps a GGUF "quantizer" on the model unless told to dequantise,
-        from transformers import GgufConfig  # and such a model refuses `save_pretrained`.
+        from transformers import (
+            GgufConfig,  # and such a model refuses `save_pretrained`.
+        )
 
         kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
     except ImportError:  # older transformers always dequantise

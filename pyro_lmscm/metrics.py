@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Sequence, Union
 import torch
 from rapidfuzz.distance import Levenshtein
 
-from .validation import as_int
 from .errors import ObservationError
 from .interventions.ops import as_do_data
 from .models.sites import MECHANISM, PROMPT, parse_step_site
+from .validation import as_int
 
 if TYPE_CHECKING:
     from .interventions.ops import Intervention
@@ -199,7 +199,7 @@ def string_log_prob(
     prompt = data.get(scm.site(PROMPT), scm.check_prompt(prompt))
     if prompt.dim() != 1:
         raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
-    ids = scm.lm.check_ids(torch.as_tensor(ids), "ids")
+    ids = scm.lm.check_ids(ids, "ids")
     if ids.dim() == 0 or ids.shape[-1] == 0:
         raise ObservationError("`ids` must hold at least one token id, shape (..., n).")
     n = ids.shape[-1]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pyro.poutine as poutine
 import torch
 
-from .seeding import seeded
 from .lm import HFLanguageModel
 from .models.sites import noise_site
+from .seeding import seeded
 
 __all__ = [
     "TINY_WORDS",

@@ -4,7 +4,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from pyro_lmscm.cli import app

@@ -17,7 +17,7 @@ from .abduction import (
     noise_statistics,
 )
 from .compare import AbductionComparison, ComparisonRow, compare_abduction, ks_statistic
-from .counterfactual import CounterfactualResult, counterfactual
+from .counterfactual import CounterfactualResult, counterfactual, replay_noise
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
@@ -51,6 +51,7 @@ __all__ = [
     "ks_statistic",
     "make_method",
     "noise_trace",
+    "replay_noise",
     "upstream_marginals",
     "noise_statistics",
 ]

@@ -49,11 +49,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from ..validation import as_int, as_real
-from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import as_do_data
 from ..models.sites import noise_site, token_site
+from ..seeding import seeded
+from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
 from .gumbel_max_posterior import gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide

@@ -31,8 +31,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-from ..validation import is_integer
 from ..errors import InferenceError
+from ..validation import is_integer
 
 if TYPE_CHECKING:
     from .distribution import CounterfactualDistribution

@@ -8,10 +8,18 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import as_do_data
-from .abduction import AbductionMethod, AbductionResult, Exact, Prior, abduct, kish_ess, make_method
+from ..seeding import seeded
+from .abduction import (
+    AbductionMethod,
+    AbductionResult,
+    Exact,
+    Prior,
+    abduct,
+    kish_ess,
+    make_method,
+)
 from .counterfactual import trim
 from .distribution import CounterfactualDistribution
 

@@ -2,6 +2,7 @@ r"""Counterfactual strings: abduction, action, prediction."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -9,11 +10,11 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from ..validation import as_int, as_real
-from ..seeding import seeded
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import Intervention, as_do_data
 from ..models.sites import noise_site
+from ..seeding import seeded
+from ..validation import as_int, as_real
 from .abduction import active_steps, noise_statistics
 from .distribution import CounterfactualDistribution
 from .gumbel_max_posterior import standard_gumbel
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["CounterfactualResult", "counterfactual"]
+__all__ = ["CounterfactualResult", "counterfactual", "replay_noise"]
 
 DRAWS = "__draws"
 
@@ -115,6 +116,30 @@ def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     return ids[:length]
 
 
+def replay_noise(
+    scm: LanguageModelSCM,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    prompt: torch.Tensor,
+    noise: torch.Tensor,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Prediction: replay ``model`` (``scm.model``, intervened or not) on the noise
+    ``(rows, T, V)``, one row per draw, under the plate ``"__draws"``.
+
+    :param deterministic: decode each row alone (a batch of one), so that a row's tokens do
+        not depend on which rows share its batch. In float32 they never do here; in bfloat16
+        the intervened rows' logits round differently with the batch size (the factual rows
+        are anchored, see :mod:`pyro_lmscm.models.anchor`), and a near-tie can flip a token.
+        It costs one decoding run per row instead of one for all.
+    :returns: ids ``(rows, T)``.
+    """
+    rows = noise.shape[0]
+    if not deterministic or rows == 1:
+        ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(model), trace=noise_trace(scm, noise))(prompt)
+        return ids.expand(rows, scm.max_new_tokens)
+    return torch.cat([replay_noise(scm, model, prompt, noise[i : i + 1]) for i in range(rows)])
+
+
 def _predict(
     scm: LanguageModelSCM,
     guide: HindsightGumbelGuide,
@@ -123,6 +148,7 @@ def _predict(
     logits: torch.Tensor,
     size: int,
     baseline: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """One chunk of ``size`` posterior draws: counterfactual ids ``(size, T)``,
     interventional ids ``(size, T)`` (``None`` without ``baseline``) and the noise statistics.
@@ -140,10 +166,43 @@ def _predict(
         del noise
         noise = joint
         standard_gumbel(noise[size:].shape, out=noise[size:])
-    rows = noise.shape[0]
-    ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(intervened), trace=noise_trace(scm, noise))(prompt)
-    ids = ids.expand(rows, scm.max_new_tokens)
+    ids = replay_noise(scm, intervened, prompt, noise, deterministic)
     return ids[:size], (ids[size:] if baseline else None), noise_stats
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (``MemAvailable`` on Linux), if known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(scm: LanguageModelSCM, num_samples: int, baseline: bool) -> None:
+    """Refuse, before any allocation, a single chunk whose noise would not fit in memory.
+
+    :raises InferenceError: suggesting a ``chunk_size`` that fits.
+    """
+    per_draw = scm.max_new_tokens * scm.vocab_size * 4 * (3 if baseline else 2)  # float32 noise, peak copies
+    available = _available_bytes(scm.lm.device)
+    if available is None or num_samples * per_draw <= available:
+        return
+    fits = max(1, available // (2 * per_draw))
+    raise InferenceError(
+        f"num_samples={num_samples} in one chunk would hold about {num_samples * per_draw / 2**30:.1f} GiB of "
+        f"noise ({num_samples} x {scm.max_new_tokens} steps x {scm.vocab_size} float32 values, "
+        f"{3 if baseline else 2} copies at the peak), more than the {available / 2**30:.1f} GiB available; "
+        f"pass chunk_size={fits} (or smaller) to draw the samples in chunks."
+    )
 
 
 def counterfactual(
@@ -156,6 +215,7 @@ def counterfactual(
     margin: float = 0.0,
     chunk_size: int | None = None,
     baseline: bool = False,
+    deterministic: bool = False,
 ) -> CounterfactualResult:
     r"""What would ``observed`` have been under ``intervention``?
 
@@ -193,6 +253,9 @@ def counterfactual(
         distributed) draws, and any ``chunk_size >= num_samples`` equals ``None``.
     :param baseline: also decode the interventional baseline
         (:attr:`CounterfactualResult.interventional_ids`).
+    :param deterministic: decode every draw alone (see :func:`replay_noise`), so that in
+        bfloat16 a draw's counterfactual does not depend on the other draws of its batch;
+        the noise, hence the distribution, is the same.
     :raises ObservationError, AbductionError, InterventionError: on bad input.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=6)
@@ -204,6 +267,10 @@ def counterfactual(
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     margin = as_real(margin, "margin", minimum=0.0)
+    if not isinstance(deterministic, bool):
+        raise InferenceError(f"`deterministic` must be True or False, got {deterministic!r}.")
+    if chunk_size is None:
+        _check_memory(scm, num_samples, baseline)
     prompt = scm.check_prompt(prompt)
     if prompt.dim() != 1:
         raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
@@ -223,7 +290,7 @@ def counterfactual(
         intervened = poutine.do(scm.model, data=data)
         size = num_samples if chunk_size is None else min(chunk_size, num_samples)
         chunks = [
-            _predict(scm, guide, intervened, prompt, logits, min(size, num_samples - start), baseline)
+            _predict(scm, guide, intervened, prompt, logits, min(size, num_samples - start), baseline, deterministic)
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])

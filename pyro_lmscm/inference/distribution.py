@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Union
 
 import torch
 
-from ..validation import is_integer
 from ..errors import InferenceError, ObservationError
 from ..metrics import (
     NO_DIVERGENCE,
@@ -20,6 +19,7 @@ from ..metrics import (
     token_edit_distance,
     trim_after_end,
 )
+from ..validation import is_integer
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -155,7 +155,7 @@ class CounterfactualDistribution:
         self.factual_ids = scm.check_observed(factual_ids)
         if self.factual_ids.dim() != 1:
             raise ObservationError(f"`factual_ids` must have shape (n,), got {tuple(self.factual_ids.shape)}.")
-        ids = scm.lm.check_ids(torch.as_tensor(ids), "ids")
+        ids = scm.lm.check_ids(ids, "ids")
         if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ObservationError(f"`ids` must have shape (N, T) with N, T >= 1, got {tuple(ids.shape)}.")
         n = self.num_samples = ids.shape[0]

@@ -9,10 +9,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from ..validation import as_real
 from ..errors import AbductionError, ObservationError
 from ..models.anchor import FactualAnchor
+from ..models.decoding import check_logits
 from ..models.sites import noise_site, parse_step_site
+from ..validation import as_real
 from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ class HindsightGumbelGuide:
             dim=-1,
         )
         raw = self.raw_logits if self.raw_logits is not None else self.scm.lm.logits(inputs, logits_to_keep=n)
+        check_logits(raw, "the factual model on the observed string")
         logits = self.scm.decoding(raw)
         self._check_support(logits, observed.expand(*batch_shape, n))
         self.scm.anchor = FactualAnchor(prompt_ids, observed, raw)

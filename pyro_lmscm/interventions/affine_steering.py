@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import MechanismError
-from .ops import TextOrIds
 from .internals import (
     _as_ids,
     _check_int,
@@ -25,6 +24,7 @@ from .internals import (
     _ResidualStreamEdit,
     _resolve_layer,
 )
+from .ops import TextOrIds
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel

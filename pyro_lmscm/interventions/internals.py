@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Seque
 
 import torch
 
-from ..validation import as_int, as_real
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
+from ..validation import as_int, as_real
 from .ops import TextOrIds
 
 if TYPE_CHECKING:

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import MechanismError
-from .ops import TextOrIds
 from .internals import (
     _as_ids,
     _check_int,
@@ -23,6 +22,7 @@ from .internals import (
     _StopForward,
     forward_hook,
 )
+from .ops import TextOrIds
 from .weight_edit import WeightDelta
 
 if TYPE_CHECKING:

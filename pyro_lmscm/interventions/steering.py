@@ -29,12 +29,12 @@ import torch
 
 from ..errors import MechanismError
 from .internals import (
-    _ResidualStreamEdit,
     _as_ids,
     _check_int,
     _check_real,
     _check_vector,
     _layer_hidden_states,
+    _ResidualStreamEdit,
     _resolve_layer,
 )
 from .ops import TextOrIds

@@ -26,10 +26,29 @@ from typing import Sequence
 
 import torch
 
+from ..errors import DecodingError, MechanismError
 from ..validation import as_int
-from ..errors import DecodingError
 
-__all__ = ["Decoding", "Temperature", "TopK", "TopP"]
+__all__ = ["Decoding", "Temperature", "TopK", "TopP", "check_logits"]
+
+
+def check_logits(raw: torch.Tensor, where: str) -> torch.Tensor:
+    """Return raw logits unchanged, or refuse NaN and :math:`+\\infty` entries, which
+    ``argmax`` would turn into token 0 and abduction into a bogus "outside the support"
+    error. (:math:`-\\infty` is a legitimate logit: a token the model rules out.)
+
+    :param where: what produced them, for the message.
+    :raises MechanismError: naming ``where``, on a non-finite entry.
+    """
+    bad = torch.isnan(raw) | (raw == float("inf"))
+    if bool(bad.any()):
+        rows = int(bad.any(-1).sum())
+        raise MechanismError(
+            f"{where} gave NaN or +inf logits ({int(bad.sum())} entries in {rows} rows); the "
+            "model or a mechanism is numerically broken (too strong a steering alpha, an "
+            "overflowing float16 model?), so no token can be sampled or abducted there."
+        )
+    return raw
 
 
 class Temperature:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pyro.distributions as dist
+import torch
 from pyro.distributions.util import sum_rightmost
 
 __all__ = ["IntegerDelta"]

@@ -9,10 +9,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ..validation import as_int
 from ..errors import DecodingError, MechanismError, ObservationError
+from ..validation import as_int
 from .anchor import FactualAnchor
-from .decoding import Decoding
+from .decoding import Decoding, check_logits
 from .distributions import IntegerDelta
 from .incremental import MechanismBatch
 from .mechanism import Factual, Mechanism
@@ -141,7 +141,7 @@ class LanguageModelSCM:
 
         :raises ObservationError: if empty, not integer, out of the vocabulary or too long.
         """
-        prompt_ids = self.lm.check_ids(torch.as_tensor(prompt_ids), "prompt")
+        prompt_ids = self.lm.check_ids(prompt_ids, "prompt")
         if prompt_ids.dim() == 0 or prompt_ids.shape[-1] == 0:
             raise ObservationError("`prompt` must hold at least one token id, shape (..., L).")
         total = prompt_ids.shape[-1] + (self.max_new_tokens if num_steps is None else num_steps)
@@ -162,7 +162,7 @@ class LanguageModelSCM:
         :raises ObservationError: if empty, not integer, out of the vocabulary, longer than
             ``max_new_tokens`` or with tokens other than padding after the end.
         """
-        observed_ids = self.lm.check_ids(torch.as_tensor(observed_ids), "observed")
+        observed_ids = self.lm.check_ids(observed_ids, "observed")
         if observed_ids.dim() == 0 or observed_ids.shape[-1] == 0:
             raise ObservationError("the observation is empty; pass at least one token id, shape (..., n).")
         n = observed_ids.shape[-1]
@@ -226,7 +226,7 @@ class LanguageModelSCM:
         pad_logits = torch.full((vocab,), float("-inf"), device=device).index_fill(0, pad.reshape(1), 0.0)
         tokens = []
         for t in range(self.max_new_tokens):
-            raw = batch.logits()
+            raw = check_logits(batch.logits(), f"step {t} ('{self.site(token_site(t))}')")
             if on_path is not None:
                 raw = anchor.logits_at(t, raw, on_path)  # type: ignore[union-attr]
             if self._recording is not None:

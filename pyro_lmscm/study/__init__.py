@@ -14,11 +14,24 @@ where they diverge, edit distances, log-probabilities, whether a target attribut
   plots, the HTML report.
 """
 
-from .attribute import GENDER_WORDS, AttributeCheck, CallableAttribute, WordListAttribute, make_attribute
+from .attribute import (
+    GENDER_WORDS,
+    AttributeCheck,
+    CallableAttribute,
+    WordListAttribute,
+    make_attribute,
+)
 from .config import RESULT_FIELDS, StudyConfig, StudyError, demo_config
 from .corpus import CorpusItem, read_corpus
 from .records import JSONLStore, ParquetStore, RecordStore, open_store
-from .report import METRICS, SummaryRow, draw_rows, summarize, summary_markdown, write_report
+from .report import (
+    METRICS,
+    SummaryRow,
+    draw_rows,
+    summarize,
+    summary_markdown,
+    write_report,
+)
 from .runner import StudyResult, load_study, run_study
 from .scoring import token_log_probs
 from .worker import StudyWorker, string_seed

@@ -22,9 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..errors import StudyError
 from ..validation import as_int, as_seed
 from .attribute import check_code_allowed
-from ..errors import StudyError
 
 __all__ = [
     "DEMO_CONFIG",

@@ -7,7 +7,13 @@ import torch
 from pyro.infer import Importance, Trace_ELBO
 from scipy import stats
 
-from pyro_lmscm import HindsightGumbelGuide, LanguageModelSCM, Mechanism, ModelSwap, counterfactual
+from pyro_lmscm import (
+    HindsightGumbelGuide,
+    LanguageModelSCM,
+    Mechanism,
+    ModelSwap,
+    counterfactual,
+)
 from pyro_lmscm.errors import AbductionError, InterventionError, ObservationError
 from pyro_lmscm.inference import noise_trace
 from pyro_lmscm.interventions.ops import as_do_data

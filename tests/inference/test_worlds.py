@@ -7,7 +7,10 @@ import pytest
 import torch
 
 pytest.importorskip("chirho")
-from chirho.counterfactual.handlers import MultiWorldCounterfactual, TwinWorldCounterfactual  # noqa: E402
+from chirho.counterfactual.handlers import (  # noqa: E402
+    MultiWorldCounterfactual,
+    TwinWorldCounterfactual,
+)
 from chirho.interventional.handlers import do  # noqa: E402
 from chirho.observational.handlers import condition  # noqa: E402
 

@@ -20,8 +20,14 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from pyro_lmscm.interventions import ActivationSteering, AffineSteering, LoRAAdapter, WeightDelta, rome_edit
-from pyro_lmscm.interventions import internals
+from pyro_lmscm.interventions import (
+    ActivationSteering,
+    AffineSteering,
+    LoRAAdapter,
+    WeightDelta,
+    internals,
+    rome_edit,
+)
 from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])

@@ -1,6 +1,11 @@
 import pytest
 
-from pyro_lmscm.study import CallableAttribute, StudyError, WordListAttribute, make_attribute
+from pyro_lmscm.study import (
+    CallableAttribute,
+    StudyError,
+    WordListAttribute,
+    make_attribute,
+)
 
 
 def shouting(text: str) -> str:

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from pyro_lmscm.study import RESULT_FIELDS, StudyConfig, StudyError, demo_config, read_corpus
+from pyro_lmscm.study import (
+    RESULT_FIELDS,
+    StudyConfig,
+    StudyError,
+    demo_config,
+    read_corpus,
+)
 
 
 def test_yaml_and_json_give_the_same_config(tmp_path, corpus_file):
