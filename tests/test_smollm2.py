@@ -27,8 +27,9 @@ def test_null_intervention_reproduces_and_the_anchor_is_what_makes_bf16_exact(sm
         guide = HindsightGumbelGuide(scm, observed)
         with pyro.plate("draws", 24, dim=-1):
             guide_trace = poutine.trace(guide).get_trace(prompt)
-            anchored = poutine.replay(scm.model, trace=guide_trace)(prompt)
-            scm.anchor = None  # baseline: recompute the factual logits along the KV-cached path
+            with guide.anchored(prompt):
+                anchored = poutine.replay(scm.model, trace=guide_trace)(prompt)
+            # baseline, outside the anchor's scope: the factual logits recomputed along the KV-cached path
             free = poutine.replay(scm.model, trace=guide_trace)(prompt)
         n = len(observed)
         changed_with_anchor += int((anchored[:, :n] != observed).any(-1).sum())
@@ -43,7 +44,7 @@ def test_bf16_batch_dependence_and_deterministic_decoding(smollm2, all_threads):
     """Intervened rows in bf16 depend on which rows share their batch; ``deterministic`` decodes
     each row alone, so a row's tokens equal its decoding alone whatever the batch. In float32
     (and for any batch in fp32) the batched rows equal the rows alone."""
-    from pyro_lmscm.inference import replay_noise
+    from pyro_lmscm.inference import noise_handler, predict
     from pyro_lmscm.interventions.gender import gender_steering
 
     scm = LanguageModelSCM(smollm2, max_new_tokens=24, mechanisms={"female": gender_steering(smollm2, "female")})
@@ -54,6 +55,11 @@ def test_bf16_batch_dependence_and_deterministic_decoding(smollm2, all_threads):
         observed = counterfactual(scm, prompt, None, {}, seed=seed).factual_ids
         guide = HindsightGumbelGuide(scm, observed)
         noise = guide.sample_noise(prompt, (8,))
+
+        def replay_noise(scm, model, prompt, noise, deterministic=False):
+            return predict(scm, model, prompt, noise.shape[0], lambda a, b: noise_handler(scm, noise[a:b]),
+                           anchor=guide.anchor(prompt), deterministic=deterministic)
+
         alone = torch.cat([replay_noise(scm, intervened, prompt, noise[i : i + 1]) for i in range(8)])
         batched = replay_noise(scm, intervened, prompt, noise)
         deterministic = replay_noise(scm, intervened, prompt, noise, deterministic=True)

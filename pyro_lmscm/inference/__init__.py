@@ -17,13 +17,17 @@ from .abduction import (
     noise_statistics,
 )
 from .compare import AbductionComparison, ComparisonRow, compare_abduction, ks_statistic
-from .counterfactual import CounterfactualResult, counterfactual, replay_noise
+from .counterfactual import CounterfactualResult, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
+from .posterior_noise_messenger import PosteriorNoiseMessenger
+from .prediction import DRAWS, noise_handler, predict
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
+    "DRAWS",
+    "PosteriorNoiseMessenger",
     "METHODS",
     "NUTS_MAX_VOCAB",
     "STATISTICS",
@@ -51,7 +55,8 @@ __all__ = [
     "ks_statistic",
     "make_method",
     "noise_trace",
-    "replay_noise",
+    "noise_handler",
+    "predict",
     "upstream_marginals",
     "noise_statistics",
 ]

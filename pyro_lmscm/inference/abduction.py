@@ -40,6 +40,7 @@ from __future__ import annotations
 import inspect
 import time
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
@@ -57,6 +58,7 @@ from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
 from .gumbel_max_posterior import gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide
+from .prediction import DRAWS, noise_handler, predict
 
 if TYPE_CHECKING:
     from ..interventions.ops import Intervention
@@ -81,8 +83,6 @@ __all__ = [
     "relaxed_site",
 ]
 
-#: Plate of the posterior draws.
-DRAWS = "__abduction_draws"
 #: Prefix of the relaxed likelihood factor sites, ``"__relaxed_w_<t>"``.
 RELAXED_PREFIX = "__relaxed"
 #: ``"relaxed-nuts"`` refuses larger vocabularies by default: HMC in :math:`n V` dimensions.
@@ -493,8 +493,8 @@ class AbductionResult:
     :ivar diagnostics: method-specific, e.g. ``"elbo_loss"`` per SVI step.
     :ivar num_chains: the draws are this many consecutive chains.
     :ivar autocorrelated: the draws are MCMC chains, in order.
-    :ivar anchor: the factual logits of the abduction, reinstated as ``scm.anchor`` for
-        replays (see :mod:`pyro_lmscm.models.anchor`).
+    :ivar anchor: the factual logits of the abduction, whose handler scope every replay
+        enters (see :mod:`pyro_lmscm.models.anchor`).
     """
 
     scm: LanguageModelSCM = field(repr=False)
@@ -569,10 +569,14 @@ class AbductionResult:
         rows = torch.arange(self.num_samples) if rows is None else torch.as_tensor(rows).long().cpu()
         key = repr((sorted((k, v.tolist()) for k, v in data.items()), rows.tolist()))
         if key not in self._replays:
-            if self.anchor is not None:
-                self.scm.anchor = self.anchor  # replay on the logits the noise was drawn for
-            noise = {name: value[rows.to(value.device)] for name, value in self.noise.items()}
-            self._replays[key] = _replay(self.scm, self.prompt_ids, noise, data, batch_size)
+            intervened = poutine.do(self.scm.model, data=data)  # type: ignore[arg-type]
+            out = []
+            for chunk in rows.split(batch_size):
+                noise = torch.stack([self.noise[noise_site(t)][chunk.to(self.noise[noise_site(t)].device)]
+                                     for t in range(self.scm.max_new_tokens)], dim=-2)
+                out.append(predict(self.scm, intervened, self.prompt_ids, len(chunk),
+                                   lambda start, stop: noise_handler(self.scm, noise[start:stop]), anchor=self.anchor))
+            self._replays[key] = torch.cat(out)
         return self._replays[key]
 
     @property
@@ -630,16 +634,15 @@ class AbductionResult:
         num_samples = self.num_samples if num_samples is None else num_samples
         _check_int("num_samples", num_samples, 1)
         data = as_do_data(self.scm, intervention)
-        with seeded(seed):
-            if self.anchor is not None:
-                self.scm.anchor = self.anchor
-            with pyro.plate(DRAWS, num_samples, dim=-1):
-                ids = poutine.do(self.scm.model, data=data)(self.prompt_ids)  # type: ignore[arg-type]
+        intervened = poutine.do(self.scm.model, data=data)  # type: ignore[arg-type]
+        with seeded(seed):  # the model's own prior noise
+            ids = predict(self.scm, intervened, self.prompt_ids, num_samples, lambda start, stop: nullcontext(),
+                          anchor=self.anchor)
         return CounterfactualDistribution(
             self.scm,
             self.prompt_ids,
             self.observed_ids,
-            ids.expand(num_samples, self.scm.max_new_tokens),
+            ids,
             intervention=data,
             kind="interventional",
             method="prior",
@@ -648,25 +651,6 @@ class AbductionResult:
     def to_arviz(self, intervention: Intervention | None = None, **kwargs: Any) -> Any:
         """ArviZ export of :meth:`counterfactual` (see :func:`pyro_lmscm.inference.arviz.to_inference_data`)."""
         return self.counterfactual(intervention).to_arviz(**kwargs)
-
-
-def _replay(
-    scm: LanguageModelSCM,
-    prompt: torch.Tensor,
-    noise: Mapping[str, torch.Tensor],
-    data: Mapping[str, torch.Tensor],
-    batch_size: int,
-) -> torch.Tensor:
-    num_samples = noise[noise_site(0)].shape[0]
-    intervened = poutine.do(scm.model, data=dict(data))  # type: ignore[arg-type]
-    out = []
-    for start in range(0, num_samples, batch_size):
-        chunk = {scm.site(name): value[start : start + batch_size] for name, value in noise.items()}
-        size = chunk[scm.site(noise_site(0))].shape[0]
-        with pyro.plate(DRAWS, size, dim=-1):
-            ids = poutine.condition(intervened, data=chunk)(prompt)
-        out.append(ids.expand(size, scm.max_new_tokens))
-    return torch.cat(out)
 
 
 def abduct(
@@ -717,7 +701,7 @@ def abduct(
         start = time.perf_counter()
         guide = HindsightGumbelGuide(scm, observed)
         logits = guide.decoded_logits(prompt)
-        anchor = scm.anchor
+        anchor = guide.anchor(prompt)
         problem = _Problem(scm, prompt, observed, logits[: active_steps(scm, observed)], guide)
         draws = method.draw(problem, num_samples)
         wall_time = time.perf_counter() - start

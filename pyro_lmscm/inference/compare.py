@@ -159,7 +159,7 @@ def compare_abduction(
     * ``reproduction_rate`` -- fraction of draws whose factual replay gives back the
       observed string (for ``importance`` and ``prior``: of the proposals). A replay
       evaluates the factual model on the observed path with the abduction's own logits
-      (``scm.anchor``, :mod:`pyro_lmscm.models.anchor`), so it reproduces the string exactly
+      (inside its anchor, :mod:`pyro_lmscm.models.anchor`), so it reproduces the string exactly
       when the Gumbel-max argmax on those logits does (:attr:`AbductionResult.consistent`);
       that check is used unless ``replay_factual=True`` runs the model;
     * ``ess`` -- Kish's effective sample size of the draws' importance weights against the

@@ -2,32 +2,29 @@ r"""Counterfactual strings: abduction, action, prediction."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import pyro
 import pyro.poutine as poutine
 import torch
 
 from ..errors import InferenceError, ObservationError
 from ..interventions.ops import Intervention, as_do_data
-from ..models.sites import noise_site
 from ..seeding import seeded
 from ..validation import as_int, as_real
-from .abduction import active_steps, noise_statistics
 from .distribution import CounterfactualDistribution
-from .gumbel_max_posterior import standard_gumbel
-from .hindsight_guide import HindsightGumbelGuide, noise_trace
+from .hindsight_guide import HindsightGumbelGuide
+from .posterior_noise_messenger import PosteriorNoiseMessenger
+from .prediction import predict
 
 if TYPE_CHECKING:
     from arviz import InferenceData
 
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["CounterfactualResult", "counterfactual", "replay_noise"]
-
-DRAWS = "__draws"
+__all__ = ["CounterfactualResult", "counterfactual"]
 
 
 @dataclass
@@ -116,58 +113,48 @@ def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     return ids[:length]
 
 
-def replay_noise(
-    scm: LanguageModelSCM,
-    model: Callable[[torch.Tensor], torch.Tensor],
-    prompt: torch.Tensor,
-    noise: torch.Tensor,
-    deterministic: bool = False,
-) -> torch.Tensor:
-    """Prediction: replay ``model`` (``scm.model``, intervened or not) on the noise
-    ``(rows, T, V)``, one row per draw, under the plate ``"__draws"``.
-
-    :param deterministic: decode each row alone (a batch of one), so that a row's tokens do
-        not depend on which rows share its batch. In float32 they never do here; in bfloat16
-        the intervened rows' logits round differently with the batch size (the factual rows
-        are anchored, see :mod:`pyro_lmscm.models.anchor`), and a near-tie can flip a token.
-        It costs one decoding run per row instead of one for all.
-    :returns: ids ``(rows, T)``.
-    """
-    rows = noise.shape[0]
-    if not deterministic or rows == 1:
-        ids = poutine.replay(pyro.plate(DRAWS, rows, dim=-1)(model), trace=noise_trace(scm, noise))(prompt)
-        return ids.expand(rows, scm.max_new_tokens)
-    return torch.cat([replay_noise(scm, model, prompt, noise[i : i + 1]) for i in range(rows)])
-
-
 def _predict(
     scm: LanguageModelSCM,
     guide: HindsightGumbelGuide,
     intervened: Callable[[torch.Tensor], torch.Tensor],
     prompt: torch.Tensor,
-    logits: torch.Tensor,
     size: int,
-    baseline: bool,
+    baseline: torch.Generator | None,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """One chunk of ``size`` posterior draws: counterfactual ids ``(size, T)``,
     interventional ids ``(size, T)`` (``None`` without ``baseline``) and the noise statistics.
 
-    With ``baseline`` the guide's noise and ``size`` rows of fresh prior noise are stacked
-    and replayed under a plate of ``2 size``: one KV-cached decoding run for both.
+    Each step's posterior noise is drawn when the model reaches it
+    (:class:`PosteriorNoiseMessenger`). With ``baseline`` the plate has ``2 size`` rows, the
+    last ``size`` on fresh prior noise from the generator ``baseline``: one KV-cached
+    decoding run for both.
     """
-    noise = guide.sample_noise(prompt, (size,))  # (size, T, V)
-    steps = {noise_site(t): noise[:, t] for t in range(len(logits))}
-    noise_stats = noise_statistics(logits, guide.observed_ids, steps)
-    del steps
-    if baseline:  # rows size: hold fresh prior noise, drawn in place (peak: 3 x the draws)
-        joint = noise.new_empty((2 * size,) + noise.shape[1:])
-        joint[:size] = noise
-        del noise
-        noise = joint
-        standard_gumbel(noise[size:].shape, out=noise[size:])
-    ids = replay_noise(scm, intervened, prompt, noise, deterministic)
-    return ids[:size], (ids[size:] if baseline else None), noise_stats
+    handlers: list[PosteriorNoiseMessenger] = []
+
+    def noise(start: int, stop: int) -> PosteriorNoiseMessenger:
+        posterior_rows = max(0, min(stop, size) - start) if baseline is not None else None
+        handler = PosteriorNoiseMessenger(guide, prompt, posterior_rows, baseline_generator=baseline)
+        if start < size:
+            handlers.append(handler)
+        return handler
+
+    rows = 2 * size if baseline is not None else size
+    ids = predict(scm, intervened, prompt, rows, noise, anchor=guide.anchor(prompt), deterministic=deterministic)
+    parts = [h.noise_statistics() for h in handlers]
+    stats = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts and parts[0] else {}
+    return ids[:size], (ids[size:] if baseline is not None else None), stats
+
+
+def _baseline_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The generator of the baseline's prior noise: seeded from ``seed`` alone (fresh
+    entropy without one), so the posterior draws do not depend on whether it runs."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(hashlib.sha256(f"pyro-lmscm baseline {int(seed)}".encode()).hexdigest()[:15], 16))
+    return generator
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -286,17 +273,17 @@ def counterfactual(
         if observed.dim() != 1:
             raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
-        logits = guide.decoded_logits(prompt)[: active_steps(scm, observed)]
         intervened = poutine.do(scm.model, data=data)
         size = num_samples if chunk_size is None else min(chunk_size, num_samples)
+        generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         chunks = [
-            _predict(scm, guide, intervened, prompt, logits, min(size, num_samples - start), baseline, deterministic)
+            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic)
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
         interventional_ids = torch.cat([chunk[1] for chunk in chunks]) if baseline else None
         stats = [chunk[2] for chunk in chunks]
-        noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]}
+        noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]} if stats[0] else {}
     return CounterfactualResult(
         scm=scm,
         prompt_ids=prompt,

@@ -29,8 +29,10 @@ def standard_exponential(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     out: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    r"""Draws :math:`E \sim \mathrm{Exp}(1)` of the given shape, from torch's generator;
+    r"""Draws :math:`E \sim \mathrm{Exp}(1)` of the given shape, from torch's generator (or
+    ``generator``);
     with ``out`` (a contiguous tensor), into ``out`` (``shape``, ``dtype`` and ``device``
     are then its own).
 
@@ -47,12 +49,12 @@ def standard_exponential(
         if not out.is_contiguous():
             raise ValueError("`out` must be contiguous.")
         if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64):
-            return out.exponential_()
+            return out.exponential_(generator=generator)
         shape, dtype, device = out.shape, out.dtype, out.device
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device).exponential_()
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     if out is None:
         out = torch.empty(shape, dtype=dtype if dtype in (torch.float32, torch.float64) else torch.float32)
     flat = out.view(-1).numpy()
@@ -61,9 +63,9 @@ def standard_exponential(
 
     def fill(block: int) -> None:
         start = starts[block]
-        generator = np.random.Generator(np.random.PCG64(seeds[block]))
+        rng = np.random.Generator(np.random.PCG64(seeds[block]))
         # float64 draws: NumPy's float32 ziggurat returns exactly 0 with probability 2^-23
-        flat[start : start + _BLOCK] = generator.standard_exponential(min(_BLOCK, flat.size - start))
+        flat[start : start + _BLOCK] = rng.standard_exponential(min(_BLOCK, flat.size - start))
 
     threads = min(torch.get_num_threads(), len(starts))
     if threads > 1:
@@ -82,9 +84,10 @@ def standard_gumbel(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     out: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     r"""Draws :math:`u = -\log E \sim \mathrm{Gumbel}(0, 1)`, see :func:`standard_exponential`."""
-    return standard_exponential(shape, dtype, device, out=out).log_().neg_()
+    return standard_exponential(shape, dtype, device, out=out, generator=generator).log_().neg_()
 
 
 def _distinct(x: torch.Tensor, event_dim: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from ..errors import AbductionError, ObservationError
 from ..models.anchor import FactualAnchor
 from ..models.decoding import check_logits
+from ..models.factual_anchor_messenger import FactualAnchorMessenger
 from ..models.sites import noise_site, parse_step_site
 from ..validation import as_real
 from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
@@ -58,58 +59,6 @@ def noise_trace(scm: LanguageModelSCM, noise: torch.Tensor) -> poutine.Trace:
     return trace
 
 
-class _JointDraw:
-    """One vectorised draw of the noise of every observed step, made when the first step
-    is sampled and handed out one step at a time (each step at most once).
-
-    The steps are independent given the logits, so one draw over ``(..., n, V)`` has the
-    law of ``n`` per-step draws, at the cost of one call instead of ``n``.
-
-    :param posterior: the posterior of all observed steps, batch shape ``(..., n)``.
-    """
-
-    def __init__(self, posterior: GumbelMaxPosterior) -> None:
-        self.posterior = posterior
-        self.value: torch.Tensor | None = None
-        self.unused: set[int] = set()
-
-    def take(self, step: int, shape: torch.Size) -> torch.Tensor | None:
-        """The noise of ``step`` with shape ``shape = batch + (V,)``; ``None`` if that step
-        was handed out already (the caller then draws afresh) or ``batch`` does not extend
-        the posterior's batch."""
-        batch = shape[:-1]
-        if self.value is None or self.value.shape[:-2] != batch:
-            try:
-                posterior = self.posterior.expand(batch + self.posterior.batch_shape[-1:])
-            except RuntimeError:
-                return None
-            self.value = posterior.sample()
-            self.unused = set(range(self.value.shape[-2]))
-        elif step not in self.unused:
-            return None
-        self.unused.discard(step)
-        return self.value[..., step, :]
-
-
-class _StepPosterior(GumbelMaxPosterior):
-    """The posterior of step ``step``, whose draw comes from a shared :class:`_JointDraw`."""
-
-    joint: _JointDraw | None = None
-    step: int = 0
-
-    def expand(self, batch_shape, _instance=None):  # type: ignore[override]
-        new = super().expand(batch_shape, _instance)
-        new.joint, new.step = self.joint, self.step
-        return new
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] | list[int] = torch.Size()) -> torch.Tensor:
-        if self.joint is not None:
-            value = self.joint.take(self.step, self._extended_shape(sample_shape))
-            if value is not None:
-                return value
-        return super().sample(sample_shape)
-
-
 class HindsightGumbelGuide:
     r"""A guide that samples every :math:`u_t` of a
     :class:`~pyro_lmscm.models.LanguageModelSCM` from its exact posterior given an
@@ -131,15 +80,18 @@ class HindsightGumbelGuide:
 
     The guide has the model's signature, so it composes with ``poutine.trace``,
     ``poutine.replay``, ``pyro.plate`` (vectorised posterior draws), ``pyro.infer.Importance``
-    and ``Trace_ELBO``.
+    and ``Trace_ELBO``. To replay its noise through the SCM bit-exactly, replay inside
+    :meth:`anchored` (prediction on the logits the noise was drawn for). For prediction
+    without ``T`` traced sites, :class:`~pyro_lmscm.inference.PosteriorNoiseMessenger` draws
+    each step's posterior when the model reaches it.
 
     :param scm: the SCM.
     :param observations: observed ids, shape ``(..., n)``, or the dict of
         :meth:`LanguageModelSCM.observations`.
     :param margin: winning margin :math:`\delta \geq 0` in raw logit units (divided by the
-        temperature). ``0`` (default) is the exact posterior. A replay through this SCM
-        reuses the guide's logits on the observed path (:attr:`LanguageModelSCM.anchor`),
-        so no margin is needed to reproduce the observation; a margin of about the
+        temperature). ``0`` (default) is the exact posterior. A replay inside
+        :meth:`anchored` reuses the guide's logits on the observed path, so no margin is
+        needed to reproduce the observation; a margin of about the
         rounding gap (1e-4 in float32, 1 in bfloat16) guards replays through another copy
         of the model.
     :param raw_logits: optional raw factual logits ``(..., n, V)`` of the observed steps,
@@ -154,7 +106,8 @@ class HindsightGumbelGuide:
     >>> prompt, observed = torch.tensor([1, 2]), torch.tensor([7, 3, 3, 9])
     >>> guide = HindsightGumbelGuide(scm, observed)
     >>> guide_trace = poutine.trace(guide).get_trace(prompt)
-    >>> replayed = poutine.replay(scm.model, trace=guide_trace)(prompt)
+    >>> with guide.anchored(prompt):
+    ...     replayed = poutine.replay(scm.model, trace=guide_trace)(prompt)
     >>> replayed[:4].tolist()
     [7, 3, 3, 9]
     """
@@ -193,7 +146,6 @@ class HindsightGumbelGuide:
         """
         prompt_ids = self.scm.check_prompt(prompt_ids)
         if self._cache is not None and torch.equal(self._cache[0], prompt_ids):
-            self.scm.anchor = self._cache[2]
             return self._cache[1]
         observed = self.observed_ids
         n = observed.shape[-1]
@@ -209,13 +161,25 @@ class HindsightGumbelGuide:
         check_logits(raw, "the factual model on the observed string")
         logits = self.scm.decoding(raw)
         self._check_support(logits, observed.expand(*batch_shape, n))
-        self.scm.anchor = FactualAnchor(prompt_ids, observed, raw)
-        self._cache = (prompt_ids, logits, self.scm.anchor)
+        self._cache = (prompt_ids, logits, FactualAnchor(prompt_ids, observed, raw))
         return logits
+
+    def anchor(self, prompt_ids: torch.Tensor) -> FactualAnchor:
+        """The raw factual logits of the observed steps that the posterior is drawn for."""
+        self.decoded_logits(prompt_ids)
+        assert self._cache is not None
+        return self._cache[2]
+
+    def anchored(self, prompt_ids: torch.Tensor) -> FactualAnchorMessenger:
+        """A handler: within it, ``scm.model`` evaluates the factual mechanism on the observed
+        path to the logits of this guide (:class:`~pyro_lmscm.models.FactualAnchorMessenger`),
+        so that a replay of the guide's noise reproduces the observation exactly, whatever the
+        rounding of KV-cached steps. ``counterfactual()`` enters it itself."""
+        return self.scm.anchored(self.anchor(prompt_ids))
 
     def _check_support(self, logits: torch.Tensor, observed: torch.Tensor) -> None:
         observed_logit = logits.gather(-1, observed.unsqueeze(-1)).squeeze(-1)
-        impossible = ~torch.isfinite(observed_logit) & self._active(observed)
+        impossible = ~torch.isfinite(observed_logit) & self.step_is_active(observed)
         if bool(impossible.any()):
             index = torch.nonzero(impossible)[0].tolist()
             t = index[-1]
@@ -225,7 +189,7 @@ class HindsightGumbelGuide:
                 "zero. Widen top_k / top_p or observe another string."
             )
 
-    def _active(self, observed: torch.Tensor) -> torch.Tensor:
+    def step_is_active(self, observed: torch.Tensor) -> torch.Tensor:
         """Steps whose token is still generated (not padding after an end of sequence)."""
         ended = self.scm.finished_after(observed)
         return ~torch.cat([torch.zeros_like(ended[..., :1]), ended[..., :-1]], dim=-1)
@@ -235,7 +199,7 @@ class HindsightGumbelGuide:
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
         log_p = logits.log_softmax(-1).gather(-1, observed.unsqueeze(-1)).squeeze(-1)
-        return torch.where(self._active(observed), log_p, 0.0).sum(-1)
+        return torch.where(self.step_is_active(observed), log_p, 0.0).sum(-1)
 
     @torch.no_grad()
     def sample_noise(
@@ -274,22 +238,18 @@ class HindsightGumbelGuide:
         """The posterior of every observed step at once, batch shape ``(..., n)``."""
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
-        return GumbelMaxPosterior(logits, observed, margin=self.margin, active=self._active(observed))
+        return GumbelMaxPosterior(logits, observed, margin=self.margin, active=self.step_is_active(observed))
 
     def __call__(self, prompt_ids: torch.Tensor) -> None:
         prompt_ids = self.scm.check_prompt(prompt_ids)
-        posterior = self._joint_posterior(prompt_ids)
-        logits, observed, active = posterior.logits, posterior.value, posterior.active
-        vocab = self.scm.vocab_size
-        zeros = torch.zeros(vocab, device=logits.device)
+        logits = self.decoded_logits(prompt_ids)
+        observed = self.observed_ids.expand(logits.shape[:-1])
+        active = self.step_is_active(observed)
+        zeros = torch.zeros(self.scm.vocab_size, device=logits.device)
         prior = dist.Gumbel(zeros, torch.ones_like(zeros)).to_event(1)
-        joint = _JointDraw(posterior)
         for t in range(self.scm.max_new_tokens):
             if t < observed.shape[-1]:
-                posterior = _StepPosterior(
-                    logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t]
-                )
-                posterior.joint, posterior.step = joint, t
+                posterior = GumbelMaxPosterior(logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t])
                 pyro.sample(self.scm.site(noise_site(t)), posterior)
             else:
                 pyro.sample(self.scm.site(noise_site(t)), prior.expand(logits.shape[:-2]))

@@ -1,8 +1,11 @@
 """Rung 1: the language model as a structural causal model, and decoding."""
 
+from .anchor import FactualAnchor
 from .decoding import Decoding, Temperature, TopK, TopP
 from .distributions import IntegerDelta
+from .factual_anchor_messenger import FactualAnchorMessenger
 from .mechanism import Factual, Mechanism
+from .record_logits_messenger import RecordLogitsMessenger
 from .scm import FACTUAL, LanguageModelSCM
 from .sites import MECHANISM, PROMPT, noise_site, parse_step_site, token_site
 
@@ -11,10 +14,13 @@ __all__ = [
     "MECHANISM",
     "PROMPT",
     "Decoding",
+    "FactualAnchor",
+    "FactualAnchorMessenger",
     "Factual",
     "IntegerDelta",
     "LanguageModelSCM",
     "Mechanism",
+    "RecordLogitsMessenger",
     "Temperature",
     "TopK",
     "TopP",

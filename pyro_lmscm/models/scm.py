@@ -2,8 +2,7 @@ r"""A language model as a structural causal model (SCM) over Gumbel-max sampling
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -14,8 +13,11 @@ from ..validation import as_int
 from .anchor import FactualAnchor
 from .decoding import Decoding, check_logits
 from .distributions import IntegerDelta
+from .factual_anchor_messenger import FactualAnchorMessenger
 from .incremental import MechanismBatch
 from .mechanism import Factual, Mechanism
+from .ops import step_logits
+from .record_logits_messenger import RecordLogitsMessenger
 from .sites import MECHANISM, PROMPT, noise_site, token_site
 
 if TYPE_CHECKING:
@@ -48,10 +50,11 @@ class LanguageModelSCM:
     ``"u_{t}"`` and ``"w_{t}"`` (see :mod:`pyro_lmscm.models.sites`). Any of them may carry
     leading batch dims (plates, ChiRho worlds); they broadcast.
 
-    The factual mechanism is memoised on the prefixes of the last abducted observation
-    (:attr:`anchor`, set by :class:`~pyro_lmscm.inference.HindsightGumbelGuide`), so a
-    replay evaluates :math:`f_0` there to the very same numbers as abduction did
-    (see :mod:`pyro_lmscm.models.anchor`).
+    Each step's raw logits pass through the effectful :func:`~pyro_lmscm.models.ops.step_logits`,
+    so that handlers can act on them: inside :meth:`anchored` (entered by abduction and
+    prediction) the factual mechanism is memoised on the abducted path, so a replay evaluates
+    :math:`f_0` there to the very same numbers as abduction did (see
+    :mod:`pyro_lmscm.models.anchor`). The SCM itself holds no state that inference changes.
 
     :param lm: the factual language model.
     :param max_new_tokens: :math:`T \geq 1`.
@@ -100,21 +103,20 @@ class LanguageModelSCM:
             raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
         self.name = name
         self.collapsed = bool(collapsed)
-        self.anchor: FactualAnchor | None = None
-        self._recording: list[torch.Tensor] | None = None
         self.mechanism_names: list[str] = [FACTUAL, *mechanisms]
         self.mechanisms: list[Mechanism] = [Factual(), *mechanisms.values()]
 
-    @contextmanager
-    def record_logits(self) -> Iterator[list[torch.Tensor]]:
-        """Within the context, :meth:`model` appends the raw logits of each step to the list
-        it yields (shape ``batch_shape + (V,)``), e.g. to abduct on the very logits that
-        sampled a string (a teacher-forced pass rounds differently)."""
-        self._recording = []
-        try:
-            yield self._recording
-        finally:
-            self._recording = None
+    def record_logits(self) -> RecordLogitsMessenger:
+        """A handler: within it, the raw logits of each step of :meth:`model` are appended to
+        the list that entering it returns (shape ``batch_shape + (V,)``), e.g. to abduct on
+        the very logits that sampled a string (a teacher-forced pass rounds differently).
+        See :class:`~pyro_lmscm.models.RecordLogitsMessenger`."""
+        return RecordLogitsMessenger(self)
+
+    def anchored(self, anchor: FactualAnchor) -> FactualAnchorMessenger:
+        """A handler: within it, the factual mechanism returns ``anchor``'s logits on the
+        anchored path (see :class:`~pyro_lmscm.models.FactualAnchorMessenger`)."""
+        return FactualAnchorMessenger(self, anchor)
 
     def site(self, base: str) -> str:
         """The name of site ``base`` in this SCM: ``"{name}/{base}"``, or ``base`` without a name."""
@@ -214,8 +216,6 @@ class LanguageModelSCM:
         mechanism = torch.as_tensor(mechanism, device=device).long()
 
         batch = MechanismBatch(self.lm, self.mechanisms, prompt, mechanism)
-        anchor = self.anchor
-        on_path = anchor.start(prompt, mechanism) if anchor is not None else None
         pad = torch.tensor(self.lm.pad_token_id, device=device)
         eos = torch.tensor(self.lm.eos_token_ids, dtype=torch.long, device=device)
         vocab = self.vocab_size
@@ -227,10 +227,7 @@ class LanguageModelSCM:
         tokens = []
         for t in range(self.max_new_tokens):
             raw = check_logits(batch.logits(), f"step {t} ('{self.site(token_site(t))}')")
-            if on_path is not None:
-                raw = anchor.logits_at(t, raw, on_path)  # type: ignore[union-attr]
-            if self._recording is not None:
-                self._recording.append(raw)
+            raw = step_logits(self, t, raw, prompt, mechanism, tokens, name=self.site(f"__logits_{t}"))
             logits = self.decoding(raw)
             if self.collapsed:
                 logits = torch.where(finished.unsqueeze(-1), pad_logits, logits)
@@ -243,10 +240,6 @@ class LanguageModelSCM:
                 w = pyro.sample(self.site(token_site(t)), IntegerDelta(w))
             w = self._check_token(w, t, device)
             tokens.append(w)
-            if on_path is not None:
-                on_path = anchor.follow(t, w, on_path)  # type: ignore[union-attr]
-                if not bool(on_path.any()):
-                    on_path = None
             finished = finished | torch.isin(w, eos)
             if t + 1 < self.max_new_tokens:
                 if bool(finished.all()):

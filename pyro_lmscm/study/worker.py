@@ -172,9 +172,6 @@ class StudyWorker:
             "seed": seed,
             "error": None,
         }
-        # Forget the last string's factual anchor: with a repeated prompt it would feed the
-        # factual sampling memoised logits, making a record depend on what ran before it.
-        self.scm.anchor = None
         try:
             prompt = self.lm.encode(item.prompt)
             observed = None

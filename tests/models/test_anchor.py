@@ -18,16 +18,14 @@ def _forcing_anchor(lm, observed, prompt=PROMPT):
 def test_anchored_logits_are_used_on_the_factual_path_only(lm, other_lm):
     scm = LanguageModelSCM(lm, max_new_tokens=6, mechanisms={"other": ModelSwap(other_lm)})
     observed = torch.tensor([20, 21, 22, 23])
-    scm.anchor = _forcing_anchor(lm, observed)
-    with pyro.plate("draws", 50, dim=-1):
+    with scm.anchored(_forcing_anchor(lm, observed)), pyro.plate("draws", 50, dim=-1):
         factual = scm.model(PROMPT)
         swapped = poutine.do(scm.model, data={"mechanism": torch.tensor(1)})(PROMPT)
         other_prompt = scm.model(torch.tensor([2, 3, 5]))
     assert bool((factual[:, :4] == observed).all())
     assert not bool((swapped[:, :4] == observed).all(-1).any())
     assert not bool((other_prompt[:, :4] == observed).all(-1).any())
-    scm.anchor = None
-    with pyro.plate("draws", 50, dim=-1):
+    with pyro.plate("draws", 50, dim=-1):  # outside the handler's scope
         unanchored = scm.model(PROMPT)
     assert not bool((unanchored[:, :4] == observed).all(-1).any())  # baseline
 
@@ -35,8 +33,7 @@ def test_anchored_logits_are_used_on_the_factual_path_only(lm, other_lm):
 def test_leaving_the_path_releases_the_anchor(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=6)
     observed = torch.tensor([20, 21, 22, 23])
-    scm.anchor = _forcing_anchor(lm, observed)
-    with pyro.plate("draws", 50, dim=-1):
+    with scm.anchored(_forcing_anchor(lm, observed)), pyro.plate("draws", 50, dim=-1):
         tokens = poutine.do(scm.model, data={"w_1": torch.tensor(5)})(PROMPT)
     assert bool((tokens[:, 0] == 20).all()) and bool((tokens[:, 1] == 5).all())
     assert not bool((tokens[:, 2] == 22).all())  # off the path, the model's own logits
@@ -48,3 +45,13 @@ def test_mismatched_shapes_disable_the_anchor(lm):
     observed = torch.tensor([[20, 21], [20, 22], [20, 23]])
     batched = FactualAnchor(PROMPT, observed, torch.zeros(3, 2, lm.vocab_size))
     assert batched.start(PROMPT.expand(4, 3), torch.tensor(0)) is None  # batch (4,) vs (3,)
+
+
+def test_the_anchor_is_scoped_to_its_scm(lm):
+    """Two SCMs in one program: the handler anchors only the SCM it was made for."""
+    first, second = LanguageModelSCM(lm, max_new_tokens=6, name="a"), LanguageModelSCM(lm, max_new_tokens=6, name="b")
+    observed = torch.tensor([20, 21, 22, 23])
+    with first.anchored(_forcing_anchor(lm, observed)), pyro.plate("draws", 50, dim=-1):
+        anchored, free = first.model(PROMPT), second.model(PROMPT)
+    assert bool((anchored[:, :4] == observed).all())
+    assert not bool((free[:, :4] == observed).all(-1).any())

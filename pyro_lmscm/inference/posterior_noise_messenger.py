@@ -1,0 +1,134 @@
+r"""``PosteriorNoiseMessenger``: the exact posterior noise of each step, drawn when the model reaches it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from pyro.poutine.broadcast_messenger import BroadcastMessenger
+from pyro.poutine.indep_messenger import CondIndepStackFrame, IndepMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+
+from ..models.sites import noise_site
+from .abduction import active_steps
+from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
+
+if TYPE_CHECKING:
+    from pyro.poutine.runtime import Message
+
+    from .hindsight_guide import HindsightGumbelGuide
+
+__all__ = ["PosteriorNoiseMessenger"]
+
+
+def _broadcast(msg: Message) -> None:
+    """Expand ``msg["fn"]`` to the batch shape of every plate on the stack, as ``pyro.plate``
+    does, whether the plates were entered inside this handler (they have already expanded
+    it) or outside it (they run after it)."""
+    frames = tuple(
+        CondIndepStackFrame(m.name, m.dim, m.size, m.counter)
+        for m in _PYRO_STACK
+        if isinstance(m, IndepMessenger) and m.dim is not None
+    )
+    probe = dict(msg, cond_indep_stack=frames, done=False)
+    BroadcastMessenger._pyro_sample(probe)  # type: ignore[arg-type]
+    msg["fn"] = probe["fn"]
+
+
+class PosteriorNoiseMessenger(Messenger):
+    r"""Supply the noise sites of ``guide.scm`` from the exact posterior, one step at a time.
+
+    At site ``u_t`` with :math:`t < n` (the observed steps; after an observed end of sequence
+    the posterior is the prior) the handler draws :math:`u_t \sim` :class:`GumbelMaxPosterior` ``(ℓ_t, w^obs_t)``
+    for the site's batch shape, in the way Pyro's ``GuideMessenger.get_posterior`` supplies a
+    posterior per site. Later steps keep the prior. Given the observation the steps are
+    independent, so this is the law of :class:`HindsightGumbelGuide` traced under the same
+    plate, but it holds one step's noise, :math:`O(N V)`, instead of all of them,
+    :math:`O(N T V)`. Steps :math:`t \geq n` get prior draws from the fast sampler
+    :func:`~pyro_lmscm.inference.gumbel_max_posterior.standard_gumbel`.
+
+    :param guide: the exact abduction (its decoded logits and observation).
+    :param prompt_ids: the prompt the guide abducts for.
+    :param num_posterior_rows: if given, only the first rows of the (flattened) batch get the
+        posterior; the others get fresh prior noise (the interventional baseline decoded in
+        the same batch), drawn from ``baseline_generator`` (default: torch's), so that the
+        posterior rows' draws are the same with and without them.
+
+    :ivar statistics: per drawn step, ``(observed_noise, top_gumbel)`` of the posterior rows,
+        each ``(rows,)``: :math:`u_{t,k_t}` and :math:`\max_v(\ell_{t,v} + u_{t,v})` (see
+        :func:`~pyro_lmscm.inference.noise_statistics`).
+
+    >>> from pyro_lmscm.inference import PosteriorNoiseMessenger
+    >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
+    >>> prompt, observed = torch.tensor([2, 3]), torch.tensor([7, 3, 3])
+    >>> guide = HindsightGumbelGuide(scm, observed)
+    >>> with pyro.plate("draws", 4, dim=-1), guide.anchored(prompt), PosteriorNoiseMessenger(guide, prompt):
+    ...     tokens = scm.model(prompt)
+    >>> bool((tokens[:, :3] == observed).all())
+    True
+    """
+
+    def __init__(
+        self,
+        guide: HindsightGumbelGuide,
+        prompt_ids: torch.Tensor,
+        num_posterior_rows: int | None = None,
+        baseline_generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.scm = guide.scm
+        self.margin = guide.margin
+        self.logits = guide.decoded_logits(prompt_ids)
+        self.observed = guide.observed_ids.expand(self.logits.shape[:-1])
+        self.active = guide.step_is_active(self.observed)
+        self.num_active = active_steps(self.scm, guide.observed_ids) if guide.observed_ids.dim() == 1 else None
+        self.sites = {self.scm.site(noise_site(t)): t for t in range(self.scm.max_new_tokens)}
+        self.num_posterior_rows = num_posterior_rows
+        self.baseline_generator = baseline_generator
+        self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _pyro_sample(self, msg: Message) -> None:
+        t = self.sites.get(msg["name"])  # type: ignore[arg-type]
+        if t is None or msg["done"] or msg["is_observed"]:
+            return
+        _broadcast(msg)
+        shape = msg["fn"].batch_shape + msg["fn"].event_shape
+        dtype, device = self.logits.dtype, self.logits.device
+        posterior = None
+        if t < self.observed.shape[-1]:
+            posterior = GumbelMaxPosterior(
+                self.logits[..., t, :], self.observed[..., t], margin=self.margin, active=self.active[..., t]
+            )
+        size = self.num_posterior_rows
+        if size is None:
+            value = standard_gumbel(shape, dtype, device) if posterior is None else posterior.expand(shape[:-1]).sample()
+        else:  # posterior rows first, then prior rows from their own generator
+            value = torch.empty(shape, dtype=dtype, device=device)
+            rows = value.view(-1, shape[-1])
+            if size > 0:
+                if posterior is None:
+                    standard_gumbel(rows[:size].shape, out=rows[:size])
+                else:
+                    rows[:size] = posterior.expand(torch.Size([size])).sample()
+            if size < rows.shape[0]:
+                standard_gumbel(rows[size:].shape, out=rows[size:], generator=self.baseline_generator)
+        if posterior is not None:
+            if self.num_active is not None and t < self.num_active and size != 0:
+                drawn = value.reshape(-1, shape[-1])[: size if size is not None else None]
+                k = int(self.observed[t])
+                # copies: a view of the noise column would keep the step's whole noise alive
+                observed_noise = drawn[:, k].to(device="cpu", dtype=torch.float32, copy=True)
+                self.statistics.append((observed_noise, (self.logits[t] + drawn).amax(-1).float().cpu()))
+        msg["value"] = value
+        msg["done"] = True
+
+    def noise_statistics(self) -> dict[str, torch.Tensor]:
+        """``{"observed_noise": (rows, n_a), "top_gumbel": (rows, n_a)}`` of the steps drawn
+        (one prediction run with a one-dimensional observation)."""
+        if not self.statistics:
+            return {}
+        return {
+            "observed_noise": torch.stack([s[0] for s in self.statistics], -1),
+            "top_gumbel": torch.stack([s[1] for s in self.statistics], -1),
+        }

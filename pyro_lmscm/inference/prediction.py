@@ -1,0 +1,66 @@
+r"""Prediction, the third step of a counterfactual: run the (intervened) SCM on abducted noise.
+
+There is one way to do it, :func:`predict`: the model runs under the plate ``"__draws"`` of
+``rows`` draws, inside the factual anchor of the abduction, with its noise sites supplied by a
+handler: :class:`~pyro_lmscm.inference.PosteriorNoiseMessenger` (exact posterior, drawn step
+by step) or a replay of explicit noise (:func:`noise_handler`, for the draws of any abduction
+method). ``counterfactual()`` and :class:`~pyro_lmscm.inference.AbductionResult` both use it.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from .hindsight_guide import noise_trace
+
+if TYPE_CHECKING:
+    from ..models.anchor import FactualAnchor
+    from ..models.scm import LanguageModelSCM
+
+__all__ = ["DRAWS", "noise_handler", "predict"]
+
+#: The plate of posterior draws, in every prediction.
+DRAWS = "__draws"
+
+
+def noise_handler(scm: LanguageModelSCM, noise: torch.Tensor) -> ContextManager[None]:
+    """A handler that replays the explicit noise ``(rows, T, V)`` at the SCM's noise sites."""
+    return poutine.replay(trace=noise_trace(scm, noise))  # type: ignore[return-value]
+
+
+def predict(
+    scm: LanguageModelSCM,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    prompt: torch.Tensor,
+    rows: int,
+    noise: Callable[[int, int], ContextManager[None]],
+    anchor: FactualAnchor | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Run ``model`` (``scm.model``, intervened or not) for ``rows`` draws.
+
+    :param noise: ``noise(start, stop)`` returns the handler that supplies the noise of rows
+        ``start:stop`` (a fresh handler per call).
+    :param anchor: the factual logits of the abduction: inside its scope the factual
+        mechanism evaluates to them on the observed path, so a null replay is exact.
+    :param deterministic: decode each row alone (a batch of one), so that a row's tokens do
+        not depend on which rows share its batch. In float32 they never do here; in bfloat16
+        the intervened rows' logits round differently with the batch size (the factual rows
+        are anchored), and a near-tie can flip a token. It costs one decoding run per row.
+    :returns: ids ``(rows, T)``.
+    """
+    spans: Sequence[tuple[int, int]] = [(i, i + 1) for i in range(rows)] if deterministic else [(0, rows)]
+    out = []
+    with ExitStack() as stack:
+        if anchor is not None:
+            stack.enter_context(scm.anchored(anchor))
+        for start, stop in spans:
+            with noise(start, stop):
+                ids = pyro.plate(DRAWS, stop - start, dim=-1)(model)(prompt)
+            out.append(ids.expand(stop - start, scm.max_new_tokens))
+    return torch.cat(out) if len(out) > 1 else out[0]
