@@ -31,7 +31,9 @@ References
 [4] M. D. Hoffman, A. Gelman (2014), "The No-U-Turn Sampler", JMLR.
 """
 
-from pyro_lmscm.compare_inference import build_parser, main
+import sys
+
+from pyro_lmscm.cli import app
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    app(["compare-inference", *sys.argv[1:]], prog_name="compare_inference.py")

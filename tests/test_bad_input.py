@@ -26,8 +26,8 @@ from pyro_lmscm.errors import (
     MechanismError,
     ObservationError,
 )
+from pyro_lmscm.inference.scoring import string_log_prob
 from pyro_lmscm.interventions.spec import parse_intervention
-from pyro_lmscm.metrics import string_log_prob
 from pyro_lmscm.models import Decoding
 from pyro_lmscm.testing import tiny_llama
 

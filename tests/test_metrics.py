@@ -7,6 +7,7 @@ import torch
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap
 from pyro_lmscm.errors import InterventionError, ObservationError
+from pyro_lmscm.inference.scoring import string_log_prob
 from pyro_lmscm.metrics import (
     NO_DIVERGENCE,
     char_edit_distance,
@@ -14,7 +15,6 @@ from pyro_lmscm.metrics import (
     first_divergence,
     normalized_char_edit_distance,
     normalized_token_edit_distance,
-    string_log_prob,
     token_edit_distance,
     trim_after_end,
 )

@@ -16,13 +16,20 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
-from .compare import AbductionComparison, ComparisonRow, compare_abduction, ks_statistic
+from .compare import (
+    AbductionComparison,
+    ComparisonRow,
+    compare_abduction,
+    ks_statistic,
+    plot_comparison,
+)
 from .counterfactual import CounterfactualResult, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict
+from .scoring import string_log_prob, token_log_probs
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
@@ -55,8 +62,11 @@ __all__ = [
     "ks_statistic",
     "make_method",
     "noise_trace",
+    "plot_comparison",
     "noise_handler",
     "predict",
+    "string_log_prob",
+    "token_log_probs",
     "upstream_marginals",
     "noise_statistics",
 ]

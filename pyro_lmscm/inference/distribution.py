@@ -15,11 +15,11 @@ from ..metrics import (
     common_prefix_length,
     first_divergence,
     normalized_token_edit_distance,
-    string_log_prob,
     token_edit_distance,
     trim_after_end,
 )
 from ..validation import is_integer
+from .scoring import string_log_prob
 
 if TYPE_CHECKING:
     from arviz import InferenceData

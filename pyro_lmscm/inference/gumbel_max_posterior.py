@@ -6,6 +6,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
@@ -13,8 +14,9 @@ __all__ = ["GumbelMaxPosterior", "gumbel_log_density", "standard_exponential", "
 
 
 def gumbel_log_density(u: torch.Tensor) -> torch.Tensor:
-    r"""Elementwise :math:`\log p(u) = -u - e^{-u}` of a standard Gumbel(0, 1)."""
-    return -(u + torch.exp(-u))
+    r"""Elementwise :math:`\log p(u) = -u - e^{-u}` of a standard Gumbel(0, 1) (Pyro's
+    ``dist.Gumbel(0, 1).log_prob``)."""
+    return dist.Gumbel(u.new_zeros(()), u.new_ones(()), validate_args=False).log_prob(u)
 
 
 #: Variates per block in :func:`standard_exponential`: each block has its own NumPy

@@ -16,6 +16,7 @@ from ..models.factual_anchor_messenger import FactualAnchorMessenger
 from ..models.sites import noise_site, parse_step_site
 from ..validation import as_real
 from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
+from .scoring import gathered_log_probs
 
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
@@ -198,7 +199,7 @@ class HindsightGumbelGuide:
         r""":math:`\log p(w^{\text{obs}} \mid \text{prompt})` under the decoding, shape ``(...)``."""
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
-        log_p = logits.log_softmax(-1).gather(-1, observed.unsqueeze(-1)).squeeze(-1)
+        log_p = gathered_log_probs(logits, observed)
         return torch.where(self.step_is_active(observed), log_p, 0.0).sum(-1)
 
     @torch.no_grad()

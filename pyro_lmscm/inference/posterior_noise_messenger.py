@@ -11,8 +11,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
 from ..models.sites import noise_site
-from .abduction import active_steps
 from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
+from .statistics import active_steps
 
 if TYPE_CHECKING:
     from pyro.poutine.runtime import Message

@@ -33,7 +33,6 @@ from .report import (
     write_report,
 )
 from .runner import StudyResult, load_study, run_study
-from .scoring import token_log_probs
 from .worker import StudyWorker, string_seed
 
 __all__ = [
@@ -62,6 +61,5 @@ __all__ = [
     "string_seed",
     "summarize",
     "summary_markdown",
-    "token_log_probs",
     "write_report",
 ]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
-from .report import KINDS, METRICS, SummaryRow
+from .summary import KINDS, METRICS, SummaryRow
 
 if TYPE_CHECKING:
     from .config import StudyConfig

@@ -11,7 +11,7 @@ the attribute check. :meth:`StudyWorker.process` turns one corpus item into one 
 3. per draw (cut to the factual string's length when that has no end of sequence: the
    observation says nothing beyond it): changed or not, first divergence, token and character edit distances, common
    prefix, per-token and total log-probabilities under the factual and the intervened
-   mechanism (:func:`~pyro_lmscm.study.scoring.token_log_probs`), and the attribute check.
+   mechanism (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), and the attribute check.
 
 Everything random in step 1 and 2 is seeded by :func:`string_seed` of the study seed and
 the string's index alone, and each string runs in its own batches, so a record does not
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import LMSCMError
+from ..inference.scoring import ragged_token_log_probs
 from ..metrics import (
     char_edit_distance,
     common_prefix_length,
@@ -39,7 +40,6 @@ from ..metrics import (
 from .attribute import make_attribute
 from .config import StudyConfig
 from .corpus import CorpusItem
-from .scoring import token_log_probs
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -195,8 +195,8 @@ class StudyWorker:
         cf_rows = [trim_after_end(row, eos)[:horizon] for row in result.counterfactual_ids]
         int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
         rows = [factual, *cf_rows, *int_rows]
-        token_f, total_f = token_log_probs(self.scm, prompt, rows)
-        token_i, total_i = token_log_probs(self.scm, prompt, rows, self.data)
+        token_f, total_f = ragged_token_log_probs(self.scm, prompt, rows)
+        token_i, total_i = ragged_token_log_probs(self.scm, prompt, rows, self.data)
         scores = list(zip(token_f, total_f, token_i, total_i))
         factual_text = self.lm.decode(factual)
         factual_label = self._label(factual_text)

@@ -8,11 +8,11 @@ import torch
 from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual
 from pyro_lmscm.errors import InferenceError, ObservationError
 from pyro_lmscm.inference import CounterfactualDistribution, Estimate
+from pyro_lmscm.inference.scoring import string_log_prob
 from pyro_lmscm.metrics import (
     common_prefix_length,
     first_divergence,
     normalized_token_edit_distance,
-    string_log_prob,
     token_edit_distance,
 )
 from pyro_lmscm.models import noise_site

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from pyro_lmscm.study.cli import study_command
+from pyro_lmscm.cli.study import study_command
 
 ROOT = Path(__file__).resolve().parents[2]
 

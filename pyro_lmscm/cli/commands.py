@@ -1,90 +1,24 @@
-"""The ``pyro-lmscm`` command line: ``demo``, ``counterfactual``, ``models``, ``compare-inference``."""
+"""``pyro-lmscm demo``, ``counterfactual`` and ``models``."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-import warnings
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import LMSCMError, LMSCMWarning
-
-app = typer.Typer(
-    help="Language models as structural causal models: what would this very string have been?",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console()
-err_console = Console(stderr=True)
+from .app import app, console, err_console, one_line_errors
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEMO_PROMPT = "My brother is a doctor. Every morning, he"
 
 
-@contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Inside the block, third-party warnings, log lines below errors and progress bars
-    (transformers' "Loading weights", the hub's downloads) are silenced; our own
-    :class:`~pyro_lmscm.errors.LMSCMWarning` and rich progress still show. Everything is
-    restored on exit."""
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars, hub_bars_off = (
-        hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("default", LMSCMWarning)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-            if not hub_bars_off:
-                enable_progress_bars()
-
-
-@app.callback()
-def _main(
-    ctx: typer.Context,
-    verbose: bool = typer.Option(
-        False, "--verbose", "-v", help="Show third-party warnings, log lines and progress bars."
-    ),
-) -> None:
-    """Language models as structural causal models: what would this very string have been?"""
-    if not verbose:
-        ctx.with_resource(quiet_third_party())
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Library errors become one red line and exit status 2, not a traceback."""
-    try:
-        yield
-    except (LMSCMError, ValueError) as error:
-        err_console.print(f"[bold red]error:[/] {error}")
-        raise typer.Exit(2) from None
-
-
 def _load(model: str, dtype: str):
-    from .loading import load_lm
+    from ..loading import load_lm
 
     return load_lm(model, dtype=dtype, progress=True)
 
@@ -96,7 +30,7 @@ def _highlight(lm, factual_ids, ids) -> Text:
     character that spans several tokens prints whole, highlighted if any of them changed."""
     from rapidfuzz.distance import Levenshtein
 
-    from .metrics import trim_after_end
+    from ..metrics import trim_after_end
 
     span = len(factual_ids)
     factual = trim_after_end(factual_ids, lm.eos_token_ids)
@@ -124,7 +58,7 @@ def _summary(lm, factual_ids, draws) -> tuple[str, str, str]:
     has not changed."""
     import statistics
 
-    from .metrics import first_divergence, token_edit_distance, trim_after_end
+    from ..metrics import first_divergence, token_edit_distance, trim_after_end
 
     span = len(factual_ids)
     factual = trim_after_end(factual_ids, lm.eos_token_ids)
@@ -182,11 +116,11 @@ def demo(
     dtype: str = typer.Option("float32"),
 ) -> None:
     """Steer SmolLM2 toward "female": how would the man's story have read?"""
-    from . import LanguageModelSCM, counterfactual
-    from .interventions.gender import gender_steering
-    from .models import Decoding
+    from .. import LanguageModelSCM, counterfactual
+    from ..interventions.gender import gender_steering
+    from ..models import Decoding
 
-    with _one_line_errors():
+    with one_line_errors():
         start = time.perf_counter()
         lm = _load(model, dtype)
         with err_console.status("computing the steering vector from contrastive prompts"):
@@ -221,11 +155,11 @@ def counterfactual_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Counterfactual continuations of an observed (or sampled) string under an intervention."""
-    from . import LanguageModelSCM, counterfactual
-    from .interventions.spec import parse_intervention
-    from .models import Decoding
+    from .. import LanguageModelSCM, counterfactual
+    from ..interventions.spec import parse_intervention
+    from ..models import Decoding
 
-    with _one_line_errors():
+    with one_line_errors():
         if (text is None) == (not generate):
             raise ValueError("give exactly one of --text TEXT or --generate.")
         decoding = Decoding(temperature, top_k, top_p)
@@ -257,9 +191,9 @@ def counterfactual_command(
 @app.command()
 def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert this embedded model now.")) -> None:
     """List the embedded models (and fetch one)."""
-    from .loading import EMBEDDED_MODELS, _converted_dir, fetch_embedded
+    from ..loading import EMBEDDED_MODELS, _converted_dir, fetch_embedded
 
-    with _one_line_errors():
+    with one_line_errors():
         if fetch is not None:
             path = fetch_embedded(fetch, progress=True)
             console.print(f"{fetch}: {path}")
@@ -270,33 +204,3 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
             cached = "yes" if _converted_dir(spec).is_dir() else "no"
             table.add_row(name, spec.requirement, spec.license, cached, spec.description)
         console.print(table)
-
-
-@app.command(
-    "compare-inference",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-)
-def compare_inference(ctx: typer.Context) -> None:
-    """Exact abduction vs importance sampling, relaxed SVI and NUTS: a table and an ArviZ plot.
-
-    Options are those of examples/compare_inference.py (--tiny, --model, --num-samples,
-    --max-new-tokens, --methods, --plot, ...); pass --help to list them.
-    """
-    from .compare_inference import build_parser
-    from .compare_inference import main as run
-
-    with _one_line_errors():
-        run(build_parser().parse_args(ctx.args))
-
-
-from .study.cli import study_command  # noqa: E402
-
-app.command("study")(study_command)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

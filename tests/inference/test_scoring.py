@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap
+from pyro_lmscm.inference.scoring import ragged_token_log_probs as token_log_probs
+from pyro_lmscm.inference.scoring import string_log_prob
 from pyro_lmscm.interventions import as_do_data
-from pyro_lmscm.metrics import string_log_prob
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.study import token_log_probs
 
 
 @pytest.mark.parametrize("intervention", [None, {"mechanism": "swap"}, {"w_1": 7}, {"prompt": [2, 9, 4]}])

@@ -1,7 +1,6 @@
 """``pyro-lmscm study``: run, resume or re-report a counterfactual study from the command line.
 
-:func:`study_command` is a typer command function; the application registers it with
-``app.command("study")(study_command)``. Flags override the values of a config file.
+Flags override the values of a config file.
 
     pyro-lmscm study --demo                                   # the built-in SmolLM2 study
     pyro-lmscm study my_study.yaml --samples 8 --ray          # a config file, on Ray
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LMSCMError
+from .app import app
 
 __all__ = ["study_command"]
 
@@ -37,6 +37,7 @@ def _attribute(value: str | None) -> Any:
     return value
 
 
+@app.command("study")
 def study_command(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON study config (see StudyConfig)."),
     demo: bool = typer.Option(
@@ -76,9 +77,9 @@ def study_command(
     ),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
-    from .config import StudyConfig, StudyError, demo_config
-    from .report import write_report
-    from .runner import load_study, run_study
+    from ..study.config import StudyConfig, StudyError, demo_config
+    from ..study.report import write_report
+    from ..study.runner import load_study, run_study
 
     try:
         if report_only:

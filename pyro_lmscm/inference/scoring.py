@@ -1,0 +1,148 @@
+r"""The one scorer: log-probabilities of token strings under the SCM, factual or intervened.
+
+.. math::
+
+    \log p_m(w_t \mid \text{prompt}, w_{<t}) =
+        \log \mathrm{softmax}\big(g(f_m(\text{prompt}, w_{<t}))\big)_{w_t}, \qquad t < n_\text{end},
+
+where :math:`f_m` is the mechanism (0 = factual; the intervention's otherwise), the prompt
+is the intervened one under a ``prompt`` intervention, :math:`g` is ``scm.decoding`` and
+:math:`n_\text{end}` is the position just after the first end-of-sequence token (or the
+string's length): once a string has ended every later token is certain, as in the SCM. A
+``w_t`` intervention makes step :math:`t` a point mass (``0`` or :math:`-\infty`).
+
+:func:`token_log_probs` keeps the terms per token (the study report shows them on hover),
+:func:`string_log_prob` sums them, and :class:`~pyro_lmscm.inference.HindsightGumbelGuide`
+scores its observation with :func:`gathered_log_probs` on the logits it already has.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..errors import ObservationError
+from ..interventions.ops import as_do_data
+from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..validation import as_int
+
+if TYPE_CHECKING:
+    from ..interventions.ops import Intervention
+    from ..models.scm import LanguageModelSCM
+
+__all__ = ["gathered_log_probs", "ragged_token_log_probs", "string_log_prob", "token_log_probs"]
+
+
+def gathered_log_probs(decoded_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log \mathrm{softmax}(\ell_t)_{w_t}` for decoded logits ``(..., n, V)`` and ids ``(..., n)``."""
+    return decoded_logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def token_log_probs(
+    scm: LanguageModelSCM,
+    prompt: torch.Tensor,
+    ids: torch.Tensor,
+    intervention: Intervention | None = None,
+    lengths: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    r"""Per-token log-probabilities of continuation strings, ``0`` where a string has ended.
+
+    One teacher-forced forward pass of the mechanism (``with mechanism.activate(lm) as f:
+    f.logits(...)``) per batch of ``batch_size`` strings, then the decoding transform.
+
+    :param scm: the SCM.
+    :param prompt: prompt ids ``(L,)``.
+    :param ids: continuation ids ``(..., n)`` with ``n <= scm.max_new_tokens``.
+    :param intervention: ``None`` (factual), or as :func:`~pyro_lmscm.counterfactual`.
+    :param lengths: how many tokens of each string count, shape ``ids.shape[:-1]``; default:
+        up to and including the first end of sequence.
+    :param batch_size: strings per forward pass.
+    :returns: float32 ``(..., n)``; :math:`-\infty` for a token outside the decoding support.
+    :raises ObservationError: on malformed ids or prompt.
+    :raises InterventionError: on a bad intervention.
+    """
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
+    data = as_do_data(scm, intervention)
+    prompt = data.get(scm.site(PROMPT), scm.check_prompt(prompt))
+    if prompt.dim() != 1:
+        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
+    ids = scm.lm.check_ids(ids, "ids")
+    if ids.dim() == 0 or ids.shape[-1] == 0:
+        raise ObservationError("`ids` must hold at least one token id, shape (..., n).")
+    n = ids.shape[-1]
+    if n > scm.max_new_tokens:
+        raise ObservationError(f"`ids` has {n} tokens but the SCM has max_new_tokens={scm.max_new_tokens}.")
+    scm.check_prompt(prompt, num_steps=n)
+    flat = ids.reshape(-1, n)
+    if lengths is None:
+        ended = scm.finished_after(flat)
+        counted = ~torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
+    else:
+        counted = torch.arange(n, device=flat.device) < torch.as_tensor(lengths, device=flat.device).reshape(-1, 1)
+    mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
+    chunks = []
+    with scm.mechanisms[mechanism].activate(scm.lm) as f:
+        for rows in flat.split(batch_size):
+            inputs = torch.cat([prompt.expand(rows.shape[0], -1), rows[:, :-1]], dim=-1)
+            chunks.append(gathered_log_probs(scm.decoding(f.logits(inputs, logits_to_keep=n)), rows))
+    log_p = torch.cat(chunks)
+    for name, value in data.items():
+        parsed = parse_step_site(name[len(scm.site("")) :] if scm.name else name)
+        if parsed is not None and parsed[0] == "w" and parsed[1] < n:
+            t = parsed[1]
+            log_p[:, t] = torch.where(flat[:, t] == value, 0.0, float("-inf"))
+    return torch.where(counted, log_p, 0.0).reshape(ids.shape)
+
+
+def string_log_prob(
+    scm: LanguageModelSCM,
+    prompt: torch.Tensor,
+    ids: torch.Tensor,
+    intervention: Intervention | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    r"""Log-probability of continuation strings: :func:`token_log_probs` summed over tokens.
+
+    :returns: float32 tensor of shape ``ids.shape[:-1]``; :math:`-\infty` for a string
+        outside the decoding support.
+
+    >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
+    >>> prompt = torch.tensor([2, 3])
+    >>> log_p = string_log_prob(scm, prompt, torch.tensor([[5, 1, 0, 0], [5, 1, 7, 7]]))
+    >>> bool(log_p[0] == log_p[1])  # nothing after the end of sequence counts
+    True
+    """
+    return token_log_probs(scm, prompt, ids, intervention, batch_size=batch_size).sum(-1)
+
+
+def ragged_token_log_probs(
+    scm: LanguageModelSCM,
+    prompt: torch.Tensor,
+    rows: Sequence[Sequence[int]],
+    intervention: Intervention | None = None,
+) -> tuple[list[list[float]], list[float]]:
+    """:func:`token_log_probs` of strings of different lengths, as lists.
+
+    All rows run as one teacher-forced batch (right-padded; causal attention keeps the
+    padding from touching earlier positions), so the numbers depend only on the rows
+    themselves, never on how a study shards its corpus.
+
+    :param rows: token strings, each already cut after its first end-of-sequence token,
+        each of length ``1..scm.max_new_tokens``.
+    :returns: ``(per_token, totals)``: per row a list of floats (``-inf`` outside the
+        decoding support) and their sum.
+
+    >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
+    >>> per_token, totals = ragged_token_log_probs(scm, torch.tensor([2, 3]), [[5, 1], [5, 6, 7]])
+    >>> [len(p) for p in per_token], per_token[0][0] == per_token[1][0]
+    ([2, 3], True)
+    """
+    lengths = [len(row) for row in rows]
+    n = max(lengths)
+    pad = scm.lm.pad_token_id
+    ids = torch.tensor([list(row) + [pad] * (n - len(row)) for row in rows], dtype=torch.long)
+    log_p = token_log_probs(scm, prompt, ids, intervention, lengths=torch.tensor(lengths), batch_size=len(rows))
+    return [log_p[i, : lengths[i]].tolist() for i in range(len(rows))], log_p.sum(-1).tolist()

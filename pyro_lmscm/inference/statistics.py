@@ -1,0 +1,86 @@
+"""Statistics of abduction draws: active steps, effective sample size, noise summaries,
+log prior and the consistency check, shared by the methods, their result and prediction."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+from pyro.infer.importance import LogWeightsMixin
+
+from ..models.sites import noise_site
+from .gumbel_max_posterior import gumbel_log_density
+
+if TYPE_CHECKING:
+    from ..models.scm import LanguageModelSCM
+
+__all__ = ["active_steps", "consistent_draws", "kish_ess", "log_prior", "noise_statistics"]
+
+
+def active_steps(scm: LanguageModelSCM, observed: torch.Tensor) -> int:
+    """Number of observed steps that the model generates: up to and including the first end."""
+    ended = scm.finished_after(observed)
+    return int((~ended).sum()) + (1 if bool(ended.any()) else 0)
+
+
+def kish_ess(log_weights: torch.Tensor | None, num_samples: int | None = None) -> float:
+    r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights;
+    ``num_samples`` for ``None`` (uniform weights), ``0.0`` when every weight is zero."""
+    if log_weights is None:
+        if num_samples is None:
+            raise ValueError("`num_samples` is needed for uniform weights.")
+        return float(num_samples)
+    weights = LogWeightsMixin()  # Pyro's own: exp(-logsumexp(2 log w_normalised))
+    weights.log_weights = log_weights.double()
+    if not bool(torch.isfinite(weights.log_weights).any()):
+        return 0.0
+    return float(weights.get_ESS())
+
+
+def noise_statistics(
+    logits: torch.Tensor, observed: torch.Tensor, noise: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    r"""Per-draw scalars of the noise at the observed steps :math:`t < n_a`:
+
+    * ``"observed_noise"``: :math:`u_{t, k_t}`, the noise of the observed token;
+    * ``"top_gumbel"``: :math:`M_t = \max_v (\ell_{t,v} + u_{t,v})`, the winning perturbed logit.
+
+    Under the exact posterior :math:`M_t \sim \mathrm{Gumbel}(\log\sum_v e^{\ell'_{t,v}})`
+    (as under the prior: the max is independent of the argmax), and
+    :math:`u_{t,k_t} = M_t + \delta - \ell_{t,k_t}`.
+
+    :param logits: decoded factual logits :math:`\ell` at the observed steps, ``(n, V)``.
+    :param observed: the observed ids :math:`k`, ``(n,)``; only the first :math:`n_a`
+        (up to the first end of sequence) are used.
+    :param noise: ``{"u_t": (N, V)}`` for every :math:`t < n_a`.
+    :returns: ``{"observed_noise": (N, n_a), "top_gumbel": (N, n_a)}``, float32 on the CPU.
+    """
+    num_active = logits.shape[0]
+    observed_noise, top = [], []
+    for t in range(num_active):
+        u = noise[noise_site(t)].detach().float().to(logits.device)
+        observed_noise.append(u[..., int(observed[t])])
+        top.append((logits[t] + u).amax(-1))
+    return {
+        "observed_noise": torch.stack(observed_noise, -1).cpu(),
+        "top_gumbel": torch.stack(top, -1).cpu(),
+    }
+
+
+def log_prior(noise: Mapping[str, torch.Tensor], num_active: int) -> torch.Tensor:
+    steps = range(num_active)
+    return sum(gumbel_log_density(noise[noise_site(t)]).sum(-1) for t in steps)  # type: ignore[return-value]
+
+
+def consistent_draws(logits: torch.Tensor, observed: torch.Tensor, noise: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    r"""Bool ``(N,)``: :math:`\arg\max_v (\ell_{t,v} + u_{t,v}) = k_t` at every active step,
+    computed as the SCM computes it (``torch.argmax``, first index on a tie)."""
+    ok: torch.Tensor | None = None
+    for t in range(logits.shape[0]):
+        step = torch.argmax(logits[t] + noise[noise_site(t)].to(logits.device), dim=-1) == observed[t]
+        ok = step if ok is None else ok & step
+    assert ok is not None
+    return ok.cpu()
+
+
+# -- results ---------------------------------------------------------------------------------

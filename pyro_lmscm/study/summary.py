@@ -1,0 +1,194 @@
+"""The summary of a study: its metrics, per kind of draw, with cluster-bootstrap intervals
+(:func:`summarize`), and the Markdown table (:func:`summary_markdown`). The CSV, plots and
+HTML report (:mod:`~pyro_lmscm.study.report`, :mod:`~pyro_lmscm.study.html`) build on it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["KINDS", "METRICS", "Metric", "SummaryRow", "summarize", "summary_markdown"]
+
+#: The two kinds of draws.
+KINDS = ("counterfactual", "interventional")
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-draw quantity and which draws it counts.
+
+    :param key: the name in the tables.
+    :param label: a human label.
+    :param value: draw -> number, or ``None`` when the draw does not count.
+    """
+
+    key: str
+    label: str
+    value: Callable[[Record], float | None]
+
+
+def _field(name: str, transform: Callable[[Any], float] = float) -> Callable[[Record], float | None]:
+    def value(draw: Record) -> float | None:
+        x = draw.get(name)
+        return None if x is None else transform(x)
+
+    return value
+
+
+#: The metrics of the summary table, in order.
+METRICS: tuple[Metric, ...] = (
+    Metric("changed", "changed (share of draws)", _field("changed")),
+    Metric("first_divergence", "first divergence (token; changed draws)", _field("first_divergence")),
+    Metric("common_prefix", "longest common prefix (tokens)", _field("common_prefix")),
+    Metric("token_edit_distance", "token edit distance", _field("token_edit_distance")),
+    Metric(
+        "normalized_token_edit_distance", "normalised token edit distance", _field("normalized_token_edit_distance")
+    ),
+    Metric("char_edit_distance", "character edit distance", _field("char_edit_distance")),
+    Metric("length", "length (tokens)", _field("length")),
+    Metric("log_prob_factual", "log p under the factual model (in its support)", _field("log_prob_factual")),
+    Metric("log_prob_intervened", "log p under the intervened model", _field("log_prob_intervened")),
+    Metric(
+        "outside_factual_support",
+        "outside the factual decoding support (share)",
+        lambda d: float(d.get("log_prob_factual") is None),
+    ),
+    Metric("flipped", "attribute flipped (eligible draws)", _field("flipped")),
+)
+
+
+@dataclass
+class SummaryRow:
+    """One metric of one kind: the mean and its bootstrap interval.
+
+    :ivar group: ``"all"`` or a corpus group.
+    :ivar kind: ``"counterfactual"``, ``"interventional"`` or ``"difference"`` (CF - int.).
+    :ivar n: the draws counted (for the difference, the strings with both).
+    """
+
+    group: str
+    metric: str
+    kind: str
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def _sums(records: Sequence[Record], kind: str, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """Per-string sum and count of the metric over the draws of ``kind``."""
+    sums, counts = np.zeros(len(records)), np.zeros(len(records))
+    for s, record in enumerate(records):
+        for draw in record[kind]:
+            x = metric.value(draw)
+            if x is not None:
+                sums[s] += x
+                counts[s] += 1
+    return sums, counts
+
+
+def _ratio(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
+
+
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def summarize(
+    records: Sequence[Record],
+    bootstrap: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    group: str = "all",
+    metrics: Sequence[Metric] = METRICS,
+) -> list[SummaryRow]:
+    """Means with cluster-bootstrap intervals for every metric and kind, plus the paired
+    difference counterfactual minus interventional.
+
+    Records with an ``error`` are left out.
+
+    :param records: study records.
+    :param bootstrap: :math:`B`.
+    :param confidence: the interval's level.
+    :param seed: seeds the resampling (the same seed gives the same intervals).
+    :param group: the label of these records in the rows.
+    :returns: rows in the order of ``metrics``, each metric as counterfactual,
+        interventional, difference.
+    """
+    records = [r for r in records if r.get("error") is None]
+    rows: list[SummaryRow] = []
+    if not records:
+        return rows
+    rng = np.random.default_rng(seed)
+    resample = rng.integers(0, len(records), size=(bootstrap, len(records)))
+    for metric in metrics:
+        stats = {}
+        for kind in KINDS:
+            sums, counts = _sums(records, kind, metric)
+            point = _ratio(np.array([sums.sum()]), np.array([counts.sum()]))[0]
+            boot = _ratio(sums[resample].sum(1), counts[resample].sum(1))
+            stats[kind] = (point, boot, int(counts.sum()))
+            low, high = _interval(boot, confidence)
+            rows.append(SummaryRow(group, metric.key, kind, float(point), low, high, int(counts.sum())))
+        (p_cf, b_cf, n_cf), (p_int, b_int, n_int) = stats[KINDS[0]], stats[KINDS[1]]
+        n_both = min(n_cf, n_int)
+        low, high = _interval(b_cf - b_int, confidence)
+        rows.append(SummaryRow(group, metric.key, "difference", float(p_cf - p_int), low, high, n_both))
+    return rows
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if math.isnan(x):
+        return "–"
+    return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _cell(row: SummaryRow) -> str:
+    if math.isnan(row.mean):
+        return "–"
+    return f"{_fmt(row.mean)} [{_fmt(row.low)}, {_fmt(row.high)}]"
+
+
+def _labels(metrics: Iterable[Metric]) -> dict[str, str]:
+    return {m.key: m.label for m in metrics}
+
+
+def summary_markdown(
+    rows: Sequence[SummaryRow], confidence: float = 0.95, metrics: Sequence[Metric] = METRICS
+) -> str:
+    """The summary as a markdown table: one line per (group, metric), the counterfactual,
+    interventional and difference columns as ``mean [low, high]``."""
+    labels = _labels(metrics)
+    groups = list(dict.fromkeys(row.group for row in rows))
+    level = f"{confidence:.0%}"
+    head = "| metric | counterfactual | interventional | CF − interventional | draws (CF / int.) |"
+    if len(groups) > 1 or groups[:1] != ["all"]:
+        head = "| group " + head
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    by_key: dict[tuple[str, str], dict[str, SummaryRow]] = {}
+    for row in rows:
+        by_key.setdefault((row.group, row.metric), {})[row.kind] = row
+    for (group, metric), kinds in by_key.items():
+        cells = [labels.get(metric, metric), _cell(kinds["counterfactual"]), _cell(kinds["interventional"])]
+        cells += [_cell(kinds["difference"]), f"{kinds['counterfactual'].n} / {kinds['interventional'].n}"]
+        if head.startswith("| group"):
+            cells.insert(0, group)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Means over draws with {level} cluster-bootstrap intervals (strings resampled).")
+    return "\n".join(lines) + "\n"
