@@ -18,6 +18,7 @@ __all__ = [
     "ObservationError",
     "StudyError",
     "TokenizationError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -65,6 +66,10 @@ class InferenceError(LMSCMError, ValueError):
 class StudyError(LMSCMError, ValueError):
     """A study cannot run as configured: a bad setting, an unreadable corpus, or an output
     folder that holds the results of another study."""
+
+
+class UnsupportedVersionError(LMSCMError, NotImplementedError):
+    """An installed dependency has a version this package has no code for (e.g. ArviZ 1.x)."""
 
 
 class LMSCMWarning(UserWarning):

@@ -29,7 +29,7 @@ __all__ = ["HFLanguageModel"]
 
 
 @functools.lru_cache(maxsize=None)
-def cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: Any) -> str:
     """The keyword under which ``model_class.forward`` takes (and returns) its KV cache.
 
     transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated,
@@ -95,8 +95,9 @@ class HFLanguageModel:
         max_length = getattr(text_config, "max_position_embeddings", None)
         self.max_length: int | None = int(max_length) if max_length else None
         # a PeftModel forwards ``**kwargs`` to the model it wraps: ask that model's class
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_keyword = cache_keyword(type(base))
+        get_base_model = getattr(model, "get_base_model", None)
+        base = get_base_model() if callable(get_base_model) else model
+        self._cache_keyword: str = cache_keyword(type(base))  # type: ignore[arg-type]  # classes hash
 
     @property
     def device(self) -> torch.device:
@@ -191,7 +192,7 @@ class HFLanguageModel:
             if token in self.eos_token_ids:
                 ids = ids[:i]
                 break
-        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_texts(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
         """The text of each token of ``ids``, aligned to character boundaries.
@@ -215,11 +216,11 @@ class HFLanguageModel:
         done = ""  # text of the ids up to the last whole character
         start = 0  # index of the first id not yet in `done`
         for end in range(1, len(ids) + 1):
-            text = tokenizer.decode(ids[:end])
+            text = str(tokenizer.decode(ids[:end]))
             if text.endswith("\ufffd") and end < len(ids):
                 pieces.append("")  # an incomplete character: wait for its next byte
                 continue
-            pieces.append(text[len(done):] if text.startswith(done) else tokenizer.decode(ids[start:end]))
+            pieces.append(text[len(done) :] if text.startswith(done) else str(tokenizer.decode(ids[start:end])))
             done, start = text, end
         return pieces
 

@@ -440,7 +440,7 @@ def load_model_and_tokenizer(
                 stacklevel=2,
             )
             tokenizer = None
-    return model.to(target).eval(), tokenizer
+    return model.to(target).eval(), tokenizer  # type: ignore[arg-type]  # transformers types `to` narrowly
 
 
 def load_lm(

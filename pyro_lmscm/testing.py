@@ -87,7 +87,7 @@ def tiny_llama(
         model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
-    model = model.to(dtype)
+    model = model.to(dtype)  # type: ignore[arg-type]  # transformers types `to` narrowly
     if with_tokenizer is None:
         with_tokenizer = vocab_size == len(_SPECIAL) + len(TINY_WORDS)
     return HFLanguageModel(model, tiny_tokenizer() if with_tokenizer else None)

@@ -54,15 +54,16 @@ def as_int(
     >>> as_int(3, "num_samples", minimum=1)
     3
     """
-    bounds = " and ".join(
-        part for part in ("" if minimum is None else f">= {minimum}", "" if maximum is None else f"<= {maximum}") if part
-    )
+    low = "" if minimum is None else f">= {minimum}"
+    high = "" if maximum is None else f"<= {maximum}"
+    bounds = " and ".join(part for part in (low, high) if part)
     expected = "a positive integer" if (minimum, maximum) == (1, None) else f"an integer {bounds}".rstrip()
+    prefix = f"{owner}: " if owner else ""
     if not is_integer(value):
-        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
+        raise error(f"{prefix}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
     number = int(value.item() if hasattr(value, "item") else value)
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {number!r}.")
+        raise error(f"{prefix}`{name}` must be {expected}, got {number!r}.")
     return number
 
 
@@ -79,12 +80,13 @@ def as_real(
     :raises error: for a non-number, NaN or infinity, or a value out of range.
     """
     expected = "a finite number" + ("" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}")
+    prefix = f"{owner}: " if owner else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
+        raise error(f"{prefix}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
     number = float(value)
     below = minimum is not None and (number <= minimum if exclusive else number < minimum)
     if not math.isfinite(number) or below:
-        raise error(f"{owner + ': ' if owner else ''}`{name}` must be {expected}, got {value!r}.")
+        raise error(f"{prefix}`{name}` must be {expected}, got {value!r}.")
     return number
 
 

@@ -36,9 +36,9 @@ def _highlight(lm, factual_ids, ids) -> Text:
     factual = trim_after_end(factual_ids, lm.eos_token_ids)
     tokens = trim_after_end(ids, lm.eos_token_ids)
     changed = [False] * len(tokens)
-    for tag, _, _, j1, j2 in Levenshtein.opcodes(factual, tokens[:span]):
-        if tag in ("replace", "insert"):
-            changed[j1:j2] = [True] * (j2 - j1)
+    for op in Levenshtein.opcodes(factual, tokens[:span]):
+        if op.tag in ("replace", "insert"):
+            changed[op.dest_start : op.dest_end] = [True] * (op.dest_end - op.dest_start)
     ended = bool(tokens) and tokens[-1] in lm.eos_token_ids
     pieces = lm.token_texts(tokens[:-1] if ended else tokens) + (["⏎"] if ended else [])
     text = Text()
@@ -144,7 +144,9 @@ def counterfactual_command(
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, HF folder or hub id."),
     text: Optional[str] = typer.Option(None, help="Observed continuation text."),
     generate: bool = typer.Option(False, "--generate", help="Sample the observed continuation from the model."),
-    intervention: str = typer.Option("", help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'prompt=...', 'model=PATH') or a JSON/YAML file."),
+    intervention: str = typer.Option(
+        "", help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'prompt=...', 'model=PATH') or a JSON/YAML file."
+    ),
     samples: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
     max_new_tokens: Optional[int] = typer.Option(None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=32)),
@@ -161,7 +163,7 @@ def counterfactual_command(
 
     with one_line_errors():
         if (text is None) == (not generate):
-            raise ValueError("give exactly one of --text TEXT or --generate.")
+            raise typer.BadParameter("give exactly one of --text TEXT or --generate.")
         decoding = Decoding(temperature, top_k, top_p)
         lm = _load(model, dtype)
         spec = parse_intervention(intervention, lm)
@@ -179,7 +181,7 @@ def counterfactual_command(
                 "log_prob_factual": result.log_prob_factual,
                 "counterfactual_ids": result.counterfactual_ids.tolist(),
                 "counterfactual_texts": result.counterfactual_texts,
-                "interventional_ids": result.interventional_ids.tolist(),
+                "interventional_ids": [] if result.interventional_ids is None else result.interventional_ids.tolist(),
                 "interventional_texts": result.interventional_texts,
             }
             json.dump(out, sys.stdout, indent=2)

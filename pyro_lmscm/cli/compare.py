@@ -89,12 +89,16 @@ def compare_inference(
         if methods is None:
             names = [n for n in METHOD_NAMES if n != "relaxed-nuts" or scm.vocab_size <= NUTS_MAX_VOCAB]
             if scm.vocab_size > NUTS_MAX_VOCAB:
-                console.print(f"(relaxed-nuts left out: vocabulary {scm.vocab_size} > {NUTS_MAX_VOCAB}; HMC over n*V dims)")
+                console.print(
+                    f"(relaxed-nuts left out: vocabulary {scm.vocab_size} > {NUTS_MAX_VOCAB}; HMC over n*V dims)"
+                )
         else:
             names = [n.strip() for n in methods.split(",") if n.strip()]
             unknown = sorted(set(names) - set(available))
             if unknown:
-                raise typer.BadParameter(f"unknown methods {unknown}; choose from {sorted(available)}", param_hint="--methods")
+                raise typer.BadParameter(
+                    f"unknown methods {unknown}; choose from {sorted(available)}", param_hint="--methods"
+                )
         console.print(f"model: {name} (vocabulary {scm.vocab_size}), loaded in {time.perf_counter() - start:.1f} s")
         comparison = compare_abduction(
             scm, lm.encode(prompt_text), None if observed is None else lm.encode(observed),

@@ -31,7 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-from ..errors import InferenceError
+from ..errors import InferenceError, UnsupportedVersionError
 from ..validation import is_integer
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def to_inference_data(
     """
     major = int(az.__version__.split(".")[0])
     if major not in CONVERTERS:
-        raise NotImplementedError(
+        raise UnsupportedVersionError(
             f"no converter for ArviZ {az.__version__}; pyro_lmscm supports ArviZ "
             f"{sorted(CONVERTERS)}.x (install 'arviz<1') or add one to CONVERTERS."
         )

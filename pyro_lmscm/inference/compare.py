@@ -112,7 +112,7 @@ class AbductionComparison:
         """The row of ``method`` (its label, or a unique label starting with it)."""
         matches = [r for r in self.rows if r.method == method] or [r for r in self.rows if r.method.startswith(method)]
         if len(matches) != 1:
-            raise KeyError(f"no unique row for {method!r}; rows: {[r.method for r in self.rows]}")
+            raise InferenceError(f"no unique row for {method!r}; rows: {[r.method for r in self.rows]}")
         return matches[0]
 
     def to_dicts(self) -> list[dict[str, Any]]:

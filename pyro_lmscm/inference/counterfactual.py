@@ -273,7 +273,7 @@ def counterfactual(
         if observed.dim() != 1:
             raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
-        intervened = poutine.do(scm.model, data=data)
+        intervened = poutine.do(scm.model, data=dict(data))  # type: ignore[arg-type]  # tensors are values
         size = num_samples if chunk_size is None else min(chunk_size, num_samples)
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         chunks = [
@@ -281,7 +281,7 @@ def counterfactual(
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
-        interventional_ids = torch.cat([chunk[1] for chunk in chunks]) if baseline else None
+        interventional_ids = torch.cat([c[1] for c in chunks if c[1] is not None]) if baseline else None
         stats = [chunk[2] for chunk in chunks]
         noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]} if stats[0] else {}
     return CounterfactualResult(

@@ -10,6 +10,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
+from ..errors import InferenceError
+
 __all__ = ["GumbelMaxPosterior", "gumbel_log_density", "standard_exponential", "standard_gumbel"]
 
 
@@ -49,7 +51,7 @@ def standard_exponential(
     """
     if out is not None:
         if not out.is_contiguous():
-            raise ValueError("`out` must be contiguous.")
+            raise InferenceError("`out` must be contiguous.")
         if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64):
             return out.exponential_(generator=generator)
         shape, dtype, device = out.shape, out.dtype, out.device
@@ -126,8 +128,8 @@ def _break_rounding_ties(logits: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
         return
     value = k.squeeze(-1)
     for row in torch.nonzero(wrong).tolist():
-        index = tuple(row)
-        ell, noise, token = logits[index], u[index], int(value[index])
+        position = tuple(row)
+        ell, noise, token = logits[position], u[position], int(value[position])
         winner = ell[token] + noise[token]
         ulp = winner - torch.nextafter(winner, winner.new_tensor(float("-inf")))
         for attempt in range(64):

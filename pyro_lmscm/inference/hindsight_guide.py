@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from ..errors import AbductionError, ObservationError
+from ..errors import AbductionError, InferenceError, ObservationError
 from ..models.anchor import FactualAnchor
 from ..models.decoding import check_logits
 from ..models.factual_anchor_messenger import FactualAnchorMessenger
@@ -46,10 +46,10 @@ def noise_trace(scm: LanguageModelSCM, noise: torch.Tensor) -> poutine.Trace:
 
     :param noise: ``(..., T, V)``, e.g. :meth:`HindsightGumbelGuide.sample_noise`; replay
         it under a plate whose size is its leading dimension.
-    :raises ValueError: if the shape does not match ``scm.max_new_tokens`` and the vocabulary.
+    :raises InferenceError: if the shape does not match ``scm.max_new_tokens`` and the vocabulary.
     """
     if noise.dim() < 2 or tuple(noise.shape[-2:]) != (scm.max_new_tokens, scm.vocab_size):
-        raise ValueError(
+        raise InferenceError(
             f"`noise` must have shape (..., {scm.max_new_tokens}, {scm.vocab_size}) "
             f"(max_new_tokens, vocabulary), got {tuple(noise.shape)}."
         )
@@ -122,7 +122,7 @@ class HindsightGumbelGuide:
     ) -> None:
         self.scm = scm
         if scm.collapsed:
-            raise ValueError(
+            raise InferenceError(
                 "HindsightGumbelGuide needs the SCM's noise sites; build it with collapsed=False "
                 "(a collapsed SCM marginalises the noise)."
             )
@@ -250,7 +250,9 @@ class HindsightGumbelGuide:
         prior = dist.Gumbel(zeros, torch.ones_like(zeros)).to_event(1)
         for t in range(self.scm.max_new_tokens):
             if t < observed.shape[-1]:
-                posterior = GumbelMaxPosterior(logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t])
+                posterior = GumbelMaxPosterior(
+                    logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t]
+                )
                 pyro.sample(self.scm.site(noise_site(t)), posterior)
             else:
                 pyro.sample(self.scm.site(noise_site(t)), prior.expand(logits.shape[:-2]))

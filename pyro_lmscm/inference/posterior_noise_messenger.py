@@ -2,7 +2,7 @@ r"""``PosteriorNoiseMessenger``: the exact posterior noise of each step, drawn w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.poutine.broadcast_messenger import BroadcastMessenger
@@ -31,8 +31,8 @@ def _broadcast(msg: Message) -> None:
         for m in _PYRO_STACK
         if isinstance(m, IndepMessenger) and m.dim is not None
     )
-    probe = dict(msg, cond_indep_stack=frames, done=False)
-    BroadcastMessenger._pyro_sample(probe)  # type: ignore[arg-type]
+    probe: Any = dict(msg, cond_indep_stack=frames, done=False)
+    BroadcastMessenger._pyro_sample(probe)
     msg["fn"] = probe["fn"]
 
 
@@ -93,7 +93,8 @@ class PosteriorNoiseMessenger(Messenger):
         if t is None or msg["done"] or msg["is_observed"]:
             return
         _broadcast(msg)
-        shape = msg["fn"].batch_shape + msg["fn"].event_shape
+        fn: Any = msg["fn"]
+        shape = fn.batch_shape + fn.event_shape
         dtype, device = self.logits.dtype, self.logits.device
         posterior = None
         if t < self.observed.shape[-1]:
@@ -102,7 +103,10 @@ class PosteriorNoiseMessenger(Messenger):
             )
         size = self.num_posterior_rows
         if size is None:
-            value = standard_gumbel(shape, dtype, device) if posterior is None else posterior.expand(shape[:-1]).sample()
+            if posterior is None:
+                value = standard_gumbel(shape, dtype, device)
+            else:
+                value = posterior.expand(shape[:-1]).sample()
         else:  # posterior rows first, then prior rows from their own generator
             value = torch.empty(shape, dtype=dtype, device=device)
             rows = value.view(-1, shape[-1])

@@ -10,7 +10,7 @@ method). ``counterfactual()`` and :class:`~pyro_lmscm.inference.AbductionResult`
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -38,7 +38,7 @@ def predict(
     model: Callable[[torch.Tensor], torch.Tensor],
     prompt: torch.Tensor,
     rows: int,
-    noise: Callable[[int, int], ContextManager[None]],
+    noise: Callable[[int, int], ContextManager[Any]],
     anchor: FactualAnchor | None = None,
     deterministic: bool = False,
 ) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from pyro.infer.importance import LogWeightsMixin
 
+from ..errors import InferenceError
 from ..models.sites import noise_site
 from .gumbel_max_posterior import gumbel_log_density
 
@@ -28,7 +29,7 @@ def kish_ess(log_weights: torch.Tensor | None, num_samples: int | None = None) -
     ``num_samples`` for ``None`` (uniform weights), ``0.0`` when every weight is zero."""
     if log_weights is None:
         if num_samples is None:
-            raise ValueError("`num_samples` is needed for uniform weights.")
+            raise InferenceError("`num_samples` is needed for uniform weights.")
         return float(num_samples)
     weights = LogWeightsMixin()  # Pyro's own: exp(-logsumexp(2 log w_normalised))
     weights.log_weights = log_weights.double()

@@ -24,7 +24,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import TraceEnum_ELBO, infer_discrete
 
-from ..errors import ObservationError
+from ..errors import InferenceError, ObservationError
 from ..models.distributions import IntegerDelta
 from ..models.sites import PROMPT, token_site
 from .hindsight_guide import HindsightGumbelGuide
@@ -61,7 +61,8 @@ def _conditioned(model: Callable, scm: LanguageModelSCM, observed: torch.Tensor)
             return {}
         return {"enumerate": "parallel"}
 
-    return poutine.condition(poutine.infer_config(model, config), data=scm.observations(observed))
+    configured = poutine.infer_config(model, config)  # type: ignore[arg-type]  # a plain dict is an InferDict
+    return poutine.condition(configured, data=scm.observations(observed))
 
 
 def upstream_marginals(
@@ -112,7 +113,7 @@ class UpstreamHindsightGuide:
         max_plate_nesting: int = 0,
     ) -> None:
         if not collapsed_scm.collapsed or scm.collapsed or collapsed_scm.name != scm.name:
-            raise ValueError(
+            raise InferenceError(
                 "UpstreamHindsightGuide needs a collapsed SCM and a non-collapsed SCM with the same name."
             )
         self.sampler = infer_discrete(

@@ -231,7 +231,7 @@ class LoRAAdapter(Mechanism):
 
     @contextmanager
     def _enabled(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        saved = []
+        saved: list[tuple[Any, list[str], bool, list[tuple[torch.nn.Parameter, bool]]]] = []
 
         def restore() -> None:  # idempotent: run again from the start if interrupted
             for layer, active, disabled, flags in reversed(saved):

@@ -50,7 +50,8 @@ def gender_steering(
     alpha: float = 1.0,
     start: int = 0,
 ) -> ActivationSteering:
-    r"""Steer toward ``direction`` by :math:`h_L \mapsto h_L \pm \alpha\,(\bar h^{\text{female}}_L - \bar h^{\text{male}}_L)`.
+    r"""Steer toward ``direction``: :math:`h_L \mapsto h_L \pm \alpha\,\Delta_L`, with
+    :math:`\Delta_L = \bar h^{\text{female}}_L - \bar h^{\text{male}}_L`.
 
     :param lm: the factual language model (the prompts need its tokenizer).
     :param direction: ``"female"`` (plus sign) or ``"male"`` (minus sign).

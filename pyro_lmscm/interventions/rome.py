@@ -268,7 +268,8 @@ def rome_edit(
         C = \frac{1}{N} \sum_{n=1}^{N} k_n k_n^\top + \lambda \frac{\operatorname{tr}}{d_{in}} I, \\
         \delta &= \arg\min_{\delta} \; \frac{1}{|X|} \sum_{x \in X} -\frac{1}{|o|}
             \log p_{\delta}(o \mid x)
-            + \beta\, \frac{1}{|K|} \sum_{y \in K} \mathrm{KL}\!\left(p(\cdot \mid y) \,\|\, p_{\delta}(\cdot \mid y)\right)
+            + \beta\, \frac{1}{|K|} \sum_{y \in K}
+                \mathrm{KL}\!\left(p(\cdot \mid y) \,\|\, p_{\delta}(\cdot \mid y)\right)
             + \gamma\, \frac{\lVert \delta \rVert^2}{\lVert v_0 \rVert^2}, \\
         v^* &= v_0 + \delta, \qquad
         \Delta W = \frac{(v^* - W k^*)\,(C^{-1} k^*)^\top}{(C^{-1} k^*)^\top k^*},

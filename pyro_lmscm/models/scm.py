@@ -2,7 +2,7 @@ r"""A language model as a structural causal model (SCM) over Gumbel-max sampling
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -100,7 +100,7 @@ class LanguageModelSCM:
                 )
             mechanism.check(lm)
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise ValueError(f"`name` must be a non-empty string without '/', got {name!r}.")
+            raise MechanismError(f"`name` must be a non-empty string without '/', got {name!r}.")
         self.name = name
         self.collapsed = bool(collapsed)
         self.mechanism_names: list[str] = [FACTUAL, *mechanisms]
@@ -206,12 +206,12 @@ class LanguageModelSCM:
         prompt_ids = self.check_prompt(prompt_ids)
         device = prompt_ids.device
         # observed point masses, as pyro.deterministic: not latent, but do() can replace them
-        point = {"_deterministic": True}
+        point: Any = {"_deterministic": True}  # an InferDict key that Pyro's TypedDict does not list
         prompt = pyro.sample(
             self.site(PROMPT), IntegerDelta(prompt_ids, event_dim=1), obs=prompt_ids, infer=point
         )
         factual = torch.tensor(0, device=device)
-        mechanism = pyro.sample(self.site(MECHANISM), IntegerDelta(factual), obs=factual, infer=dict(point))
+        mechanism = pyro.sample(self.site(MECHANISM), IntegerDelta(factual), obs=factual, infer={**point})
         prompt = self.check_prompt(prompt)
         mechanism = torch.as_tensor(mechanism, device=device).long()
 
@@ -224,7 +224,7 @@ class LanguageModelSCM:
         expanded = noise  # noise.expand(batch shape), rebuilt only when the batch grows
         finished = torch.zeros(batch.batch_shape, dtype=torch.bool, device=device)
         pad_logits = torch.full((vocab,), float("-inf"), device=device).index_fill(0, pad.reshape(1), 0.0)
-        tokens = []
+        tokens: list[torch.Tensor] = []
         for t in range(self.max_new_tokens):
             raw = check_logits(batch.logits(), f"step {t} ('{self.site(token_site(t))}')")
             raw = step_logits(self, t, raw, prompt, mechanism, tokens, name=self.site(f"__logits_{t}"))

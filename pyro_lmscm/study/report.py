@@ -80,7 +80,8 @@ def _summary_csv(rows: Sequence[SummaryRow]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["group", "metric", "kind", "mean", "low", "high", "n"])
     for row in rows:
-        writer.writerow([csv_cell(row.group), row.metric, row.kind, repr(row.mean), repr(row.low), repr(row.high), row.n])
+        cells = [csv_cell(row.group), row.metric, row.kind, repr(row.mean), repr(row.low), repr(row.high), row.n]
+        writer.writerow(cells)
     return buffer.getvalue()
 
 

@@ -193,6 +193,7 @@ class StudyWorker:
         # the draws are compared over the same horizon.
         horizon = config.max_new_tokens if factual[-1] in eos else len(factual)
         cf_rows = [trim_after_end(row, eos)[:horizon] for row in result.counterfactual_ids]
+        assert result.interventional_ids is not None  # baseline=True
         int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
         rows = [factual, *cf_rows, *int_rows]
         token_f, total_f = ragged_token_log_probs(self.scm, prompt, rows)
