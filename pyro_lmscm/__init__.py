@@ -9,11 +9,14 @@ from .errors import LMSCMError
 from .inference import (
     CounterfactualDistribution,
     CounterfactualResult,
+    ExactCounterfactual,
     HindsightGumbelGuide,
+    PosteriorNoiseMessenger,
     UpstreamHindsightGuide,
     abduct,
     compare_abduction,
     counterfactual,
+    exact_counterfactual,
 )
 from .interventions import (
     ActivationSteering,
@@ -36,6 +39,7 @@ __all__ = [
     "CounterfactualDistribution",
     "CounterfactualResult",
     "Decoding",
+    "ExactCounterfactual",
     "HFLanguageModel",
     "HindsightGumbelGuide",
     "LMSCMError",
@@ -43,6 +47,7 @@ __all__ = [
     "LoRAAdapter",
     "Mechanism",
     "ModelSwap",
+    "PosteriorNoiseMessenger",
     "RankOneEdit",
     "UpstreamHindsightGuide",
     "WeightDelta",
@@ -50,6 +55,7 @@ __all__ = [
     "compare_abduction",
     "counterfactual",
     "errors",
+    "exact_counterfactual",
     "load_lm",
     "metrics",
     "rome_edit",

@@ -25,6 +25,7 @@ from .compare import (
 )
 from .counterfactual import CounterfactualResult, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
+from .exact import ExactCounterfactual, exact_counterfactual, step_counterfactual_log_probs
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
@@ -34,6 +35,9 @@ from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
     "DRAWS",
+    "ExactCounterfactual",
+    "exact_counterfactual",
+    "step_counterfactual_log_probs",
     "PosteriorNoiseMessenger",
     "METHODS",
     "NUTS_MAX_VOCAB",

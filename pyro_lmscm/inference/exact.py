@@ -1,0 +1,312 @@
+r"""Exact counterfactual probabilities of the Gumbel-max SCM, in closed form.
+
+One step. Let :math:`p = \mathrm{softmax}(\ell)` be the factual decoded distribution,
+:math:`q = \mathrm{softmax}(\ell')` the counterfactual one (the intervened mechanism at the
+counterfactual prefix), :math:`k` the observed token and :math:`u \sim \mathrm{Gumbel}(0,1)^V`
+the shared noise, conditioned on :math:`k = \arg\max(\ell + u)`. With
+:math:`r_i = p_i / q_i` (:math:`+\infty` where :math:`q_i = 0`) and
+:math:`H(\rho) = \sum_i \max(p_i, \rho q_i)`,
+
+.. math::
+
+    P(J = j \mid K = k) = q_j \int_{r_j}^{r_k} H(\rho)^{-2}\, d\rho \quad (j \neq k,\ 0 \text{ if } r_j \geq r_k),
+    \qquad P(J = k \mid K = k) = \frac{1}{H(r_k)} = 1 - \sum_{j \neq k} P(J = j \mid K = k).
+
+*Derivation.* With :math:`E_i = e^{-u_i} \sim \mathrm{Exp}(1)`, :math:`K = \arg\min_i E_i / p_i`
+and :math:`J = \arg\min_i E_i / q_i`. Given :math:`a = E_k / p_k` and :math:`b = E_j / q_j`
+every other :math:`E_i` must exceed :math:`\max(a p_i, b q_i)`; with :math:`\rho = b / a` the
+exponent is :math:`a H(\rho)`, and integrating :math:`a` out is a Gamma integral, which gives
+:math:`p_k q_j \int H^{-2}` for the joint and, divided by :math:`P(K = k) = p_k`, the first
+formula. For :math:`j = k` every :math:`E_i` must exceed :math:`E_k \max(p_i / p_k, q_i / q_k)`,
+which gives the second. Only tokens whose ratio :math:`q_j / p_j` beats the observed token's
+can replace it (counterfactual stability, Oberst & Sontag 2019).
+
+*Closed form.* :math:`H` is piecewise linear with breakpoints at the sorted :math:`r_i`; on a
+segment :math:`[x, y]` the integral is :math:`(y - x) / (H(x) H(y))`. Sums of segments taken
+from the :math:`r_k` end (a reversed ``logcumsumexp``) give every :math:`j` at once in
+:math:`O(V \log V)`, all in log space and float64, so logits of size :math:`10^4` and
+probabilities far below :math:`10^{-300}` keep their precision. :math:`P(J = k)` is
+:math:`1 - \sum_{j \neq k}` while that sum is below one half (exactly 1 when no token can
+replace :math:`k`, e.g. under the null intervention) and :math:`1 / H(r_k)` otherwise, so a
+small :math:`P(J = k)` is never a difference of nearly equal numbers.
+
+A string. Given the observation the noise is independent across steps, so the
+counterfactual is a chain: :math:`q(s_t \mid s_{<t}) = P(J = s_t \mid K = w_t; \ell_t,
+\ell'_t(s_{<t}))` at an observed step, :math:`\mathrm{softmax}(\ell'_t(s_{<t}))` past the
+observation (or after an observed end of sequence: the noise there is the prior), the pad
+token after the counterfactual's own end of sequence, and a point mass under
+``do(w_t = x)``. :class:`ExactCounterfactual` evaluates it.
+
+References
+
+[1] S. Ravfogel, A. Svete, V. Snæbjarnarson, R. Cotterell (2024), "Gumbel Counterfactual
+    Generation From Language Models", arXiv:2411.07180.
+[2] M. Oberst, D. Sontag (2019), "Counterfactual Off-Policy Evaluation with Gumbel-Max
+    Structural Causal Models", ICML.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import AbductionError, ObservationError
+from ..interventions.ops import as_do_data
+from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..seeding import seeded
+from ..validation import as_int
+from .hindsight_guide import HindsightGumbelGuide
+
+if TYPE_CHECKING:
+    from ..interventions.ops import Intervention
+    from ..models.scm import LanguageModelSCM
+
+__all__ = ["ExactCounterfactual", "exact_counterfactual", "step_counterfactual_log_probs"]
+
+
+def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log(y - x)` for :math:`y \\geq x \\geq 0` given in log space (``-inf`` when equal)."""
+    out = log_y + torch.log1p(-torch.exp(log_x - log_y))
+    return torch.where(log_y > log_x, out, torch.full_like(out, float("-inf")))
+
+
+def step_counterfactual_log_probs(
+    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log P(J = j \mid K = k)` for every token :math:`j`, exactly (float64).
+
+    :param factual_logits: decoded factual logits :math:`\ell`, ``(..., V)``, with
+        :math:`\ell_k > -\infty`.
+    :param counterfactual_logits: decoded counterfactual logits :math:`\ell'`, ``(..., V)``.
+    :param observed: the observed tokens :math:`k`, ``(...)``.
+    :returns: ``(..., V)`` log-probabilities; they sum to one over the last dimension.
+    :raises AbductionError: if an observed token has factual probability zero.
+
+    >>> from pyro_lmscm.inference import step_counterfactual_log_probs
+    >>> logits = torch.tensor([1.0, 2.0, 0.5])
+    >>> step_counterfactual_log_probs(logits, logits, torch.tensor(1)).exp().tolist()  # the null intervention
+    [0.0, 1.0, 0.0]
+    """
+    log_p = factual_logits.double().log_softmax(-1)
+    log_q = counterfactual_logits.double().log_softmax(-1)
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    shape, vocab = log_p.shape, log_p.shape[-1]
+    log_p, log_q = log_p.reshape(-1, vocab), log_q.reshape(-1, vocab)
+    k = observed.reshape(-1).to(log_p.device).long().expand(log_p.shape[0]).reshape(-1, 1)
+    if bool((log_p.gather(-1, k) == float("-inf")).any()):
+        raise AbductionError("an observed token has factual probability zero: no noise produces it.")
+    inf = float("inf")
+    valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
+    log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
+    order = log_r.argsort(dim=-1, stable=True)
+    lr = log_r.gather(-1, order)
+    lp = torch.where(valid, log_p, -inf).gather(-1, order)
+    lq = torch.where(valid, log_q, -inf).gather(-1, order)
+    # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
+    suffix = torch.logcumsumexp(lp.flip(-1), -1).flip(-1)  # sum over positions >= m
+    log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
+    log_b = torch.logcumsumexp(lq, -1)  # <= m
+    log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
+    # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1})); to +inf: 1 / (H(x_m) B_m)
+    x, y = lr[:, :-1], lr[:, 1:]
+    finite = y < inf
+    log_segment = torch.where(
+        finite,
+        _log_diff(torch.where(finite, y, 0.0), torch.where(finite, x, 0.0)) - log_h[:, :-1] - log_h[:, 1:],
+        torch.where(x < inf, -log_h[:, :-1] - log_b[:, :-1], -inf),
+    )
+    log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
+    # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=order.device).expand_as(order))
+    position_k = rank.gather(-1, k)  # (R, 1)
+    below_k = torch.arange(vocab - 1, device=order.device) < position_k
+    log_segment = torch.where(below_k, log_segment, -inf)
+    log_f = torch.logcumsumexp(log_segment.flip(-1), -1).flip(-1)  # (R, V-1): from m to the end
+    log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
+    sorted_out = lq + log_f
+    out = torch.empty_like(sorted_out).scatter_(-1, order, sorted_out)
+    # P(J = k): 1 - (the others) while they are small (exact when they vanish, as under the
+    # null intervention), else 1 / H(r_k), which keeps a small P(J = k) precise
+    others = out.scatter(-1, k, -inf).logsumexp(-1, keepdim=True)
+    log_stay = torch.where(
+        others < math.log(0.5), torch.log1p(-others.exp().clamp(max=0.5)), -log_h.gather(-1, position_k)
+    )
+    out.scatter_(-1, k, log_stay)
+    return out.reshape(shape)
+
+
+class ExactCounterfactual:
+    r"""The exact counterfactual distribution of an observed string under an intervention.
+
+    Built by :func:`exact_counterfactual`. The factual logits :math:`\ell_t` at the observed
+    prefixes come from the abduction's teacher-forced pass; each query runs the intervened
+    mechanism teacher-forced on its candidate strings.
+
+    :ivar scm: the SCM.
+    :ivar prompt_ids: the factual prompt ``(L,)``.
+    :ivar observed_ids: the observation ``(n,)``.
+    :ivar intervention: the ``poutine.do`` data.
+    """
+
+    def __init__(self, scm: LanguageModelSCM, prompt: torch.Tensor, observed: torch.Tensor, data: dict) -> None:
+        self.scm = scm
+        self.prompt_ids = prompt
+        self.observed_ids = observed
+        self.intervention = data
+        guide = HindsightGumbelGuide(scm, observed)
+        self._factual = guide.decoded_logits(prompt).double()  # (n, V)
+        self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
+        self._prompt = data.get(scm.site(PROMPT), prompt)
+        self._mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
+        self._forced: dict[int, int] = {}
+        for name, value in data.items():
+            parsed = parse_step_site(name[len(scm.site("")) :] if scm.name else name)
+            if parsed is not None and parsed[0] == "w":
+                self._forced[parsed[1]] = int(value)
+        eos = scm.lm.eos_token_ids
+        self._eos = torch.tensor(eos, dtype=torch.long) if eos else torch.empty(0, dtype=torch.long)
+
+    # -- the chain q(s_t | s_<t) ------------------------------------------------------------
+
+    @torch.no_grad()
+    def _counterfactual_logits(self, prefixes: torch.Tensor, length: int) -> torch.Tensor:
+        """Decoded intervened logits ``(B, length, V)`` at steps ``0..length-1`` of the
+        candidates ``prefixes`` ``(B, >= length - 1)``."""
+        rows = prefixes.shape[0]
+        inputs = torch.cat([self._prompt.expand(rows, -1), prefixes[:, : length - 1].to(self._prompt.device)], -1)
+        with self.scm.mechanisms[self._mechanism].activate(self.scm.lm) as f:
+            return self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
+
+    def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` log q(. | s_<t) at step ``t``, given the counterfactual logits ``(B, V)``
+        there and whether each candidate has already ended."""
+        n = self.observed_ids.shape[-1]
+        if t < n and bool(self._active[t]):
+            log_q = step_counterfactual_log_probs(self._factual[t], logits, self.observed_ids[t])
+        else:
+            log_q = logits.log_softmax(-1)
+        pad = torch.full_like(log_q, float("-inf"))
+        pad[:, self.scm.lm.pad_token_id] = 0.0
+        log_q = torch.where(ended[:, None], pad, log_q)  # after its end the SCM pads ...
+        if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
+            log_q = torch.full_like(log_q, float("-inf"))
+            log_q[:, self._forced[t]] = 0.0
+        return log_q
+
+    def _ended_before(self, candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, m)``: the candidate emitted an end of sequence before step ``t``."""
+        if self._eos.numel() == 0:
+            return torch.zeros(candidates.shape, dtype=torch.bool)
+        hit = torch.isin(candidates.cpu(), self._eos).cummax(-1).values
+        return torch.cat([torch.zeros_like(hit[:, :1]), hit[:, :-1]], -1)
+
+    def token_log_probs(self, candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, m)`` float64: :math:`\\log q(s_t \\mid s_{<t})` of each candidate's tokens.
+
+        :param candidates: token ids ``(B, m)`` (or ``(m,)``), ``1 <= m <= T``.
+        """
+        candidates = self._check(candidates)
+        rows, m = candidates.shape
+        logits = self._counterfactual_logits(candidates, m).cpu()
+        ended = self._ended_before(candidates)
+        out = torch.empty(rows, m, dtype=torch.float64)
+        for t in range(m):
+            log_q = self._step_log_probs(t, logits[:, t], ended[:, t])
+            out[:, t] = log_q.gather(-1, candidates[:, t : t + 1].cpu()).squeeze(-1)
+        return out
+
+    def log_prob(self, candidates: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64: log P(the counterfactual's first ``m`` tokens = candidate); one
+        teacher-forced pass of the intervened mechanism for the batch."""
+        return self.token_log_probs(candidates).sum(-1)
+
+    def next_token_probs(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``(V,)`` float64: q(. | prefix), the counterfactual's next token after ``prefix``."""
+        prefix = torch.zeros(0, dtype=torch.long) if prefix is None else torch.as_tensor(prefix).long().reshape(-1)
+        t = prefix.shape[-1]
+        if t >= self.scm.max_new_tokens:
+            raise ObservationError(f"the prefix has {t} tokens; the SCM stops after {self.scm.max_new_tokens}.")
+        padded = torch.cat([prefix, prefix.new_zeros(1)])[None]
+        logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
+        return self._step_log_probs(t, logits, self._ended_before(padded)[:, t]).exp()[0]
+
+    def prob_unchanged(self) -> float:
+        """P(counterfactual[:n] = observed[:n]): one pass of the intervened model on the observation."""
+        return float(self.log_prob(self.observed_ids[None]).exp())
+
+    def first_divergence(self) -> torch.Tensor:
+        """``(n + 1,)`` float64: entry ``t < n`` is P(the first step where the counterfactual
+        differs from the observation is ``t``); the last entry is P(unchanged)."""
+        log_q = self.token_log_probs(self.observed_ids[None])[0]  # log q(w_t | w_<t)
+        survive = torch.cat([log_q.new_zeros(1), torch.cumsum(log_q, 0)])  # log P(same up to t)
+        leave = survive[:-1] + torch.log1p(-torch.exp(log_q).clamp(max=1.0))
+        return torch.cat([leave, survive[-1:]]).exp()
+
+    def sample(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
+        """``(num_samples, T)`` ancestral samples of the counterfactual string from the chain."""
+        num_samples = as_int(num_samples, "num_samples", minimum=1)
+        T = self.scm.max_new_tokens
+        ids = torch.zeros(num_samples, T, dtype=torch.long)
+        with seeded(seed):
+            for t in range(T):
+                logits = self._counterfactual_logits(ids, t + 1).cpu()[:, t]
+                probs = self._step_log_probs(t, logits, self._ended_before(ids)[:, t]).exp()
+                ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
+        return ids
+
+    def mode(self, num_beams: int = 4) -> tuple[torch.Tensor, float]:
+        """The most probable counterfactual string ``(T,)`` and its log-probability, by beam
+        search on the chain (exact for ``num_beams >= V^T``; a strong lower bound otherwise)."""
+        num_beams = as_int(num_beams, "num_beams", minimum=1)
+        beams, scores = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+        for t in range(self.scm.max_new_tokens):
+            padded = torch.cat([beams, beams.new_zeros(beams.shape[0], 1)], -1)
+            logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
+            log_q = self._step_log_probs(t, logits, self._ended_before(padded)[:, t])
+            total = (scores[:, None] + log_q).reshape(-1)
+            best = total.topk(min(num_beams, int(torch.isfinite(total).sum())), sorted=True)
+            rows, tokens = best.indices // log_q.shape[-1], best.indices % log_q.shape[-1]
+            beams, scores = torch.cat([beams[rows], tokens[:, None]], -1), best.values
+        return beams[0], float(scores[0])
+
+    def _check(self, candidates: torch.Tensor) -> torch.Tensor:
+        candidates = self.scm.lm.check_ids(candidates, "candidates").cpu()
+        if candidates.dim() == 1:
+            candidates = candidates[None]
+        if candidates.dim() != 2 or not 1 <= candidates.shape[-1] <= self.scm.max_new_tokens:
+            raise ObservationError(
+                f"`candidates` must have shape (B, m) with 1 <= m <= {self.scm.max_new_tokens}, "
+                f"got {tuple(candidates.shape)}."
+            )
+        return candidates
+
+
+def exact_counterfactual(
+    scm: LanguageModelSCM,
+    prompt: torch.Tensor,
+    observed: torch.Tensor,
+    intervention: Intervention | None = None,
+) -> ExactCounterfactual:
+    r"""The exact counterfactual distribution of ``observed`` under ``intervention``.
+
+    :param scm: the SCM.
+    :param prompt: prompt ids ``(L,)``.
+    :param observed: the observed continuation ``(n,)``.
+    :param intervention: as :func:`~pyro_lmscm.counterfactual`.
+    :raises ObservationError, AbductionError, InterventionError: on bad input.
+
+    >>> from pyro_lmscm.inference import exact_counterfactual
+    >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
+    >>> exact = exact_counterfactual(scm, torch.tensor([2, 3]), torch.tensor([7, 3, 9]), {})
+    >>> exact.prob_unchanged()
+    1.0
+    """
+    prompt = scm.check_prompt(prompt)
+    if prompt.dim() != 1:
+        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
+    observed = scm.check_observed(observed)
+    if observed.dim() != 1:
+        raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
+    return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention))

@@ -1,0 +1,171 @@
+"""Exact counterfactual probabilities against independent computations: numerical quadrature
+of the integral, brute-force rejection sampling, and the Monte Carlo ``counterfactual()``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
+from pyro_lmscm.inference import step_counterfactual_log_probs
+from pyro_lmscm.models import Decoding
+from pyro_lmscm.testing import tiny_llama
+
+INF = float("inf")
+
+
+def _quadrature(logits, counterfactual_logits, k):
+    """P(J = j | K = k) by numerical integration of q_j * int_{r_j}^{r_k} H^-2 (scipy.quad)."""
+    p = np.exp(logits - np.logaddexp.reduce(logits))
+    q = np.exp(counterfactual_logits - np.logaddexp.reduce(counterfactual_logits))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(q > 0, p / q, np.inf)
+
+    def h(rho):
+        return np.maximum(p, rho * q).sum()
+
+    out = np.zeros(len(p))
+    for j in range(len(p)):
+        if j == k or q[j] == 0 or not r[j] < r[k]:
+            continue
+        breaks = sorted({x for x in r if r[j] < x < r[k] and np.isfinite(x)})
+        edges = [r[j], *breaks, r[k]]
+        out[j] = q[j] * sum(integrate.quad(lambda x: h(x) ** -2, a, b, epsabs=1e-14, epsrel=1e-12)[0]
+                            for a, b in zip(edges[:-1], edges[1:]))
+    out[k] = 1.0 - out.sum()
+    return out
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    for case in range(6):
+        logits, other = rng.normal(0, 2, 7), rng.normal(0, 2, 7)
+        if case >= 2:
+            logits[rng.choice(7, 2, replace=False)] = -INF  # -inf on either side
+            other[rng.choice(7, 2, replace=False)] = -INF
+        k = int(rng.choice(np.flatnonzero(np.isfinite(logits))))
+        yield logits, other, k
+
+
+@pytest.mark.parametrize("logits, other, k", list(_cases()))
+def test_one_step_equals_quadrature(logits, other, k):
+    exact = step_counterfactual_log_probs(torch.tensor(logits), torch.tensor(other), torch.tensor(k)).exp().numpy()
+    np.testing.assert_allclose(exact, _quadrature(logits, other, k), atol=1e-9, rtol=0)
+    assert exact.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def _chi_square(counts, probs):
+    """p-value of Pearson's test, bins with expected count < 5 pooled."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+
+
+@pytest.mark.parametrize("logits, other, k", list(_cases())[:4])
+def test_one_step_matches_rejection_sampling(logits, other, k):
+    rng = np.random.default_rng(1)
+    u = rng.gumbel(size=(400_000, 7))
+    kept = u[np.argmax(logits + u, -1) == k]
+    counts = np.bincount(np.argmax(other + kept, -1), minlength=7)
+    exact = step_counterfactual_log_probs(torch.tensor(logits), torch.tensor(other), torch.tensor(k)).exp().numpy()
+    assert _chi_square(counts, exact) > 1e-3
+    fresh = np.exp(other - np.logaddexp.reduce(other))  # the interventional distribution fails
+    assert _chi_square(counts, fresh) < 1e-6
+
+
+def test_one_step_properties():
+    torch.manual_seed(0)
+    logits, k = torch.randn(50) * 3, torch.tensor(7)
+    null = step_counterfactual_log_probs(logits, logits, k).exp()
+    assert null[7] == 1.0 and null.sum() == 1.0
+    raised = logits.clone()
+    raised[7] += 2.0
+    assert step_counterfactual_log_probs(logits, raised, k).exp()[7] == 1.0  # only the observed token gains
+    lowered = logits.clone()
+    lowered[7] -= 2.0
+    assert step_counterfactual_log_probs(logits, lowered, k).exp()[7] < 1.0
+    other = torch.randn(50) * 3
+    base = step_counterfactual_log_probs(logits, other, k)
+    perm = torch.randperm(50)
+    permuted = step_counterfactual_log_probs(logits[perm], other[perm], (perm == 7).nonzero()[0, 0])
+    torch.testing.assert_close(permuted, base[perm], rtol=1e-12, atol=1e-12)
+    # large logits and tiny probabilities keep their precision
+    huge = step_counterfactual_log_probs(logits * 3e3, other * 3e3, k)
+    assert torch.isfinite(huge.logsumexp(-1)) and abs(float(huge.logsumexp(-1))) < 1e-9
+
+
+# -- whole strings on a tiny model (V = 10, T = 3) ---------------------------------------------
+
+V, T = 10, 3
+PROMPT = torch.tensor([2, 3, 4])
+OBSERVED = torch.tensor([5, 7, 6])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(vocab_size=V, seed=0, logit_scale=8.0), tiny_llama(vocab_size=V, seed=1, logit_scale=8.0)
+
+
+CANDIDATES = torch.tensor(list(itertools.product(range(V), repeat=T)))
+
+
+def _settings(models):
+    lm, other = models
+    swap = {"other": ModelSwap(other)}
+    return {
+        "model swap": (LanguageModelSCM(lm, T, mechanisms=swap), {"mechanism": "other"}),
+        "temperature + top-k": (LanguageModelSCM(lm, T, Decoding(temperature=1.3, top_k=6), mechanisms=swap),
+                                {"mechanism": "other"}),
+        "top-p": (LanguageModelSCM(lm, T, Decoding(top_p=0.9), mechanisms=swap), {"mechanism": "other"}),
+        "prompt": (LanguageModelSCM(lm, T), {"prompt": torch.tensor([2, 9, 4])}),
+        "forced token": (LanguageModelSCM(lm, T, mechanisms=swap), {"mechanism": "other", "w_1": 8}),
+    }
+
+
+def _observed(scm):
+    """An observation the decoding can produce (sampled from the factual model)."""
+    return counterfactual(scm, PROMPT, None, {}, seed=3).factual_ids
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "top-p", "prompt", "forced token"])
+def test_string_probabilities_sum_to_one_and_match_monte_carlo(models, setting):
+    scm, intervention = _settings(models)[setting]
+    observed = _observed(scm)
+    exact = exact_counterfactual(scm, PROMPT, observed, intervention)
+    log_p = exact.log_prob(CANDIDATES)
+    assert float(log_p.exp().sum()) == pytest.approx(1.0, abs=1e-9)
+    mc = counterfactual(scm, PROMPT, observed, intervention, num_samples=20_000, seed=0, baseline=True)
+    index = {tuple(c): i for i, c in enumerate(CANDIDATES.tolist())}
+    counts = np.bincount([index[tuple(r)] for r in mc.counterfactual_ids.tolist()], minlength=len(CANDIDATES))
+    assert _chi_square(counts, log_p.exp().numpy()) > 1e-3
+    fresh = np.bincount([index[tuple(r)] for r in mc.interventional_ids.tolist()], minlength=len(CANDIDATES))
+    assert _chi_square(fresh, log_p.exp().numpy()) < 1e-6  # the interventional baseline fails
+    sampled = exact.sample(20_000, seed=1)
+    drawn = np.bincount([index[tuple(r)] for r in sampled.tolist()], minlength=len(CANDIDATES))
+    assert _chi_square(drawn, log_p.exp().numpy()) > 1e-3
+
+
+def test_unchanged_divergence_and_mode(models):
+    scm, intervention = _settings(models)["model swap"]
+    observed = _observed(scm)
+    null = exact_counterfactual(scm, PROMPT, observed, {})
+    assert null.prob_unchanged() == 1.0 and null.first_divergence()[-1] == 1.0
+    exact = exact_counterfactual(scm, PROMPT, observed, intervention)
+    divergence = exact.first_divergence()
+    assert divergence.shape == (len(observed) + 1,) and float(divergence.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float(divergence[-1]) == pytest.approx(exact.prob_unchanged(), rel=1e-12)
+    log_p = exact.log_prob(CANDIDATES)
+    best, score = exact.mode(num_beams=V**T)
+    assert torch.equal(best, CANDIDATES[log_p.argmax()])
+    assert score == pytest.approx(float(log_p.max()), abs=1e-6)  # float32 logits in other batches
+    torch.testing.assert_close(exact.next_token_probs(), exact.log_prob(CANDIDATES[:, :1].unique(dim=0)).exp())
+    assert math.isclose(float(exact.next_token_probs(observed[:1]).sum()), 1.0, abs_tol=1e-12)
