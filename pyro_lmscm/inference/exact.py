@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ..interventions.ops import Intervention
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["ExactCounterfactual", "exact_counterfactual", "step_counterfactual_log_probs"]
+__all__ = ["ExactCounterfactual", "exact_counterfactual", "step_counterfactual_log_probs", "stay_log_prob"]
 
 
 def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +137,26 @@ def step_counterfactual_log_probs(
     return out.reshape(shape)
 
 
+def stay_log_prob(
+    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log P(J = k \mid K = k) = -\log H(r_k)` alone, in one pass over the vocabulary
+    (no sort): exactly ``0`` when no token's ratio :math:`q_j / p_j` beats the observed
+    token's, as under the null intervention. Shapes as :func:`step_counterfactual_log_probs`;
+    returns ``(...)``.
+    """
+    log_p = factual_logits.double().log_softmax(-1)
+    log_q = counterfactual_logits.double().log_softmax(-1)
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    k = observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None]
+    log_r_k = log_p.gather(-1, k) - log_q.gather(-1, k)  # (..., 1); +inf where q_k = 0
+    valid = (log_p > -math.inf) | (log_q > -math.inf)
+    replaceable = (valid & (log_p - log_q < log_r_k)).any(-1)  # some r_j < r_k
+    scaled = torch.where(log_q > -math.inf, log_r_k + log_q, -math.inf)
+    log_h = torch.maximum(log_p, scaled).logsumexp(-1)
+    return torch.where(replaceable, -log_h, torch.zeros_like(log_h))
+
+
 class ExactCounterfactual:
     r"""The exact counterfactual distribution of an observed string under an intervention.
 
@@ -179,21 +199,34 @@ class ExactCounterfactual:
         with self.scm.mechanisms[self._mechanism].activate(self.scm.lm) as f:
             return self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
 
-    def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-        """``(B, V)`` log q(. | s_<t) at step ``t``, given the counterfactual logits ``(B, V)``
-        there and whether each candidate has already ended."""
+    def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``(B, m, V)`` log q(. | s_<t) at steps ``start .. start + m - 1``, given the
+        counterfactual logits ``(B, m, V)`` there and whether each candidate has already
+        ended ``(B, m)``. The observed steps are computed in one batched call."""
+        rows, m, _ = logits.shape
+        steps = range(start, start + m)
         n = self.observed_ids.shape[-1]
-        if t < n and bool(self._active[t]):
-            log_q = step_counterfactual_log_probs(self._factual[t], logits, self.observed_ids[t])
-        else:
-            log_q = logits.log_softmax(-1)
+        log_q = logits.log_softmax(-1)  # past the observation (or its end): the prior noise
+        observed_steps = [i for i, t in enumerate(steps) if t < n and bool(self._active[t])]
+        if observed_steps:
+            ts = [steps[i] for i in observed_steps]
+            log_q[:, observed_steps] = step_counterfactual_log_probs(
+                self._factual[ts].expand(rows, len(ts), -1),
+                logits[:, observed_steps],
+                self.observed_ids[ts].cpu().expand(rows, len(ts)),
+            )
         pad = torch.full_like(log_q, float("-inf"))
-        pad[:, self.scm.lm.pad_token_id] = 0.0
-        log_q = torch.where(ended[:, None], pad, log_q)  # after its end the SCM pads ...
-        if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
-            log_q = torch.full_like(log_q, float("-inf"))
-            log_q[:, self._forced[t]] = 0.0
+        pad[..., self.scm.lm.pad_token_id] = 0.0
+        log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
+        for i, t in enumerate(steps):
+            if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
+                log_q[:, i] = float("-inf")
+                log_q[:, i, self._forced[t]] = 0.0
         return log_q
+
+    def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """``(B, V)``: :meth:`_chain_log_probs` at the one step ``t``."""
+        return self._chain_log_probs(logits[:, None], ended[:, None], start=t)[:, 0]
 
     def _ended_before(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)``: the candidate emitted an end of sequence before step ``t``."""
@@ -208,14 +241,10 @@ class ExactCounterfactual:
         :param candidates: token ids ``(B, m)`` (or ``(m,)``), ``1 <= m <= T``.
         """
         candidates = self._check(candidates)
-        rows, m = candidates.shape
+        m = candidates.shape[-1]
         logits = self._counterfactual_logits(candidates, m).cpu()
-        ended = self._ended_before(candidates)
-        out = torch.empty(rows, m, dtype=torch.float64)
-        for t in range(m):
-            log_q = self._step_log_probs(t, logits[:, t], ended[:, t])
-            out[:, t] = log_q.gather(-1, candidates[:, t : t + 1].cpu()).squeeze(-1)
-        return out
+        log_q = self._chain_log_probs(logits, self._ended_before(candidates))
+        return log_q.gather(-1, candidates[..., None]).squeeze(-1)
 
     def log_prob(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B,)`` float64: log P(the counterfactual's first ``m`` tokens = candidate); one
@@ -232,14 +261,32 @@ class ExactCounterfactual:
         logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
         return self._step_log_probs(t, logits, self._ended_before(padded)[:, t]).exp()[0]
 
+    def _observed_log_q(self) -> torch.Tensor:
+        """``(n,)``: log q(w_t | w_<t) along the observation, one teacher-forced pass; at the
+        abducted steps by :func:`stay_log_prob` (one pass over V, no sort)."""
+        observed = self.observed_ids.cpu()[None]
+        n = observed.shape[-1]
+        logits = self._counterfactual_logits(observed, n).cpu()
+        log_q = logits.log_softmax(-1).gather(-1, observed[..., None]).squeeze(-1)[0]
+        active = [t for t in range(n) if bool(self._active[t])]
+        if active:
+            log_q[active] = stay_log_prob(self._factual[active], logits[0, active], observed[0, active])
+        ended = self._ended_before(observed)[0]
+        log_q = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_q)
+        for t, value in self._forced.items():
+            if t < n:
+                log_q[t] = 0.0 if int(observed[0, t]) == value else -math.inf
+        return log_q
+
     def prob_unchanged(self) -> float:
-        """P(counterfactual[:n] = observed[:n]): one pass of the intervened model on the observation."""
-        return float(self.log_prob(self.observed_ids[None]).exp())
+        """P(counterfactual[:n] = observed[:n]): one pass of the intervened model on the
+        observation and one pass over the vocabulary per step."""
+        return float(self._observed_log_q().sum().exp())
 
     def first_divergence(self) -> torch.Tensor:
         """``(n + 1,)`` float64: entry ``t < n`` is P(the first step where the counterfactual
         differs from the observation is ``t``); the last entry is P(unchanged)."""
-        log_q = self.token_log_probs(self.observed_ids[None])[0]  # log q(w_t | w_<t)
+        log_q = self._observed_log_q()  # log q(w_t | w_<t)
         survive = torch.cat([log_q.new_zeros(1), torch.cumsum(log_q, 0)])  # log P(same up to t)
         leave = survive[:-1] + torch.log1p(-torch.exp(log_q).clamp(max=1.0))
         return torch.cat([leave, survive[-1:]]).exp()

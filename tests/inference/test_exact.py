@@ -169,3 +169,22 @@ def test_unchanged_divergence_and_mode(models):
     assert score == pytest.approx(float(log_p.max()), abs=1e-6)  # float32 logits in other batches
     torch.testing.assert_close(exact.next_token_probs(), exact.log_prob(CANDIDATES[:, :1].unique(dim=0)).exp())
     assert math.isclose(float(exact.next_token_probs(observed[:1]).sum()), 1.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("logits, other, k", list(_cases()))
+def test_the_one_pass_stay_probability_equals_the_sorted_one(logits, other, k):
+    from pyro_lmscm.inference.exact import stay_log_prob
+
+    full = step_counterfactual_log_probs(torch.tensor(logits), torch.tensor(other), torch.tensor(k))
+    stay = stay_log_prob(torch.tensor(logits), torch.tensor(other), torch.tensor(k))
+    assert float(stay) == pytest.approx(float(full[k]), abs=1e-12)
+
+
+def test_prob_unchanged_equals_the_candidate_probability(models):
+    scm, intervention = _settings(models)["forced token"]
+    observed = _observed(scm)
+    exact = exact_counterfactual(scm, PROMPT, observed, intervention)
+    assert exact.prob_unchanged() == pytest.approx(float(exact.log_prob(observed[None]).exp()), abs=1e-9)
+    scm, intervention = _settings(models)["temperature + top-k"]
+    exact = exact_counterfactual(scm, PROMPT, _observed(scm), intervention)
+    assert exact.prob_unchanged() == pytest.approx(float(exact.log_prob(exact.observed_ids[None]).exp()), abs=1e-9)
