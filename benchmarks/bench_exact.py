@@ -26,11 +26,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.3, help="steering strength (small: P(unchanged) not ~0)")
+    parser.add_argument("--mechanism", choices=("steer", "rome"), default="steer")
     args = parser.parse_args()
     torch.set_num_threads(1)
     lm = load_lm("smollm2-135m-instruct", progress=False)
-    steer = gender_steering(lm, "female", alpha=args.alpha)
-    scm = LanguageModelSCM(lm, args.tokens, mechanisms={"female": steer})
+    if args.mechanism == "rome":  # an unrelated fact edited: the story should rarely change
+        from pyro_lmscm.interventions import rome_edit
+
+        mechanism = rome_edit(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower", " Rome", layer=6)
+    else:
+        mechanism = gender_steering(lm, "female", alpha=args.alpha)
+    scm = LanguageModelSCM(lm, args.tokens, mechanisms={"female": mechanism})
     prompt = lm.encode(PROMPT)
     observed = counterfactual(scm, prompt, None, {}, seed=0).factual_ids
     inputs = torch.cat([prompt, observed[:-1]])[None]
@@ -51,7 +57,7 @@ def main() -> None:
     unchanged = (result.counterfactual_ids[:, :n] == observed).all(-1).double()
     mean = float(unchanged.mean())
     half = 2.576 * math.sqrt(max(mean * (1 - mean), 1e-12) / args.draws)
-    print(f"observed {n} tokens; steering alpha {args.alpha}")
+    print(f"observed {n} tokens; mechanism {mechanism!r}")
     print(f"exact P(unchanged) = {value:.6f}; Monte Carlo {mean:.4f}, 99% interval [{mean - half:.4f}, {mean + half:.4f}]"
           f" ({args.draws} draws); inside: {mean - half <= value <= mean + half}")
     print(f"time: forward {forward * 1e3:.1f} ms, prob_unchanged {exact_time * 1e3:.1f} ms, "
