@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 import pyro.distributions as dist
 import torch
 
-from ..errors import ObservationError
 from ..models.sites import noise_site
 from ..seeding import seeded
 from ..validation import as_int
@@ -122,12 +121,8 @@ def abduct(
     """
     as_int(num_samples, "num_samples", minimum=1)
     method = make_method(method, **options)
-    prompt = scm.check_prompt(prompt)
-    if prompt.dim() != 1:
-        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
-    observed = scm.check_observed(observed)
-    if observed.dim() != 1:
-        raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
+    prompt = scm.check_prompt(prompt, single=True)
+    observed = scm.check_observed(observed, single=True)
     if isinstance(method, RelaxedNUTS):
         method.check(scm)
     with seeded(seed):

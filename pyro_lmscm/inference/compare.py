@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from ..errors import InferenceError, ObservationError
+from ..errors import InferenceError
 from ..interventions.ops import as_do_data
 from ..seeding import seeded
 from .abduction import (
@@ -227,9 +227,7 @@ def compare_abduction(
         if check is not None:
             check(scm)
     reference_samples = num_samples if reference_samples is None else reference_samples
-    prompt = scm.check_prompt(prompt)
-    if prompt.dim() != 1:
-        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
+    prompt = scm.check_prompt(prompt, single=True)
     data = as_do_data(scm, intervention)
     if observed is None:
         with seeded(seed):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyro.poutine as poutine
 import torch
 
-from ..errors import InferenceError, ObservationError
+from ..errors import InferenceError
 from ..interventions.ops import Intervention, as_do_data
 from ..seeding import seeded
 from ..validation import as_int, as_real
@@ -258,9 +258,7 @@ def counterfactual(
         raise InferenceError(f"`deterministic` must be True or False, got {deterministic!r}.")
     if chunk_size is None:
         _check_memory(scm, num_samples, baseline)
-    prompt = scm.check_prompt(prompt)
-    if prompt.dim() != 1:
-        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
+    prompt = scm.check_prompt(prompt, single=True)
     data = as_do_data(scm, intervention)
     with seeded(seed):
         raw_logits = None
@@ -269,9 +267,7 @@ def counterfactual(
                 observed = trim(scm, scm.model(prompt))
             # abduct on the logits that sampled the string, not on a teacher-forced pass
             raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
-        observed = scm.check_observed(observed)
-        if observed.dim() != 1:
-            raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
+        observed = scm.check_observed(observed, single=True)
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
         intervened = poutine.do(scm.model, data=dict(data))  # type: ignore[arg-type]  # tensors are values
         size = num_samples if chunk_size is None else min(chunk_size, num_samples)

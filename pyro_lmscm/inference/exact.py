@@ -350,10 +350,6 @@ def exact_counterfactual(
     >>> exact.prob_unchanged()
     1.0
     """
-    prompt = scm.check_prompt(prompt)
-    if prompt.dim() != 1:
-        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
-    observed = scm.check_observed(observed)
-    if observed.dim() != 1:
-        raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed.shape)}.")
+    prompt = scm.check_prompt(prompt, single=True)
+    observed = scm.check_observed(observed, single=True)
     return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention))

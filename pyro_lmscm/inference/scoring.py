@@ -66,9 +66,8 @@ def token_log_probs(
     """
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     data = as_do_data(scm, intervention)
-    prompt = data.get(scm.site(PROMPT), scm.check_prompt(prompt))
-    if prompt.dim() != 1:
-        raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt.shape)}.")
+    scm.check_prompt(prompt, single=True)
+    prompt = scm.check_prompt(data.get(scm.site(PROMPT), prompt), single=True)
     ids = scm.lm.check_ids(ids, "ids")
     if ids.dim() == 0 or ids.shape[-1] == 0:
         raise ObservationError("`ids` must hold at least one token id, shape (..., n).")

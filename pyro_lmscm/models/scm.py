@@ -138,12 +138,18 @@ class LanguageModelSCM:
             return self.mechanism_names.index(name)
         raise MechanismError(f"unknown mechanism {name!r}; known: {self.mechanism_names}.")
 
-    def check_prompt(self, prompt_ids: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
-        """Check prompt ids of shape ``(..., L)`` and that ``L + num_steps`` fits the context.
+    def check_prompt(
+        self, prompt_ids: torch.Tensor, num_steps: int | None = None, single: bool = False
+    ) -> torch.Tensor:
+        """Check prompt ids of shape ``(..., L)`` (``(L,)`` with ``single``) and that
+        ``L + num_steps`` fits the context.
 
-        :raises ObservationError: if empty, not integer, out of the vocabulary or too long.
+        :raises ObservationError: if empty, not integer, out of the vocabulary, too long, or
+            not one string with ``single``.
         """
         prompt_ids = self.lm.check_ids(prompt_ids, "prompt")
+        if single and prompt_ids.dim() != 1:
+            raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt_ids.shape)}.")
         if prompt_ids.dim() == 0 or prompt_ids.shape[-1] == 0:
             raise ObservationError("`prompt` must hold at least one token id, shape (..., L).")
         total = prompt_ids.shape[-1] + (self.max_new_tokens if num_steps is None else num_steps)
@@ -154,7 +160,7 @@ class LanguageModelSCM:
             )
         return prompt_ids
 
-    def check_observed(self, observed_ids: torch.Tensor) -> torch.Tensor:
+    def check_observed(self, observed_ids: torch.Tensor, single: bool = False) -> torch.Tensor:
         """Check observed continuation ids of shape ``(..., n)`` with ``1 <= n <= T``.
 
         After an end-of-sequence token only ``pad_token_id`` may follow (the model emits
@@ -165,6 +171,8 @@ class LanguageModelSCM:
             ``max_new_tokens`` or with tokens other than padding after the end.
         """
         observed_ids = self.lm.check_ids(observed_ids, "observed")
+        if single and observed_ids.dim() != 1:
+            raise ObservationError(f"`observed` must have shape (n,), got {tuple(observed_ids.shape)}.")
         if observed_ids.dim() == 0 or observed_ids.shape[-1] == 0:
             raise ObservationError("the observation is empty; pass at least one token id, shape (..., n).")
         n = observed_ids.shape[-1]
