@@ -188,3 +188,30 @@ def test_prob_unchanged_equals_the_candidate_probability(models):
     scm, intervention = _settings(models)["temperature + top-k"]
     exact = exact_counterfactual(scm, PROMPT, _observed(scm), intervention)
     assert exact.prob_unchanged() == pytest.approx(float(exact.log_prob(exact.observed_ids[None]).exp()), abs=1e-9)
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "top-p", "prompt"])
+def test_string_probabilities_equal_a_chain_of_quadratures(models, setting):
+    """Every one of the V^T candidates: the product over steps of the quadrature step law
+    (to 1e-9). Both sides read the same float32 logits (the abduction's factual pass, the
+    intervened mechanism's pass on the candidates): what is checked is the closed form and
+    the chain, not the rounding of another batch."""
+    scm, intervention = _settings(models)[setting]
+    observed = _observed(scm)
+    exact = exact_counterfactual(scm, PROMPT, observed, intervention)
+    log_p = exact.log_prob(CANDIDATES).exp().numpy()
+    factual = exact._factual.numpy()
+    logits = exact._counterfactual_logits(CANDIDATES, T).cpu().numpy()  # (B, T, V)
+    eos, pad = scm.lm.eos_token_ids, scm.lm.pad_token_id
+    observed_ended = [any(int(w) in eos for w in observed[:t]) for t in range(T)]
+    chain = np.ones(len(CANDIDATES))
+    for b, candidate in enumerate(CANDIDATES.tolist()):
+        for t in range(T):
+            if any(token in eos for token in candidate[:t]):
+                step = np.eye(V)[pad]
+            elif t < len(observed) and not observed_ended[t]:
+                step = _quadrature(factual[t], logits[b, t], int(observed[t]))
+            else:
+                step = np.exp(logits[b, t] - np.logaddexp.reduce(logits[b, t]))
+            chain[b] *= step[candidate[t]]
+    np.testing.assert_allclose(log_p, chain, atol=1e-9, rtol=0)
