@@ -147,4 +147,21 @@ def test_emoji_and_null_intervention_on_smollm2():
                   "--samples", "4")
     assert result.exit_code == 0, result.output
     assert "│ counterfactual │ 0/4 " in result.stdout
-    assert result.stdout.count("😴") == 4 and "\ufffd" not in result.stdout  # factual + 3 shown draws
+    # factual, the 3 shown draws and the most probable counterfactual
+    assert result.stdout.count("😴") == 5 and "\ufffd" not in result.stdout
+    assert "exact P(unchanged) = 1;" in result.stdout
+
+
+def test_exact_probabilities_in_the_output(tiny_folder):
+    """The null intervention: P(unchanged) = 1 and the observation is the most probable
+    counterfactual; a forced token: P(unchanged) = 0 and the mode carries the forced token."""
+    args = ["counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text", "said he went home",
+            "--samples", "2", "--json"]
+    null = json.loads(_run(*args).stdout)["exact"]
+    assert null["prob_unchanged"] == 1.0 and null["first_divergence"][-1] == 1.0
+    assert null["mode_text"] == "said he went home" and null["mode_log_prob"] == 0.0
+    forced = json.loads(_run(*args, "--intervention", 'w_1="she"').stdout)["exact"]
+    assert forced["prob_unchanged"] == 0.0 and forced["first_divergence"][1] == 1.0
+    assert forced["mode_text"].split()[:2] == ["said", "she"]
+    table = _run(*args[:-1])
+    assert "exact P(unchanged) = 1;" in table.stdout and "most probable counterfactual" in table.stdout

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Optional
 
+import torch
 import typer
 from rich.table import Table
 from rich.text import Text
@@ -87,6 +89,41 @@ def _print_result(result, title: str) -> None:
     stats.add_row("counterfactual", *_summary(lm, result.factual_ids, result.counterfactual_ids))
     stats.add_row("interventional", *_summary(lm, result.factual_ids, result.interventional_ids))
     console.print(stats)
+    exact = _exact(result)
+    if "error" in exact:
+        console.print(f"[dim]exact probabilities: {exact['error']}[/]")
+        return
+    divergence = exact["first_divergence"]
+    top = sorted(range(len(divergence) - 1), key=lambda t: -divergence[t])[:5]
+    console.print(
+        f"[bold]exact[/] P(unchanged) = {exact['prob_unchanged']:.4g}; P(first divergence at token t): "
+        + ", ".join(f"t={t}: {divergence[t]:.3g}" for t in sorted(top))
+    )
+    console.print(
+        f"[bold]most probable counterfactual[/] (p = {math.exp(exact['mode_log_prob']):.3g}): ",
+        _highlight(lm, result.factual_ids, torch.tensor(exact["mode_ids"])),
+    )
+
+
+def _exact(result, num_beams: int = 4) -> dict:
+    """Exact P(unchanged), first-divergence distribution and most probable counterfactual of
+    ``result``'s observation and intervention; ``{"error": ...}`` when the observation is
+    outside the teacher-forced decoding support (a top-k / top-p boundary token)."""
+    from ..errors import LMSCMError
+    from ..inference import exact_counterfactual
+
+    try:
+        exact = exact_counterfactual(result.scm, result.prompt_ids, result.factual_ids, result.intervention)
+        mode_ids, mode_log_prob = exact.mode(num_beams=num_beams)
+    except LMSCMError as error:
+        return {"error": str(error)}
+    return {
+        "prob_unchanged": exact.prob_unchanged(),
+        "first_divergence": exact.first_divergence().tolist(),
+        "mode_ids": mode_ids.tolist(),
+        "mode_text": result.scm.lm.decode(mode_ids),
+        "mode_log_prob": mode_log_prob,
+    }
 
 
 MAX_NEW_TOKENS_HELP = (
@@ -183,6 +220,7 @@ def counterfactual_command(
                 "counterfactual_texts": result.counterfactual_texts,
                 "interventional_ids": [] if result.interventional_ids is None else result.interventional_ids.tolist(),
                 "interventional_texts": result.interventional_texts,
+                "exact": _exact(result),
             }
             json.dump(out, sys.stdout, indent=2)
             sys.stdout.write("\n")

@@ -197,7 +197,15 @@ class ExactCounterfactual:
         rows = prefixes.shape[0]
         inputs = torch.cat([self._prompt.expand(rows, -1), prefixes[:, : length - 1].to(self._prompt.device)], -1)
         with self.scm.mechanisms[self._mechanism].activate(self.scm.lm) as f:
-            return self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
+            logits = self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
+        # the factual anchor, as in the SCM: the factual mechanism on the observed prefix gives
+        # the abduction's own logits, whatever the rounding of another batch
+        if self._mechanism == 0 and torch.equal(self._prompt, self.prompt_ids):
+            observed = self.observed_ids.to(prefixes.device)
+            for t in range(min(length, observed.shape[-1])):
+                on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
+                logits[on_path, t] = self._factual[t].to(logits.device)
+        return logits
 
     def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``(B, m, V)`` log q(. | s_<t) at steps ``start .. start + m - 1``, given the
