@@ -18,6 +18,7 @@ from .distribution import CounterfactualDistribution
 from .hindsight_guide import HindsightGumbelGuide
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import predict
+from .statistics import active_steps
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -108,9 +109,7 @@ class CounterfactualResult:
 
 def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     """The ids of one string up to and including its first end-of-sequence token."""
-    ended = scm.finished_after(ids)
-    length = int((~ended).sum()) + (1 if bool(ended.any()) else 0)
-    return ids[:length]
+    return ids[: active_steps(scm, ids)]
 
 
 def _predict(

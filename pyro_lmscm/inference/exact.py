@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AbductionError, ObservationError
-from ..interventions.ops import as_do_data
-from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..interventions.ops import as_do_data, forced_tokens
+from ..models.sites import MECHANISM, PROMPT
 from ..seeding import seeded
 from ..validation import as_int
 from .hindsight_guide import HindsightGumbelGuide
@@ -180,11 +180,7 @@ class ExactCounterfactual:
         self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
         self._prompt = data.get(scm.site(PROMPT), prompt)
         self._mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
-        self._forced: dict[int, int] = {}
-        for name, value in data.items():
-            parsed = parse_step_site(name[len(scm.site("")) :] if scm.name else name)
-            if parsed is not None and parsed[0] == "w":
-                self._forced[parsed[1]] = int(value)
+        self._forced = forced_tokens(scm, data)
         eos = scm.lm.eos_token_ids
         self._eos = torch.tensor(eos, dtype=torch.long) if eos else torch.empty(0, dtype=torch.long)
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import ObservationError
-from ..interventions.ops import as_do_data
-from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..interventions.ops import as_do_data, forced_tokens
+from ..models.sites import MECHANISM, PROMPT
 from ..validation import as_int
 
 if TYPE_CHECKING:
@@ -88,11 +88,9 @@ def token_log_probs(
             inputs = torch.cat([prompt.expand(rows.shape[0], -1), rows[:, :-1]], dim=-1)
             chunks.append(gathered_log_probs(scm.decoding(f.logits(inputs, logits_to_keep=n)), rows))
     log_p = torch.cat(chunks)
-    for name, value in data.items():
-        parsed = parse_step_site(name[len(scm.site("")) :] if scm.name else name)
-        if parsed is not None and parsed[0] == "w" and parsed[1] < n:
-            t = parsed[1]
-            log_p[:, t] = torch.where(flat[:, t] == value, 0.0, float("-inf"))
+    for t, token in forced_tokens(scm, data).items():
+        if t < n:
+            log_p[:, t] = torch.where(flat[:, t] == token, 0.0, float("-inf"))
     return torch.where(counted, log_p, 0.0).reshape(ids.shape)
 
 

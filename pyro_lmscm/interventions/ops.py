@@ -13,7 +13,7 @@ from ..validation import as_token_id
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["Intervention", "InterventionValue", "TextOrIds", "as_do_data"]
+__all__ = ["Intervention", "InterventionValue", "TextOrIds", "as_do_data", "forced_tokens"]
 
 #: A prompt given as text (encoded with :meth:`HFLanguageModel.encode`) or as token ids ``(L,)``.
 TextOrIds = Union[str, torch.Tensor, Sequence[int]]
@@ -77,3 +77,13 @@ def as_do_data(scm: LanguageModelSCM, intervention: Intervention | None) -> dict
             token = as_token_id(value, scm.vocab_size, f"do({name}={value!r})", InterventionError)
             data[token_site(t)] = torch.tensor(token, device=device)
     return {scm.site(name): value for name, value in data.items()}
+
+
+def forced_tokens(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> dict[int, int]:
+    """The steps that ``poutine.do`` data (from :func:`as_do_data`) forces, ``{t: token}``."""
+    forced = {}
+    for name, value in data.items():
+        parsed = parse_step_site(name[len(scm.site("")) :] if scm.name else name)
+        if parsed is not None and parsed[0] == "w":
+            forced[parsed[1]] = int(value)
+    return forced
