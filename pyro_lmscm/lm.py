@@ -98,6 +98,7 @@ class HFLanguageModel:
         get_base_model = getattr(model, "get_base_model", None)
         base = get_base_model() if callable(get_base_model) else model
         self._cache_keyword: str = cache_keyword(type(base))  # type: ignore[arg-type]  # classes hash
+        self._text_config = text_config
 
     @property
     def device(self) -> torch.device:
@@ -106,6 +107,18 @@ class HFLanguageModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of KV cache that one token of one row holds (keys and values of every
+        layer), from the model config; an estimate of ``2 * layers * hidden_size`` where
+        the config does not name its key-value heads."""
+        config = self._text_config
+        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 1)
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or self.vocab_size)
+        heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
+        head_dim = int(getattr(config, "head_dim", 0) or max(1, hidden // heads))
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+        return 2 * layers * kv_heads * head_dim * self.dtype.itemsize
 
     def check_ids(self, ids: torch.Tensor, what: str = "input_ids") -> torch.Tensor:
         """Check that ``ids`` are integer token ids in ``[0, vocab_size)``.

@@ -23,7 +23,7 @@ from .compare import (
     ks_statistic,
     plot_comparison,
 )
-from .counterfactual import CounterfactualResult, counterfactual
+from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
 from .exact import ExactCounterfactual, exact_counterfactual, step_counterfactual_log_probs
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
@@ -59,6 +59,7 @@ __all__ = [
     "RelaxedSVI",
     "UpstreamHindsightGuide",
     "abduct",
+    "auto_chunk_size",
     "compare_abduction",
     "counterfactual",
     "gumbel_log_density",

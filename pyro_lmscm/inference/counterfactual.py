@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["CounterfactualResult", "counterfactual"]
+__all__ = ["AUTO_CHUNK_BYTES", "CounterfactualResult", "auto_chunk_size", "counterfactual"]
 
 
 @dataclass
@@ -173,21 +173,50 @@ def _available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _check_memory(scm: LanguageModelSCM, num_samples: int, baseline: bool) -> None:
-    """Refuse, before any allocation, a single chunk whose noise would not fit in memory.
+#: The memory that one automatically sized chunk of draws may hold while it is decoded (its
+#: KV cache and its per-step logits and noise), by device type; see :func:`auto_chunk_size`.
+AUTO_CHUNK_BYTES: dict[str, int] = {"cpu": 80 * 2**20, "cuda": 8 * 2**30}
 
-    :raises InferenceError: suggesting a ``chunk_size`` that fits.
+
+def _working_bytes_per_row(scm: LanguageModelSCM, prompt_length: int) -> int:
+    """Bytes one decoded row holds at its peak: its KV cache over prompt and ``T`` new
+    tokens (the factual model's config; another model in a model swap may differ) and about
+    eight float32 vectors of ``V`` per step (logits, decoded logits, noise, their sum)."""
+    tokens = prompt_length + scm.max_new_tokens
+    return scm.lm.cache_bytes_per_token() * tokens + 8 * scm.vocab_size * 4
+
+
+def auto_chunk_size(scm: LanguageModelSCM, prompt_length: int, baseline: bool = False) -> int:
+    """The number of posterior draws that ``counterfactual(chunk_size=None)`` decodes at once:
+    as many as fit :data:`AUTO_CHUNK_BYTES` of the model's device type (at least one).
+
+    It depends only on the model's config and dtype, the device type, ``T``, the prompt
+    length and ``baseline`` (each draw then decodes two rows), never on the memory free at
+    the time, so that a seeded call draws the same noise in the same chunks on every run.
     """
-    per_draw = scm.max_new_tokens * scm.vocab_size * 4 * (3 if baseline else 2)  # float32 noise, peak copies
+    budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
+    per_draw = _working_bytes_per_row(scm, prompt_length) * (2 if baseline else 1)
+    return max(1, budget // per_draw)
+
+
+def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_length: int, baseline: bool) -> None:
+    """Refuse, before any allocation, a call whose results (ids and noise statistics of every
+    draw) and one chunk's working memory would not fit in memory.
+
+    :raises InferenceError: saying how many draws would fit.
+    """
+    rows = 2 if baseline else 1
+    per_draw = scm.max_new_tokens * (8 * rows + 2 * 4)  # int64 ids per row, two float32 statistics
+    working = size * rows * _working_bytes_per_row(scm, prompt_length)
     available = _available_bytes(scm.lm.device)
-    if available is None or num_samples * per_draw <= available:
+    if available is None or num_samples * per_draw + working <= available:
         return
-    fits = max(1, available // (2 * per_draw))
+    fits = max(0, available // 2 - working) // per_draw
     raise InferenceError(
-        f"num_samples={num_samples} in one chunk would hold about {num_samples * per_draw / 2**30:.1f} GiB of "
-        f"noise ({num_samples} x {scm.max_new_tokens} steps x {scm.vocab_size} float32 values, "
-        f"{3 if baseline else 2} copies at the peak), more than the {available / 2**30:.1f} GiB available; "
-        f"pass chunk_size={fits} (or smaller) to draw the samples in chunks."
+        f"num_samples={num_samples} would hold about {num_samples * per_draw / 2**30:.1f} GiB of results "
+        f"({num_samples} draws x {scm.max_new_tokens} steps of ids and noise statistics) plus "
+        f"{working / 2**30:.1f} GiB for a chunk of {size} draws, more than the {available / 2**30:.1f} GiB "
+        f"available; draw at most about {fits} samples per call, or pass a smaller chunk_size."
     )
 
 
@@ -210,8 +239,9 @@ def counterfactual(
     2. *Action*: ``poutine.do(scm.model, data=intervention)``.
     3. *Prediction*: ``poutine.replay`` of the intervened model on the noise.
 
-    The cost is one teacher-forced forward pass and :math:`O(N \cdot T \cdot V)` noise work
-    (abduction), then one KV-cached decoding run of ``num_samples`` rows (prediction).
+    The cost is one teacher-forced forward pass (abduction), then KV-cached decoding runs of
+    ``num_samples`` rows in all, in chunks (prediction), with each step's posterior noise
+    drawn when that step is decoded: :math:`O(\text{chunk} \cdot V)` noise at a time.
 
     With ``baseline=True`` the result also holds the interventional (rung 2) baseline:
     the same intervened model on fresh prior noise, decoded in the same batched run as the
@@ -228,15 +258,15 @@ def counterfactual(
     :param num_samples: number of posterior draws.
     :param seed: seeds torch's generator for this call only (the global state is restored).
     :param margin: see :class:`HindsightGumbelGuide`.
-    :param chunk_size: process the posterior draws in chunks of at most this many (each:
-        abduction, one replay), so that peak memory stays bounded for large
-        ``num_samples``: the noise is :math:`\text{chunk} \times T \times V` float32
-        values, twice that while an observation shorter than :math:`T` gets its prior
-        steps, and three times that while the draws are copied next to the baseline's
-        noise (``baseline=True``); ``None`` is one chunk. With a ``seed`` the result is
-        reproducible for a given ``chunk_size``; chunks draw the noise one after another
-        from the same generator, so another ``chunk_size`` gives other (equally
-        distributed) draws, and any ``chunk_size >= num_samples`` equals ``None``.
+    :param chunk_size: decode the posterior draws in chunks of at most this many (each
+        chunk: one KV-cached decoding run, its noise drawn step by step), so that peak
+        memory stays bounded: a chunk holds a KV cache per row and a few float32 vectors of
+        :math:`V` per row and step. ``None`` (the default) sizes the chunks automatically
+        (:func:`auto_chunk_size`: about :data:`AUTO_CHUNK_BYTES` per chunk, a fixed budget
+        per device type). With a ``seed`` the result is reproducible for a given
+        ``chunk_size``: chunks draw the noise one after another from the same generator, so
+        another ``chunk_size`` gives other (equally distributed) draws, and ``None`` equals
+        ``chunk_size=auto_chunk_size(scm, len(prompt), baseline)``.
     :param baseline: also decode the interventional baseline
         (:attr:`CounterfactualResult.interventional_ids`).
     :param deterministic: decode every draw alone (see :func:`replay_noise`), so that in
@@ -255,9 +285,11 @@ def counterfactual(
     margin = as_real(margin, "margin", minimum=0.0)
     if not isinstance(deterministic, bool):
         raise InferenceError(f"`deterministic` must be True or False, got {deterministic!r}.")
-    if chunk_size is None:
-        _check_memory(scm, num_samples, baseline)
     prompt = scm.check_prompt(prompt, single=True)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(scm, prompt.shape[-1], baseline)
+    size = min(chunk_size, num_samples)
+    _check_memory(scm, num_samples, size, prompt.shape[-1], baseline)
     data = as_do_data(scm, intervention)
     with seeded(seed):
         raw_logits = None
@@ -269,7 +301,6 @@ def counterfactual(
         observed = scm.check_observed(observed, single=True)
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
         intervened = poutine.do(scm.model, data=dict(data))  # type: ignore[arg-type]  # tensors are values
-        size = num_samples if chunk_size is None else min(chunk_size, num_samples)
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         chunks = [
             _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic)

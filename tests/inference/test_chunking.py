@@ -111,3 +111,27 @@ def test_named_scm(lm):
 def test_bad_chunk_size(scm, chunk_size):
     with pytest.raises(ValueError, match="chunk_size"):
         counterfactual(scm, PROMPT, None, {}, num_samples=4, chunk_size=chunk_size)
+
+
+def test_automatic_chunks_follow_the_memory_budget_and_equal_explicit_ones(scm, monkeypatch):
+    import importlib
+
+    from pyro_lmscm.inference import auto_chunk_size
+
+    cf_module = importlib.import_module("pyro_lmscm.inference.counterfactual")  # the module, not the function
+    module_counterfactual = cf_module.counterfactual
+
+    observed = torch.tensor([5, 9, 3, 7])
+    per_row = scm.lm.cache_bytes_per_token() * (len(PROMPT) + scm.max_new_tokens) + 8 * scm.vocab_size * 4
+    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 3 * per_row + 1)
+    assert auto_chunk_size(scm, len(PROMPT)) == 3
+    assert auto_chunk_size(scm, len(PROMPT), baseline=True) == 1  # two rows per draw
+    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 1)
+    assert auto_chunk_size(scm, len(PROMPT)) == 1  # at least one draw
+
+    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 3 * per_row + 1)
+    args = (scm, PROMPT, observed, {"prompt": [2, 9, 4]})
+    automatic = module_counterfactual(*args, num_samples=10, seed=3)
+    _same(automatic, module_counterfactual(*args, num_samples=10, seed=3, chunk_size=3))
+    whole = module_counterfactual(*args, num_samples=10, seed=3, chunk_size=10)
+    assert not torch.equal(automatic.counterfactual_ids, whole.counterfactual_ids)  # other draws, same generator
