@@ -182,7 +182,9 @@ def counterfactual_command(
     text: Optional[str] = typer.Option(None, help="Observed continuation text."),
     generate: bool = typer.Option(False, "--generate", help="Sample the observed continuation from the model."),
     intervention: str = typer.Option(
-        "", help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'prompt=...', 'model=PATH') or a JSON/YAML file."
+        "",
+        help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'exclude=3' (anything but the observed token 3), "
+        "'prompt=...', 'model=PATH') or a JSON/YAML file.",
     ),
     samples: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import pyro.poutine as poutine
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import as_do_data
+from ..interventions.ops import as_do_data, intervene
 from ..models.sites import noise_site
 from ..seeding import seeded
 from ..validation import as_int
@@ -118,11 +117,11 @@ class AbductionResult:
         :param batch_size: draws per batched model run.
         :returns: ids ``(N, T)``, or ``(len(rows), T)``.
         """
-        data = as_do_data(self.scm, intervention)
+        data = as_do_data(self.scm, intervention, self.observed_ids)
         rows = torch.arange(self.num_samples) if rows is None else torch.as_tensor(rows).long().cpu()
         key = repr((sorted((k, v.tolist()) for k, v in data.items()), rows.tolist()))
         if key not in self._replays:
-            intervened = poutine.do(self.scm.model, data=data)  # type: ignore[arg-type]
+            intervened = intervene(self.scm, data)
             out = []
             for chunk in rows.split(batch_size):
                 noise = torch.stack([self.noise[noise_site(t)][chunk.to(self.noise[noise_site(t)].device)]
@@ -171,7 +170,7 @@ class AbductionResult:
             self.prompt_ids,
             self.observed_ids,
             self.replay(intervention, rows),
-            intervention=as_do_data(self.scm, intervention),
+            intervention=as_do_data(self.scm, intervention, self.observed_ids),
             kind="counterfactual",
             log_weights=log_weights,
             noise_stats=stats,
@@ -186,8 +185,8 @@ class AbductionResult:
         """The interventional baseline: the intervened model on fresh prior noise."""
         num_samples = self.num_samples if num_samples is None else num_samples
         as_int(num_samples, "num_samples", minimum=1)
-        data = as_do_data(self.scm, intervention)
-        intervened = poutine.do(self.scm.model, data=data)  # type: ignore[arg-type]
+        data = as_do_data(self.scm, intervention, self.observed_ids)
+        intervened = intervene(self.scm, data)
         with seeded(seed):  # the model's own prior noise
             ids = predict(self.scm, intervened, self.prompt_ids, num_samples, lambda start, stop: nullcontext(),
                           anchor=self.anchor)

@@ -228,10 +228,13 @@ def compare_abduction(
             check(scm)
     reference_samples = num_samples if reference_samples is None else reference_samples
     prompt = scm.check_prompt(prompt, single=True)
-    data = as_do_data(scm, intervention)
+    if observed is not None:
+        observed = scm.check_observed(observed, single=True)
+    data = as_do_data(scm, intervention, observed)  # checked before a string is sampled
     if observed is None:
         with seeded(seed):
             observed = trim(scm, scm.model(prompt))
+        data = as_do_data(scm, intervention, observed)
 
     exact = abduct(scm, prompt, observed, Exact(), reference_samples, seed=seed)
     reference = exact.counterfactual(data)

@@ -7,11 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import pyro.poutine as poutine
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import Intervention, as_do_data
+from ..interventions.ops import Intervention, as_do_data, intervene
 from ..seeding import seeded
 from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
@@ -236,7 +235,7 @@ def counterfactual(
 
     1. *Abduction*: :class:`HindsightGumbelGuide` draws ``num_samples`` exact posterior
        samples of the noise :math:`u \mid (\text{prompt}, \text{observed})`, vectorised under a plate.
-    2. *Action*: ``poutine.do(scm.model, data=intervention)``.
+    2. *Action*: ``poutine.do(scm.model, data=intervention)`` (:func:`~pyro_lmscm.interventions.intervene`).
     3. *Prediction*: ``poutine.replay`` of the intervened model on the noise.
 
     The cost is one teacher-forced forward pass (abduction), then KV-cached decoding runs of
@@ -254,7 +253,9 @@ def counterfactual(
     :param observed: observed continuation ids ``(n,)``; ``None`` samples one from the
         factual model first.
     :param intervention: e.g. ``{"mechanism": "steer"}``, ``{"prompt": ids}``,
-        ``{"w_3": 42}``; ``None`` or ``{}`` is the null intervention.
+        ``{"w_3": 42}``, ``{"exclude_3": "factual"}`` (anything but the observed token at
+        step 3: the runner-up of the same noise there); ``None`` or ``{}`` is the null
+        intervention.
     :param num_samples: number of posterior draws.
     :param seed: seeds torch's generator for this call only (the global state is restored).
     :param margin: see :class:`HindsightGumbelGuide`.
@@ -290,7 +291,9 @@ def counterfactual(
         chunk_size = auto_chunk_size(scm, prompt.shape[-1], baseline)
     size = min(chunk_size, num_samples)
     _check_memory(scm, num_samples, size, prompt.shape[-1], baseline)
-    data = as_do_data(scm, intervention)
+    if observed is not None:
+        observed = scm.check_observed(observed, single=True)
+    data = as_do_data(scm, intervention, observed)  # checked before a factual string is sampled
     with seeded(seed):
         raw_logits = None
         if observed is None:
@@ -298,9 +301,10 @@ def counterfactual(
                 observed = trim(scm, scm.model(prompt))
             # abduct on the logits that sampled the string, not on a teacher-forced pass
             raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
-        observed = scm.check_observed(observed, single=True)
+            observed = scm.check_observed(observed, single=True)
+            data = as_do_data(scm, intervention, observed)
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
-        intervened = poutine.do(scm.model, data=dict(data))  # type: ignore[arg-type]  # tensors are values
+        intervened = intervene(scm, data)
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         chunks = [
             _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic)

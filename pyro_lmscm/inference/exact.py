@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AbductionError, ObservationError
-from ..interventions.ops import as_do_data, forced_tokens
+from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..models.exclude_tokens_messenger import exclude_token
 from ..models.sites import MECHANISM, PROMPT
 from ..seeding import seeded
 from ..validation import as_int
@@ -181,6 +182,7 @@ class ExactCounterfactual:
         self._prompt = data.get(scm.site(PROMPT), prompt)
         self._mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
         self._forced = forced_tokens(scm, data)
+        self._excluded = excluded_tokens(scm, data)
         eos = scm.lm.eos_token_ids
         self._eos = torch.tensor(eos, dtype=torch.long) if eos else torch.empty(0, dtype=torch.long)
 
@@ -201,6 +203,9 @@ class ExactCounterfactual:
             for t in range(min(length, observed.shape[-1])):
                 on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
                 logits[on_path, t] = self._factual[t].to(logits.device)
+        for t, token in self._excluded.items():  # "anything but x_t", after the decoding, as in the SCM
+            if t < length:
+                logits[:, t] = exclude_token(logits[:, t], token, t)
         return logits
 
     def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -356,4 +361,4 @@ def exact_counterfactual(
     """
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)
-    return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention))
+    return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention, observed))

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import ObservationError
-from ..interventions.ops import as_do_data, forced_tokens
+from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..models.exclude_tokens_messenger import exclude_token
 from ..models.sites import MECHANISM, PROMPT
 from ..validation import as_int
 
@@ -82,11 +83,15 @@ def token_log_probs(
     else:
         counted = torch.arange(n, device=flat.device) < torch.as_tensor(lengths, device=flat.device).reshape(-1, 1)
     mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
+    excluded = {t: token for t, token in excluded_tokens(scm, data).items() if t < n}
     chunks = []
     with scm.mechanisms[mechanism].activate(scm.lm) as f:
         for rows in flat.split(batch_size):
             inputs = torch.cat([prompt.expand(rows.shape[0], -1), rows[:, :-1]], dim=-1)
-            chunks.append(gathered_log_probs(scm.decoding(f.logits(inputs, logits_to_keep=n)), rows))
+            decoded = scm.decoding(f.logits(inputs, logits_to_keep=n))
+            for t, token in excluded.items():  # as the SCM does, after the decoding
+                decoded[:, t] = exclude_token(decoded[:, t], token, t)
+            chunks.append(gathered_log_probs(decoded, rows))
     log_p = torch.cat(chunks)
     for t, token in forced_tokens(scm, data).items():
         if t < n:

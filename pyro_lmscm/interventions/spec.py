@@ -7,7 +7,9 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
 * ``model=NAME_OR_PATH`` -- a :class:`~pyro_lmscm.interventions.ModelSwap` to another model
   with the same tokenizer, named ``"model"``, selected;
 * ``prompt=TEXT`` -- replace the prompt;
-* ``w_T=ID`` or ``w_T="TEXT"`` -- force token ``T`` (a text must be exactly one token).
+* ``w_T=ID`` or ``w_T="TEXT"`` -- force token ``T`` (a text must be exactly one token);
+* ``exclude=T`` (or ``exclude=T1,T2``) -- anything but the observed token at step ``T``;
+  ``exclude_T=ID`` or ``exclude_T="TEXT"`` excludes another token there.
 
 In a file the same keys map to values; ``steer`` may also be a mapping with ``direction``,
 ``alpha`` and ``layer``.
@@ -21,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import InterventionError, LMSCMError
-from ..models.sites import MECHANISM, PROMPT, parse_step_site
+from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
 from .gender import gender_steering
 from .model_swap import ModelSwap
+from .ops import FACTUAL_TOKEN
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -79,6 +82,20 @@ def _token(lm: HFLanguageModel, name: str, value: Any) -> int:
     return ids[0]
 
 
+def _steps(value: Any) -> list[int]:
+    """The steps of ``exclude=T1,T2`` (or a list of ints in a file)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    steps = []
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, bool) or not text.isascii() or not text.isdigit():
+            raise InterventionError(f"exclude={value!r}: give steps as non-negative integers, e.g. exclude=3 or 3,5.")
+        steps.append(int(text))
+    if not steps:
+        raise InterventionError("exclude= needs at least one step, e.g. exclude=3.")
+    return steps
+
+
 def _steer(lm: HFLanguageModel, value: Any) -> Mechanism:
     if isinstance(value, Mapping):
         options = dict(value)
@@ -113,11 +130,15 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                 result.intervention[MECHANISM] = "model"
             elif key == PROMPT:
                 result.intervention[PROMPT] = lm.encode(str(value)) if isinstance(value, str) else value
-            elif parse_step_site(key) is not None and key.startswith("w_"):
-                result.intervention[key] = _token(lm, key, value)
+            elif key == EXCLUDE_PREFIX:
+                for step in _steps(value):
+                    result.intervention[exclude_key(step)] = FACTUAL_TOKEN
+            elif (parsed := parse_step_site(key)) is not None and parsed[0] in (TOKEN_PREFIX, EXCLUDE_PREFIX):
+                factual = parsed[0] == EXCLUDE_PREFIX and value == FACTUAL_TOKEN  # unquoted; "factual" is text
+                result.intervention[key] = FACTUAL_TOKEN if factual else _token(lm, key, value)
             else:
                 raise InterventionError(
-                    f"unknown intervention key {key!r}; use steer, model, prompt or w_<t>."
+                    f"unknown intervention key {key!r}; use steer, model, prompt, w_<t>, exclude or exclude_<t>."
                 )
         except InterventionError:
             raise

@@ -16,7 +16,7 @@ from .distributions import IntegerDelta
 from .factual_anchor_messenger import FactualAnchorMessenger
 from .incremental import MechanismBatch
 from .mechanism import Factual, Mechanism
-from .ops import step_logits
+from .ops import step_decoded, step_logits
 from .record_logits_messenger import RecordLogitsMessenger
 from .sites import MECHANISM, PROMPT, noise_site, token_site
 
@@ -236,7 +236,7 @@ class LanguageModelSCM:
         for t in range(self.max_new_tokens):
             raw = check_logits(batch.logits(), f"step {t} ('{self.site(token_site(t))}')")
             raw = step_logits(self, t, raw, prompt, mechanism, tokens, name=self.site(f"__logits_{t}"))
-            logits = self.decoding(raw)
+            logits = step_decoded(self, t, self.decoding(raw), name=self.site(f"__decoded_{t}"))
             if self.collapsed:
                 logits = torch.where(finished.unsqueeze(-1), pad_logits, logits)
                 w = pyro.sample(self.site(token_site(t)), dist.Categorical(logits=logits))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
-from .summary import KINDS, METRICS, SummaryRow
+from .summary import EXACT, EXACT_METRICS, KINDS, METRICS, SummaryRow
 
 if TYPE_CHECKING:
     from .config import StudyConfig
@@ -117,17 +117,29 @@ def _piece(token: str) -> str:
     return token.replace("\n", "↵").replace("\t", "⇥")
 
 
+def _q(q: float) -> str:
+    return f"{q:.3f}" if q >= 0.001 else f"{q:.1e}"
+
+
 def _cell(tokens: Sequence[str], lp_f: Sequence[float | None], lp_i: Sequence[float | None], i: int | None,
-          tag: str, divergence: bool) -> str:
+          tag: str, divergence: bool, q: Sequence[float] | None = None, q_label: str = "") -> str:
+    """One token; ``q`` (exact counterfactual probabilities, if known) colours its underline:
+    solid blue for a token the counterfactual keeps for sure, fading to none at 0."""
     classes = [tag] + (["div"] if divergence else [])
     if i is None:
         return f'<td class="gap{" div" if divergence else ""}">·</td>'
     title = f"{tokens[i]!r}  p(factual) = {_prob(lp_f[i])}  p(intervened) = {_prob(lp_i[i])}"
-    return f'<td class="{" ".join(classes)}" title="{_e(title)}">{_e(_piece(tokens[i]))}</td>'
+    style = ""
+    if q is not None and i < len(q) and q[i] is not None:
+        title += f"  {q_label} = {_q(float(q[i]))}"
+        style = f' style="border-bottom:3px solid rgba(37,99,235,{min(1.0, max(0.0, float(q[i]))):.3f})"'
+        classes.append("q")
+    return f'<td class="{" ".join(classes)}"{style} title="{_e(title)}">{_e(_piece(tokens[i]))}</td>'
 
 
-def _alignment(factual: Record, draw: Record, label: str) -> str:
-    """Two rows, factual over ``draw``, aligned by a Levenshtein edit script."""
+def _alignment(factual: Record, draw: Record, label: str, stay: Sequence[float] | None = None) -> str:
+    """Two rows, factual over ``draw``, aligned by a Levenshtein edit script; ``stay`` are the
+    exact probabilities that the counterfactual keeps each factual token."""
     columns: list[tuple[int | None, int | None, str]] = []
     for op in Levenshtein.opcodes(factual["ids"], draw["ids"]):
         tag, i1, i2, j1, j2 = op.tag, op.src_start, op.src_end, op.dest_start, op.dest_end
@@ -143,9 +155,10 @@ def _alignment(factual: Record, draw: Record, label: str) -> str:
         is_div = not marked and kind != "eq"  # the first edit: where the strings part
         marked = marked or is_div
         top.append(_cell(factual["tokens"], factual["token_log_prob_factual"], factual["token_log_prob_intervened"],
-                         i, kind, is_div))
+                         i, kind, is_div, stay, "p(counterfactual keeps it | same prefix)"))
         bottom.append(_cell(draw["tokens"], draw["token_log_prob_factual"], draw["token_log_prob_intervened"],
-                            j, kind if j is not None else "gap", is_div))
+                            j, kind if j is not None else "gap", is_div, draw.get("token_prob_counterfactual"),
+                            "p(counterfactual) exact"))
     return (
         f'<div class="scroll"><table class="al"><tr><th>factual</th>{"".join(top)}</tr>'
         f'<tr><th>{_e(label)}</th>{"".join(bottom)}</tr></table></div>'
@@ -173,7 +186,7 @@ def _row(record: Record) -> str:
         return (
             f'<tr class="string-row" data-index="{index}" data-group="{_e(group)}"><td class="num">{index}</td>'
             f'<td>{_e(group)}</td><td>{head}<div class="err">skipped: {_e(record["error"])}</div></td>'
-            + '<td class="num">–</td>' * 6 + "</tr>"
+            + '<td class="num">–</td>' * 7 + "</tr>"
         )
     factual, cf, it = record["factual"], record["counterfactual"], record["interventional"]
     changed = _mean([d["changed"] for d in cf])
@@ -182,15 +195,18 @@ def _row(record: Record) -> str:
     int_distance = _mean([d["normalized_token_edit_distance"] for d in it])
     chars = _mean([d["char_edit_distance"] for d in cf])
     flipped = _mean([d["flipped"] for d in cf])
+    exact = record.get("exact") or {}
+    stay = exact.get("token_prob_unchanged")
+    unchanged = exact.get("prob_unchanged")
     given = "observed" if record.get("continuation_given") else "sampled"
     body = [head, f'<div class="lab">factual ({given}): {_e(factual["text"])}</div>']
-    body.append(_alignment(factual, cf[0], "CF 1"))
+    body.append(_alignment(factual, cf[0], "CF 1", stay))
     folded = []
     for kind in KINDS:
         for d, draw in enumerate(record[kind]):
             if kind == "counterfactual" and d == 0:
                 continue
-            folded.append(_alignment(factual, draw, f"{_KIND_SHORT[kind]} {d + 1}"))
+            folded.append(_alignment(factual, draw, f"{_KIND_SHORT[kind]} {d + 1}", stay))
     body.append(
         f"<details><summary>all {len(cf)} counterfactual and {len(it)} interventional draws</summary>"
         + "".join(folded) + "</details>"
@@ -200,20 +216,37 @@ def _row(record: Record) -> str:
     attrs = {
         "index": str(index), "group": _e(group), "changed": _attr(changed), "divergence": _attr(divergence),
         "cf-distance": _attr(cf_distance), "int-distance": _attr(int_distance), "char": _attr(chars),
-        "flipped": _attr(flipped),
+        "flipped": _attr(flipped), "unchanged": _attr(unchanged),
     }
     data = " ".join(f'data-{k}="{v}"' for k, v in attrs.items())
     n_changed = sum(d["changed"] for d in cf)
     return (
         f'<tr class="string-row" {data}><td class="num">{index}</td><td>{_e(group)}</td>'
-        f'<td>{"".join(body)}</td><td class="num">{n_changed}/{len(cf)}</td>'
+        f'<td>{"".join(body)}</td><td class="num">{_num(unchanged, 3)}</td><td class="num">{n_changed}/{len(cf)}</td>'
         f'<td class="num">{_num(divergence, 1)}</td><td class="num cf-distance">{_num(cf_distance)}</td>'
         f'<td class="num">{_num(int_distance)}</td><td class="num">{_num(chars, 1)}</td>'
         f'<td><span class="lab">{attr_text}</span><br>{_num(flipped)}</td></tr>'
     )
 
 
+def _exact_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
+    labels = {m.key: m.label for m in EXACT_METRICS}
+    head = ('<th class="l">group</th>' if with_group else "") + '<th class="l">exact metric</th><th>mean</th>'
+    lines = []
+    for row in rows:
+        first = f'<td class="l">{_e(row.group)}</td>' if with_group else ""
+        value = "–" if math.isnan(row.mean) else (
+            f"{row.mean:.4f} <span class=lab>[{row.low:.4f}, {row.high:.4f}]</span>"
+        )
+        lines.append(f'<tr>{first}<td class="l">{_e(labels.get(row.metric, row.metric))}</td><td>{value}</td></tr>')
+    return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
+
+
 def _summary_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
+    exact = [row for row in rows if row.kind == EXACT]
+    rows = [row for row in rows if row.kind != EXACT]
+    if exact:
+        return _summary_table(rows, with_group) + _exact_table(exact, with_group)
     labels = {m.key: m.label for m in METRICS}
     by_key: dict[tuple[str, str], dict[str, SummaryRow]] = {}
     for row in rows:
@@ -268,7 +301,10 @@ def render_html(
     plots = "".join(_image(files[k]) for k in ("edit_distance_png", "divergence_png") if k in files)
     columns = (
         '<th data-sort="index" aria-sort="ascending">#</th><th data-sort="group" data-type="str">group</th>'
-        "<th>prompt · factual vs counterfactual tokens (hover a token for its probabilities)</th>"
+        "<th>prompt · factual vs counterfactual tokens (hover a token for its probabilities; blue underline: "
+        "the exact counterfactual probability of the token)</th>"
+        '<th data-sort="unchanged" title="exact probability that the counterfactual equals the factual string">'
+        "P(unchanged)</th>"
         '<th data-sort="changed" title="counterfactual draws that differ from the factual string">changed</th>'
         '<th data-sort="divergence" title="mean first divergence of the changed counterfactual draws">first div.</th>'
         '<th data-sort="cf-distance" title="mean normalised token edit distance, counterfactual">CF edit dist.</th>'
@@ -291,7 +327,7 @@ def render_html(
         _summary_table(rows, with_group=False),
     ]
     if group_rows:
-        keys = ("changed", "first_divergence", "normalized_token_edit_distance", "flipped")
+        keys = ("changed", "first_divergence", "normalized_token_edit_distance", "flipped", "prob_unchanged")
         parts += ["<h2>By group</h2>", _summary_table([r for r in group_rows if r.metric in keys], with_group=True)]
     if plots:
         parts += ["<h2>Plots</h2>", f'<div class="plots">{plots}</div>']

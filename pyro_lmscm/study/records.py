@@ -52,6 +52,7 @@ DRAW_FIELDS = (
     "length",
     "attribute",
     "flipped",
+    "token_prob_counterfactual",
 )
 
 RECORD_SCHEMA_DOC = """\
@@ -63,6 +64,11 @@ truncated        bool     the given continuation was cut to max_new_tokens
 seed             int      the string's seed, from (study seed, index)
 error            str?     why the string was skipped (then the fields below are absent)
 log_prob_observed float   log p(factual | prompt) from the abduction guide
+exact            {prob_unchanged, first_divergence, expected_first_divergence,
+                  token_prob_unchanged}: exact, from exact_counterfactual; first_divergence
+                  has n + 1 entries (the last is P(unchanged)); expected_first_divergence is
+                  the expected number of leading observed tokens kept (n if unchanged);
+                  token_prob_unchanged[t] = q(w_t | w_<t)
 factual          {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, length, attribute}
 counterfactual   [draw]   one per posterior draw
@@ -70,7 +76,9 @@ interventional   [draw]   one per fresh-noise draw of the intervened model
 draw             {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, changed, first_divergence,
                   token_edit_distance, normalized_token_edit_distance, char_edit_distance,
-                  common_prefix, length, attribute, flipped}
+                  common_prefix, length, attribute, flipped, token_prob_counterfactual}
+                  token_prob_counterfactual[t] = exact q(s_t | s_<t) of the draw's tokens
+                  under the counterfactual distribution
 """
 
 
@@ -230,6 +238,15 @@ def _parquet_schema() -> Any:
             ("length", pa.int64()),
             ("attribute", pa.string()),
             ("flipped", pa.bool_()),
+            ("token_prob_counterfactual", pa.list_(pa.float64())),
+        ]
+    )
+    exact = pa.struct(
+        [
+            ("prob_unchanged", pa.float64()),
+            ("first_divergence", pa.list_(pa.float64())),
+            ("expected_first_divergence", pa.float64()),
+            ("token_prob_unchanged", pa.list_(pa.float64())),
         ]
     )
     factual = pa.struct(tokens + [("length", pa.int64()), ("attribute", pa.string())])
@@ -245,6 +262,7 @@ def _parquet_schema() -> Any:
             ("fingerprint", pa.string()),
             ("error", pa.string()),
             ("log_prob_observed", pa.float64()),
+            ("exact", exact),
             ("factual", factual),
             ("counterfactual", pa.list_(draw)),
             ("interventional", pa.list_(draw)),

@@ -178,7 +178,7 @@ def write_report(output_dir: str | Path, records: Sequence[Record], config: Stud
     files: dict[str, Path] = {}
     text = summary_markdown(rows, config.confidence)
     if group_rows:
-        keys = ("changed", "first_divergence", "normalized_token_edit_distance", "flipped")
+        keys = ("changed", "first_divergence", "normalized_token_edit_distance", "flipped", "prob_unchanged")
         text += "\nBy group:\n\n" + summary_markdown([r for r in group_rows if r.metric in keys], config.confidence)
     errors = [r for r in records if r.get("error") is not None]
     if errors:

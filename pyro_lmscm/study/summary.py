@@ -13,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     pass
 
-__all__ = ["KINDS", "METRICS", "Metric", "SummaryRow", "summarize", "summary_markdown"]
+__all__ = ["EXACT", "EXACT_METRICS", "KINDS", "METRICS", "Metric", "SummaryRow", "summarize", "summary_markdown"]
 
 #: The two kinds of draws.
 KINDS = ("counterfactual", "interventional")
@@ -65,13 +65,29 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+#: The kind of the rows of the exact metrics: one value per string, not per draw.
+EXACT = "exact"
+
+#: The exact per-string metrics (``record["exact"]``), averaged over strings.
+EXACT_METRICS: tuple[Metric, ...] = (
+    Metric("prob_unchanged", "exact P(unchanged)", _field("prob_unchanged")),
+    Metric(
+        "expected_first_divergence",
+        "exact expected first divergence (tokens kept; n if unchanged)",
+        _field("expected_first_divergence"),
+    ),
+)
+
+
 @dataclass
 class SummaryRow:
     """One metric of one kind: the mean and its bootstrap interval.
 
     :ivar group: ``"all"`` or a corpus group.
-    :ivar kind: ``"counterfactual"``, ``"interventional"`` or ``"difference"`` (CF - int.).
-    :ivar n: the draws counted (for the difference, the strings with both).
+    :ivar kind: ``"counterfactual"``, ``"interventional"``, ``"difference"`` (CF - int.),
+        or ``"exact"`` (:data:`EXACT_METRICS`, a mean over strings).
+    :ivar n: the draws counted (for the difference, the strings with both; for ``"exact"``,
+        the strings).
     """
 
     group: str
@@ -118,7 +134,8 @@ def summarize(
     metrics: Sequence[Metric] = METRICS,
 ) -> list[SummaryRow]:
     """Means with cluster-bootstrap intervals for every metric and kind, plus the paired
-    difference counterfactual minus interventional.
+    difference counterfactual minus interventional; then the exact metrics
+    (:data:`EXACT_METRICS`), means over strings with intervals from the same resamples.
 
     Records with an ``error`` are left out.
 
@@ -149,6 +166,14 @@ def summarize(
         n_both = min(n_cf, n_int)
         low, high = _interval(b_cf - b_int, confidence)
         rows.append(SummaryRow(group, metric.key, "difference", float(p_cf - p_int), low, high, n_both))
+    if any("exact" in r for r in records):
+        for metric in EXACT_METRICS:
+            values = [metric.value(r.get("exact") or {}) for r in records]
+            sums = np.array([0.0 if v is None else v for v in values])
+            counts = np.array([0.0 if v is None else 1.0 for v in values])
+            point = _ratio(np.array([sums.sum()]), np.array([counts.sum()]))[0]
+            low, high = _interval(_ratio(sums[resample].sum(1), counts[resample].sum(1)), confidence)
+            rows.append(SummaryRow(group, metric.key, EXACT, float(point), low, high, int(counts.sum())))
     return rows
 
 
@@ -174,6 +199,8 @@ def summary_markdown(
     """The summary as a markdown table: one line per (group, metric), the counterfactual,
     interventional and difference columns as ``mean [low, high]``."""
     labels = _labels(metrics)
+    exact = [row for row in rows if row.kind == EXACT]
+    rows = [row for row in rows if row.kind != EXACT]
     groups = list(dict.fromkeys(row.group for row in rows))
     level = f"{confidence:.0%}"
     head = "| metric | counterfactual | interventional | CF − interventional | draws (CF / int.) |"
@@ -191,4 +218,13 @@ def summary_markdown(
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Means over draws with {level} cluster-bootstrap intervals (strings resampled).")
+    if exact:
+        exact_labels = _labels(EXACT_METRICS)
+        with_group = head.startswith("| group")
+        lines += ["", ("| group " if with_group else "") + "| exact metric (per string) | mean | strings |"]
+        lines.append("|---" * (4 if with_group else 3) + "|")
+        for row in exact:
+            cells = [exact_labels.get(row.metric, row.metric), _cell(row), str(row.n)]
+            lines.append("| " + " | ".join(([row.group] if with_group else []) + cells) + " |")
+        lines += ["", f"Exact metrics (exact_counterfactual): means over strings, {level} bootstrap intervals."]
     return "\n".join(lines) + "\n"

@@ -98,7 +98,9 @@ class StudyWorker:
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
         self.intervention = spec.intervention
-        self.data = as_do_data(self.scm, spec.intervention)
+        # check the intervention now, not per string ("factual" exclusions against a stand-in
+        # observation of the full length; each string resolves them against its own)
+        as_do_data(self.scm, spec.intervention, torch.zeros(self.config.max_new_tokens, dtype=torch.long))
         self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------
@@ -147,6 +149,26 @@ class StudyWorker:
             "flipped": flipped,
         }
 
+    def _exact(self, exact: Any, result: Any) -> dict[str, Any]:
+        """The exact metrics of a string (:class:`~pyro_lmscm.inference.ExactCounterfactual`):
+        P(unchanged), the first-divergence distribution and its mean, the probability of
+        keeping each observed token, and each draw's per-token counterfactual probabilities
+        (counterfactual draws, then interventional ones)."""
+        divergence = exact.first_divergence()  # (n + 1,), the last entry P(unchanged)
+        n = divergence.shape[0] - 1
+        steps = torch.arange(n + 1, dtype=torch.float64)  # unchanged counts as n kept tokens
+        stay = exact.token_log_probs(result.factual_ids).exp()[0]
+        draws = exact.token_log_probs(torch.cat([result.counterfactual_ids, result.interventional_ids])).exp()
+        return {
+            "summary": {
+                "prob_unchanged": float(divergence[-1]),
+                "first_divergence": [float(p) for p in divergence],
+                "expected_first_divergence": float((steps * divergence).sum()),
+                "token_prob_unchanged": [float(p) for p in stay],
+            },
+            "draws": [[float(p) for p in row] for row in draws],
+        }
+
     # -- the work ----------------------------------------------------------------------
 
     def process(self, item: CorpusItem | Mapping[str, Any]) -> dict[str, Any]:
@@ -156,7 +178,7 @@ class StudyWorker:
         does not survive tokenization, a prompt too long for the context) gives a record
         with an ``error`` message instead of draws.
         """
-        from ..inference import counterfactual
+        from ..inference import counterfactual, exact_counterfactual
 
         if not isinstance(item, CorpusItem):
             item = CorpusItem(**item)
@@ -184,6 +206,8 @@ class StudyWorker:
                 self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
                 baseline=True,
             )
+            exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
+            exact_fields = self._exact(exact, result)
         except LMSCMError as error:
             record["error"] = f"{type(error).__name__}: {error}"
             return record
@@ -197,7 +221,7 @@ class StudyWorker:
         int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
         rows = [factual, *cf_rows, *int_rows]
         token_f, total_f = ragged_token_log_probs(self.scm, prompt, rows)
-        token_i, total_i = ragged_token_log_probs(self.scm, prompt, rows, self.data)
+        token_i, total_i = ragged_token_log_probs(self.scm, prompt, rows, result.intervention)
         scores = list(zip(token_f, total_f, token_i, total_i))
         factual_text = self.lm.decode(factual)
         factual_label = self._label(factual_text)
@@ -213,12 +237,21 @@ class StudyWorker:
             "length": len(factual),
             "attribute": factual_label,
         }
+        record["exact"] = exact_fields["summary"]
         k = len(cf_rows)
         record["counterfactual"] = [
-            self._draw(factual, factual_text, factual_label, ids, scores[1 + j]) for j, ids in enumerate(cf_rows)
+            {
+                **self._draw(factual, factual_text, factual_label, ids, scores[1 + j]),
+                "token_prob_counterfactual": exact_fields["draws"][j][: len(ids)],
+            }
+            for j, ids in enumerate(cf_rows)
         ]
         record["interventional"] = [
-            self._draw(factual, factual_text, factual_label, ids, scores[1 + k + j]) for j, ids in enumerate(int_rows)
+            {
+                **self._draw(factual, factual_text, factual_label, ids, scores[1 + k + j]),
+                "token_prob_counterfactual": exact_fields["draws"][k + j][: len(ids)],
+            }
+            for j, ids in enumerate(int_rows)
         ]
         return record
 

@@ -128,6 +128,8 @@ def _settings(models):
         "top-p": (LanguageModelSCM(lm, T, Decoding(top_p=0.9), mechanisms=swap), {"mechanism": "other"}),
         "prompt": (LanguageModelSCM(lm, T), {"prompt": torch.tensor([2, 9, 4])}),
         "forced token": (LanguageModelSCM(lm, T, mechanisms=swap), {"mechanism": "other", "w_1": 8}),
+        # anything but the observed token at step 1, the factual model otherwise
+        "exclusion": (LanguageModelSCM(lm, T, Decoding(top_k=7)), {"exclude_1": "factual"}),
     }
 
 
@@ -136,7 +138,9 @@ def _observed(scm):
     return counterfactual(scm, PROMPT, None, {}, seed=3).factual_ids
 
 
-@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "top-p", "prompt", "forced token"])
+@pytest.mark.parametrize(
+    "setting", ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "exclusion"]
+)
 def test_string_probabilities_sum_to_one_and_match_monte_carlo(models, setting):
     scm, intervention = _settings(models)[setting]
     observed = _observed(scm)
@@ -190,7 +194,7 @@ def test_prob_unchanged_equals_the_candidate_probability(models):
     assert exact.prob_unchanged() == pytest.approx(float(exact.log_prob(exact.observed_ids[None]).exp()), abs=1e-9)
 
 
-@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "top-p", "prompt"])
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "top-p", "prompt", "exclusion"])
 def test_string_probabilities_equal_a_chain_of_quadratures(models, setting):
     """Every one of the V^T candidates: the product over steps of the quadrature step law
     (to 1e-9). Both sides read the same float32 logits (the abduction's factual pass, the
@@ -201,7 +205,11 @@ def test_string_probabilities_equal_a_chain_of_quadratures(models, setting):
     exact = exact_counterfactual(scm, PROMPT, observed, intervention)
     log_p = exact.log_prob(CANDIDATES).exp().numpy()
     factual = exact._factual.numpy()
-    logits = exact._counterfactual_logits(CANDIDATES, T).cpu().numpy()  # (B, T, V)
+    if setting == "exclusion":  # the intervened logits without the exclusion, masked here
+        logits = exact_counterfactual(scm, PROMPT, observed, {})._counterfactual_logits(CANDIDATES, T).cpu().numpy()
+        logits[:, 1, int(observed[1])] = -np.inf
+    else:
+        logits = exact._counterfactual_logits(CANDIDATES, T).cpu().numpy()  # (B, T, V)
     eos, pad = scm.lm.eos_token_ids, scm.lm.pad_token_id
     observed_ended = [any(int(w) in eos for w in observed[:t]) for t in range(T)]
     chain = np.ones(len(CANDIDATES))

@@ -71,7 +71,7 @@ def test_write_report_files(make_config):
     with open(files["summary_csv"]) as handle:
         rows = list(csv.DictReader(handle))
     assert {row["group"] for row in rows} == {"all", "men", "women", "neither"}
-    assert {row["kind"] for row in rows} == {"counterfactual", "interventional", "difference"}
+    assert {row["kind"] for row in rows} == {"counterfactual", "interventional", "difference", "exact"}
     with open(files["draws_csv"]) as handle:
         draws = list(csv.DictReader(handle))
     assert len(draws) == 9 * 2 * 3
