@@ -29,7 +29,7 @@ from .interventions import (
 )
 from .lm import HFLanguageModel
 from .loading import load_lm
-from .models import Decoding, LanguageModelSCM, Mechanism
+from .models import Decoding, GumbelMax, InverseCDF, LanguageModelSCM, Mechanism, NoiseModel
 
 __version__ = "0.1.0"
 
@@ -40,13 +40,16 @@ __all__ = [
     "CounterfactualResult",
     "Decoding",
     "ExactCounterfactual",
+    "GumbelMax",
     "HFLanguageModel",
     "HindsightGumbelGuide",
+    "InverseCDF",
     "LMSCMError",
     "LanguageModelSCM",
     "LoRAAdapter",
     "Mechanism",
     "ModelSwap",
+    "NoiseModel",
     "PosteriorNoiseMessenger",
     "RankOneEdit",
     "UpstreamHindsightGuide",

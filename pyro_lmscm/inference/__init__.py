@@ -1,5 +1,7 @@
 """Rung 3: abduction of the exogenous noise and counterfactual queries."""
 
+from ..models.gumbel_max_counterfactual import step_counterfactual_log_probs
+from ..models.gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
 from .abduction import (
     METHODS,
     NUTS_MAX_VOCAB,
@@ -25,8 +27,7 @@ from .compare import (
 )
 from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
-from .exact import ExactCounterfactual, exact_counterfactual, step_counterfactual_log_probs
-from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density
+from .exact import ExactCounterfactual, exact_counterfactual
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict

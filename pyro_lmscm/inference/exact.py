@@ -1,4 +1,8 @@
-r"""Exact counterfactual probabilities of the Gumbel-max SCM, in closed form.
+r"""Exact counterfactual probabilities of the SCM, in closed form.
+
+The one-step law :math:`P(J = j \mid K = k)` is the noise model's
+(:meth:`~pyro_lmscm.models.NoiseModel.counterfactual_log_probs`); for Gumbel-max
+(:mod:`pyro_lmscm.models.gumbel_max_counterfactual`):
 
 One step. Let :math:`p = \mathrm{softmax}(\ell)` be the factual decoded distribution,
 :math:`q = \mathrm{softmax}(\ell')` the counterfactual one (the intervened mechanism at the
@@ -52,7 +56,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import AbductionError, ObservationError
+from ..errors import ObservationError
 from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
 from ..models.exclude_tokens_messenger import exclude_token
 from ..models.sites import MECHANISM, PROMPT
@@ -64,98 +68,7 @@ if TYPE_CHECKING:
     from ..interventions.ops import Intervention
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["ExactCounterfactual", "exact_counterfactual", "step_counterfactual_log_probs", "stay_log_prob"]
-
-
-def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
-    """:math:`\\log(y - x)` for :math:`y \\geq x \\geq 0` given in log space (``-inf`` when equal)."""
-    out = log_y + torch.log1p(-torch.exp(log_x - log_y))
-    return torch.where(log_y > log_x, out, torch.full_like(out, float("-inf")))
-
-
-def step_counterfactual_log_probs(
-    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
-) -> torch.Tensor:
-    r""":math:`\log P(J = j \mid K = k)` for every token :math:`j`, exactly (float64).
-
-    :param factual_logits: decoded factual logits :math:`\ell`, ``(..., V)``, with
-        :math:`\ell_k > -\infty`.
-    :param counterfactual_logits: decoded counterfactual logits :math:`\ell'`, ``(..., V)``.
-    :param observed: the observed tokens :math:`k`, ``(...)``.
-    :returns: ``(..., V)`` log-probabilities; they sum to one over the last dimension.
-    :raises AbductionError: if an observed token has factual probability zero.
-
-    >>> from pyro_lmscm.inference import step_counterfactual_log_probs
-    >>> logits = torch.tensor([1.0, 2.0, 0.5])
-    >>> step_counterfactual_log_probs(logits, logits, torch.tensor(1)).exp().tolist()  # the null intervention
-    [0.0, 1.0, 0.0]
-    """
-    log_p = factual_logits.double().log_softmax(-1)
-    log_q = counterfactual_logits.double().log_softmax(-1)
-    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
-    shape, vocab = log_p.shape, log_p.shape[-1]
-    log_p, log_q = log_p.reshape(-1, vocab), log_q.reshape(-1, vocab)
-    k = observed.reshape(-1).to(log_p.device).long().expand(log_p.shape[0]).reshape(-1, 1)
-    if bool((log_p.gather(-1, k) == float("-inf")).any()):
-        raise AbductionError("an observed token has factual probability zero: no noise produces it.")
-    inf = float("inf")
-    valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
-    log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
-    order = log_r.argsort(dim=-1, stable=True)
-    lr = log_r.gather(-1, order)
-    lp = torch.where(valid, log_p, -inf).gather(-1, order)
-    lq = torch.where(valid, log_q, -inf).gather(-1, order)
-    # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
-    suffix = torch.logcumsumexp(lp.flip(-1), -1).flip(-1)  # sum over positions >= m
-    log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
-    log_b = torch.logcumsumexp(lq, -1)  # <= m
-    log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
-    # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1})); to +inf: 1 / (H(x_m) B_m)
-    x, y = lr[:, :-1], lr[:, 1:]
-    finite = y < inf
-    log_segment = torch.where(
-        finite,
-        _log_diff(torch.where(finite, y, 0.0), torch.where(finite, x, 0.0)) - log_h[:, :-1] - log_h[:, 1:],
-        torch.where(x < inf, -log_h[:, :-1] - log_b[:, :-1], -inf),
-    )
-    log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
-    # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=order.device).expand_as(order))
-    position_k = rank.gather(-1, k)  # (R, 1)
-    below_k = torch.arange(vocab - 1, device=order.device) < position_k
-    log_segment = torch.where(below_k, log_segment, -inf)
-    log_f = torch.logcumsumexp(log_segment.flip(-1), -1).flip(-1)  # (R, V-1): from m to the end
-    log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
-    sorted_out = lq + log_f
-    out = torch.empty_like(sorted_out).scatter_(-1, order, sorted_out)
-    # P(J = k): 1 - (the others) while they are small (exact when they vanish, as under the
-    # null intervention), else 1 / H(r_k), which keeps a small P(J = k) precise
-    others = out.scatter(-1, k, -inf).logsumexp(-1, keepdim=True)
-    log_stay = torch.where(
-        others < math.log(0.5), torch.log1p(-others.exp().clamp(max=0.5)), -log_h.gather(-1, position_k)
-    )
-    out.scatter_(-1, k, log_stay)
-    return out.reshape(shape)
-
-
-def stay_log_prob(
-    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
-) -> torch.Tensor:
-    r""":math:`\log P(J = k \mid K = k) = -\log H(r_k)` alone, in one pass over the vocabulary
-    (no sort): exactly ``0`` when no token's ratio :math:`q_j / p_j` beats the observed
-    token's, as under the null intervention. Shapes as :func:`step_counterfactual_log_probs`;
-    returns ``(...)``.
-    """
-    log_p = factual_logits.double().log_softmax(-1)
-    log_q = counterfactual_logits.double().log_softmax(-1)
-    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
-    k = observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None]
-    log_r_k = log_p.gather(-1, k) - log_q.gather(-1, k)  # (..., 1); +inf where q_k = 0
-    valid = (log_p > -math.inf) | (log_q > -math.inf)
-    replaceable = (valid & (log_p - log_q < log_r_k)).any(-1)  # some r_j < r_k
-    scaled = torch.where(log_q > -math.inf, log_r_k + log_q, -math.inf)
-    log_h = torch.maximum(log_p, scaled).logsumexp(-1)
-    return torch.where(replaceable, -log_h, torch.zeros_like(log_h))
+__all__ = ["ExactCounterfactual", "exact_counterfactual"]
 
 
 class ExactCounterfactual:
@@ -219,7 +132,7 @@ class ExactCounterfactual:
         observed_steps = [i for i, t in enumerate(steps) if t < n and bool(self._active[t])]
         if observed_steps:
             ts = [steps[i] for i in observed_steps]
-            log_q[:, observed_steps] = step_counterfactual_log_probs(
+            log_q[:, observed_steps] = self.scm.noise.counterfactual_log_probs(
                 self._factual[ts].expand(rows, len(ts), -1),
                 logits[:, observed_steps],
                 self.observed_ids[ts].cpu().expand(rows, len(ts)),
@@ -272,14 +185,14 @@ class ExactCounterfactual:
 
     def _observed_log_q(self) -> torch.Tensor:
         """``(n,)``: log q(w_t | w_<t) along the observation, one teacher-forced pass; at the
-        abducted steps by :func:`stay_log_prob` (one pass over V, no sort)."""
+        abducted steps by the noise model's ``stay_log_prob`` (for Gumbel-max one pass over V, no sort)."""
         observed = self.observed_ids.cpu()[None]
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu()
         log_q = logits.log_softmax(-1).gather(-1, observed[..., None]).squeeze(-1)[0]
         active = [t for t in range(n) if bool(self._active[t])]
         if active:
-            log_q[active] = stay_log_prob(self._factual[active], logits[0, active], observed[0, active])
+            log_q[active] = self.scm.noise.stay_log_prob(self._factual[active], logits[0, active], observed[0, active])
         ended = self._ended_before(observed)[0]
         log_q = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_q)
         for t, value in self._forced.items():

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import TorchDistribution
 
 from ..errors import AbductionError, InferenceError, ObservationError
 from ..models.anchor import FactualAnchor
@@ -15,7 +15,6 @@ from ..models.decoding import check_logits
 from ..models.factual_anchor_messenger import FactualAnchorMessenger
 from ..models.sites import noise_site, parse_step_site
 from ..validation import as_real
-from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
 from .scoring import gathered_log_probs
 
 if TYPE_CHECKING:
@@ -44,19 +43,23 @@ def noise_trace(scm: LanguageModelSCM, noise: torch.Tensor) -> poutine.Trace:
     r"""A trace holding noise values for ``poutine.replay``: site ``u_t`` (with the SCM's
     name prefix) gets ``noise[..., t, :]``.
 
-    :param noise: ``(..., T, V)``, e.g. :meth:`HindsightGumbelGuide.sample_noise`; replay
-        it under a plate whose size is its leading dimension.
+    :param noise: ``(..., T) + event`` (``(..., T, V)`` for Gumbel-max), e.g.
+        :meth:`HindsightGumbelGuide.sample_noise`; replay it under a plate whose size is its
+        leading dimension.
     :raises InferenceError: if the shape does not match ``scm.max_new_tokens`` and the vocabulary.
     """
-    if noise.dim() < 2 or tuple(noise.shape[-2:]) != (scm.max_new_tokens, scm.vocab_size):
+    event = tuple(scm.noise.event_shape(scm.vocab_size))
+    step_dim = -1 - len(event)
+    if noise.dim() < 1 + len(event) or tuple(noise.shape[step_dim:]) != (scm.max_new_tokens, *event):
         raise InferenceError(
-            f"`noise` must have shape (..., {scm.max_new_tokens}, {scm.vocab_size}) "
-            f"(max_new_tokens, vocabulary), got {tuple(noise.shape)}."
+            f"`noise` must have shape (..., {', '.join(map(str, (scm.max_new_tokens, *event)))}) "
+            f"(max_new_tokens, then one step's noise of {scm.noise!r}), got {tuple(noise.shape)}."
         )
     trace = poutine.Trace()
     for t in range(scm.max_new_tokens):
         name = scm.site(noise_site(t))
-        trace.add_node(name, name=name, type="sample", is_observed=False, value=noise[..., t, :], infer={})
+        value = noise.select(step_dim, t)
+        trace.add_node(name, name=name, type="sample", is_observed=False, value=value, infer={})
     return trace
 
 
@@ -229,28 +232,30 @@ class HindsightGumbelGuide:
         """
         posterior = self._joint_posterior(prompt_ids)
         u = posterior.sample(sample_shape)
+        event = posterior.event_shape
+        step_dim = -1 - len(event)
         rest = self.scm.max_new_tokens - posterior.batch_shape[-1]
         if rest > 0:
-            prior = standard_gumbel(u.shape[:-2] + (rest, u.shape[-1]), u.dtype, u.device)
-            u = torch.cat([u, prior], dim=-2)
+            shape = u.shape[: u.dim() + step_dim] + torch.Size([rest]) + event
+            u = torch.cat([u, self.scm.noise.sample_prior(shape, u.device).to(u.dtype)], dim=step_dim)
         return u
 
-    def _joint_posterior(self, prompt_ids: torch.Tensor) -> GumbelMaxPosterior:
+    def _joint_posterior(self, prompt_ids: torch.Tensor) -> TorchDistribution:
         """The posterior of every observed step at once, batch shape ``(..., n)``."""
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
-        return GumbelMaxPosterior(logits, observed, margin=self.margin, active=self.step_is_active(observed))
+        return self.scm.noise.posterior(logits, observed, margin=self.margin, active=self.step_is_active(observed))
 
     def __call__(self, prompt_ids: torch.Tensor) -> None:
         prompt_ids = self.scm.check_prompt(prompt_ids)
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
         active = self.step_is_active(observed)
-        zeros = torch.zeros(self.scm.vocab_size, device=logits.device)
-        prior = dist.Gumbel(zeros, torch.ones_like(zeros)).to_event(1)
+        noise = self.scm.noise
+        prior = noise.prior(self.scm.vocab_size, logits.device)
         for t in range(self.scm.max_new_tokens):
             if t < observed.shape[-1]:
-                posterior = GumbelMaxPosterior(
+                posterior = noise.posterior(
                     logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t]
                 )
                 pyro.sample(self.scm.site(noise_site(t)), posterior)

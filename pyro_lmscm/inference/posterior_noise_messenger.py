@@ -11,7 +11,6 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 
 from ..models.sites import noise_site
-from .gumbel_max_posterior import GumbelMaxPosterior, standard_gumbel
 from .statistics import active_steps
 
 if TYPE_CHECKING:
@@ -40,13 +39,16 @@ class PosteriorNoiseMessenger(Messenger):
     r"""Supply the noise sites of ``guide.scm`` from the exact posterior, one step at a time.
 
     At site ``u_t`` with :math:`t < n` (the observed steps; after an observed end of sequence
-    the posterior is the prior) the handler draws :math:`u_t \sim` :class:`GumbelMaxPosterior` ``(ℓ_t, w^obs_t)``
-    for the site's batch shape, in the way Pyro's ``GuideMessenger.get_posterior`` supplies a
+    the posterior is the prior) the handler draws :math:`u_t` from the noise model's exact
+    posterior (:meth:`~pyro_lmscm.models.NoiseModel.posterior`; for Gumbel-max
+    :class:`GumbelMaxPosterior` ``(ℓ_t, w^obs_t)``) for the site's batch shape, in the way
+    Pyro's ``GuideMessenger.get_posterior`` supplies a
     posterior per site. Later steps keep the prior. Given the observation the steps are
     independent, so this is the law of :class:`HindsightGumbelGuide` traced under the same
     plate, but it holds one step's noise, :math:`O(N V)`, instead of all of them,
-    :math:`O(N T V)`. Steps :math:`t \geq n` get prior draws from the fast sampler
-    :func:`~pyro_lmscm.inference.gumbel_max_posterior.standard_gumbel`.
+    :math:`O(N T V)`. Steps :math:`t \geq n` get prior draws
+    (:meth:`~pyro_lmscm.models.NoiseModel.sample_prior`; for Gumbel-max the fast sampler
+    :func:`~pyro_lmscm.models.gumbel_max_posterior.standard_gumbel`).
 
     :param guide: the exact abduction (its decoded logits and observation).
     :param prompt_ids: the prompt the guide abducts for.
@@ -55,9 +57,10 @@ class PosteriorNoiseMessenger(Messenger):
         the same batch), drawn from ``baseline_generator`` (default: torch's), so that the
         posterior rows' draws are the same with and without them.
 
-    :ivar statistics: per drawn step, ``(observed_noise, top_gumbel)`` of the posterior rows,
-        each ``(rows,)``: :math:`u_{t,k_t}` and :math:`\max_v(\ell_{t,v} + u_{t,v})` (see
-        :func:`~pyro_lmscm.inference.noise_statistics`).
+    :ivar statistics: per drawn step, the noise model's statistics of the posterior rows
+        (:meth:`~pyro_lmscm.models.NoiseModel.noise_statistics`; for Gumbel-max
+        ``observed_noise`` :math:`u_{t,k_t}` and ``top_gumbel``
+        :math:`\max_v(\ell_{t,v} + u_{t,v})`, each ``(rows,)``).
 
     >>> from pyro_lmscm.inference import PosteriorNoiseMessenger
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
@@ -86,7 +89,7 @@ class PosteriorNoiseMessenger(Messenger):
         self.sites = {self.scm.site(noise_site(t)): t for t in range(self.scm.max_new_tokens)}
         self.num_posterior_rows = num_posterior_rows
         self.baseline_generator = baseline_generator
-        self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.statistics: list[dict[str, torch.Tensor]] = []
 
     def _pyro_sample(self, msg: Message) -> None:
         t = self.sites.get(msg["name"])  # type: ignore[arg-type]
@@ -94,45 +97,44 @@ class PosteriorNoiseMessenger(Messenger):
             return
         _broadcast(msg)
         fn: Any = msg["fn"]
-        shape = fn.batch_shape + fn.event_shape
-        dtype, device = self.logits.dtype, self.logits.device
+        noise = self.scm.noise
+        event = fn.event_shape
+        shape = fn.batch_shape + event
+        device = self.logits.device
         posterior = None
         if t < self.observed.shape[-1]:
-            posterior = GumbelMaxPosterior(
+            posterior = noise.posterior(
                 self.logits[..., t, :], self.observed[..., t], margin=self.margin, active=self.active[..., t]
             )
         size = self.num_posterior_rows
         if size is None:
             if posterior is None:
-                value = standard_gumbel(shape, dtype, device)
+                value = noise.sample_prior(shape, device)
             else:
-                value = posterior.expand(shape[:-1]).sample()
+                value = posterior.expand(fn.batch_shape).sample()
         else:  # posterior rows first, then prior rows from their own generator
-            value = torch.empty(shape, dtype=dtype, device=device)
-            rows = value.view(-1, shape[-1])
+            value = torch.empty(shape, dtype=noise.dtype, device=device)
+            rows = value.view(-1, *event)
             if size > 0:
                 if posterior is None:
-                    standard_gumbel(rows[:size].shape, out=rows[:size])
+                    rows[:size] = noise.sample_prior(rows[:size].shape, device)
                 else:
                     rows[:size] = posterior.expand(torch.Size([size])).sample()
             if size < rows.shape[0]:
-                standard_gumbel(rows[size:].shape, out=rows[size:], generator=self.baseline_generator)
+                rows[size:] = noise.sample_prior(rows[size:].shape, device, generator=self.baseline_generator)
         if posterior is not None:
             if self.num_active is not None and t < self.num_active and size != 0:
-                drawn = value.reshape(-1, shape[-1])[: size if size is not None else None]
-                k = int(self.observed[t])
-                # copies: a view of the noise column would keep the step's whole noise alive
-                observed_noise = drawn[:, k].to(device="cpu", dtype=torch.float32, copy=True)
-                self.statistics.append((observed_noise, (self.logits[t] + drawn).amax(-1).float().cpu()))
+                drawn = value.reshape(-1, *event)[: size if size is not None else None]
+                stats = noise.noise_statistics(self.logits[t], int(self.observed[t]), drawn)
+                if stats:
+                    self.statistics.append(stats)
         msg["value"] = value
         msg["done"] = True
 
     def noise_statistics(self) -> dict[str, torch.Tensor]:
-        """``{"observed_noise": (rows, n_a), "top_gumbel": (rows, n_a)}`` of the steps drawn
-        (one prediction run with a one-dimensional observation)."""
+        """The noise model's per-draw statistics of the steps drawn, each ``(rows, n_a)``
+        (one prediction run with a one-dimensional observation); for Gumbel-max
+        ``observed_noise`` and ``top_gumbel``."""
         if not self.statistics:
             return {}
-        return {
-            "observed_noise": torch.stack([s[0] for s in self.statistics], -1),
-            "top_gumbel": torch.stack([s[1] for s in self.statistics], -1),
-        }
+        return {key: torch.stack([s[key] for s in self.statistics], -1) for key in self.statistics[0]}

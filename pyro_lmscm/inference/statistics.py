@@ -9,8 +9,8 @@ import torch
 from pyro.infer.importance import LogWeightsMixin
 
 from ..errors import InferenceError
+from ..models.gumbel_max_posterior import gumbel_log_density
 from ..models.sites import noise_site
-from .gumbel_max_posterior import gumbel_log_density
 
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM

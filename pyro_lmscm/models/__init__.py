@@ -6,6 +6,7 @@ from .distributions import IntegerDelta
 from .exclude_tokens_messenger import ExcludeTokensMessenger
 from .factual_anchor_messenger import FactualAnchorMessenger
 from .mechanism import Factual, Mechanism
+from .noise import GumbelMax, InverseCDF, NoiseModel
 from .record_logits_messenger import RecordLogitsMessenger
 from .scm import FACTUAL, LanguageModelSCM
 from .sites import MECHANISM, PROMPT, exclude_key, noise_site, parse_step_site, token_site
@@ -19,9 +20,12 @@ __all__ = [
     "FactualAnchor",
     "FactualAnchorMessenger",
     "Factual",
+    "GumbelMax",
     "IntegerDelta",
+    "InverseCDF",
     "LanguageModelSCM",
     "Mechanism",
+    "NoiseModel",
     "RecordLogitsMessenger",
     "Temperature",
     "TopK",

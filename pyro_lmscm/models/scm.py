@@ -16,6 +16,7 @@ from .distributions import IntegerDelta
 from .factual_anchor_messenger import FactualAnchorMessenger
 from .incremental import MechanismBatch
 from .mechanism import Factual, Mechanism
+from .noise import GumbelMax, NoiseModel
 from .ops import step_decoded, step_logits
 from .record_logits_messenger import RecordLogitsMessenger
 from .sites import MECHANISM, PROMPT, noise_site, token_site
@@ -29,7 +30,7 @@ FACTUAL = "factual"
 
 
 class LanguageModelSCM:
-    r"""A causal language model as a structural causal model (Gumbel-max SCM).
+    r"""A causal language model as a structural causal model (by default a Gumbel-max SCM).
 
     For steps :math:`t = 0, \dots, T-1`:
 
@@ -39,6 +40,8 @@ class LanguageModelSCM:
         u_t &\sim \mathrm{Gumbel}(0, 1)^V, \\
         w_t &= \arg\max_v \left[ g(\ell_t)_v + u_{t,v} \right],
 
+    or, with another ``noise`` model (:mod:`pyro_lmscm.models.noise`), its prior for
+    :math:`u_t` and its structural function :math:`w_t = h(g(\ell_t), u_t)`;
     where :math:`f_m` is the mechanism with index :math:`m` (0: the language model ``lm``,
     :math:`k \geq 1`: the ``k``-th of ``mechanisms``), :math:`g` is the decoding transform
     ``decoding``, :math:`V` is the vocabulary size and :math:`T` is ``max_new_tokens``.
@@ -67,6 +70,9 @@ class LanguageModelSCM:
         observed string gives its exact likelihood and discrete upstream variables can be
         enumerated (``TraceEnum_ELBO``). It is the same distribution over strings; use the
         non-collapsed SCM for abduction and counterfactuals.
+    :param noise: the noise model of every step, :class:`~pyro_lmscm.models.GumbelMax`
+        (default) or e.g. :class:`~pyro_lmscm.models.InverseCDF`; every noise model gives the
+        same distribution over strings and its own counterfactuals.
     :raises MechanismError: if a mechanism is incompatible with ``lm`` or a name is taken.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
@@ -85,6 +91,7 @@ class LanguageModelSCM:
         mechanisms: Mapping[str, Mechanism] | None = None,
         name: str | None = None,
         collapsed: bool = False,
+        noise: NoiseModel | None = None,
     ) -> None:
         max_new_tokens = as_int(max_new_tokens, "max_new_tokens", minimum=1, error=DecodingError)
         self.lm = lm
@@ -103,6 +110,10 @@ class LanguageModelSCM:
             raise MechanismError(f"`name` must be a non-empty string without '/', got {name!r}.")
         self.name = name
         self.collapsed = bool(collapsed)
+        noise = GumbelMax() if noise is None else noise
+        if not isinstance(noise, NoiseModel):
+            raise MechanismError(f"`noise` must be a pyro_lmscm NoiseModel, got {type(noise).__name__}.")
+        self.noise = noise
         self.mechanism_names: list[str] = [FACTUAL, *mechanisms]
         self.mechanisms: list[Mechanism] = [Factual(), *mechanisms.values()]
 
@@ -227,8 +238,7 @@ class LanguageModelSCM:
         pad = torch.tensor(self.lm.pad_token_id, device=device)
         eos = torch.tensor(self.lm.eos_token_ids, dtype=torch.long, device=device)
         vocab = self.vocab_size
-        noise = dist.Gumbel(torch.zeros(vocab, device=device), torch.ones(vocab, device=device))
-        noise = noise.to_event(1)
+        noise = self.noise.prior(vocab, device)
         expanded = noise  # noise.expand(batch shape), rebuilt only when the batch grows
         finished = torch.zeros(batch.batch_shape, dtype=torch.bool, device=device)
         pad_logits = torch.full((vocab,), float("-inf"), device=device).index_fill(0, pad.reshape(1), 0.0)
@@ -244,7 +254,7 @@ class LanguageModelSCM:
                 if expanded.batch_shape != logits.shape[:-1]:
                     expanded = noise.expand(logits.shape[:-1])
                 u = pyro.sample(self.site(noise_site(t)), expanded)
-                w = torch.where(finished, pad, torch.argmax(logits + u, dim=-1))
+                w = torch.where(finished, pad, self.noise.structural(logits, u))
                 w = pyro.sample(self.site(token_site(t)), IntegerDelta(w))
             w = self._check_token(w, t, device)
             tokens.append(w)
@@ -267,5 +277,5 @@ class LanguageModelSCM:
     def __repr__(self) -> str:
         return (
             f"LanguageModelSCM({self.lm!r}, max_new_tokens={self.max_new_tokens}, "
-            f"decoding={self.decoding!r}, mechanisms={self.mechanism_names[1:]})"
+            f"decoding={self.decoding!r}, mechanisms={self.mechanism_names[1:]}, noise={self.noise!r})"
         )

@@ -152,13 +152,14 @@ class StudyWorker:
     def _exact(self, exact: Any, result: Any) -> dict[str, Any]:
         """The exact metrics of a string (:class:`~pyro_lmscm.inference.ExactCounterfactual`):
         P(unchanged), the first-divergence distribution and its mean, the probability of
-        keeping each observed token, and each draw's per-token counterfactual probabilities
-        (counterfactual draws, then interventional ones)."""
+        keeping each observed token, and each counterfactual draw's per-token probabilities
+        (one teacher-forced pass over its distinct draws)."""
         divergence = exact.first_divergence()  # (n + 1,), the last entry P(unchanged)
         n = divergence.shape[0] - 1
         steps = torch.arange(n + 1, dtype=torch.float64)  # unchanged counts as n kept tokens
         stay = exact.token_log_probs(result.factual_ids).exp()[0]
-        draws = exact.token_log_probs(torch.cat([result.counterfactual_ids, result.interventional_ids])).exp()
+        unique, inverse = torch.unique(result.counterfactual_ids, dim=0, return_inverse=True)  # repeats are common
+        draws = exact.token_log_probs(unique).exp()[inverse]
         return {
             "summary": {
                 "prob_unchanged": float(divergence[-1]),
@@ -249,7 +250,7 @@ class StudyWorker:
         record["interventional"] = [
             {
                 **self._draw(factual, factual_text, factual_label, ids, scores[1 + k + j]),
-                "token_prob_counterfactual": exact_fields["draws"][k + j][: len(ids)],
+                "token_prob_counterfactual": None,  # fresh noise: not a counterfactual of the string
             }
             for j, ids in enumerate(int_rows)
         ]

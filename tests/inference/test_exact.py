@@ -177,7 +177,7 @@ def test_unchanged_divergence_and_mode(models):
 
 @pytest.mark.parametrize("logits, other, k", list(_cases()))
 def test_the_one_pass_stay_probability_equals_the_sorted_one(logits, other, k):
-    from pyro_lmscm.inference.exact import stay_log_prob
+    from pyro_lmscm.models.gumbel_max_counterfactual import stay_log_prob
 
     full = step_counterfactual_log_probs(torch.tensor(logits), torch.tensor(other), torch.tensor(k))
     stay = stay_log_prob(torch.tensor(logits), torch.tensor(other), torch.tensor(k))

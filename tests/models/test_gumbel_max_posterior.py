@@ -65,7 +65,7 @@ def test_observed_token_wins_in_floating_point(block, monkeypatch):
     """At logits of 3e4, rounding of l + u flips about 2 in 10^4 draws before the fix-up;
     with it the observed token wins every draw, also when the check runs block by block,
     and in the unbatched case. Without the fix-up (baseline) some draws lose."""
-    from pyro_lmscm.inference import gumbel_max_posterior
+    from pyro_lmscm.models import gumbel_max_posterior
 
     if block is not None:
         monkeypatch.setattr(gumbel_max_posterior, "_BLOCK", block)
@@ -105,7 +105,7 @@ def test_expand_and_inactive_rows_are_prior():
 
 
 def test_standard_exponential_is_seeded_by_torch_and_independent_of_threads():
-    from pyro_lmscm.inference.gumbel_max_posterior import _BLOCK, standard_exponential
+    from pyro_lmscm.models.gumbel_max_posterior import _BLOCK, standard_exponential
 
     draws = []
     threads = torch.get_num_threads()

@@ -1,0 +1,141 @@
+r"""The exact one-step counterfactual law of Gumbel-max noise, in closed form (the part of
+:class:`~pyro_lmscm.models.GumbelMax` that :func:`~pyro_lmscm.exact_counterfactual` uses).
+
+One step. Let :math:`p = \mathrm{softmax}(\ell)` be the factual decoded distribution,
+:math:`q = \mathrm{softmax}(\ell')` the counterfactual one (the intervened mechanism at the
+counterfactual prefix), :math:`k` the observed token and :math:`u \sim \mathrm{Gumbel}(0,1)^V`
+the shared noise, conditioned on :math:`k = \arg\max(\ell + u)`. With
+:math:`r_i = p_i / q_i` (:math:`+\infty` where :math:`q_i = 0`) and
+:math:`H(\rho) = \sum_i \max(p_i, \rho q_i)`,
+
+.. math::
+
+    P(J = j \mid K = k) = q_j \int_{r_j}^{r_k} H(\rho)^{-2}\, d\rho \quad (j \neq k,\ 0 \text{ if } r_j \geq r_k),
+    \qquad P(J = k \mid K = k) = \frac{1}{H(r_k)} = 1 - \sum_{j \neq k} P(J = j \mid K = k).
+
+*Derivation.* With :math:`E_i = e^{-u_i} \sim \mathrm{Exp}(1)`, :math:`K = \arg\min_i E_i / p_i`
+and :math:`J = \arg\min_i E_i / q_i`. Given :math:`a = E_k / p_k` and :math:`b = E_j / q_j`
+every other :math:`E_i` must exceed :math:`\max(a p_i, b q_i)`; with :math:`\rho = b / a` the
+exponent is :math:`a H(\rho)`, and integrating :math:`a` out is a Gamma integral, which gives
+:math:`p_k q_j \int H^{-2}` for the joint and, divided by :math:`P(K = k) = p_k`, the first
+formula. For :math:`j = k` every :math:`E_i` must exceed :math:`E_k \max(p_i / p_k, q_i / q_k)`,
+which gives the second. Only tokens whose ratio :math:`q_j / p_j` beats the observed token's
+can replace it (counterfactual stability, Oberst & Sontag 2019).
+
+*Closed form.* :math:`H` is piecewise linear with breakpoints at the sorted :math:`r_i`; on a
+segment :math:`[x, y]` the integral is :math:`(y - x) / (H(x) H(y))`. Sums of segments taken
+from the :math:`r_k` end (a reversed ``logcumsumexp``) give every :math:`j` at once in
+:math:`O(V \log V)`, all in log space and float64, so logits of size :math:`10^4` and
+probabilities far below :math:`10^{-300}` keep their precision. :math:`P(J = k)` is
+:math:`1 - \sum_{j \neq k}` while that sum is below one half (exactly 1 when no token can
+replace :math:`k`, e.g. under the null intervention) and :math:`1 / H(r_k)` otherwise, so a
+small :math:`P(J = k)` is never a difference of nearly equal numbers.
+
+References
+
+[1] S. Ravfogel, A. Svete, V. Snæbjarnarson, R. Cotterell (2024), "Gumbel Counterfactual
+    Generation From Language Models", arXiv:2411.07180.
+[2] M. Oberst, D. Sontag (2019), "Counterfactual Off-Policy Evaluation with Gumbel-Max
+    Structural Causal Models", ICML.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import AbductionError
+
+__all__ = ["step_counterfactual_log_probs", "stay_log_prob"]
+
+
+def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+    """:math:`\\log(y - x)` for :math:`y \\geq x \\geq 0` given in log space (``-inf`` when equal)."""
+    out = log_y + torch.log1p(-torch.exp(log_x - log_y))
+    return torch.where(log_y > log_x, out, torch.full_like(out, float("-inf")))
+
+
+def step_counterfactual_log_probs(
+    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log P(J = j \mid K = k)` for every token :math:`j`, exactly (float64).
+
+    :param factual_logits: decoded factual logits :math:`\ell`, ``(..., V)``, with
+        :math:`\ell_k > -\infty`.
+    :param counterfactual_logits: decoded counterfactual logits :math:`\ell'`, ``(..., V)``.
+    :param observed: the observed tokens :math:`k`, ``(...)``.
+    :returns: ``(..., V)`` log-probabilities; they sum to one over the last dimension.
+    :raises AbductionError: if an observed token has factual probability zero.
+
+    >>> from pyro_lmscm.models.gumbel_max_counterfactual import step_counterfactual_log_probs
+    >>> logits = torch.tensor([1.0, 2.0, 0.5])
+    >>> step_counterfactual_log_probs(logits, logits, torch.tensor(1)).exp().tolist()  # the null intervention
+    [0.0, 1.0, 0.0]
+    """
+    log_p = factual_logits.double().log_softmax(-1)
+    log_q = counterfactual_logits.double().log_softmax(-1)
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    shape, vocab = log_p.shape, log_p.shape[-1]
+    log_p, log_q = log_p.reshape(-1, vocab), log_q.reshape(-1, vocab)
+    k = observed.reshape(-1).to(log_p.device).long().expand(log_p.shape[0]).reshape(-1, 1)
+    if bool((log_p.gather(-1, k) == float("-inf")).any()):
+        raise AbductionError("an observed token has factual probability zero: no noise produces it.")
+    inf = float("inf")
+    valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
+    log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
+    order = log_r.argsort(dim=-1, stable=True)
+    lr = log_r.gather(-1, order)
+    lp = torch.where(valid, log_p, -inf).gather(-1, order)
+    lq = torch.where(valid, log_q, -inf).gather(-1, order)
+    # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
+    suffix = torch.logcumsumexp(lp.flip(-1), -1).flip(-1)  # sum over positions >= m
+    log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
+    log_b = torch.logcumsumexp(lq, -1)  # <= m
+    log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
+    # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1})); to +inf: 1 / (H(x_m) B_m)
+    x, y = lr[:, :-1], lr[:, 1:]
+    finite = y < inf
+    log_segment = torch.where(
+        finite,
+        _log_diff(torch.where(finite, y, 0.0), torch.where(finite, x, 0.0)) - log_h[:, :-1] - log_h[:, 1:],
+        torch.where(x < inf, -log_h[:, :-1] - log_b[:, :-1], -inf),
+    )
+    log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
+    # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=order.device).expand_as(order))
+    position_k = rank.gather(-1, k)  # (R, 1)
+    below_k = torch.arange(vocab - 1, device=order.device) < position_k
+    log_segment = torch.where(below_k, log_segment, -inf)
+    log_f = torch.logcumsumexp(log_segment.flip(-1), -1).flip(-1)  # (R, V-1): from m to the end
+    log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
+    sorted_out = lq + log_f
+    out = torch.empty_like(sorted_out).scatter_(-1, order, sorted_out)
+    # P(J = k): 1 - (the others) while they are small (exact when they vanish, as under the
+    # null intervention), else 1 / H(r_k), which keeps a small P(J = k) precise
+    others = out.scatter(-1, k, -inf).logsumexp(-1, keepdim=True)
+    log_stay = torch.where(
+        others < math.log(0.5), torch.log1p(-others.exp().clamp(max=0.5)), -log_h.gather(-1, position_k)
+    )
+    out.scatter_(-1, k, log_stay)
+    return out.reshape(shape)
+
+
+def stay_log_prob(
+    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\log P(J = k \mid K = k) = -\log H(r_k)` alone, in one pass over the vocabulary
+    (no sort): exactly ``0`` when no token's ratio :math:`q_j / p_j` beats the observed
+    token's, as under the null intervention. Shapes as :func:`step_counterfactual_log_probs`;
+    returns ``(...)``.
+    """
+    log_p = factual_logits.double().log_softmax(-1)
+    log_q = counterfactual_logits.double().log_softmax(-1)
+    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
+    k = observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None]
+    log_r_k = log_p.gather(-1, k) - log_q.gather(-1, k)  # (..., 1); +inf where q_k = 0
+    valid = (log_p > -math.inf) | (log_q > -math.inf)
+    replaceable = (valid & (log_p - log_q < log_r_k)).any(-1)  # some r_j < r_k
+    scaled = torch.where(log_q > -math.inf, log_r_k + log_q, -math.inf)
+    log_h = torch.maximum(log_p, scaled).logsumexp(-1)
+    return torch.where(replaceable, -log_h, torch.zeros_like(log_h))
