@@ -27,6 +27,7 @@ from .compare import (
 )
 from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
+from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
 from .exact import ExactCounterfactual, exact_counterfactual
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
@@ -53,6 +54,7 @@ __all__ = [
     "Exact",
     "GumbelMaxPosterior",
     "HindsightGumbelGuide",
+    "MechanismRow",
     "Importance",
     "Prior",
     "RelaxedGumbelMaxModel",
@@ -62,11 +64,13 @@ __all__ = [
     "abduct",
     "auto_chunk_size",
     "compare_abduction",
+    "compare_mechanisms",
     "counterfactual",
     "gumbel_log_density",
     "kish_ess",
     "ks_statistic",
     "make_method",
+    "mechanisms_markdown",
     "noise_trace",
     "plot_comparison",
     "noise_handler",

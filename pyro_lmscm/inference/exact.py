@@ -183,16 +183,22 @@ class ExactCounterfactual:
         logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
         return self._step_log_probs(t, logits, self._ended_before(padded)[:, t]).exp()[0]
 
-    def _observed_log_q(self) -> torch.Tensor:
+    def _observed_log_q(self, relabel: torch.Tensor | None = None) -> torch.Tensor:
         """``(n,)``: log q(w_t | w_<t) along the observation, one teacher-forced pass; at the
-        abducted steps by the noise model's ``stay_log_prob`` (for Gumbel-max one pass over V, no sort)."""
+        abducted steps by the noise model's ``stay_log_prob`` (for Gumbel-max one pass over V,
+        no sort). With ``relabel`` (a permutation), the abducted steps are computed with
+        token ``relabel[i]`` renamed ``i``: the same model under another vocabulary order."""
         observed = self.observed_ids.cpu()[None]
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu()
         log_q = logits.log_softmax(-1).gather(-1, observed[..., None]).squeeze(-1)[0]
         active = [t for t in range(n) if bool(self._active[t])]
         if active:
-            log_q[active] = self.scm.noise.stay_log_prob(self._factual[active], logits[0, active], observed[0, active])
+            factual, counterfactual, tokens = self._factual[active], logits[0, active], observed[0, active]
+            if relabel is not None:
+                new_id = torch.empty_like(relabel).scatter_(0, relabel, torch.arange(relabel.numel()))
+                factual, counterfactual, tokens = factual[:, relabel], counterfactual[:, relabel], new_id[tokens]
+            log_q[active] = self.scm.noise.stay_log_prob(factual, counterfactual, tokens)
         ended = self._ended_before(observed)[0]
         log_q = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_q)
         for t, value in self._forced.items():
@@ -200,10 +206,19 @@ class ExactCounterfactual:
                 log_q[t] = 0.0 if int(observed[0, t]) == value else -math.inf
         return log_q
 
-    def prob_unchanged(self) -> float:
+    def prob_unchanged(self, relabel: torch.Tensor | None = None) -> float:
         """P(counterfactual[:n] = observed[:n]): one pass of the intervened model on the
-        observation and one pass over the vocabulary per step."""
-        return float(self._observed_log_q().sum().exp())
+        observation and one pass over the vocabulary per step.
+
+        :param relabel: a permutation of the vocabulary: the probability when token
+            ``relabel[i]`` is renamed ``i`` (the language model is the same; only a noise
+            model that reads token ids, such as ``InverseCDF(order="vocabulary")``, can tell).
+        """
+        if relabel is not None:
+            relabel = torch.as_tensor(relabel).long().cpu()
+            if not torch.equal(relabel.sort().values, torch.arange(self.scm.vocab_size)):
+                raise ObservationError(f"`relabel` must be a permutation of range({self.scm.vocab_size}).")
+        return float(self._observed_log_q(relabel).sum().exp())
 
     def first_divergence(self) -> torch.Tensor:
         """``(n + 1,)`` float64: entry ``t < n`` is P(the first step where the counterfactual

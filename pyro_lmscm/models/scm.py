@@ -117,6 +117,14 @@ class LanguageModelSCM:
         self.mechanism_names: list[str] = [FACTUAL, *mechanisms]
         self.mechanisms: list[Mechanism] = [Factual(), *mechanisms.values()]
 
+    def with_noise(self, noise: NoiseModel) -> LanguageModelSCM:
+        """The same SCM (model, decoding, mechanisms, name) with another noise model: the same
+        distribution over strings, other counterfactuals."""
+        mechanisms = dict(zip(self.mechanism_names[1:], self.mechanisms[1:]))
+        return LanguageModelSCM(
+            self.lm, self.max_new_tokens, self.decoding, mechanisms, self.name, self.collapsed, noise=noise
+        )
+
     def record_logits(self) -> RecordLogitsMessenger:
         """A handler: within it, the raw logits of each step of :meth:`model` are appended to
         the list that entering it returns (shape ``batch_shape + (V,)``), e.g. to abduct on
