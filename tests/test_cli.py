@@ -165,3 +165,17 @@ def test_exact_probabilities_in_the_output(tiny_folder):
     assert forced["mode_text"].split()[:2] == ["said", "she"]
     table = _run(*args[:-1])
     assert "exact P(unchanged) = 1;" in table.stdout and "most probable counterfactual" in table.stdout
+
+
+def test_compare_mechanisms_command(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the man said he\nthe old doctor walked\n")
+    result = _run("compare-mechanisms", "--tiny", "--corpus", str(corpus), "--intervention", "prompt=the woman said",
+                  "--max-new-tokens", "3", "--samples", "2", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["noise"] for r in rows] == ["GumbelMax()", "InverseCDF(order='probability')",
+                                          "InverseCDF(order='vocabulary')"]
+    assert all(r["strings"] == 2 and 0 <= r["prob_unchanged"] <= 1 for r in rows)
+    bad = _run("compare-mechanisms", "--tiny", "--corpus", str(tmp_path / "missing.txt"))
+    assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())

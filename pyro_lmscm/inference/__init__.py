@@ -25,9 +25,9 @@ from .compare import (
     ks_statistic,
     plot_comparison,
 )
+from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
 from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
-from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
 from .exact import ExactCounterfactual, exact_counterfactual
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
