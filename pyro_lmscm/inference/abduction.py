@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 import pyro.distributions as dist
 import torch
 
+from ..errors import InferenceError
+from ..models.noise import GumbelMax
 from ..models.sites import noise_site
 from ..seeding import seeded
 from ..validation import as_int
@@ -120,6 +122,11 @@ def abduct(
     True
     """
     as_int(num_samples, "num_samples", minimum=1)
+    if not isinstance(scm.noise, GumbelMax):  # the relaxations and statistics are of Gumbel noise
+        raise InferenceError(
+            f"abduct() compares abduction methods of Gumbel-max noise; the SCM's noise is {scm.noise!r}. "
+            "counterfactual() and exact_counterfactual() draw its exact posterior."
+        )
     method = make_method(method, **options)
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)

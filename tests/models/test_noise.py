@@ -179,3 +179,11 @@ def test_bad_noise_models_are_typed_errors(models):
 
     with pytest.raises(MechanismError, match="NoiseModel"):
         LanguageModelSCM(models[0], 3, noise="gumbel")
+
+
+def test_approximate_abduction_refuses_other_noise(models):
+    from pyro_lmscm import abduct
+
+    scm = LanguageModelSCM(models[0], 3, noise=InverseCDF())
+    with pytest.raises(InferenceError, match="Gumbel-max"):
+        abduct(scm, PROMPT, torch.tensor([5, 6]), "importance", num_samples=4)
