@@ -1,38 +1,11 @@
 r"""Exact counterfactual probabilities of the SCM, in closed form.
 
-The one-step law :math:`P(J = j \mid K = k)` is the noise model's
-(:meth:`~pyro_lmscm.models.NoiseModel.counterfactual_log_probs`); for Gumbel-max
-(:mod:`pyro_lmscm.models.gumbel_max_counterfactual`):
-
-One step. Let :math:`p = \mathrm{softmax}(\ell)` be the factual decoded distribution,
-:math:`q = \mathrm{softmax}(\ell')` the counterfactual one (the intervened mechanism at the
-counterfactual prefix), :math:`k` the observed token and :math:`u \sim \mathrm{Gumbel}(0,1)^V`
-the shared noise, conditioned on :math:`k = \arg\max(\ell + u)`. With
-:math:`r_i = p_i / q_i` (:math:`+\infty` where :math:`q_i = 0`) and
-:math:`H(\rho) = \sum_i \max(p_i, \rho q_i)`,
-
-.. math::
-
-    P(J = j \mid K = k) = q_j \int_{r_j}^{r_k} H(\rho)^{-2}\, d\rho \quad (j \neq k,\ 0 \text{ if } r_j \geq r_k),
-    \qquad P(J = k \mid K = k) = \frac{1}{H(r_k)} = 1 - \sum_{j \neq k} P(J = j \mid K = k).
-
-*Derivation.* With :math:`E_i = e^{-u_i} \sim \mathrm{Exp}(1)`, :math:`K = \arg\min_i E_i / p_i`
-and :math:`J = \arg\min_i E_i / q_i`. Given :math:`a = E_k / p_k` and :math:`b = E_j / q_j`
-every other :math:`E_i` must exceed :math:`\max(a p_i, b q_i)`; with :math:`\rho = b / a` the
-exponent is :math:`a H(\rho)`, and integrating :math:`a` out is a Gamma integral, which gives
-:math:`p_k q_j \int H^{-2}` for the joint and, divided by :math:`P(K = k) = p_k`, the first
-formula. For :math:`j = k` every :math:`E_i` must exceed :math:`E_k \max(p_i / p_k, q_i / q_k)`,
-which gives the second. Only tokens whose ratio :math:`q_j / p_j` beats the observed token's
-can replace it (counterfactual stability, Oberst & Sontag 2019).
-
-*Closed form.* :math:`H` is piecewise linear with breakpoints at the sorted :math:`r_i`; on a
-segment :math:`[x, y]` the integral is :math:`(y - x) / (H(x) H(y))`. Sums of segments taken
-from the :math:`r_k` end (a reversed ``logcumsumexp``) give every :math:`j` at once in
-:math:`O(V \log V)`, all in log space and float64, so logits of size :math:`10^4` and
-probabilities far below :math:`10^{-300}` keep their precision. :math:`P(J = k)` is
-:math:`1 - \sum_{j \neq k}` while that sum is below one half (exactly 1 when no token can
-replace :math:`k`, e.g. under the null intervention) and :math:`1 / H(r_k)` otherwise, so a
-small :math:`P(J = k)` is never a difference of nearly equal numbers.
+One step: the noise model's law :math:`P(J = j \mid K = k)`
+(:meth:`~pyro_lmscm.models.NoiseModel.counterfactual_log_probs`) with the same posterior noise on the factual decoded
+logits :math:`\ell` and the counterfactual ones :math:`\ell'`; for Gumbel-max in closed form,
+:math:`q_j \int_{r_j}^{r_k} H(\rho)^{-2} d\rho`, derived in
+:mod:`pyro_lmscm.models.gumbel_max_counterfactual`; for the inverse-CDF mechanism an overlap
+of intervals (:class:`~pyro_lmscm.models.InverseCDF`).
 
 A string. Given the observation the noise is independent across steps, so the
 counterfactual is a chain: :math:`q(s_t \mid s_{<t}) = P(J = s_t \mid K = w_t; \ell_t,
