@@ -31,7 +31,7 @@ def compare_mechanisms_command(
 ) -> None:
     """Gumbel-max vs inverse-CDF (probability and vocabulary order) on the same observations:
     exact P(unchanged), exact expected first divergence, sampled edit distance, and the
-    shift of P(unchanged) when the vocabulary is relabelled."""
+    shift of the expected first divergence when the vocabulary is relabelled."""
     from ..inference import compare_mechanisms
     from ..interventions.spec import parse_intervention
     from ..models import LanguageModelSCM

@@ -3,8 +3,8 @@ r"""How much a counterfactual depends on the causal mechanism behind the sampler
 Every :class:`~pyro_lmscm.models.NoiseModel` gives the same distribution over strings; their
 counterfactuals differ. :func:`compare_mechanisms` abducts the same observations under each
 and reports, per noise model, the exact P(unchanged), the exact expected first divergence,
-the normalised token edit distance of sampled counterfactuals, and how much P(unchanged)
-moves when the vocabulary is relabelled (a noise model that reads token ids can tell; one
+the normalised token edit distance of sampled counterfactuals, and how much the expected
+first divergence moves when the vocabulary is relabelled (a noise model that reads token ids can tell; one
 that does not, cannot).
 """
 
@@ -46,8 +46,9 @@ class MechanismRow:
     :ivar expected_first_divergence: exact expected number of leading tokens kept (n if unchanged).
     :ivar edit_distance: normalised token edit distance of ``num_samples`` sampled
         counterfactuals per string to the observation.
-    :ivar relabel_shift: mean over strings of |P(unchanged) - P(unchanged) with the vocabulary
-        relabelled by a random permutation|; ``relabel_shift_max`` its maximum.
+    :ivar relabel_shift: mean over strings of |E[first divergence] - E[first divergence] with
+        the vocabulary relabelled by a random permutation| (tokens); ``relabel_shift_max`` its
+        maximum.
     :ivar strings: strings compared (those every noise model could abduct).
     """
 
@@ -118,13 +119,14 @@ def compare_mechanisms(
                 divergence = exact.first_divergence()
                 steps = torch.arange(divergence.shape[0], dtype=torch.float64)
                 unchanged = float(divergence[-1])
-                shift = abs(exact.prob_unchanged(relabel) - unchanged)
+                expected = float((steps * divergence).sum())
+                shift = abs(float((steps * exact.first_divergence(relabel)).sum()) - expected)
                 draws = counterfactual(variant, prompt, obs, intervention, num_samples=num_samples, seed=seed + i)
                 n = obs.shape[-1]
                 distance = _mean(
                     [normalized_token_edit_distance(obs.tolist(), row[:n].tolist()) for row in draws.counterfactual_ids]
                 )
-                results.append((unchanged, float((steps * divergence).sum()), distance, shift))
+                results.append((unchanged, expected, distance, shift))
             except LMSCMError:  # e.g. a token below float64's resolution under one mechanism
                 usable[i] = False
                 results.append((float("nan"),) * 4)
@@ -150,7 +152,7 @@ def mechanisms_markdown(rows: Sequence[MechanismRow]) -> str:
     """The comparison as a markdown table."""
     lines = [
         "| noise model | exact P(unchanged) | exact E[first divergence] | edit distance (sampled) "
-        "| P(unchanged) shift under relabelling (mean / max) | strings |",
+        "| E[first divergence] shift under relabelling (mean / max) | strings |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -187,16 +187,23 @@ class ExactCounterfactual:
             ``relabel[i]`` is renamed ``i`` (the language model is the same; only a noise
             model that reads token ids, such as ``InverseCDF(order="vocabulary")``, can tell).
         """
-        if relabel is not None:
-            relabel = torch.as_tensor(relabel).long().cpu()
-            if not torch.equal(relabel.sort().values, torch.arange(self.scm.vocab_size)):
-                raise ObservationError(f"`relabel` must be a permutation of range({self.scm.vocab_size}).")
-        return float(self._observed_log_q(relabel).sum().exp())
+        return float(self._observed_log_q(self._relabel(relabel)).sum().exp())
 
-    def first_divergence(self) -> torch.Tensor:
+    def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
+        if relabel is None:
+            return None
+        relabel = torch.as_tensor(relabel).long().cpu()
+        if not torch.equal(relabel.sort().values, torch.arange(self.scm.vocab_size)):
+            raise ObservationError(f"`relabel` must be a permutation of range({self.scm.vocab_size}).")
+        return relabel
+
+    def first_divergence(self, relabel: torch.Tensor | None = None) -> torch.Tensor:
         """``(n + 1,)`` float64: entry ``t < n`` is P(the first step where the counterfactual
-        differs from the observation is ``t``); the last entry is P(unchanged)."""
-        log_q = self._observed_log_q()  # log q(w_t | w_<t)
+        differs from the observation is ``t``); the last entry is P(unchanged).
+
+        :param relabel: as in :meth:`prob_unchanged`.
+        """
+        log_q = self._observed_log_q(self._relabel(relabel))  # log q(w_t | w_<t)
         survive = torch.cat([log_q.new_zeros(1), torch.cumsum(log_q, 0)])  # log P(same up to t)
         leave = survive[:-1] + torch.log1p(-torch.exp(log_q).clamp(max=1.0))
         return torch.cat([leave, survive[-1:]]).exp()
