@@ -220,9 +220,10 @@ def _row(record: Record) -> str:
     }
     data = " ".join(f'data-{k}="{v}"' for k, v in attrs.items())
     n_changed = sum(d["changed"] for d in cf)
+    unchanged_text = "–" if unchanged is None else f"{unchanged:.2g}"
     return (
         f'<tr class="string-row" {data}><td class="num">{index}</td><td>{_e(group)}</td>'
-        f'<td>{"".join(body)}</td><td class="num">{_num(unchanged, 3)}</td><td class="num">{n_changed}/{len(cf)}</td>'
+        f'<td>{"".join(body)}</td><td class="num">{unchanged_text}</td><td class="num">{n_changed}/{len(cf)}</td>'
         f'<td class="num">{_num(divergence, 1)}</td><td class="num cf-distance">{_num(cf_distance)}</td>'
         f'<td class="num">{_num(int_distance)}</td><td class="num">{_num(chars, 1)}</td>'
         f'<td><span class="lab">{attr_text}</span><br>{_num(flipped)}</td></tr>'
@@ -236,7 +237,7 @@ def _exact_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
     for row in rows:
         first = f'<td class="l">{_e(row.group)}</td>' if with_group else ""
         value = "–" if math.isnan(row.mean) else (
-            f"{row.mean:.4f} <span class=lab>[{row.low:.4f}, {row.high:.4f}]</span>"
+            f"{row.mean:.4g} <span class=lab>[{row.low:.4g}, {row.high:.4g}]</span>"
         )
         lines.append(f'<tr>{first}<td class="l">{_e(labels.get(row.metric, row.metric))}</td><td>{value}</td></tr>')
     return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'

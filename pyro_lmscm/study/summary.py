@@ -180,6 +180,8 @@ def summarize(
 def _fmt(x: float, digits: int = 3) -> str:
     if math.isnan(x):
         return "–"
+    if 0 < abs(x) < 10 ** -digits:  # e.g. a small exact P(unchanged)
+        return f"{x:.1e}"
     return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
 
 
