@@ -118,6 +118,17 @@ class AbductionComparison:
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
 
+    def to_pandas(self) -> Any:
+        """The table as a ``pandas.DataFrame``, one row per method (pandas is optional).
+
+        :raises InferenceError: without pandas.
+        """
+        try:
+            import pandas as pd
+        except ImportError as error:
+            raise InferenceError("to_pandas() needs pandas: pip install 'pyro-lmscm[pandas]'.") from error
+        return pd.DataFrame(self.to_dicts())
+
     def to_markdown(self) -> str:
         """The table as GitHub markdown."""
         header = "| " + " | ".join(_COLUMNS.values()) + " |"

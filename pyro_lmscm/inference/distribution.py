@@ -376,6 +376,36 @@ class CounterfactualDistribution:
         out.update(self.noise_stats)
         return out
 
+    def to_pandas(self, names: tuple[str, ...] | None = None) -> Any:
+        """A ``pandas.DataFrame`` with one row per distinct string (most probable first):
+        ``text`` (with a tokenizer), ``ids``, ``count`` (draws of non-zero weight),
+        ``probability`` (the weighted mass) and the named per-draw statistics, which are
+        functions of the string (:data:`STATISTICS`, or ``names``). pandas is an optional
+        dependency (``pip install 'pyro-lmscm[pandas]'``).
+
+        :raises InferenceError: without pandas.
+        """
+        try:
+            import pandas as pd
+        except ImportError as error:
+            raise InferenceError("to_pandas() needs pandas: pip install 'pyro-lmscm[pandas]'.") from error
+        if names is None:
+            names = tuple(n for n in STATISTICS if n != "char_edit_distance" or self.scm.lm.tokenizer is not None)
+        positive = (self.weights > 0).to(torch.long)
+        count = torch.zeros(len(self._unique_strings), dtype=torch.long).index_add_(0, self._inverse, positive)
+        mass = torch.zeros(len(self._unique_strings), dtype=torch.float64).index_add_(0, self._inverse, self.weights)
+        columns: dict[str, Any] = {}
+        if self.scm.lm.tokenizer is not None:
+            columns["text"] = self._unique_texts()
+        columns["ids"] = [list(s) for s in self._unique_strings]
+        columns["count"] = count.tolist()
+        columns["probability"] = mass.tolist()
+        for name in names:
+            columns[name] = self._named(name).tolist()
+        frame = pd.DataFrame(columns)
+        frame = frame[frame["count"] > 0].sort_values(["probability", "count"], ascending=False, kind="stable")
+        return frame.reset_index(drop=True)
+
     def to_arviz(self, **kwargs: Any) -> InferenceData:
         """Export the per-draw statistics to ArviZ; see :func:`pyro_lmscm.inference.arviz.to_inference_data`."""
         from .arviz import to_inference_data

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .config import StudyError
+from .records import JSONLStore, ParquetStore
 from .summary import (
     KINDS,
     METRICS,
@@ -52,6 +54,7 @@ __all__ = [
     "SummaryRow",
     "csv_cell",
     "draw_rows",
+    "load_records",
     "plot_histograms",
     "summarize",
     "summary_markdown",
@@ -105,6 +108,39 @@ def draw_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
                 row.update({key: draw.get(key) for key in DRAW_COLUMNS if key not in row})
                 out.append(row)
     return out
+
+
+def load_records(path: str | Path) -> Any:
+    """The records of a study as a ``pandas.DataFrame``, one row per draw (the columns of
+    :data:`DRAW_COLUMNS`, plus the string's exact ``prob_unchanged`` and
+    ``expected_first_divergence`` where recorded); records with an error are left out.
+
+    :param path: a study folder, its ``records.jsonl`` or its ``records.parquet`` folder.
+    :raises StudyError: for a path with no records, or without pandas.
+    """
+    try:
+        import pandas as pd
+    except ImportError as error:
+        raise StudyError("load_records() needs pandas: pip install 'pyro-lmscm[pandas]'.") from error
+    path = Path(path)
+    if path.is_dir() and path.name == "records.parquet":
+        store: Any = ParquetStore(path)
+    elif path.is_file():
+        store = JSONLStore(path)
+    elif (path / "records.jsonl").is_file():
+        store = JSONLStore(path / "records.jsonl")
+    elif (path / "records.parquet").is_dir():
+        store = ParquetStore(path / "records.parquet")
+    else:
+        raise StudyError(f"no study records at {str(path)!r} (a folder with records.jsonl or records.parquet).")
+    records = store.load()
+    rows = draw_rows(records)
+    exact = {r["index"]: r.get("exact") or {} for r in records if r.get("error") is None}
+    for row in rows:
+        row["prob_unchanged"] = exact[row["index"]].get("prob_unchanged")
+        row["expected_first_divergence"] = exact[row["index"]].get("expected_first_divergence")
+    columns = [*DRAW_COLUMNS, "prob_unchanged", "expected_first_divergence"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def plot_histograms(records: Sequence[Record], output_dir: Path, max_new_tokens: int) -> dict[str, Path]:
