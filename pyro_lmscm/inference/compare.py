@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import as_do_data
+from ..interventions.ops import as_do_data, check_intervention
 from ..seeding import seeded
 from .abduction import (
     AbductionMethod,
@@ -239,13 +239,12 @@ def compare_abduction(
             check(scm)
     reference_samples = num_samples if reference_samples is None else reference_samples
     prompt = scm.check_prompt(prompt, single=True)
-    if observed is not None:
-        observed = scm.check_observed(observed, single=True)
-    data = as_do_data(scm, intervention, observed)  # checked before a string is sampled
     if observed is None:
+        check_intervention(scm, intervention)  # before a string is sampled
         with seeded(seed):
             observed = trim(scm, scm.model(prompt))
-        data = as_do_data(scm, intervention, observed)
+    observed = scm.check_observed(observed, single=True)
+    data = as_do_data(scm, intervention, observed)
 
     exact = abduct(scm, prompt, observed, Exact(), reference_samples, seed=seed)
     reference = exact.counterfactual(data)

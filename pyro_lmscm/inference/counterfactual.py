@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import Intervention, as_do_data, intervene
+from ..interventions.ops import Intervention, as_do_data, check_intervention, intervene
 from ..seeding import seeded
 from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
@@ -293,7 +293,9 @@ def counterfactual(
     _check_memory(scm, num_samples, size, prompt.shape[-1], baseline)
     if observed is not None:
         observed = scm.check_observed(observed, single=True)
-    data = as_do_data(scm, intervention, observed)  # checked before a factual string is sampled
+        data = as_do_data(scm, intervention, observed)
+    else:
+        check_intervention(scm, intervention)  # before a factual string is sampled
     with seeded(seed):
         raw_logits = None
         if observed is None:

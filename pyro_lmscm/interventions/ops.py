@@ -21,6 +21,7 @@ __all__ = [
     "InterventionValue",
     "TextOrIds",
     "as_do_data",
+    "check_intervention",
     "excluded_tokens",
     "forced_tokens",
     "intervene",
@@ -104,6 +105,16 @@ def as_do_data(
         t = min(both)
         raise InterventionError(f"step {t} is both forced (w_{t}) and excluded (exclude_{t}); give one.")
     return {scm.site(name): value for name, value in data.items()}
+
+
+def check_intervention(scm: LanguageModelSCM, intervention: Intervention | None) -> None:
+    """Check an intervention before its observation exists (it is sampled later): as
+    :func:`as_do_data` against a stand-in observation of ``T`` tokens, so that
+    ``exclude_<t>="factual"`` is checked for everything but the token it will name.
+
+    :raises InterventionError: as :func:`as_do_data`.
+    """
+    as_do_data(scm, intervention, torch.zeros(scm.max_new_tokens, dtype=torch.long))
 
 
 def _excluded(scm: LanguageModelSCM, name: str, t: int, value: Any, observed: torch.Tensor | None) -> int:

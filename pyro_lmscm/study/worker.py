@@ -84,7 +84,7 @@ class StudyWorker:
     """
 
     def __init__(self, config: StudyConfig | Mapping[str, Any], lm: HFLanguageModel | None = None) -> None:
-        from ..interventions.ops import as_do_data
+        from ..interventions.ops import check_intervention
         from ..interventions.spec import parse_intervention
         from ..models import Decoding, LanguageModelSCM
 
@@ -98,9 +98,7 @@ class StudyWorker:
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
         self.intervention = spec.intervention
-        # check the intervention now, not per string ("factual" exclusions against a stand-in
-        # observation of the full length; each string resolves them against its own)
-        as_do_data(self.scm, spec.intervention, torch.zeros(self.config.max_new_tokens, dtype=torch.long))
+        check_intervention(self.scm, spec.intervention)  # now, not per string
         self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------

@@ -28,6 +28,14 @@ def test_the_step_changes_the_earlier_steps_do_not(scm):
     assert bool((ids[:, 2] != observed[2]).all())
 
 
+def test_a_sampled_observation_is_excluded_at_its_own_token(scm):
+    result = counterfactual(scm, PROMPT, None, {"exclude_1": "factual"}, num_samples=100, seed=3)
+    factual = result.factual_ids
+    assert result.intervention[scm.site("exclude_1")] == factual[1]
+    assert bool((result.counterfactual_ids[:, 1] != factual[1]).all())
+    assert torch.equal(result.counterfactual_ids[:, 0], factual[0].expand(100))
+
+
 def test_the_marginal_at_the_step_is_the_decoded_distribution_without_the_token(scm):
     """The runner-up of the same noise: chi-square against the renormalised decoded law
     (p > 1e-3); the law with the token kept fails (the token is never drawn)."""

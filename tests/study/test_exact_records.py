@@ -56,12 +56,16 @@ def test_the_summary_averages_the_exact_metrics_over_strings(make_config, corpus
 
 def test_exclude_in_a_study_config_replaces_the_factual_token(make_config, corpus_file):
     worker = StudyWorker(make_config(intervention="exclude=1"))
+    checked = 0
     for item in read_corpus(corpus_file):
         record = worker.process(item)
-        if record["error"] is not None or record["factual"]["length"] < 2:
+        assert record["error"] is None or "observation has 1 tokens" in record["error"], record["error"]
+        if record["error"] is not None:
             continue
+        checked += 1
         factual = record["factual"]["ids"]
         assert record["exact"]["prob_unchanged"] == 0.0
         assert record["exact"]["first_divergence"][1] == pytest.approx(1.0, abs=1e-12)
         for draw in record["counterfactual"]:
             assert draw["ids"][0] == factual[0] and draw["ids"][1] != factual[1]
+    assert checked >= 7  # the sampled continuations as well as the given one
