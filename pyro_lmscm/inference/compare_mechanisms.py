@@ -21,7 +21,7 @@ from ..models.noise import GumbelMax, InverseCDF
 from ..seeding import seeded
 from ..validation import as_int
 from .counterfactual import counterfactual, trim
-from .exact import exact_counterfactual
+from .exact import exact_counterfactual, expected_first_divergence
 
 if TYPE_CHECKING:
     from ..interventions.ops import Intervention
@@ -117,10 +117,9 @@ def compare_mechanisms(
             try:
                 exact = exact_counterfactual(variant, prompt, obs, intervention)
                 divergence = exact.first_divergence()
-                steps = torch.arange(divergence.shape[0], dtype=torch.float64)
                 unchanged = float(divergence[-1])
-                expected = float((steps * divergence).sum())
-                shift = abs(float((steps * exact.first_divergence(relabel)).sum()) - expected)
+                expected = expected_first_divergence(divergence)
+                shift = abs(expected_first_divergence(exact.first_divergence(relabel)) - expected)
                 draws = counterfactual(variant, prompt, obs, intervention, num_samples=num_samples, seed=seed + i)
                 n = obs.shape[-1]
                 distance = _mean(

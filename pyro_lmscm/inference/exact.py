@@ -41,7 +41,21 @@ if TYPE_CHECKING:
     from ..interventions.ops import Intervention
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["ExactCounterfactual", "exact_counterfactual"]
+__all__ = ["ExactCounterfactual", "exact_counterfactual", "expected_first_divergence", "first_divergence_law"]
+
+
+def first_divergence_law(log_q: torch.Tensor) -> torch.Tensor:
+    """``(n + 1,)``: P(first differing step = t) from the log-probabilities ``(n,)`` of
+    keeping each observed token given the observed prefix; the last entry is P(unchanged)."""
+    survive = torch.cat([log_q.new_zeros(1), torch.cumsum(log_q, 0)])  # log P(same up to t)
+    leave = survive[:-1] + torch.log1p(-torch.exp(log_q).clamp(max=1.0))
+    return torch.cat([leave, survive[-1:]]).exp()
+
+
+def expected_first_divergence(divergence: torch.Tensor) -> float:
+    """The mean of a :func:`first_divergence_law` ``(n + 1,)``: the expected number of leading
+    observed tokens kept (``n`` if unchanged)."""
+    return float((torch.arange(divergence.shape[0], dtype=divergence.dtype) * divergence).sum())
 
 
 class ExactCounterfactual:
@@ -156,11 +170,20 @@ class ExactCounterfactual:
         logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
         return self._step_log_probs(t, logits, self._ended_before(padded)[:, t]).exp()[0]
 
+    def observed_token_log_probs(self, relabel: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n,)`` float64: log q(w_t | w_<t), the log-probability that the counterfactual
+        keeps each observed token given the observed prefix; one teacher-forced pass, and at
+        the abducted steps the noise model's ``stay_log_prob`` (for Gumbel-max one pass over
+        V, no sort).
+
+        :param relabel: as in :meth:`prob_unchanged`.
+        """
+        return self._observed_log_q(self._relabel(relabel))
+
     def _observed_log_q(self, relabel: torch.Tensor | None = None) -> torch.Tensor:
-        """``(n,)``: log q(w_t | w_<t) along the observation, one teacher-forced pass; at the
-        abducted steps by the noise model's ``stay_log_prob`` (for Gumbel-max one pass over V,
-        no sort). With ``relabel`` (a permutation), the abducted steps are computed with
-        token ``relabel[i]`` renamed ``i``: the same model under another vocabulary order."""
+        """:meth:`observed_token_log_probs` with a checked ``relabel`` (a permutation): the
+        abducted steps are computed with token ``relabel[i]`` renamed ``i``, the same model
+        under another vocabulary order."""
         observed = self.observed_ids.cpu()[None]
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu()
@@ -203,10 +226,7 @@ class ExactCounterfactual:
 
         :param relabel: as in :meth:`prob_unchanged`.
         """
-        log_q = self._observed_log_q(self._relabel(relabel))  # log q(w_t | w_<t)
-        survive = torch.cat([log_q.new_zeros(1), torch.cumsum(log_q, 0)])  # log P(same up to t)
-        leave = survive[:-1] + torch.log1p(-torch.exp(log_q).clamp(max=1.0))
-        return torch.cat([leave, survive[-1:]]).exp()
+        return first_divergence_law(self.observed_token_log_probs(relabel))
 
     def sample(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
         """``(num_samples, T)`` ancestral samples of the counterfactual string from the chain."""

@@ -152,18 +152,18 @@ class StudyWorker:
         P(unchanged), the first-divergence distribution and its mean, the probability of
         keeping each observed token, and each counterfactual draw's per-token probabilities
         (one teacher-forced pass over its distinct draws)."""
-        divergence = exact.first_divergence()  # (n + 1,), the last entry P(unchanged)
-        n = divergence.shape[0] - 1
-        steps = torch.arange(n + 1, dtype=torch.float64)  # unchanged counts as n kept tokens
-        stay = exact.token_log_probs(result.factual_ids).exp()[0]
+        from ..inference.exact import expected_first_divergence, first_divergence_law
+
+        log_stay = exact.observed_token_log_probs()  # one pass: the law of the first divergence too
+        divergence = first_divergence_law(log_stay)  # (n + 1,), the last entry P(unchanged)
         unique, inverse = torch.unique(result.counterfactual_ids, dim=0, return_inverse=True)  # repeats are common
         draws = exact.token_log_probs(unique).exp()[inverse]
         return {
             "summary": {
                 "prob_unchanged": float(divergence[-1]),
                 "first_divergence": [float(p) for p in divergence],
-                "expected_first_divergence": float((steps * divergence).sum()),
-                "token_prob_unchanged": [float(p) for p in stay],
+                "expected_first_divergence": expected_first_divergence(divergence),
+                "token_prob_unchanged": [float(p) for p in log_stay.exp()],
             },
             "draws": [[float(p) for p in row] for row in draws],
         }
