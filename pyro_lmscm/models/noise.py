@@ -155,11 +155,6 @@ class GumbelMax(NoiseModel):
     def __repr__(self) -> str:
         return "GumbelMax()"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GumbelMax)
-
-    def __hash__(self) -> int:
-        return hash("GumbelMax")
 
 
 class InverseCDFPosterior(dist.Uniform):
@@ -229,21 +224,24 @@ class InverseCDF(NoiseModel):
         by_probability = torch.argsort(-probs.gather(-1, base), dim=-1, stable=True)
         return base.gather(-1, by_probability)
 
+    def _laid_out(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, cumulative)``, each ``(..., V)``: the tokens in layout order and the
+        float64 cumulative probability at the end of each one's interval."""
+        probs = logits.double().softmax(-1)
+        order = self._order(probs)
+        return order, torch.cumsum(probs.gather(-1, order), -1)
+
     def intervals(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(low, high)``, each ``(..., V)`` float64, indexed by token: token ``j`` owns
         ``[low_j, high_j)``."""
-        probs = logits.double().softmax(-1)
-        order = self._order(probs)
-        high_sorted = torch.cumsum(probs.gather(-1, order), -1)
+        order, high_sorted = self._laid_out(logits)
         low_sorted = torch.cat([torch.zeros_like(high_sorted[..., :1]), high_sorted[..., :-1]], -1)
         low = torch.empty_like(low_sorted).scatter_(-1, order, low_sorted)
         high = torch.empty_like(high_sorted).scatter_(-1, order, high_sorted)
         return low, high
 
     def structural(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        probs = logits.double().softmax(-1)
-        order = self._order(probs)
-        cumulative = torch.cumsum(probs.gather(-1, order), -1)
+        order, cumulative = self._laid_out(logits)
         batch = torch.broadcast_shapes(cumulative.shape[:-1], u.shape)  # plates may widen u
         cumulative, order = cumulative.expand(batch + cumulative.shape[-1:]), order.expand(batch + order.shape[-1:])
         u = u.to(cumulative.dtype).expand(batch)
@@ -290,13 +288,3 @@ class InverseCDF(NoiseModel):
     def __repr__(self) -> str:
         permuted = "" if self.permutation is None else ", permutation=..."
         return f"InverseCDF(order={self.order!r}{permuted})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, InverseCDF) or other.order != self.order:
-            return False
-        if self.permutation is None or other.permutation is None:
-            return self.permutation is None and other.permutation is None
-        return torch.equal(self.permutation, other.permutation)
-
-    def __hash__(self) -> int:
-        return hash(("InverseCDF", self.order))
