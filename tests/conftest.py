@@ -1,10 +1,53 @@
 import os
+import shutil
 
 import pyro
 import pytest
 import torch
 
 from pyro_lmscm.testing import tiny_llama
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _require(what: str, hint: str) -> None:
+    if _in_ci():
+        pytest.fail(f"CI is set but {what} is missing; {hint}")
+    pytest.skip(f"{what} is missing and CI is not set, so the browser test is skipped; {hint}")
+
+
+@pytest.fixture
+def chromium():
+    """The system Chromium (``$PYRO_LMSCM_CHROMIUM`` or on PATH), for the browser tests of the
+    study report and the explorer; skipped only outside CI."""
+    path = os.environ.get("PYRO_LMSCM_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
+    if path is None:
+        _require("a chromium binary", "install Debian's chromium (apt-get install chromium), as .ci/run does.")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _require("the playwright package", "pip install -e '.[test]' (only the Python package; no browser download).")
+    return path
+
+
+@pytest.fixture
+def chromium_args():
+    """Flags for a headless Chromium that makes no request of its own."""
+    return list(CHROMIUM_ARGS)
+
 
 # Tiny models run fastest on one thread (and do not stall when another process holds a
 # core); tests of the real model ask for more threads with the `all_threads` fixture.

@@ -11,6 +11,7 @@ too.
 
 from __future__ import annotations
 
+import gc
 import logging
 import traceback
 import warnings
@@ -148,6 +149,8 @@ def _cli_cases(tiny_folder: str, tmp_path: Path) -> dict[str, list[str]]:
         "models": ["models"],
         "compare-inference": ["compare-inference", "--tiny", "--num-samples", "32", "--max-new-tokens", "2",
                               "--methods", "exact,importance", "--plot", str(tmp_path / "plot.png")],
+        "compare-mechanisms": ["compare-mechanisms", "--tiny", "--limit", "2", "--samples", "2",
+                               "--max-new-tokens", "3", "--intervention", "w_0=5", "--corpus", str(corpus)],
         "study": ["study", "--corpus", str(corpus), "-o", str(tmp_path / "study"), "--model", tiny_folder,
                   "--intervention", "w_0=5", "--samples", "2", "--max-new-tokens", "3", "--bootstrap", "20",
                   "--no-progress"],
@@ -155,12 +158,32 @@ def _cli_cases(tiny_folder: str, tmp_path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("command", ["counterfactual", "counterfactual --generate --json", "models",
-                                     "compare-inference", "study"])
+                                     "compare-inference", "compare-mechanisms", "study"])
 def test_cli_command(command, tiny_folder, tmp_path):
     args = _cli_cases(tiny_folder, tmp_path)[command]
     with deprecations_of_our_calls() as found:
         _cli(*args)
     _assert_none(found)
+
+
+# Gradio leaves sockets and event loops of its own for the garbage collector
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_explorer_page_and_run(tiny_folder):
+    """`pyro-lmscm app` serves for as long as it lives (tests/test_explorer.py drives it in
+    a browser); here its page is built and one run streams through its renderers."""
+    pytest.importorskip("gradio")
+    from pyro_lmscm.explorer import Explorer, ExploreRequest
+    from pyro_lmscm.explorer.render import first_divergence_figure, render_summary, render_worlds
+    from pyro_lmscm.explorer.ui import build_app, theme
+
+    with deprecations_of_our_calls() as found:
+        explorer = Explorer(load_lm(tiny_folder, progress=False))
+        build_app(explorer, model_name="tiny"), theme()
+        request = ExploreRequest("the man", intervention={"exclude_1": "factual"}, max_new_tokens=4)
+        for snapshot in explorer.stream(request):
+            render_summary(snapshot), render_worlds(snapshot), first_divergence_figure(snapshot)
+    _assert_none(found)
+    gc.collect()  # collect Gradio's leftovers here, under this test's filter, not in a later test
 
 
 @pytest.mark.slow

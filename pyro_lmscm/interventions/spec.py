@@ -6,13 +6,18 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
   named ``"steer"`` from :func:`~pyro_lmscm.interventions.gender.gender_steering`, selected;
 * ``model=NAME_OR_PATH`` -- a :class:`~pyro_lmscm.interventions.ModelSwap` to another model
   with the same tokenizer, named ``"model"``, selected;
+* ``rome=SUBJECT|PROMPT|TARGET`` (optionally ``|LAYER``) -- a
+  :func:`~pyro_lmscm.interventions.rome.rome_edit` named ``"rome"``, selected: the model
+  completes ``PROMPT`` (which mentions ``SUBJECT``) with ``TARGET``; the layer defaults to a
+  fifth of the depth (layer 6 of SmolLM2's 30);
 * ``prompt=TEXT`` -- replace the prompt;
 * ``w_T=ID`` or ``w_T="TEXT"`` -- force token ``T`` (a text must be exactly one token);
 * ``exclude=T`` (or ``exclude=T1,T2``) -- anything but the observed token at step ``T``;
   ``exclude_T=ID`` or ``exclude_T="TEXT"`` excludes another token there.
 
 In a file the same keys map to values; ``steer`` may also be a mapping with ``direction``,
-``alpha`` and ``layer``.
+``alpha`` and ``layer``, and ``rome`` one with ``subject``, ``prompt``, ``target`` and
+``layer``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import InterventionError, LMSCMError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
+from ..validation import as_int
 from .gender import gender_steering
 from .model_swap import ModelSwap
 from .ops import FACTUAL_TOKEN
@@ -109,6 +115,37 @@ def _steer(lm: HFLanguageModel, value: Any) -> Mechanism:
     return gender_steering(lm, **options)
 
 
+def _rome(lm: HFLanguageModel, value: Any) -> Mechanism:
+    from .rome import rome_edit
+
+    if isinstance(value, Mapping):
+        options = dict(value)
+    else:
+        parts = str(value).split("|")  # the target keeps its leading space (" Rome")
+        if len(parts) not in (3, 4):
+            raise InterventionError(
+                f"rome={value!r}: give SUBJECT|PROMPT|TARGET[|LAYER], e.g. "
+                "'rome=The Louvre|The Louvre is located in the city of| Rome'."
+            )
+        options = {"subject": parts[0].strip(), "prompt": parts[1].strip(), "target": parts[2]}
+        if len(parts) == 4:
+            options["layer"] = parts[3]
+    unknown = set(options) - {"subject", "prompt", "target", "layer"}
+    missing = {"subject", "prompt", "target"} - set(options)
+    if unknown or missing:
+        raise InterventionError(f"rome: give subject, prompt, target (and optionally layer); got {sorted(options)}.")
+    depth = lm.model.config.num_hidden_layers
+    layer = options.get("layer")
+    if layer is None or (isinstance(layer, str) and not layer.strip()):
+        layer = depth // 5
+    elif isinstance(layer, str) and layer.strip().isdigit():
+        layer = int(layer)
+    layer = as_int(layer, "the rome layer", minimum=0, maximum=depth - 1, error=InterventionError)
+    if not all(isinstance(options[key], str) and options[key].strip() for key in ("subject", "prompt", "target")):
+        raise InterventionError("rome: the subject, prompt and target must be non-empty texts.")
+    return rome_edit(lm, options["prompt"], options["subject"], options["target"], layer=layer)
+
+
 def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel) -> InterventionSpec:
     """Parse an intervention spec for ``lm``.
 
@@ -125,6 +162,9 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
             if key == "steer":
                 result.mechanisms["steer"] = _steer(lm, value)
                 result.intervention[MECHANISM] = "steer"
+            elif key == "rome":
+                result.mechanisms["rome"] = _rome(lm, value)
+                result.intervention[MECHANISM] = "rome"
             elif key == "model":
                 result.mechanisms["model"] = ModelSwap(load_lm(str(value), dtype=lm.dtype, device=lm.device))
                 result.intervention[MECHANISM] = "model"
@@ -138,7 +178,7 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                 result.intervention[key] = FACTUAL_TOKEN if factual else _token(lm, key, value)
             else:
                 raise InterventionError(
-                    f"unknown intervention key {key!r}; use steer, model, prompt, w_<t>, exclude or exclude_<t>."
+                    f"unknown intervention key {key!r}; use steer, rome, model, prompt, w_<t>, exclude or exclude_<t>."
                 )
         except InterventionError:
             raise

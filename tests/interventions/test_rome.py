@@ -206,3 +206,30 @@ def test_bad_arguments(lm, kwargs, match):
 def test_generic_sentences():
     assert 30 <= len(GENERIC_SENTENCES) <= 50
     assert len(set(GENERIC_SENTENCES)) == len(GENERIC_SENTENCES)
+
+
+def test_rome_spec_equals_rome_edit(lm):
+    """`rome=SUBJECT|PROMPT|TARGET|LAYER` (and its mapping form) builds the same edit as
+    rome_edit with the defaults, selected as the mechanism."""
+    from pyro_lmscm.errors import InterventionError
+    from pyro_lmscm.interventions.spec import parse_intervention
+
+    direct = rome_edit(lm, PROMPT_TEXT, SUBJECT, "home", layer=1)
+    for spec in (
+        f"rome={SUBJECT}|{PROMPT_TEXT}|home|1",
+        {"rome": {"subject": SUBJECT, "prompt": PROMPT_TEXT, "target": "home", "layer": 1}},
+    ):
+        parsed = parse_intervention(spec, lm)
+        assert parsed.intervention == {"mechanism": "rome"}
+        (name, delta), = parsed.mechanisms["rome"].deltas.items()
+        assert name == DOWN and torch.equal(delta, direct.deltas[DOWN])
+    default = parse_intervention(f"rome={SUBJECT}|{PROMPT_TEXT}|home", lm).mechanisms["rome"]
+    assert list(default.deltas) == ["model.layers.0.mlp.down_proj.weight"]  # a fifth of the depth (2 // 5)
+    for bad, message in [
+        ("rome=a|b", "SUBJECT|PROMPT|TARGET"),
+        (f"rome={SUBJECT}|{PROMPT_TEXT}|home|7", "layer"),
+        ({"rome": {"subject": SUBJECT, "prompt": PROMPT_TEXT}}, "give subject, prompt, target"),
+        (f"rome=|{PROMPT_TEXT}|home", "non-empty"),
+    ]:
+        with pytest.raises(InterventionError, match=message):
+            parse_intervention(bad, lm)

@@ -1,47 +1,11 @@
 """The HTML report: its structure, and in a real headless Chromium (console, rows, sorting)."""
 
-import os
 import re
-import shutil
 
 import pytest
 
 from pyro_lmscm.study import run_study
 from pyro_lmscm.study.html import render_html
-
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _require(what: str, hint: str) -> None:
-    if _in_ci():
-        pytest.fail(f"CI is set but {what} is missing; {hint}")
-    pytest.skip(f"{what} is missing and CI is not set, so the browser test of the HTML report is skipped; {hint}")
-
-
-@pytest.fixture
-def chromium():
-    """The system Chromium (``$PYRO_LMSCM_CHROMIUM`` or on PATH); skipped only outside CI."""
-    path = os.environ.get("PYRO_LMSCM_CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM_NAMES)), None)
-    if path is None:
-        _require("a chromium binary", "install Debian's chromium (apt-get install chromium), as .ci/run does.")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        _require("the playwright package", "pip install -e '.[test]' (only the Python package; no browser download).")
-    return path
 
 
 @pytest.fixture
@@ -67,13 +31,13 @@ def test_render_is_deterministic(report):
     assert render_html(report.records, report.config, rows) == render_html(report.records, report.config, rows)
 
 
-def test_report_in_headless_chromium(report, chromium, tmp_path):
+def test_report_in_headless_chromium(report, chromium, chromium_args, tmp_path):
     from playwright.sync_api import sync_playwright
 
     problems, requests = [], []
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=chromium_args,
             viewport={"width": 1400, "height": 1000},
         )
         try:

@@ -1,0 +1,305 @@
+"""What the explorer computes for one request, independent of the user interface.
+
+:class:`Explorer` holds one language model and the mechanisms built for it so far (a steering
+vector or a ROME edit is computed once per setting, then reused). :meth:`Explorer.run` takes
+an :class:`ExploreRequest` -- a prompt, an observed continuation (or none: sample one), an
+intervention spec (the mapping of :func:`~pyro_lmscm.interventions.spec.parse_intervention`)
+and settings -- and returns an :class:`Exploration`: the factual string, the sampled
+counterfactuals with the exact conditional probability of each of their tokens, the exact
+P(unchanged), the law of the first divergence, the most probable counterfactual and, on
+request, the interventional baseline. Everything goes through the library's one path:
+:func:`~pyro_lmscm.counterfactual` and :func:`~pyro_lmscm.inference.exact_counterfactual`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+import torch
+
+from ..errors import LMSCMError, ObservationError
+from ..validation import as_int
+
+if TYPE_CHECKING:
+    from ..lm import HFLanguageModel
+    from ..models.mechanism import Mechanism
+
+__all__ = ["ExploreRequest", "Exploration", "Explorer", "WorldRow"]
+
+#: progress callback: (fraction done, what is running)
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ExploreRequest:
+    """One run of the explorer.
+
+    :ivar prompt: the prompt text (non-empty).
+    :ivar observed: the observed continuation; ``None`` or ``""`` samples one from the
+        factual model (seeded by ``seed``).
+    :ivar observed_ids: the observation's token ids, when the caller holds them (a sampled
+        string whose text may not re-encode to the same ids); they win over ``observed``.
+    :ivar intervention: a spec mapping (``{"steer": "female:1.0"}``, ``{"exclude_3":
+        "factual"}``, ``{"rome": {...}}``, ``{"prompt": "..."}``, ``{"model": PATH}``).
+    :ivar num_samples: posterior draws.
+    :ivar max_new_tokens: steps of the SCM; ``None``: the observation's length (24 when
+        one is sampled).
+    :ivar top_k: the decoding's top-k (``None``: none).
+    :ivar baseline: also the interventional baseline (fresh noise, same intervened model).
+    :ivar num_beams: beams of the search for the most probable counterfactual.
+    """
+
+    prompt: str
+    observed: str | None = None
+    observed_ids: list[int] | None = None
+    intervention: Mapping[str, Any] = field(default_factory=dict)
+    num_samples: int = 8
+    seed: int = 0
+    max_new_tokens: int | None = None
+    top_k: int | None = 50
+    baseline: bool = False
+    num_beams: int = 4
+
+
+@dataclass
+class WorldRow:
+    """One string of a world, aligned step by step with the factual string.
+
+    :ivar ids: its tokens (cut after the end of sequence).
+    :ivar tokens: their texts, cut at character boundaries (``HFLanguageModel.token_texts``).
+    :ivar probs: the exact conditional probability q(s_t | s_<t) of each token under the
+        counterfactual distribution, or ``None`` (the interventional baseline).
+    :ivar count: how many draws gave this string.
+    :ivar first_divergence: the first step where it differs from the factual string
+        (``None``: it does not, over the observed span).
+    :ivar log_prob: log of its exact counterfactual probability, where known.
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    probs: list[float] | None
+    count: int = 1
+    first_divergence: int | None = None
+    log_prob: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+@dataclass
+class Exploration:
+    """What :meth:`Explorer.run` found (see the module docstring).
+
+    :ivar prob_unchanged: exact P(counterfactual = factual over the observed span), or
+        ``None`` with :attr:`exact_error` when the exact queries do not apply.
+    :ivar first_divergence: exact P(first divergence at step t) for t < n, then
+        P(unchanged) last.
+    :ivar expected_first_divergence: its mean (the unchanged string counts as n).
+    :ivar pending: what :meth:`Explorer.stream` has still to compute (``None``: nothing).
+    """
+
+    prompt_ids: list[int]
+    factual: WorldRow
+    counterfactuals: list[WorldRow]
+    num_samples: int
+    interventional: list[WorldRow] | None
+    mode: WorldRow | None
+    prob_unchanged: float | None
+    first_divergence: list[float] | None
+    expected_first_divergence: float | None
+    exact_error: str | None
+    description: str
+    pending: str | None = None
+
+
+def _first_divergence(factual: list[int], ids: list[int]) -> int | None:
+    for t, token in enumerate(factual):
+        if t >= len(ids) or ids[t] != token:
+            return t
+    return None
+
+
+class Explorer:
+    """The explorer's computations on one language model (see the module docstring).
+
+    :param lm: the factual language model.
+    """
+
+    def __init__(self, lm: HFLanguageModel) -> None:
+        self.lm = lm
+        self._mechanisms: dict[tuple[str, str], Mechanism] = {}
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Texts of ``ids`` for display; an end of sequence shows as ``⏎``."""
+        eos = self.lm.eos_token_ids
+        pieces = self.lm.token_texts([i for i in ids if i not in eos]) if ids else []
+        out, k = [], 0
+        for i in ids:
+            if i in eos:
+                out.append("⏎")
+            else:
+                out.append(pieces[k])
+                k += 1
+        return out
+
+    def _spec(self, intervention: Mapping[str, Any]):
+        """:func:`parse_intervention` of ``intervention``, with mechanisms built once per
+        setting (computing a steering vector or a ROME edit takes seconds)."""
+        from ..interventions.spec import InterventionSpec, parse_intervention
+
+        spec = InterventionSpec()
+        for key, value in intervention.items():
+            if key in ("steer", "rome", "model"):
+                cache_key = (key, repr(value))
+                if cache_key not in self._mechanisms:
+                    self._mechanisms[cache_key] = parse_intervention({key: value}, self.lm).mechanisms[key]
+                spec.mechanisms[key] = self._mechanisms[cache_key]
+                spec.intervention["mechanism"] = key
+            else:
+                spec.intervention.update(parse_intervention({key: value}, self.lm).intervention)
+        return spec
+
+    def sample(self, prompt: str, max_new_tokens: int = 24, seed: int = 0, top_k: int | None = 50) -> list[int]:
+        """A continuation of ``prompt`` sampled from the factual model."""
+        from .. import LanguageModelSCM
+        from ..inference.counterfactual import trim
+        from ..models import Decoding
+        from ..seeding import seeded
+
+        prompt_ids = self._prompt(prompt)
+        scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max new tokens", minimum=1), Decoding(top_k=top_k))
+        with seeded(seed):
+            return trim(scm, scm.model(prompt_ids)).tolist()
+
+    def _prompt(self, prompt: str) -> torch.Tensor:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ObservationError("the prompt is empty: type a prompt for the model to continue.")
+        return self.lm.encode(prompt)
+
+    def run(self, request: ExploreRequest, progress: Progress | None = None) -> Exploration:
+        """Abduction, action, prediction and the exact queries for ``request``: the last
+        snapshot of :meth:`stream`.
+
+        :raises LMSCMError: on bad input (an empty prompt, a force of several tokens, a
+            model folder that does not exist, ...).
+        """
+        *_, last = self.stream(request, progress)
+        return last
+
+    def stream(self, request: ExploreRequest, progress: Progress | None = None) -> Iterator[Exploration]:
+        """:meth:`run` in three snapshots, as soon as each is known: the sampled
+        counterfactuals (seconds), then with the exact probabilities, then with the most
+        probable counterfactual (a beam search, the slowest part). :attr:`Exploration.pending`
+        says what is still to come.
+
+        :raises LMSCMError: on bad input, before the first snapshot.
+        """
+        from .. import LanguageModelSCM, counterfactual
+        from ..inference import exact_counterfactual
+        from ..inference.exact import expected_first_divergence
+        from ..models import Decoding
+
+        report = progress or (lambda fraction, what: None)
+        prompt_ids = self._prompt(request.prompt)
+        if request.observed_ids:
+            observed: torch.Tensor | None = self.lm.check_ids(torch.tensor(request.observed_ids), "observed")
+        elif request.observed and request.observed.strip():
+            observed = self.lm.encode(request.observed)
+        else:
+            observed = None
+        num_samples = as_int(request.num_samples, "draws", minimum=1, maximum=256, error=ObservationError)
+        num_beams = as_int(request.num_beams, "beams", minimum=1, error=ObservationError)
+        steps = request.max_new_tokens or (int(observed.shape[-1]) if observed is not None else 24)
+        report(0.05, "building the intervention")
+        spec = self._spec(request.intervention)
+        scm = LanguageModelSCM(self.lm, steps, Decoding(top_k=request.top_k), mechanisms=spec.mechanisms)
+        report(0.2, f"abducting the noise and replaying {num_samples} draws")
+        result = counterfactual(
+            scm, prompt_ids, observed, spec.intervention, num_samples=num_samples, seed=request.seed,
+            baseline=request.baseline,
+        )
+        factual_ids = result.factual_ids.tolist()
+        counts = Counter(tuple(self._cut(row)) for row in result.counterfactual_ids.tolist())
+        unique = [list(ids) for ids in sorted(counts, key=lambda ids: (-counts[ids], ids))]
+        interventional = None
+        if result.interventional_ids is not None:
+            base = Counter(tuple(self._cut(row)) for row in result.interventional_ids.tolist())
+            interventional = [
+                self._row(list(ids), factual_ids, count=base[ids])
+                for ids in sorted(base, key=lambda ids: (-base[ids], ids))
+            ]
+        snapshot = Exploration(
+            prompt_ids=prompt_ids.tolist(),
+            factual=WorldRow(factual_ids, self.token_texts(factual_ids), None),
+            counterfactuals=[self._row(ids, factual_ids, count=counts[tuple(ids)]) for ids in unique],
+            num_samples=num_samples,
+            interventional=interventional,
+            mode=None,
+            prob_unchanged=None,
+            first_divergence=None,
+            expected_first_divergence=None,
+            exact_error=None,
+            description=describe(request.intervention),
+            pending="the exact probabilities",
+        )
+        yield snapshot
+        report(0.5, "exact probabilities")
+        try:
+            exact = exact_counterfactual(scm, prompt_ids, result.factual_ids, result.intervention)
+            law = exact.first_divergence()
+            padded = result.counterfactual_ids.new_full((len(unique), steps), self.lm.pad_token_id)
+            for i, ids in enumerate(unique):
+                padded[i, : len(ids)] = torch.tensor(ids)
+            token_log = exact.token_log_probs(padded)  # (unique, steps): 0 after the end
+            snapshot = replace(
+                snapshot,
+                counterfactuals=[
+                    self._row(ids, factual_ids, token_log[i], counts[tuple(ids)]) for i, ids in enumerate(unique)
+                ],
+                prob_unchanged=float(law[-1]),
+                first_divergence=law.tolist(),
+                expected_first_divergence=expected_first_divergence(law),
+                pending="the most probable counterfactual",
+            )
+            yield snapshot
+            report(0.7, "the most probable counterfactual")
+            mode_ids, mode_log_prob = exact.mode(num_beams=num_beams)
+            mode = self._row(mode_ids.tolist(), factual_ids, exact.token_log_probs(mode_ids)[0])
+            yield replace(snapshot, mode=replace(mode, log_prob=mode_log_prob), pending=None)
+        except LMSCMError as error:  # e.g. an observation outside the top-k support
+            yield replace(snapshot, exact_error=str(error), pending=None)
+        report(1.0, "done")
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        """``ids`` up to and including the first end of sequence."""
+        for t, token in enumerate(ids):
+            if token in self.lm.eos_token_ids:
+                return ids[: t + 1]
+        return ids
+
+    def _row(self, ids: list[int], factual_ids: list[int], token_log: torch.Tensor | None = None,
+             count: int = 1) -> WorldRow:
+        """The row of the string ``ids`` (cut after its end), with its exact token
+        log-probabilities ``token_log`` ``(T,)`` where known."""
+        ids = self._cut(ids)
+        return WorldRow(
+            ids, self.token_texts(ids),
+            None if token_log is None else token_log[: len(ids)].exp().tolist(), count,
+            _first_divergence(factual_ids, ids),
+            None if token_log is None else float(token_log.sum()),
+        )
+
+
+def describe(intervention: Mapping[str, Any]) -> str:
+    """``do(...)`` of a spec mapping, for titles."""
+    if not intervention:
+        return "do(nothing)"
+    items = []
+    for key, value in intervention.items():
+        if isinstance(value, Mapping):
+            value = ", ".join(f"{k}={v!r}" for k, v in value.items())
+        items.append(f"{key} = {value}")
+    return "do(" + "; ".join(items) + ")"

@@ -1,0 +1,215 @@
+"""The explorer: its computations against the library's own queries, and the Gradio page
+served by ``pyro-lmscm app`` on a tiny model, driven in a real headless Chromium."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from pyro_lmscm import LanguageModelSCM, counterfactual
+from pyro_lmscm.errors import InterventionError, ObservationError
+from pyro_lmscm.explorer import Explorer, ExploreRequest
+from pyro_lmscm.explorer.render import render_worlds
+from pyro_lmscm.inference import exact_counterfactual
+from pyro_lmscm.models import Decoding
+from pyro_lmscm.testing import tiny_llama
+
+PROMPT = "the man said"
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    return Explorer(tiny_llama(seed=0))
+
+
+def test_run_matches_the_library(explorer):
+    """The explorer's rows are counterfactual()'s draws, and its probabilities are those of
+    exact_counterfactual(), computed here independently."""
+    request = ExploreRequest(PROMPT, None, intervention={"exclude_2": "factual"}, num_samples=16, seed=3,
+                             max_new_tokens=8, top_k=None)
+    found = explorer.run(request)
+    lm = explorer.lm
+    scm = LanguageModelSCM(lm, 8, Decoding())
+    prompt = lm.encode(PROMPT)
+    result = counterfactual(scm, prompt, None, {"exclude_2": "factual"}, num_samples=16, seed=3)
+    assert found.factual.ids == result.factual_ids.tolist()
+    assert sum(row.count for row in found.counterfactuals) == 16
+    drawn = sorted(tuple(r) for r in result.counterfactual_ids.tolist())
+    padded = sorted(tuple(row.ids + [lm.pad_token_id] * (8 - len(row.ids))) for row in found.counterfactuals
+                    for _ in range(row.count))
+    assert padded == drawn
+    exact = exact_counterfactual(scm, prompt, result.factual_ids, result.intervention)
+    assert found.prob_unchanged == pytest.approx(exact.prob_unchanged(), abs=1e-12) == 0.0  # step 2 must change
+    assert found.first_divergence == pytest.approx(exact.first_divergence().tolist(), abs=1e-12)
+    assert found.first_divergence[2] == pytest.approx(1.0)
+    for row in found.counterfactuals:
+        ids = torch.tensor(row.ids + [lm.pad_token_id] * (8 - len(row.ids)))
+        expected = exact.token_log_probs(ids)[0]
+        assert row.probs == pytest.approx(expected.exp()[: len(row.ids)].tolist(), abs=1e-9)
+        assert row.log_prob == pytest.approx(float(expected.sum()), abs=1e-9)
+        assert row.first_divergence == 2 and row.ids[2] != found.factual.ids[2]
+    mode_ids, mode_log_prob = exact.mode(num_beams=4)
+    assert found.mode.log_prob == pytest.approx(mode_log_prob)
+    assert found.mode.ids == mode_ids.tolist()[: len(found.mode.ids)]
+
+
+def test_render_escapes_and_marks(explorer):
+    lm = explorer.lm
+    found = explorer.run(ExploreRequest(PROMPT, None, intervention={"exclude_1": "factual"}, max_new_tokens=5,
+                                        baseline=True))
+    html = render_worlds(found)
+    assert html.count('class="counterfactual"') == len(found.counterfactuals)
+    assert html.count('class="interventional"') == len(found.interventional)
+    # each counterfactual row outlines exactly one first divergence, at step 1
+    rows = re.findall(r'<tr class="counterfactual">(.*?)</tr>', html)
+    assert len(rows) == len(found.counterfactuals)
+    for row in rows:
+        marked = re.findall(r'class="([^"]*first-divergence[^"]*)"[^>]*data-step="(\d+)"', row)
+        assert marked == [("changed first-divergence", "1")]
+    found.description = "do(<script>)"
+    assert "<script>" not in render_worlds(found) and "&lt;script&gt;" in render_worlds(found)
+    assert lm.eos_token_ids  # the end of sequence shows as a glyph, not as its token text
+
+
+@pytest.mark.parametrize(
+    "request_, error, message",
+    [
+        (ExploreRequest("   "), ObservationError, "prompt is empty"),
+        (ExploreRequest(PROMPT, "the man", intervention={"w_1": '"the man"'}), InterventionError, "2 tokens"),
+        (ExploreRequest(PROMPT, "the man", intervention={"model": "/no/such/folder"}), InterventionError, "folder"),
+        (ExploreRequest(PROMPT, "the man", intervention={"rome": {"subject": "x"}}), InterventionError, "rome"),
+    ],
+)
+def test_bad_input_is_typed(explorer, request_, error, message):
+    with pytest.raises(error, match=message):
+        explorer.run(request_)
+
+
+# -- the page in a real browser ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``pyro-lmscm app --model FOLDER`` on tiny_llama(seed=0), on a free port of 127.0.0.1;
+    yields (url, the folder of a second tiny model)."""
+    pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
+    root = tmp_path_factory.mktemp("explorer")
+    folders = []
+    for seed in (0, 1):
+        lm = tiny_llama(seed=seed)
+        folders.append(root / f"tiny{seed}")
+        lm.model.save_pretrained(folders[-1])
+        lm.tokenizer.save_pretrained(folders[-1])
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--model", str(folders[0]),
+               "--port", str(port), "--threads", "1"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url, folders[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_explorer_in_headless_chromium(served, chromium, chromium_args, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, second_model = served
+    problems, external = [], []
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=chromium_args,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else external.append(r.url))
+            page.goto(url)
+            page.wait_for_selector("#run")
+            page.wait_for_load_state("load")
+            assert problems == [] and external == []
+
+            # a run: no intervention on a sampled string; every counterfactual is the factual string
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#kind").get_by_label("none").check()
+            page.locator("#run").click()
+            table = page.locator("#worlds table")
+            expect(table).to_be_visible(timeout=60_000)
+            expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ")
+            factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
+            rows = table.locator("tr.counterfactual")
+            assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+            assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
+            n = len(factual_row)
+            assert n >= 3, factual_row
+            assert page.locator("#observed textarea").input_value()  # the sampled string, to edit or reuse
+
+            # click factual token 2, then "Exclude it": every counterfactual changes at step 2 and
+            # keeps the factual tokens before it; P(unchanged) is 0
+            page.locator("#factual .token").nth(2).click()
+            expect(page.locator("#selected")).to_contain_text("step 2")
+            page.locator("#exclude-token").click()
+            expect(table.locator("thead")).to_contain_text("exclude_2 = factual", timeout=60_000)
+            expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ")
+            rows = table.locator("tr.counterfactual")
+            assert rows.count() >= 1
+            for i in range(rows.count()):
+                cells = [c.inner_text() for c in rows.nth(i).locator("td").all()]
+                assert cells[:2] == factual_row[:2] and cells[2] != factual_row[2], (cells, factual_row)
+                assert rows.nth(i).locator("td.first-divergence").get_attribute("data-step") == "2"
+            title = rows.first.locator("td").nth(2).get_attribute("title")
+            assert re.fullmatch(r"t = 2 · q\(token \| prefix\) = [0-9.e-]+", title), title
+            expect(page.locator("#divergence img")).to_be_visible()  # the exact law, as a bar plot
+
+            # bad inputs show their message in the page; the server lives on
+            page.locator("#kind").get_by_label("force / exclude a token").check()
+            page.locator("#action").get_by_label("force a token").check()
+            page.locator("#force-token textarea").fill("the man")
+            page.locator("#run").click()
+            expect(page.locator("#message")).to_contain_text("2 tokens", timeout=30_000)
+            page.locator("#kind").get_by_label("second model").check()
+            page.locator("#model-folder textarea").fill("/no/such/model/folder")
+            page.locator("#run").click()
+            expect(page.locator("#message")).to_contain_text("does not exist", timeout=30_000)
+            page.locator("#prompt textarea").fill("")
+            page.locator("#run").click()
+            expect(page.locator("#message")).to_contain_text("prompt is empty", timeout=30_000)
+
+            # and a real second model still runs afterwards; the message clears
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#model-folder textarea").fill(str(second_model))
+            page.locator("#run").click()
+            expect(table.locator("thead")).to_contain_text("model = ", timeout=60_000)
+            expect(page.locator("#message")).to_have_text("")
+            assert problems == [] and external == []
+        finally:
+            context.close()
