@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
 from pyro_lmscm.interventions import rome_edit
@@ -69,4 +70,36 @@ def test_rank_one_edit_rewrites_the_fact_and_reports_side_effects(lm, all_thread
     with capsys.disabled():
         print(f"\nROME: {fact.factual_text!r} -> {fact.counterfactual_texts[0]!r}; unrelated sentence "
               f"changed in {changed}/8 draws, first divergences {_divergences(unrelated)}")
+    assert_restored(lm.model, snap)
+
+
+def test_memit_writes_both_facts_and_spares_unrelated_ones(lm, all_threads, capsys):
+    """MEMIT, two facts in one batch: the Louvre is in Rome (also in a paraphrase), koalas
+    are native to New Zealand; unrelated facts complete greedily as before the edit."""
+    from pyro_lmscm.interventions.memit import memit_edit
+
+    snap = snapshot(lm.model)
+
+    def greedy(f, text, n=3):
+        ids = lm.encode(text)
+        start = ids.shape[0]
+        for _ in range(n):
+            ids = torch.cat([ids, f.logits(ids)[-1].argmax()[None]])
+        return lm.decode(ids[start:])
+
+    edited = ["The Louvre is located in the city of", "The Louvre museum is in", "Koalas are native to"]
+    unrelated = ["The Eiffel Tower is located in", "The capital of Germany is",
+                 "The Colosseum is located in the city of", "Kangaroos are native to"]
+    before = {p: greedy(lm, p) for p in edited + unrelated}
+    edit = memit_edit(lm, [("The Louvre is located in the city of", "The Louvre", " Rome"),
+                           ("Koalas are native to", "Koalas", " New Zealand")])
+    assert edit.layers == [4, 5, 6, 7, 8]
+    with edit.activate(lm) as f:
+        after = {p: greedy(f, p) for p in edited + unrelated}
+    with capsys.disabled():
+        print("\nMEMIT: " + "; ".join(f"{p!r}: {before[p]!r} -> {after[p]!r}" for p in edited + unrelated))
+    assert "Paris" in before[edited[0]] and "Australia" in before[edited[2]]  # the facts the edit changes
+    assert after[edited[0]].startswith(" Rome") and after[edited[1]].startswith(" Rome")
+    assert after[edited[2]].startswith(" New Zealand")
+    assert all(after[p] == before[p] for p in unrelated), (before, after)
     assert_restored(lm.model, snap)

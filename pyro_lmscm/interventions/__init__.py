@@ -2,6 +2,7 @@
 
 from .adapter import LoRAAdapter
 from .affine_steering import AffineSteering
+from .memit import EditRequest, MemitEdit, memit_edit
 from .model_swap import ModelSwap
 from .ops import Intervention, InterventionValue, TextOrIds, as_do_data
 from .rome import GENERIC_SENTENCES, RankOneEdit, rome_edit
@@ -12,13 +13,16 @@ __all__ = [
     "GENERIC_SENTENCES",
     "ActivationSteering",
     "AffineSteering",
+    "EditRequest",
     "Intervention",
     "InterventionValue",
     "LoRAAdapter",
+    "MemitEdit",
     "ModelSwap",
     "RankOneEdit",
     "TextOrIds",
     "WeightDelta",
     "as_do_data",
+    "memit_edit",
     "rome_edit",
 ]

@@ -241,6 +241,101 @@ def _log_probs_with_delta(
     return logits.float().log_softmax(-1)
 
 
+def _edit_texts(
+    lm: HFLanguageModel, prompt: TextOrIds, subject: TextOrIds, target: TextOrIds, context_prefixes: Sequence[TextOrIds]
+) -> tuple[list[tuple[torch.Tensor, int, int]], torch.Tensor, torch.Tensor]:
+    """The texts of one edit request: ``prompt`` and each context prefix + ``prompt``, each
+    continued by the target but its last token, as (ids, the subject's last token, the
+    start of the target); the target's ids; the subject's ids."""
+    prompt_ids, subject_end = _subject_end(lm, prompt, subject)
+    target_ids = _as_ids(lm, target, "target")
+    subject_ids = _as_ids(lm, subject, "subject")
+    contexts = [
+        torch.cat([_as_ids(lm, p, f"context_prefixes[{i}]"), prompt_ids])
+        for i, p in enumerate(context_prefixes)
+    ]
+    edited = [
+        (torch.cat([x, target_ids[:-1]]), x.shape[0] - prompt_ids.shape[0] + subject_end, x.shape[0])
+        for x in [prompt_ids, *contexts]
+    ]
+    return edited, target_ids, subject_ids
+
+
+def _key_moment(
+    lm: HFLanguageModel, projection: _Projection, cov_texts: Sequence[TextOrIds] | None, cov_ridge: float, owner: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The second moment of the projection's keys over ``cov_texts`` (default
+    :data:`GENERIC_SENTENCES`), with a ridge of ``cov_ridge`` times its mean eigenvalue:
+    :math:`C` ``(d_in, d_in)`` float64 on the CPU, and its Cholesky factor."""
+    samples = GENERIC_SENTENCES if cov_texts is None else cov_texts
+    if isinstance(samples, (str, torch.Tensor)) or len(samples) == 0:
+        raise MechanismError(f"{owner}: `cov_texts` must be a non-empty list of texts or token id tensors.")
+    sample_ids = [_sample_ids(lm, text, f"cov_texts[{i}]") for i, text in enumerate(samples)]
+    keys = torch.cat([k for k, _ in projection.keys_and_values(lm, sample_ids)]).double().cpu()
+    moment = keys.T @ keys / keys.shape[0]
+    d_in = moment.shape[0]
+    moment = moment + cov_ridge * torch.trace(moment) / d_in * torch.eye(d_in, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(moment)
+    if int(info) != 0:
+        raise MechanismError(
+            f"{owner}: the second moment of the keys is singular ({keys.shape[0]} samples in "
+            f"{d_in} dimensions); raise `cov_ridge` above 0 or pass more `cov_texts`."
+        )
+    return moment, factor
+
+
+def _value_delta(
+    lm: HFLanguageModel,
+    projection: _Projection,
+    edited: Sequence[tuple[torch.Tensor, int, int]],
+    target_ids: torch.Tensor,
+    kl: Sequence[torch.Tensor],
+    value: torch.Tensor,
+    num_steps: int,
+    lr: float,
+    kl_factor: float,
+    weight_decay: float,
+    clamp_norm_factor: float,
+) -> tuple[torch.Tensor, list[float]]:
+    r"""The change :math:`\delta` of the projection's output at the edited token that makes
+    the model continue each text of ``edited`` (ids, edited position, start of the target)
+    with ``target_ids``, with the KL term on ``kl`` and the weight decay relative to
+    ``value`` (:func:`rome_edit`'s objective); and the target's negative log-likelihood per
+    step."""
+    with torch.no_grad():
+        kl_reference = [
+            _log_probs_with_delta(lm, projection, y, y.shape[0] - 1, torch.zeros_like(value))[-1] for y in kl
+        ]
+    delta = torch.zeros_like(value, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm_factor * float(value.norm())
+    losses: list[float] = []
+    for _ in range(num_steps):
+        with torch.enable_grad():
+            nll = torch.zeros((), device=lm.device)
+            for ids, position, target_start in edited:
+                log_probs = _log_probs_with_delta(lm, projection, ids, position, delta)
+                steps = log_probs[target_start - 1 :]
+                nll = nll - steps.gather(-1, target_ids.to(lm.device)[:, None]).mean() / len(edited)
+            divergence = torch.zeros((), device=lm.device)
+            for y, reference in zip(kl, kl_reference, strict=True):
+                log_probs = _log_probs_with_delta(lm, projection, y, y.shape[0] - 1, delta)[-1]
+                divergence = divergence + (reference.exp() * (reference - log_probs)).sum() / len(kl)
+            decay = delta.pow(2).sum() / value.pow(2).sum().clamp_min(1e-12)
+            loss = nll + kl_factor * divergence + weight_decay * decay
+            (grad,) = torch.autograd.grad(loss, [delta])
+        losses.append(float(nll.detach()))
+        if losses[-1] < 5e-2:
+            break
+        delta.grad = grad
+        optimizer.step()
+        with torch.no_grad():
+            norm = float(delta.norm())
+            if norm > max_norm:
+                delta.mul_(max_norm / norm)
+    return delta.detach(), losses
+
+
 def rome_edit(
     lm: HFLanguageModel,
     prompt: TextOrIds,
@@ -335,20 +430,7 @@ def rome_edit(
             f"got {lr}, {clamp_norm_factor}, {kl_factor}, {weight_decay}, {cov_ridge}."
         )
     projection = _Projection(lm, layer_index, module)
-    prompt_ids, subject_end = _subject_end(lm, prompt, subject)
-    target_ids = _as_ids(lm, target, "target")
-    subject_ids = _as_ids(lm, subject, "subject")
-
-    # texts x in X, each continued by the target but its last token: (ids, edited position)
-    contexts = [
-        torch.cat([_as_ids(lm, p, f"context_prefixes[{i}]"), prompt_ids])
-        for i, p in enumerate(context_prefixes)
-    ]
-    contexts = [prompt_ids, *contexts]
-    edited = [
-        (torch.cat([x, target_ids[:-1]]), x.shape[0] - prompt_ids.shape[0] + subject_end, x.shape[0])
-        for x in contexts
-    ]
+    edited, target_ids, subject_ids = _edit_texts(lm, prompt, subject, target, context_prefixes)
     if kl_prompts is None:
         kl = [subject_ids]
     else:
@@ -360,53 +442,12 @@ def rome_edit(
     value = torch.stack([v[position] for (_, v), (_, position, _) in zip(pairs, edited, strict=True)]).mean(0)
 
     # C: second moment of keys over the sample texts, with a ridge
-    samples = GENERIC_SENTENCES if cov_texts is None else cov_texts
-    if isinstance(samples, (str, torch.Tensor)) or len(samples) == 0:
-        raise MechanismError(f"{owner}: `cov_texts` must be a non-empty list of texts or token id tensors.")
-    sample_ids = [_sample_ids(lm, text, f"cov_texts[{i}]") for i, text in enumerate(samples)]
-    keys = torch.cat([k for k, _ in projection.keys_and_values(lm, sample_ids)]).double().cpu()
-    moment = keys.T @ keys / keys.shape[0]
-    d_in = moment.shape[0]
-    moment = moment + cov_ridge * torch.trace(moment) / d_in * torch.eye(d_in, dtype=torch.float64)
-    factor, info = torch.linalg.cholesky_ex(moment)
-    if int(info) != 0:
-        raise MechanismError(
-            f"{owner}: the second moment of the keys is singular ({keys.shape[0]} samples in "
-            f"{d_in} dimensions); raise `cov_ridge` above 0 or pass more `cov_texts`."
-        )
+    factor = _key_moment(lm, projection, cov_texts, cov_ridge, owner)[1]
 
     # v* = v0 + delta by gradient descent
-    with torch.no_grad():
-        kl_reference = [
-            _log_probs_with_delta(lm, projection, y, y.shape[0] - 1, torch.zeros_like(value))[-1] for y in kl
-        ]
-    delta = torch.zeros_like(value, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    max_norm = clamp_norm_factor * float(value.norm())
-    losses: list[float] = []
-    for _ in range(num_steps):
-        with torch.enable_grad():
-            nll = torch.zeros((), device=lm.device)
-            for ids, position, target_start in edited:
-                log_probs = _log_probs_with_delta(lm, projection, ids, position, delta)
-                steps = log_probs[target_start - 1 :]
-                nll = nll - steps.gather(-1, target_ids.to(lm.device)[:, None]).mean() / len(edited)
-            divergence = torch.zeros((), device=lm.device)
-            for y, reference in zip(kl, kl_reference, strict=True):
-                log_probs = _log_probs_with_delta(lm, projection, y, y.shape[0] - 1, delta)[-1]
-                divergence = divergence + (reference.exp() * (reference - log_probs)).sum() / len(kl)
-            decay = delta.pow(2).sum() / value.pow(2).sum().clamp_min(1e-12)
-            loss = nll + kl_factor * divergence + weight_decay * decay
-            (grad,) = torch.autograd.grad(loss, [delta])
-        losses.append(float(nll.detach()))
-        if losses[-1] < 5e-2:
-            break
-        delta.grad = grad
-        optimizer.step()
-        with torch.no_grad():
-            norm = float(delta.norm())
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
+    delta, losses = _value_delta(
+        lm, projection, edited, target_ids, kl, value, num_steps, lr, kl_factor, weight_decay, clamp_norm_factor
+    )
 
     with torch.no_grad():
         target_value = (value + delta).detach()

@@ -4,6 +4,9 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
 
 * ``steer=female`` (or ``male``), optionally ``steer=female:ALPHA:LAYER`` -- a mechanism
   named ``"steer"`` from :func:`~pyro_lmscm.interventions.gender.gender_steering`, selected;
+* ``memit=SUBJECT|PROMPT|TARGET`` (several facts joined by ``&``) -- a
+  :func:`~pyro_lmscm.interventions.memit.memit_edit` named ``"memit"``, selected, over
+  its default layers (a mapping in a file may give ``requests`` and ``layers``);
 * ``model=NAME_OR_PATH`` -- a :class:`~pyro_lmscm.interventions.ModelSwap` to another model
   with the same tokenizer, named ``"model"``, selected;
 * ``rome=SUBJECT|PROMPT|TARGET`` (optionally ``|LAYER``) -- a
@@ -118,18 +121,12 @@ def _steer(lm: HFLanguageModel, value: Any) -> Mechanism:
 def _rome(lm: HFLanguageModel, value: Any) -> Mechanism:
     from .rome import rome_edit
 
-    if isinstance(value, Mapping):
-        options = dict(value)
-    else:
-        parts = str(value).split("|")  # the target keeps its leading space (" Rome")
-        if len(parts) not in (3, 4):
-            raise InterventionError(
-                f"rome={value!r}: give SUBJECT|PROMPT|TARGET[|LAYER], e.g. "
-                "'rome=The Louvre|The Louvre is located in the city of| Rome'."
-            )
-        options = {"subject": parts[0].strip(), "prompt": parts[1].strip(), "target": parts[2]}
-        if len(parts) == 4:
-            options["layer"] = parts[3]
+    options = _fact(value, "rome")
+    rest = options.pop("_rest", [])
+    if len(rest) > 1:
+        raise InterventionError(f"rome={value!r}: give SUBJECT|PROMPT|TARGET[|LAYER].")
+    if rest:
+        options["layer"] = rest[0]
     unknown = set(options) - {"subject", "prompt", "target", "layer"}
     missing = {"subject", "prompt", "target"} - set(options)
     if unknown or missing:
@@ -144,6 +141,44 @@ def _rome(lm: HFLanguageModel, value: Any) -> Mechanism:
     if not all(isinstance(options[key], str) and options[key].strip() for key in ("subject", "prompt", "target")):
         raise InterventionError("rome: the subject, prompt and target must be non-empty texts.")
     return rome_edit(lm, options["prompt"], options["subject"], options["target"], layer=layer)
+
+
+def _fact(value: Any, key: str) -> dict[str, Any]:
+    """``{subject, prompt, target}`` of ``SUBJECT|PROMPT|TARGET`` (the target keeps its
+    leading space) or of a mapping."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    parts = str(value).split("|")
+    if len(parts) < 3:
+        raise InterventionError(
+            f"{key}={value!r}: give SUBJECT|PROMPT|TARGET, e.g. "
+            f"'{key}=The Louvre|The Louvre is located in the city of| Rome'."
+        )
+    return {"subject": parts[0].strip(), "prompt": parts[1].strip(), "target": parts[2], "_rest": parts[3:]}
+
+
+def _memit(lm: HFLanguageModel, value: Any) -> Mechanism:
+    from .memit import memit_edit
+
+    layers = None
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"requests", "layers"}
+        if unknown or "requests" not in value:
+            raise InterventionError(f"memit: give `requests` (and optionally `layers`); got {sorted(value)}.")
+        requests, layers = value["requests"], value.get("layers")
+        if isinstance(requests, (str, Mapping)):
+            requests = [requests]
+    else:
+        requests = [part for part in str(value).split("&") if part.strip()]
+    facts = []
+    for request in requests:
+        fact = _fact(request, "memit")
+        if fact.pop("_rest", []):
+            raise InterventionError(f"memit: {request!r} has more than SUBJECT|PROMPT|TARGET.")
+        facts.append({"prompt": fact.get("prompt"), "subject": fact.get("subject"), "target": fact.get("target")})
+    if not facts:
+        raise InterventionError("memit: give at least one SUBJECT|PROMPT|TARGET.")
+    return memit_edit(lm, facts, layers=layers)
 
 
 def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel) -> InterventionSpec:
@@ -162,6 +197,9 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
             if key == "steer":
                 result.mechanisms["steer"] = _steer(lm, value)
                 result.intervention[MECHANISM] = "steer"
+            elif key == "memit":
+                result.mechanisms["memit"] = _memit(lm, value)
+                result.intervention[MECHANISM] = "memit"
             elif key == "rome":
                 result.mechanisms["rome"] = _rome(lm, value)
                 result.intervention[MECHANISM] = "rome"
@@ -178,7 +216,8 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                 result.intervention[key] = FACTUAL_TOKEN if factual else _token(lm, key, value)
             else:
                 raise InterventionError(
-                    f"unknown intervention key {key!r}; use steer, rome, model, prompt, w_<t>, exclude or exclude_<t>."
+                    f"unknown intervention key {key!r}; use steer, rome, memit, model, prompt, w_<t>, exclude "
+                    "or exclude_<t>."
                 )
         except InterventionError:
             raise
