@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import MechanismError
+from .affine_steering import AffineSteering
 from .steering import ActivationSteering
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
 
-__all__ = ["FEMALE_PROMPTS", "MALE_PROMPTS", "gender_steering"]
+__all__ = ["FEMALE_PROMPTS", "MALE_PROMPTS", "gender_mimic", "gender_steering"]
 
 #: Prompts about women, each the minimal pair of the same line of :data:`MALE_PROMPTS`.
 FEMALE_PROMPTS = (
@@ -69,4 +70,33 @@ def gender_steering(
     positive, negative = (FEMALE_PROMPTS, MALE_PROMPTS) if direction == "female" else (MALE_PROMPTS, FEMALE_PROMPTS)
     return ActivationSteering.from_contrastive(
         lm, list(positive), list(negative), layer=layer, alpha=alpha, start=start
+    )
+
+
+def gender_mimic(
+    lm: HFLanguageModel,
+    direction: str = "female",
+    layer: int | None = None,
+    alpha: float = 1.0,
+    start: int = 0,
+    shrinkage: float = 0.1,
+) -> AffineSteering:
+    r"""MiMiC toward ``direction`` (Singh et al. 2024): the affine map of
+    :class:`~pyro_lmscm.interventions.AffineSteering` that transports the Gaussian of
+    decoder layer :math:`L`'s hidden states on the source-gender prompts onto that of the
+    target gender (mean and covariance), estimated on the same contrastive prompts as
+    :func:`gender_steering`, which only moves the mean.
+
+    :param direction: ``"female"`` (male → female prompts) or ``"male"``.
+    :param layer, alpha, start: as :func:`gender_steering`.
+    :param shrinkage: of the covariances (see :meth:`AffineSteering.from_contrastive`).
+    :raises MechanismError: for another ``direction``.
+    """
+    if direction not in ("female", "male"):
+        raise MechanismError(f"gender_mimic: `direction` must be 'female' or 'male', got {direction!r}.")
+    if layer is None:
+        layer = lm.model.config.num_hidden_layers // 3
+    target, source = (FEMALE_PROMPTS, MALE_PROMPTS) if direction == "female" else (MALE_PROMPTS, FEMALE_PROMPTS)
+    return AffineSteering.from_contrastive(
+        lm, list(source), list(target), layer=layer, alpha=alpha, start=start, shrinkage=shrinkage
     )

@@ -4,6 +4,12 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
 
 * ``steer=female`` (or ``male``), optionally ``steer=female:ALPHA:LAYER`` -- a mechanism
   named ``"steer"`` from :func:`~pyro_lmscm.interventions.gender.gender_steering`, selected;
+* ``mimic=female`` (or ``male``, optionally ``:ALPHA:LAYER``) -- MiMiC,
+  :func:`~pyro_lmscm.interventions.gender.gender_mimic` (mean and covariance), named
+  ``"mimic"``, selected;
+* ``finetune=victorian`` (optionally ``:STEPS:RANK``) -- a LoRA adapter trained by
+  :func:`~pyro_lmscm.interventions.finetune.lora_finetune` on the built-in texts of that
+  register, named ``"finetune"``, selected (about a minute on SmolLM2 on a CPU);
 * ``memit=SUBJECT|PROMPT|TARGET`` (several facts joined by ``&``) -- a
   :func:`~pyro_lmscm.interventions.memit.memit_edit` named ``"memit"``, selected, over
   its default layers (a mapping in a file may give ``requests`` and ``layers``);
@@ -105,17 +111,43 @@ def _steps(value: Any) -> list[int]:
     return steps
 
 
+def _gender_options(value: Any) -> dict[str, Any]:
+    """``DIRECTION[:ALPHA[:LAYER]]`` (or a mapping) as keyword arguments."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    direction, *rest = str(value).split(":")
+    options: dict[str, Any] = {"direction": direction}
+    if rest:
+        options["alpha"] = float(rest[0])
+    if len(rest) > 1:
+        options["layer"] = int(rest[1])
+    return options
+
+
 def _steer(lm: HFLanguageModel, value: Any) -> Mechanism:
+    return gender_steering(lm, **_gender_options(value))
+
+
+def _mimic(lm: HFLanguageModel, value: Any) -> Mechanism:
+    from .gender import gender_mimic
+
+    return gender_mimic(lm, **_gender_options(value))
+
+
+def _finetune(lm: HFLanguageModel, value: Any) -> Mechanism:
+    from .finetune import lora_finetune, style_texts
+
     if isinstance(value, Mapping):
         options = dict(value)
+        style = options.pop("style", "victorian")
     else:
-        direction, *rest = str(value).split(":")
-        options = {"direction": direction}
+        style, *rest = str(value).split(":")
+        options = {}
         if rest:
-            options["alpha"] = float(rest[0])
+            options["steps"] = int(rest[0])
         if len(rest) > 1:
-            options["layer"] = int(rest[1])
-    return gender_steering(lm, **options)
+            options["rank"] = int(rest[1])
+    return lora_finetune(lm, style_texts(style), **options)
 
 
 def _rome(lm: HFLanguageModel, value: Any) -> Mechanism:
@@ -197,6 +229,12 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
             if key == "steer":
                 result.mechanisms["steer"] = _steer(lm, value)
                 result.intervention[MECHANISM] = "steer"
+            elif key == "mimic":
+                result.mechanisms["mimic"] = _mimic(lm, value)
+                result.intervention[MECHANISM] = "mimic"
+            elif key == "finetune":
+                result.mechanisms["finetune"] = _finetune(lm, value)
+                result.intervention[MECHANISM] = "finetune"
             elif key == "memit":
                 result.mechanisms["memit"] = _memit(lm, value)
                 result.intervention[MECHANISM] = "memit"
@@ -216,8 +254,8 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                 result.intervention[key] = FACTUAL_TOKEN if factual else _token(lm, key, value)
             else:
                 raise InterventionError(
-                    f"unknown intervention key {key!r}; use steer, rome, memit, model, prompt, w_<t>, exclude "
-                    "or exclude_<t>."
+                    f"unknown intervention key {key!r}; use steer, mimic, rome, memit, finetune, model, prompt, "
+                    "w_<t>, exclude or exclude_<t>."
                 )
         except InterventionError:
             raise
