@@ -37,11 +37,31 @@ def _attribute(value: str | None) -> Any:
     return value
 
 
+def _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, progress) -> None:
+    from ..study.paper import run_paper_study
+
+    options = {
+        "model": model, "dtype": dtype, "num_samples": samples, "max_new_tokens": max_new_tokens,
+        "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads,
+    }
+    result = run_paper_study(
+        output or "studies/paper", progress=progress, **{k: v for k, v in options.items() if v is not None},
+        on_row=lambda row: _console.print(f"[bold]{escape(row.row.label)}[/]: {row.strings} strings, "
+                                          f"{row.seconds:.0f} s"),
+    )
+    _console.print(result.markdown, markup=False, highlight=False, soft_wrap=True)
+    _console.print(f"[bold]report:[/] {result.files['html']}")
+
+
 @app.command("study")
 def study_command(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON study config (see StudyConfig)."),
     demo: bool = typer.Option(
         False, "--demo", help="The built-in demo study: 50 prompts, SmolLM2, steered toward 'female'."
+    ),
+    paper: bool = typer.Option(
+        False, "--paper", help="The paper's side-effect comparison: MEMIT, ROME, steering, MiMiC, a LoRA fine-tune "
+        "on 200 encyclopaedic beginnings (SmolLM2, fp32, 25 tokens; --samples, --limit, --output apply)."
     ),
     corpus: Optional[str] = typer.Option(None, help="Corpus of prompts: .txt, .jsonl or .csv (or 'demo')."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Results folder (default studies/<name>)."),
@@ -82,6 +102,11 @@ def study_command(
     from ..study.runner import load_study, run_study
 
     try:
+        if paper:
+            if demo or config is not None or corpus is not None or report_only:
+                raise StudyError("--paper runs its own corpus and interventions; drop --demo, --corpus and configs.")
+            _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, not no_progress)
+            return
         if report_only:
             if output is None:
                 raise StudyError("--report-only needs --output, the folder of an existing study.")

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import MechanismError
 from ..seeding import seeded
-from .adapter import LoRAAdapter
+from .adapter import LoRAAdapter, _adapters_of, _tuner_layers
 from .internals import _check_int, _check_real, restore_atomically
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def lora_finetune(
     lr: float = 1e-3,
     batch_size: int = 8,
     target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    adapter_name: str = "finetune",
+    adapter_name: str | None = None,
     seed: int = 0,
 ) -> LoRAAdapter:
     r"""Fine-tune a new LoRA adapter of ``lm`` on ``texts`` (next-token cross-entropy, AdamW)
@@ -65,7 +65,8 @@ def lora_finetune(
     :param lr: AdamW's learning rate.
     :param batch_size: texts per step (padded to the longest).
     :param target_modules: the adapted linear maps of every layer.
-    :param adapter_name: the adapter's name inside ``lm.model`` (must be new).
+    :param adapter_name: the adapter's name inside ``lm.model`` (must be new; default
+        ``"finetune"``, or ``"finetune_2"``, ... if taken).
     :param seed: the seed of the adapter's initialisation and of the batches.
     :returns: the adapter; ``adapter.losses`` holds the training loss per step.
     :raises MechanismError: on empty texts, no tokenizer, or bad hyper-parameters.
@@ -92,6 +93,10 @@ def lora_finetune(
     if not encoded:
         raise MechanismError(f"{owner}: every text is shorter than two tokens.")
 
+    if adapter_name is None:
+        taken = set().union(*(_adapters_of(layer) for layer in _tuner_layers(lm.model)))
+        adapter_name = next(name for k in range(1, len(taken) + 2)
+                            if (name := "finetune" if k == 1 else f"finetune_{k}") not in taken)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(target_modules))
     with seeded(seed, error=MechanismError):
         adapter = LoRAAdapter.from_config(lm, config, adapter_name=adapter_name)

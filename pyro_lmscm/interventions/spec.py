@@ -9,7 +9,8 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
   ``"mimic"``, selected;
 * ``finetune=victorian`` (optionally ``:STEPS:RANK``) -- a LoRA adapter trained by
   :func:`~pyro_lmscm.interventions.finetune.lora_finetune` on the built-in texts of that
-  register, named ``"finetune"``, selected (about a minute on SmolLM2 on a CPU);
+  register, named ``"finetune"``, selected (about a minute on SmolLM2 on a CPU); in a
+  file a mapping of its keyword arguments, with ``style`` or ``texts``;
 * ``memit=SUBJECT|PROMPT|TARGET`` (several facts joined by ``&``) -- a
   :func:`~pyro_lmscm.interventions.memit.memit_edit` named ``"memit"``, selected, over
   its default layers (a mapping in a file may give ``requests`` and ``layers``);
@@ -140,6 +141,8 @@ def _finetune(lm: HFLanguageModel, value: Any) -> Mechanism:
     if isinstance(value, Mapping):
         options = dict(value)
         style = options.pop("style", "victorian")
+        if "texts" in options:  # texts of one's own instead of a built-in register
+            return lora_finetune(lm, **options)
     else:
         style, *rest = str(value).split(":")
         options = {}
