@@ -25,7 +25,38 @@ from .errors import ObservationError, TokenizationError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["HFLanguageModel"]
+__all__ = ["HFLanguageModel", "release_freed_memory"]
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` (another C library, another platform)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed CPU memory back to the operating system (glibc's
+    ``malloc_trim(0)``; a no-op elsewhere).
+
+    A KV cache that grows by one token per step frees a block of every size on its way;
+    glibc keeps such blocks resident, so without this the peak resident memory of a long
+    decoding run wanders between one and two times what it holds (measured on SmolLM2,
+    64 draws of 64 tokens: 102 to 217 MB above the model; trimmed every 8 steps, 85 to
+    96 MB). Nothing is moved and nothing live is touched.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @functools.lru_cache(maxsize=None)
