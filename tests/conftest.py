@@ -44,9 +44,20 @@ def chromium():
 
 
 @pytest.fixture
-def chromium_args():
-    """Flags for a headless Chromium that makes no request of its own."""
-    return list(CHROMIUM_ARGS)
+def chromium_context(chromium, tmp_path):
+    """A headless Chromium (a fresh profile, flags that make no request of their own, a
+    1400 x 1000 viewport) driven by playwright; closed after the test."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=list(CHROMIUM_ARGS),
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
 
 
 # Tiny models run fastest on one thread (and do not stall when another process holds a

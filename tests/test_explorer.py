@@ -138,78 +138,70 @@ def served(tmp_path_factory):
         log.close()
 
 
-def test_explorer_in_headless_chromium(served, chromium, chromium_args, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_explorer_in_headless_chromium(served, chromium_context):
+    from playwright.sync_api import expect
 
     url, second_model = served
     problems, external = [], []
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=chromium_args,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            page = context.new_page()
-            page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else external.append(r.url))
-            page.goto(url)
-            page.wait_for_selector("#run")
-            page.wait_for_load_state("load")
-            assert problems == [] and external == []
+    page = chromium_context.new_page()
+    page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else external.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#run")
+    page.wait_for_load_state("load")
+    assert problems == [] and external == []
 
-            # a run: no intervention on a sampled string; every counterfactual is the factual string
-            page.locator("#prompt textarea").fill(PROMPT)
-            page.locator("#kind").get_by_label("none").check()
-            page.locator("#run").click()
-            table = page.locator("#worlds table")
-            expect(table).to_be_visible(timeout=60_000)
-            expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ")
-            factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
-            rows = table.locator("tr.counterfactual")
-            assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
-            assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
-            n = len(factual_row)
-            assert n >= 3, factual_row
-            assert page.locator("#observed textarea").input_value()  # the sampled string, to edit or reuse
+    # a run: no intervention on a sampled string; every counterfactual is the factual string
+    page.locator("#prompt textarea").fill(PROMPT)
+    page.locator("#kind").get_by_label("none").check()
+    page.locator("#run").click()
+    table = page.locator("#worlds table")
+    expect(table).to_be_visible(timeout=60_000)
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ")
+    factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
+    rows = table.locator("tr.counterfactual")
+    assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+    assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
+    n = len(factual_row)
+    assert n >= 3, factual_row
+    assert page.locator("#observed textarea").input_value()  # the sampled string, to edit or reuse
 
-            # click factual token 2, then "Exclude it": every counterfactual changes at step 2 and
-            # keeps the factual tokens before it; P(unchanged) is 0
-            page.locator("#factual .token").nth(2).click()
-            expect(page.locator("#selected")).to_contain_text("step 2")
-            page.locator("#exclude-token").click()
-            expect(table.locator("thead")).to_contain_text("exclude_2 = factual", timeout=60_000)
-            expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ")
-            rows = table.locator("tr.counterfactual")
-            assert rows.count() >= 1
-            for i in range(rows.count()):
-                cells = [c.inner_text() for c in rows.nth(i).locator("td").all()]
-                assert cells[:2] == factual_row[:2] and cells[2] != factual_row[2], (cells, factual_row)
-                assert rows.nth(i).locator("td.first-divergence").get_attribute("data-step") == "2"
-            title = rows.first.locator("td").nth(2).get_attribute("title")
-            assert re.fullmatch(r"t = 2 · q\(token \| prefix\) = [0-9.e-]+", title), title
-            expect(page.locator("#divergence img")).to_be_visible()  # the exact law, as a bar plot
+    # click factual token 2, then "Exclude it": every counterfactual changes at step 2 and
+    # keeps the factual tokens before it; P(unchanged) is 0
+    page.locator("#factual .token").nth(2).click()
+    expect(page.locator("#selected")).to_contain_text("step 2")
+    page.locator("#exclude-token").click()
+    expect(table.locator("thead")).to_contain_text("exclude_2 = factual", timeout=60_000)
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ")
+    rows = table.locator("tr.counterfactual")
+    assert rows.count() >= 1
+    for i in range(rows.count()):
+        cells = [c.inner_text() for c in rows.nth(i).locator("td").all()]
+        assert cells[:2] == factual_row[:2] and cells[2] != factual_row[2], (cells, factual_row)
+        assert rows.nth(i).locator("td.first-divergence").get_attribute("data-step") == "2"
+    title = rows.first.locator("td").nth(2).get_attribute("title")
+    assert re.fullmatch(r"t = 2 · q\(token \| prefix\) = [0-9.e-]+", title), title
+    expect(page.locator("#divergence img")).to_be_visible()  # the exact law, as a bar plot
 
-            # bad inputs show their message in the page; the server lives on
-            page.locator("#kind").get_by_label("force / exclude a token").check()
-            page.locator("#action").get_by_label("force a token").check()
-            page.locator("#force-token textarea").fill("the man")
-            page.locator("#run").click()
-            expect(page.locator("#message")).to_contain_text("2 tokens", timeout=30_000)
-            page.locator("#kind").get_by_label("second model").check()
-            page.locator("#model-folder textarea").fill("/no/such/model/folder")
-            page.locator("#run").click()
-            expect(page.locator("#message")).to_contain_text("does not exist", timeout=30_000)
-            page.locator("#prompt textarea").fill("")
-            page.locator("#run").click()
-            expect(page.locator("#message")).to_contain_text("prompt is empty", timeout=30_000)
+    # bad inputs show their message in the page; the server lives on
+    page.locator("#kind").get_by_label("force / exclude a token").check()
+    page.locator("#action").get_by_label("force a token").check()
+    page.locator("#force-token textarea").fill("the man")
+    page.locator("#run").click()
+    expect(page.locator("#message")).to_contain_text("2 tokens", timeout=30_000)
+    page.locator("#kind").get_by_label("second model").check()
+    page.locator("#model-folder textarea").fill("/no/such/model/folder")
+    page.locator("#run").click()
+    expect(page.locator("#message")).to_contain_text("does not exist", timeout=30_000)
+    page.locator("#prompt textarea").fill("")
+    page.locator("#run").click()
+    expect(page.locator("#message")).to_contain_text("prompt is empty", timeout=30_000)
 
-            # and a real second model still runs afterwards; the message clears
-            page.locator("#prompt textarea").fill(PROMPT)
-            page.locator("#model-folder textarea").fill(str(second_model))
-            page.locator("#run").click()
-            expect(table.locator("thead")).to_contain_text("model = ", timeout=60_000)
-            expect(page.locator("#message")).to_have_text("")
-            assert problems == [] and external == []
-        finally:
-            context.close()
+    # and a real second model still runs afterwards; the message clears
+    page.locator("#prompt textarea").fill(PROMPT)
+    page.locator("#model-folder textarea").fill(str(second_model))
+    page.locator("#run").click()
+    expect(table.locator("thead")).to_contain_text("model = ", timeout=60_000)
+    expect(page.locator("#message")).to_have_text("")
+    assert problems == [] and external == []

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import torch
 
 from ..errors import LMSCMError, ObservationError
+from ..metrics import first_divergence, trim_after_end
+from ..models.sites import MECHANISM
 from ..validation import as_int
 
 if TYPE_CHECKING:
@@ -116,10 +118,9 @@ class Exploration:
 
 
 def _first_divergence(factual: list[int], ids: list[int]) -> int | None:
-    for t, token in enumerate(factual):
-        if t >= len(ids) or ids[t] != token:
-            return t
-    return None
+    """The first step where ``ids`` differs from ``factual`` over the factual span (``None``:
+    it does not; going on past the factual string is no change)."""
+    return first_divergence(factual, ids[: len(factual)])
 
 
 class Explorer:
@@ -148,16 +149,16 @@ class Explorer:
     def _spec(self, intervention: Mapping[str, Any]):
         """:func:`parse_intervention` of ``intervention``, with mechanisms built once per
         setting (computing a steering vector or a ROME edit takes seconds)."""
-        from ..interventions.spec import InterventionSpec, parse_intervention
+        from ..interventions.spec import MECHANISM_KEYS, InterventionSpec, parse_intervention
 
         spec = InterventionSpec()
         for key, value in intervention.items():
-            if key in ("steer", "rome", "model"):
+            if key in MECHANISM_KEYS:
                 cache_key = (key, repr(value))
                 if cache_key not in self._mechanisms:
                     self._mechanisms[cache_key] = parse_intervention({key: value}, self.lm).mechanisms[key]
                 spec.mechanisms[key] = self._mechanisms[cache_key]
-                spec.intervention["mechanism"] = key
+                spec.intervention[MECHANISM] = key
             else:
                 spec.intervention.update(parse_intervention({key: value}, self.lm).intervention)
         return spec
@@ -222,11 +223,12 @@ class Explorer:
             baseline=request.baseline,
         )
         factual_ids = result.factual_ids.tolist()
-        counts = Counter(tuple(self._cut(row)) for row in result.counterfactual_ids.tolist())
+        eos = self.lm.eos_token_ids
+        counts = Counter(tuple(trim_after_end(row, eos)) for row in result.counterfactual_ids.tolist())
         unique = [list(ids) for ids in sorted(counts, key=lambda ids: (-counts[ids], ids))]
         interventional = None
         if result.interventional_ids is not None:
-            base = Counter(tuple(self._cut(row)) for row in result.interventional_ids.tolist())
+            base = Counter(tuple(trim_after_end(row, eos)) for row in result.interventional_ids.tolist())
             interventional = [
                 self._row(list(ids), factual_ids, count=base[ids])
                 for ids in sorted(base, key=lambda ids: (-base[ids], ids))
@@ -273,18 +275,11 @@ class Explorer:
             yield replace(snapshot, exact_error=str(error), pending=None)
         report(1.0, "done")
 
-    def _cut(self, ids: list[int]) -> list[int]:
-        """``ids`` up to and including the first end of sequence."""
-        for t, token in enumerate(ids):
-            if token in self.lm.eos_token_ids:
-                return ids[: t + 1]
-        return ids
-
     def _row(self, ids: list[int], factual_ids: list[int], token_log: torch.Tensor | None = None,
              count: int = 1) -> WorldRow:
         """The row of the string ``ids`` (cut after its end), with its exact token
         log-probabilities ``token_log`` ``(T,)`` where known."""
-        ids = self._cut(ids)
+        ids = trim_after_end(ids, self.lm.eos_token_ids)
         return WorldRow(
             ids, self.token_texts(ids),
             None if token_log is None else token_log[: len(ids)].exp().tolist(), count,

@@ -44,6 +44,19 @@ MALE_PROMPTS = (
 )
 
 
+def _contrast(
+    lm: HFLanguageModel, direction: str, layer: int | None, owner: str
+) -> tuple[int, list[str], list[str]]:
+    """The layer (default a third of the depth) and the prompts toward ``direction``, then
+    away from it."""
+    if direction not in ("female", "male"):
+        raise MechanismError(f"{owner}: `direction` must be 'female' or 'male', got {direction!r}.")
+    if layer is None:
+        layer = lm.model.config.num_hidden_layers // 3
+    toward, away = (FEMALE_PROMPTS, MALE_PROMPTS) if direction == "female" else (MALE_PROMPTS, FEMALE_PROMPTS)
+    return layer, list(toward), list(away)
+
+
 def gender_steering(
     lm: HFLanguageModel,
     direction: str = "female",
@@ -63,14 +76,8 @@ def gender_steering(
     :param start: first absolute position that is steered.
     :raises MechanismError: for another ``direction``.
     """
-    if direction not in ("female", "male"):
-        raise MechanismError(f"gender_steering: `direction` must be 'female' or 'male', got {direction!r}.")
-    if layer is None:
-        layer = lm.model.config.num_hidden_layers // 3
-    positive, negative = (FEMALE_PROMPTS, MALE_PROMPTS) if direction == "female" else (MALE_PROMPTS, FEMALE_PROMPTS)
-    return ActivationSteering.from_contrastive(
-        lm, list(positive), list(negative), layer=layer, alpha=alpha, start=start
-    )
+    layer, positive, negative = _contrast(lm, direction, layer, "gender_steering")
+    return ActivationSteering.from_contrastive(lm, positive, negative, layer=layer, alpha=alpha, start=start)
 
 
 def gender_mimic(
@@ -92,11 +99,7 @@ def gender_mimic(
     :param shrinkage: of the covariances (see :meth:`AffineSteering.from_contrastive`).
     :raises MechanismError: for another ``direction``.
     """
-    if direction not in ("female", "male"):
-        raise MechanismError(f"gender_mimic: `direction` must be 'female' or 'male', got {direction!r}.")
-    if layer is None:
-        layer = lm.model.config.num_hidden_layers // 3
-    target, source = (FEMALE_PROMPTS, MALE_PROMPTS) if direction == "female" else (MALE_PROMPTS, FEMALE_PROMPTS)
+    layer, target, source = _contrast(lm, direction, layer, "gender_mimic")
     return AffineSteering.from_contrastive(
-        lm, list(source), list(target), layer=layer, alpha=alpha, start=start, shrinkage=shrinkage
+        lm, source, target, layer=layer, alpha=alpha, start=start, shrinkage=shrinkage
     )

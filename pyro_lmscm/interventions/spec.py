@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import InterventionError, LMSCMError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..lm import HFLanguageModel
     from ..models.mechanism import Mechanism
 
-__all__ = ["InterventionSpec", "parse_intervention", "read_spec"]
+__all__ = ["MECHANISM_KEYS", "InterventionSpec", "parse_intervention", "read_spec"]
 
 
 @dataclass
@@ -216,6 +216,23 @@ def _memit(lm: HFLanguageModel, value: Any) -> Mechanism:
     return memit_edit(lm, facts, layers=layers)
 
 
+def _model(lm: HFLanguageModel, value: Any) -> Mechanism:
+    from ..loading import load_lm
+
+    return ModelSwap(load_lm(str(value), dtype=lm.dtype, device=lm.device))
+
+
+#: The spec keys that build a mechanism (named as the key and selected), and their builders.
+MECHANISM_KEYS: dict[str, Callable[[HFLanguageModel, Any], Mechanism]] = {
+    "steer": _steer,
+    "mimic": _mimic,
+    "finetune": _finetune,
+    "memit": _memit,
+    "rome": _rome,
+    "model": _model,
+}
+
+
 def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel) -> InterventionSpec:
     """Parse an intervention spec for ``lm``.
 
@@ -223,30 +240,13 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
         YAML file, or a mapping.
     :raises InterventionError: on an unknown key or a bad value.
     """
-    from ..loading import load_lm
-
     data = spec if isinstance(spec, Mapping) else read_spec(spec or "")
     result = InterventionSpec()
     for key, value in data.items():
         try:
-            if key == "steer":
-                result.mechanisms["steer"] = _steer(lm, value)
-                result.intervention[MECHANISM] = "steer"
-            elif key == "mimic":
-                result.mechanisms["mimic"] = _mimic(lm, value)
-                result.intervention[MECHANISM] = "mimic"
-            elif key == "finetune":
-                result.mechanisms["finetune"] = _finetune(lm, value)
-                result.intervention[MECHANISM] = "finetune"
-            elif key == "memit":
-                result.mechanisms["memit"] = _memit(lm, value)
-                result.intervention[MECHANISM] = "memit"
-            elif key == "rome":
-                result.mechanisms["rome"] = _rome(lm, value)
-                result.intervention[MECHANISM] = "rome"
-            elif key == "model":
-                result.mechanisms["model"] = ModelSwap(load_lm(str(value), dtype=lm.dtype, device=lm.device))
-                result.intervention[MECHANISM] = "model"
+            if key in MECHANISM_KEYS:  # a mechanism named as its key, selected
+                result.mechanisms[key] = MECHANISM_KEYS[key](lm, value)
+                result.intervention[MECHANISM] = key
             elif key == PROMPT:
                 result.intervention[PROMPT] = lm.encode(str(value)) if isinstance(value, str) else value
             elif key == EXCLUDE_PREFIX:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .config import StudyConfig, StudyError
-from .summary import EXACT, Metric, SummaryRow, summarize
+from .summary import EXACT, Metric, SummaryRow, _field, summarize
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -129,17 +129,13 @@ def _annotate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _draw_field(name: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda draw: draw.get(name)
-
-
 PAPER_METRICS: tuple[Metric, ...] = (
-    Metric("identical", "identical to the factual string (share of draws)", _draw_field("identical")),
+    Metric("identical", "identical to the factual string (share of draws)", _field("identical")),
     Metric(
         "normalized_char_edit_distance", "normalised character edit distance",
-        _draw_field("normalized_char_edit_distance"),
+        _field("normalized_char_edit_distance"),
     ),
-    Metric("word_common_prefix", "word-level common prefix (share of words)", _draw_field("word_common_prefix")),
+    Metric("word_common_prefix", "word-level common prefix (share of words)", _field("word_common_prefix")),
 )
 
 

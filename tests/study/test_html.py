@@ -31,60 +31,50 @@ def test_render_is_deterministic(report):
     assert render_html(report.records, report.config, rows) == render_html(report.records, report.config, rows)
 
 
-def test_report_in_headless_chromium(report, chromium, chromium_args, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_report_in_headless_chromium(report, chromium_context, tmp_path):
     problems, requests = [], []
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=chromium_args,
-            viewport={"width": 1400, "height": 1000},
+    page = chromium_context.new_page()
+    page.on(
+        "console",
+        lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None,
+    )
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(report.files["html"].resolve().as_uri())
+    page.wait_for_load_state("load")
+    assert problems == []
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+    rows = page.locator("#strings > tbody > tr.string-row")
+    assert rows.count() == len(report.records)
+
+    def column(key):
+        values = page.eval_on_selector_all(
+            "#strings > tbody > tr.string-row", f"rows => rows.map(r => r.getAttribute('data-{key}'))"
         )
-        try:
-            page = context.new_page()
-            page.on(
-                "console",
-                lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type in ("error", "warning") else None,
-            )
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(report.files["html"].resolve().as_uri())
-            page.wait_for_load_state("load")
-            assert problems == []
-            assert all(url.startswith(("file:", "data:")) for url in requests), requests
+        return [float(v) for v in values if v], values
 
-            rows = page.locator("#strings > tbody > tr.string-row")
-            assert rows.count() == len(report.records)
+    header = page.locator('th[data-sort="cf-distance"]')
+    header.click()
+    ascending, raw = column("cf-distance")
+    assert ascending == sorted(ascending) and len(ascending) == 9
+    assert not raw[-1]  # the skipped string (no value) goes last
+    assert header.get_attribute("aria-sort") == "ascending"
+    header.click()
+    descending, raw = column("cf-distance")
+    assert descending == sorted(ascending, reverse=True) and not raw[-1]
+    page.locator('th[data-sort="index"]').click()
+    indices, _ = column("index")
+    assert indices == list(range(10))
 
-            def column(key):
-                values = page.eval_on_selector_all(
-                    "#strings > tbody > tr.string-row", f"rows => rows.map(r => r.getAttribute('data-{key}'))"
-                )
-                return [float(v) for v in values if v], values
+    token = page.locator("table.al td[title]").first
+    token.hover()
+    assert re.search(r"p\(factual\) = .* p\(intervened\) = ", token.get_attribute("title"))
+    page.locator("details summary").first.click()
+    assert page.locator("details").first.get_attribute("open") is not None
 
-            header = page.locator('th[data-sort="cf-distance"]')
-            header.click()
-            ascending, raw = column("cf-distance")
-            assert ascending == sorted(ascending) and len(ascending) == 9
-            assert not raw[-1]  # the skipped string (no value) goes last
-            assert header.get_attribute("aria-sort") == "ascending"
-            header.click()
-            descending, raw = column("cf-distance")
-            assert descending == sorted(ascending, reverse=True) and not raw[-1]
-            page.locator('th[data-sort="index"]').click()
-            indices, _ = column("index")
-            assert indices == list(range(10))
-
-            token = page.locator("table.al td[title]").first
-            token.hover()
-            assert re.search(r"p\(factual\) = .* p\(intervened\) = ", token.get_attribute("title"))
-            page.locator("details summary").first.click()
-            assert page.locator("details").first.get_attribute("open") is not None
-
-            screenshot = tmp_path / "report.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
-            assert problems == []
-        finally:
-            context.close()
+    screenshot = tmp_path / "report.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    assert problems == []
