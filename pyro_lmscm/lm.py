@@ -7,6 +7,12 @@ r"""A thin wrapper over a Hugging Face causal language model.
 * incremental next-token logits with a KV cache (:meth:`HFLanguageModel.prefill`,
   :meth:`HFLanguageModel.step`).
 
+Prompts of different lengths batch left-padded with :data:`LEFT_PAD` (``-1``, never a token
+id): every method then passes transformers the attention mask and the position ids that
+``generate`` builds for left padding, so each row's positions count from its own first
+token (a steering mechanism's ``start`` means the same position in every row), and the
+padding is never attended to.
+
 Any leading batch shape ``(...,)`` of the inputs is flattened into the Hugging Face batch
 and restored on the outputs, so Pyro plates and ChiRho world dimensions pass through.
 Logits are returned in float32 whatever the model's dtype.
@@ -25,7 +31,51 @@ from .errors import ObservationError, TokenizationError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["HFLanguageModel", "release_freed_memory"]
+__all__ = ["LEFT_PAD", "HFLanguageModel", "PaddedCache", "left_pad", "release_freed_memory"]
+
+#: The id that left-pads a batch of prompts of different lengths (not a token).
+LEFT_PAD = -1
+
+
+def left_pad(rows: Sequence[torch.Tensor | Sequence[int]]) -> torch.Tensor:
+    """Token strings of different lengths as one ``(len(rows), max length)`` tensor,
+    left-padded with :data:`LEFT_PAD`.
+
+    >>> left_pad([[5, 6], [7]]).tolist()
+    [[5, 6], [-1, 7]]
+    """
+    tensors = [torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in rows]
+    length = max((t.shape[0] for t in tensors), default=0)
+    out = torch.full((len(tensors), length), LEFT_PAD, dtype=torch.long)
+    for i, t in enumerate(tensors):
+        if t.shape[0]:
+            out[i, length - t.shape[0] :] = t
+    return out
+
+
+def _padding(input_ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``input_ids`` with :data:`LEFT_PAD` replaced by a real id, and the ``attention_mask``
+    and ``position_ids`` of a left-padded batch (none without padding)."""
+    if input_ids.numel() == 0 or not bool((input_ids < 0).any()):
+        return input_ids, {}
+    mask = input_ids >= 0
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return torch.where(mask, input_ids, pad_id), {"attention_mask": mask.long(), "position_ids": positions}
+
+
+class PaddedCache:
+    """A KV cache of a left-padded batch with its attention mask ``(n, length)``: what
+    :meth:`HFLanguageModel.prefill` returns for padded prompts and
+    :meth:`HFLanguageModel.step` extends. ``reorder_cache`` selects rows of both, as
+    transformers' caches do."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        self.cache.reorder_cache(index)
+        self.mask = self.mask[index.to(self.mask.device)]
 
 
 @functools.cache
@@ -151,8 +201,11 @@ class HFLanguageModel:
         kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
         return 2 * layers * kv_heads * head_dim * self.dtype.itemsize
 
-    def check_ids(self, ids: torch.Tensor, what: str = "input_ids") -> torch.Tensor:
+    def check_ids(self, ids: torch.Tensor, what: str = "input_ids", left_padded: bool = False) -> torch.Tensor:
         """Check that ``ids`` are integer token ids in ``[0, vocab_size)``.
+
+        :param left_padded: also accept rows left-padded with :data:`LEFT_PAD` (each with at
+            least one token, and no padding after its first token).
 
         :returns: ``ids`` as a ``torch.long`` tensor on the model's device.
         :raises ObservationError: on a wrong dtype or an id outside the vocabulary.
@@ -169,25 +222,37 @@ class HFLanguageModel:
             raise ObservationError(f"`{what}` must hold integer token ids, got dtype {ids.dtype}.")
         if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch ops take them
             ids = ids.to(torch.float64)  # exact below 2**53; anything larger is out of range
+        padding = None
+        if left_padded and ids.dim() >= 2 and ids.numel() and bool((ids == LEFT_PAD).any()):
+            padding = ids == LEFT_PAD
+            started = (~padding).long().cummax(-1).values.bool()
+            if bool((padding & started).any()) or not bool(started[..., -1].all()):
+                raise ObservationError(
+                    f"`{what}` is padded with {LEFT_PAD} other than on the left of each row, or has an empty row."
+                )
+            ids = torch.where(padding, 0, ids)
         if ids.numel() and (float(ids.min()) < 0 or float(ids.max()) >= self.vocab_size):
             bad = ids[(ids < 0) | (ids >= self.vocab_size)].flatten()[:5].tolist()
             raise ObservationError(
                 f"`{what}` has ids outside the vocabulary [0, {self.vocab_size}): {bad}."
             )
+        if padding is not None:
+            ids = torch.where(padding, LEFT_PAD, ids)
         return ids.to(device=self.device, dtype=torch.long)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         r"""Teacher-forced logits of every position, in one forward pass.
 
-        :param input_ids: token ids of shape ``(..., L)``.
+        :param input_ids: token ids of shape ``(..., L)``, possibly left-padded
+            (:data:`LEFT_PAD`; the logits at padded positions are meaningless).
         :param logits_to_keep: if positive, only the last ``logits_to_keep`` positions.
         :returns: float32 logits of shape ``(..., L', V)`` with ``L' = L`` or
             ``logits_to_keep``; ``[..., i, :]`` predicts the token after position ``i``.
         """
         batch_shape, length = input_ids.shape[:-1], input_ids.shape[-1]
-        flat = input_ids.reshape(-1, length).to(self.device)
-        out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep)
+        flat, padding = _padding(input_ids.reshape(-1, length).to(self.device), self.pad_token_id)
+        out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
         logits = out.logits.float()
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
@@ -195,10 +260,16 @@ class HFLanguageModel:
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Run the prompts ``input_ids`` of shape ``(n, L)`` and open a KV cache.
 
-        :returns: the next-token logits ``(n, V)`` (float32) and the cache.
+        :param input_ids: prompt ids, possibly left-padded (:data:`LEFT_PAD`).
+        :returns: the next-token logits ``(n, V)`` (float32) and the cache (a
+            :class:`PaddedCache` for padded prompts).
         """
-        out = self.model(input_ids=input_ids.to(self.device), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float(), out[self._cache_keyword]
+        ids, padding = _padding(input_ids.to(self.device), self.pad_token_id)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
+        cache = out[self._cache_keyword]
+        if padding:
+            cache = PaddedCache(cache, padding["attention_mask"])
+        return out.logits[:, -1].float(), cache
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, past_key_values: Any) -> tuple[torch.Tensor, Any]:
@@ -206,12 +277,22 @@ class HFLanguageModel:
 
         :returns: the next-token logits ``(n, V)`` (float32) and the updated cache.
         """
+        padding: dict[str, torch.Tensor] = {}
+        padded = past_key_values if isinstance(past_key_values, PaddedCache) else None
+        if padded is not None:
+            mask = torch.cat([padded.mask, padded.mask.new_ones(padded.mask.shape[0], 1)], -1)
+            padding = {"attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
+            past_key_values = padded.cache
         out = self.model(
             input_ids=tokens.to(self.device)[:, None],
             use_cache=True,
             **{self._cache_keyword: past_key_values},
+            **padding,
         )
-        return out.logits[:, -1].float(), out[self._cache_keyword]
+        cache = out[self._cache_keyword]
+        if padded is not None:
+            cache = PaddedCache(cache, padding["attention_mask"])
+        return out.logits[:, -1].float(), cache
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.

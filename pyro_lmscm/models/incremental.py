@@ -80,8 +80,8 @@ class MechanismBatch:
             unique, inverse = torch.unique(prompts[rows], dim=0, return_inverse=True)
             with mechanisms[m].activate(lm) as f:
                 logits, cache = f.prefill(unique)
-            if unique.shape[0] != rows.numel():
-                logits = logits[inverse]
+            if not torch.equal(inverse, torch.arange(rows.numel(), device=inverse.device)):
+                logits = logits[inverse]  # unique() sorts: distinct prompts come back reordered
                 cache.reorder_cache(inverse)
             self.groups.append(_Group(m, rows, logits, cache))
 
@@ -128,11 +128,20 @@ class MechanismBatch:
         if self._steps % TRIM_EVERY == 0 and self.device.type == "cpu":
             release_freed_memory()
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` of the flattened batch, in that order (a row may repeat):
+        the batch becomes ``(len(index),)``, as a beam search reorders its beams."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device).reshape(-1)
+        self._take(index, torch.Size([index.numel()]))
+
     def _grow(self, new_shape: torch.Size) -> None:
         """Broadcast the rows to ``new_shape``, repeating caches along the batch."""
+        source = torch.arange(self.mechanism.numel(), device=self.device)
+        self._take(source.reshape(self.batch_shape).expand(new_shape).reshape(-1), new_shape)
+
+    def _take(self, source: torch.Tensor, new_shape: torch.Size) -> None:
+        """Row ``i`` of the new batch ``new_shape`` (flattened) is old row ``source[i]``."""
         old_numel = self.mechanism.numel()
-        source = torch.arange(old_numel, device=self.device)
-        source = source.reshape(self.batch_shape).expand(new_shape).reshape(-1)
         # position of each old row inside its group; -1 for finished rows (in no group)
         position = torch.full((old_numel,), -1, dtype=torch.long, device=self.device)
         for group in self.groups:

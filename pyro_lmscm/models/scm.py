@@ -161,12 +161,13 @@ class LanguageModelSCM:
         self, prompt_ids: torch.Tensor, num_steps: int | None = None, single: bool = False
     ) -> torch.Tensor:
         """Check prompt ids of shape ``(..., L)`` (``(L,)`` with ``single``) and that
-        ``L + num_steps`` fits the context.
+        ``L + num_steps`` fits the context. A batch of prompts of different lengths is
+        left-padded with :data:`~pyro_lmscm.lm.LEFT_PAD` (:func:`~pyro_lmscm.lm.left_pad`).
 
         :raises ObservationError: if empty, not integer, out of the vocabulary, too long, or
             not one string with ``single``.
         """
-        prompt_ids = self.lm.check_ids(prompt_ids, "prompt")
+        prompt_ids = self.lm.check_ids(prompt_ids, "prompt", left_padded=not single)
         if single and prompt_ids.dim() != 1:
             raise ObservationError(f"`prompt` must have shape (L,), got {tuple(prompt_ids.shape)}.")
         if prompt_ids.dim() == 0 or prompt_ids.shape[-1] == 0:

@@ -38,3 +38,21 @@ def test_finished_rows_leave_the_batch_and_the_tokens_do_not_change(lm, monkeypa
         alone = poutine.condition(scm.model, data={k: v[r] for k, v in noise.items()})(PROMPT)
         assert batched[r].tolist() == alone.tolist()
         assert int(batched[r, r + 1]) == 1 and bool((batched[r, r + 2 :] == lm.pad_token_id).all())
+
+
+def test_distinct_prompts_keep_their_rows_and_left_padding_equals_each_alone(lm):
+    """Prompts given in an order that torch.unique re-sorts (a regression: the rows came
+    back sorted), of one length and left-padded to one: each row's logits are its own."""
+    from pyro_lmscm.lm import left_pad
+    from pyro_lmscm.models.incremental import MechanismBatch
+
+    scm = LanguageModelSCM(lm, max_new_tokens=3)
+    for prompts in ([[9, 3, 4], [2, 3, 4], [5, 1, 7]], [[9, 3, 4], [2], [5, 7]]):
+        batch = MechanismBatch(lm, scm.mechanisms, left_pad(prompts), torch.tensor(0))
+        tokens = torch.tensor([6, 6, 6])
+        first = batch.logits()
+        batch.advance(tokens, torch.ones(3, dtype=torch.bool))
+        for i, prompt in enumerate(prompts):
+            alone = lm.logits(torch.tensor([*prompt, 6]))
+            torch.testing.assert_close(first[i], alone[-2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batch.logits()[i], alone[-1], atol=1e-5, rtol=1e-5)
