@@ -25,7 +25,8 @@ can replace it (counterfactual stability, Oberst & Sontag 2019).
 *Closed form.* :math:`H` is piecewise linear with breakpoints at the sorted :math:`r_i`; on a
 segment :math:`[x, y]` the integral is :math:`(y - x) / (H(x) H(y))`. Sums of segments taken
 from the :math:`r_k` end (a reversed ``logcumsumexp``) give every :math:`j` at once in
-:math:`O(V \log V)`, all in log space and float64, so logits of size :math:`10^4` and
+:math:`O(V \log V)` (under top-k or top-p decoding only the tokens possible on either side take
+part: :math:`O(V + k \log k)`), all in log space and float64, so logits of size :math:`10^4` and
 probabilities far below :math:`10^{-300}` keep their precision. :math:`P(J = k)` is
 :math:`1 - \sum_{j \neq k}` while that sum is below one half (exactly 1 when no token can
 replace :math:`k`, e.g. under the null intervention) and :math:`1 / H(r_k)` otherwise, so a
@@ -47,7 +48,11 @@ import torch
 
 from ..errors import AbductionError
 
-__all__ = ["step_counterfactual_log_probs", "stay_log_prob"]
+__all__ = ["COMPACT_SHARE", "step_counterfactual_log_probs", "stay_log_prob"]
+
+#: When every row has at most this share of the vocabulary possible on either side (top-k or
+#: top-p decoding: 50 or 100 of 49,152 tokens), only those tokens are sorted and integrated.
+COMPACT_SHARE = 0.25
 
 
 def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
@@ -84,10 +89,16 @@ def step_counterfactual_log_probs(
     inf = float("inf")
     valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
     log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
-    order = log_r.argsort(dim=-1, stable=True)
-    lr = log_r.gather(-1, order)
-    lp = torch.where(valid, log_p, -inf).gather(-1, order)
-    lq = torch.where(valid, log_q, -inf).gather(-1, order)
+    size = int(valid.sum(-1).max())
+    if size <= COMPACT_SHARE * vocab:  # top-k / top-p decoding: sort only the possible tokens
+        key = torch.where(valid, log_r.clamp(max=torch.finfo(log_r.dtype).max), inf)
+        order = key.topk(size, dim=-1, largest=False, sorted=True).indices
+    else:
+        order = log_r.argsort(dim=-1, stable=True)
+    taken = valid.gather(-1, order)  # (a row with fewer possible tokens fills up with impossible ones)
+    lr = torch.where(taken, log_r.gather(-1, order), inf)
+    lp = torch.where(taken, log_p.gather(-1, order), -inf)
+    lq = torch.where(taken, log_q.gather(-1, order), -inf)
     # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
     suffix = torch.logcumsumexp(lp.flip(-1), -1).flip(-1)  # sum over positions >= m
     log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
@@ -103,14 +114,12 @@ def step_counterfactual_log_probs(
     )
     log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
     # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(vocab, device=order.device).expand_as(order))
-    position_k = rank.gather(-1, k)  # (R, 1)
-    below_k = torch.arange(vocab - 1, device=order.device) < position_k
+    position_k = (order == k).long().argmax(-1, keepdim=True)  # (R, 1)
+    below_k = torch.arange(order.shape[-1] - 1, device=order.device) < position_k
     log_segment = torch.where(below_k, log_segment, -inf)
     log_f = torch.logcumsumexp(log_segment.flip(-1), -1).flip(-1)  # (R, V-1): from m to the end
     log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
-    sorted_out = lq + log_f
-    out = torch.empty_like(sorted_out).scatter_(-1, order, sorted_out)
+    out = torch.full_like(log_p, -inf).scatter_(-1, order, lq + log_f)
     # P(J = k): 1 - (the others) while they are small (exact when they vanish, as under the
     # null intervention), else 1 / H(r_k), which keeps a small P(J = k) precise
     others = out.scatter(-1, k, -inf).logsumexp(-1, keepdim=True)
