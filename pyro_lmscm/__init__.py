@@ -16,6 +16,7 @@ from .inference import (
     abduct,
     compare_abduction,
     counterfactual,
+    counterfactuals,
     exact_counterfactual,
 )
 from .interventions import (
@@ -57,6 +58,7 @@ __all__ = [
     "abduct",
     "compare_abduction",
     "counterfactual",
+    "counterfactuals",
     "errors",
     "exact_counterfactual",
     "load_lm",

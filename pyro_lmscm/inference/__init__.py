@@ -26,9 +26,9 @@ from .compare import (
     plot_comparison,
 )
 from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
-from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual
+from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual, counterfactuals
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
-from .exact import ExactCounterfactual, exact_counterfactual
+from .exact import ExactCounterfactual, exact_counterfactual, most_probable
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict
@@ -39,6 +39,7 @@ __all__ = [
     "DRAWS",
     "ExactCounterfactual",
     "exact_counterfactual",
+    "most_probable",
     "step_counterfactual_log_probs",
     "PosteriorNoiseMessenger",
     "METHODS",
@@ -66,6 +67,7 @@ __all__ = [
     "compare_abduction",
     "compare_mechanisms",
     "counterfactual",
+    "counterfactuals",
     "gumbel_log_density",
     "kish_ess",
     "ks_statistic",

@@ -25,13 +25,15 @@ References
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..errors import ObservationError
+from ..errors import InferenceError, ObservationError
 from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..lm import left_pad
 from ..models.exclude_tokens_messenger import exclude_token
+from ..models.incremental import MechanismBatch
 from ..models.sites import MECHANISM, PROMPT
 from ..seeding import seeded
 from ..validation import as_int
@@ -41,7 +43,13 @@ if TYPE_CHECKING:
     from ..interventions.ops import Intervention
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["ExactCounterfactual", "exact_counterfactual", "expected_first_divergence", "first_divergence_law"]
+__all__ = [
+    "ExactCounterfactual",
+    "exact_counterfactual",
+    "expected_first_divergence",
+    "first_divergence_law",
+    "most_probable",
+]
 
 
 def first_divergence_law(log_q: torch.Tensor) -> torch.Tensor:
@@ -71,12 +79,19 @@ class ExactCounterfactual:
     :ivar intervention: the ``poutine.do`` data.
     """
 
-    def __init__(self, scm: LanguageModelSCM, prompt: torch.Tensor, observed: torch.Tensor, data: dict) -> None:
+    def __init__(
+        self,
+        scm: LanguageModelSCM,
+        prompt: torch.Tensor,
+        observed: torch.Tensor,
+        data: dict,
+        raw_logits: torch.Tensor | None = None,
+    ) -> None:
         self.scm = scm
         self.prompt_ids = prompt
         self.observed_ids = observed
         self.intervention = data
-        guide = HindsightGumbelGuide(scm, observed)
+        guide = HindsightGumbelGuide(scm, observed, raw_logits=raw_logits)
         self._factual = guide.decoded_logits(prompt).double()  # (n, V)
         self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
         self._prompt = data.get(scm.site(PROMPT), prompt)
@@ -96,16 +111,23 @@ class ExactCounterfactual:
         inputs = torch.cat([self._prompt.expand(rows, -1), prefixes[:, : length - 1].to(self._prompt.device)], -1)
         with self.scm.mechanisms[self._mechanism].activate(self.scm.lm) as f:
             logits = self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
+        return self._adjust(prefixes, logits)
+
+    def _adjust(self, prefixes: torch.Tensor, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The decoded intervened logits ``(B, m, V)`` at steps ``start .. start + m - 1`` of
+        the candidates ``prefixes`` (``(B, >= start + m - 1)``) made what the SCM evaluates."""
         # the factual anchor, as in the SCM: the factual mechanism on the observed prefix gives
         # the abduction's own logits, whatever the rounding of another batch
+        steps = range(start, start + logits.shape[1])
         if self._mechanism == 0 and torch.equal(self._prompt, self.prompt_ids):
             observed = self.observed_ids.to(prefixes.device)
-            for t in range(min(length, observed.shape[-1])):
-                on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
-                logits[on_path, t] = self._factual[t].to(logits.device)
-        for t, token in self._excluded.items():  # "anything but x_t", after the decoding, as in the SCM
-            if t < length:
-                logits[:, t] = exclude_token(logits[:, t], token, t)
+            for i, t in enumerate(steps):
+                if t < observed.shape[-1]:
+                    on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
+                    logits[on_path, i] = self._factual[t].to(logits.device)
+        for i, t in enumerate(steps):  # "anything but x_t", after the decoding, as in the SCM
+            if t in self._excluded:
+                logits[:, i] = exclude_token(logits[:, i], self._excluded[t], t)
         return logits
 
     def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -242,18 +264,9 @@ class ExactCounterfactual:
 
     def mode(self, num_beams: int = 4) -> tuple[torch.Tensor, float]:
         """The most probable counterfactual string ``(T,)`` and its log-probability, by beam
-        search on the chain (exact for ``num_beams >= V^T``; a strong lower bound otherwise)."""
-        num_beams = as_int(num_beams, "num_beams", minimum=1)
-        beams, scores = torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
-        for t in range(self.scm.max_new_tokens):
-            padded = torch.cat([beams, beams.new_zeros(beams.shape[0], 1)], -1)
-            logits = self._counterfactual_logits(padded, t + 1).cpu()[:, t]
-            log_q = self._step_log_probs(t, logits, self._ended_before(padded)[:, t])
-            total = (scores[:, None] + log_q).reshape(-1)
-            best = total.topk(min(num_beams, int(torch.isfinite(total).sum())), sorted=True)
-            rows, tokens = best.indices // log_q.shape[-1], best.indices % log_q.shape[-1]
-            beams, scores = torch.cat([beams[rows], tokens[:, None]], -1), best.values
-        return beams[0], float(scores[0])
+        search on the chain (exact for ``num_beams >= V^T``; a strong lower bound otherwise);
+        :func:`most_probable` of this string alone."""
+        return most_probable([self], num_beams)[0]
 
     def _check(self, candidates: torch.Tensor) -> torch.Tensor:
         candidates = self.scm.lm.check_ids(candidates, "candidates").cpu()
@@ -267,11 +280,81 @@ class ExactCounterfactual:
         return candidates
 
 
+@torch.no_grad()
+def most_probable(
+    exacts: Sequence[ExactCounterfactual], num_beams: int = 4, lengths: Sequence[int] | None = None
+) -> list[tuple[torch.Tensor, float]]:
+    r"""The most probable counterfactual string ``(T,)`` of each exact counterfactual and its
+    log-probability, by one beam search of ``num_beams`` beams per string over all of them.
+
+    The beams of every string decode together in one KV-cached run of the intervened
+    mechanism (:class:`~pyro_lmscm.models.incremental.MechanismBatch`, the prompts
+    left-padded), reordered after each step as the beams are chosen; each step scores the
+    beams of a string with its own chain :math:`q(s_t \mid s_{<t})`. The strings must share
+    the SCM and the mechanism. A beam's log-probability sums the chain over the logits of the
+    cached run, which round like a teacher-forced pass only up to float rounding.
+
+    :param lengths: per string, the number of leading tokens whose most probable value is
+        sought (default ``T``): the mode of the marginal of the first ``lengths[i]`` tokens,
+        e.g. over the horizon of an observation without an end of sequence.
+    :returns: per string ``(ids (lengths[i],), log-probability)``.
+    :raises InferenceError: for an empty list, or strings of other SCMs or mechanisms.
+    """
+    num_beams = as_int(num_beams, "num_beams", minimum=1)
+    if not exacts:
+        raise InferenceError("most_probable() needs at least one ExactCounterfactual.")
+    T = exacts[0].scm.max_new_tokens
+    steps = [T] * len(exacts) if lengths is None else [as_int(n, "lengths", minimum=1) for n in lengths]
+    if len(steps) != len(exacts) or max(steps) > T:
+        raise InferenceError(f"most_probable(): `lengths` needs one length in 1..{T} per string, got {lengths!r}.")
+    scm, mechanism = exacts[0].scm, exacts[0]._mechanism
+    if any(e.scm is not scm or e._mechanism != mechanism for e in exacts):
+        raise InferenceError("most_probable(): every ExactCounterfactual must share the SCM and the mechanism.")
+    device = scm.lm.device
+    prompts = left_pad([e._prompt.cpu() for e in exacts]).to(device)
+    batch = MechanismBatch(scm.lm, scm.mechanisms, prompts, torch.tensor(mechanism, device=device))
+    S = len(exacts)
+    beams = [torch.zeros(1, 0, dtype=torch.long) for _ in exacts]
+    scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]
+    eos = exacts[0]._eos
+    for t in range(max(steps)):
+        decoded = scm.decoding(batch.logits().reshape(-1, scm.vocab_size)).double().cpu()
+        parents, tokens, start = [], [], 0
+        for i, exact in enumerate(exacts):
+            rows = beams[i].shape[0]
+            if t >= steps[i]:  # this string is done: its rows idle until the others are
+                parents.append(torch.arange(start, start + rows))
+                tokens.append(torch.full((rows,), scm.lm.pad_token_id))
+                start += rows
+                continue
+            padded = torch.cat([beams[i], beams[i].new_zeros(rows, 1)], -1)
+            logits = exact._adjust(padded, decoded[start : start + rows, None].clone(), start=t)[:, 0]
+            log_q = exact._step_log_probs(t, logits, exact._ended_before(padded)[:, t])
+            total = (scores[i][:, None] + log_q).reshape(-1)
+            best = total.topk(min(num_beams, int(torch.isfinite(total).sum())), sorted=True)
+            parent, token = best.indices // log_q.shape[-1], best.indices % log_q.shape[-1]
+            beams[i], scores[i] = torch.cat([beams[i][parent], token[:, None]], -1), best.values
+            parents.append(parent + start)
+            tokens.append(token)
+            start += rows
+        if t + 1 < max(steps):
+            batch.select(torch.cat(parents))
+            done = torch.cat([
+                torch.isin(b, eos).any(-1) | (t + 1 >= n) if eos.numel() else torch.full((b.shape[0],), t + 1 >= n)
+                for b, n in zip(beams, steps)
+            ])
+            active = ~done
+            if bool(active.any()):
+                batch.advance(torch.cat(tokens).to(device), active.to(device))
+    return [(beams[i][0], float(scores[i][0])) for i in range(S)]
+
+
 def exact_counterfactual(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,
     observed: torch.Tensor,
     intervention: Intervention | None = None,
+    raw_logits: torch.Tensor | None = None,
 ) -> ExactCounterfactual:
     r"""The exact counterfactual distribution of ``observed`` under ``intervention``.
 
@@ -279,6 +362,11 @@ def exact_counterfactual(
     :param prompt: prompt ids ``(L,)``.
     :param observed: the observed continuation ``(n,)``.
     :param intervention: as :func:`~pyro_lmscm.counterfactual`.
+    :param raw_logits: the raw factual logits ``(n, V)`` of the observed steps, if known
+        (those that sampled the string, :attr:`CounterfactualResult.factual_logits`);
+        by default one teacher-forced pass computes them. In bfloat16 a teacher-forced pass
+        rounds otherwise than the sampling run, and under top-k can rank the sampled token
+        outside the k.
     :raises ObservationError, AbductionError, InterventionError: on bad input.
 
     >>> from pyro_lmscm.inference import exact_counterfactual
@@ -289,4 +377,4 @@ def exact_counterfactual(
     """
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)
-    return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention, observed))
+    return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention, observed), raw_logits=raw_logits)

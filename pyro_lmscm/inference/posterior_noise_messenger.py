@@ -53,9 +53,10 @@ class PosteriorNoiseMessenger(Messenger):
     :param guide: the exact abduction (its decoded logits and observation).
     :param prompt_ids: the prompt the guide abducts for.
     :param num_posterior_rows: if given, only the first rows of the (flattened) batch get the
-        posterior; the others get fresh prior noise (the interventional baseline decoded in
-        the same batch), drawn from ``baseline_generator`` (default: torch's), so that the
-        posterior rows' draws are the same with and without them.
+        posterior (along the last batch dim for a batch of observations ``(S, 1, n)``); the
+        others get fresh prior noise (the interventional baseline decoded in the same batch),
+        drawn from ``baseline_generator`` (default: torch's), so that the posterior rows'
+        draws are the same with and without them.
 
     :ivar statistics: per drawn step, the noise model's statistics of the posterior rows
         (:meth:`~pyro_lmscm.models.NoiseModel.noise_statistics`; for Gumbel-max
@@ -114,14 +115,20 @@ class PosteriorNoiseMessenger(Messenger):
                 value = posterior.expand(fn.batch_shape).sample()
         else:  # posterior rows first, then prior rows from their own generator
             value = torch.empty(shape, dtype=noise.dtype, device=device)
-            rows = value.view(-1, *event)
+            # the rows are the flattened batch, or the last batch dim for a batch of observations
+            rows = value if self.observed.dim() > 1 else value.view(-1, *event)
+            lead, total = rows.shape[: -1 - len(event)], rows.shape[-1 - len(event)]
+            first = (Ellipsis, slice(0, size)) + (slice(None),) * len(event)
+            rest = (Ellipsis, slice(size, None)) + (slice(None),) * len(event)
             if size > 0:
                 if posterior is None:
-                    rows[:size] = noise.sample_prior(rows[:size].shape, device)
+                    rows[first] = noise.sample_prior(lead + (size,) + event, device)
                 else:
-                    rows[:size] = posterior.expand(torch.Size([size])).sample()
-            if size < rows.shape[0]:
-                rows[size:] = noise.sample_prior(rows[size:].shape, device, generator=self.baseline_generator)
+                    rows[first] = posterior.expand(lead + (size,)).sample()
+            if size < total:
+                rows[rest] = noise.sample_prior(
+                    lead + (total - size,) + event, device, generator=self.baseline_generator
+                )
         if posterior is not None:
             if self.num_active is not None and t < self.num_active and size != 0:
                 drawn = value.reshape(-1, *event)[: size if size is not None else None]

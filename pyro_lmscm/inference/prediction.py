@@ -52,7 +52,8 @@ def predict(
         not depend on which rows share its batch. In float32 they never do here; in bfloat16
         the intervened rows' logits round differently with the batch size (the factual rows
         are anchored), and a near-tie can flip a token. It costs one decoding run per row.
-    :returns: ids ``(rows, T)``.
+    :returns: ids ``(rows, T)``; for prompts ``(S, 1, L)`` of ``S`` strings (a batch of
+        observations, :func:`~pyro_lmscm.inference.counterfactuals`), ``(S, rows, T)``.
     """
     spans: Sequence[tuple[int, int]] = [(i, i + 1) for i in range(rows)] if deterministic else [(0, rows)]
     out = []
@@ -62,5 +63,5 @@ def predict(
         for start, stop in spans:
             with noise(start, stop):
                 ids = pyro.plate(DRAWS, stop - start, dim=-1)(model)(prompt)
-            out.append(ids.expand(stop - start, scm.max_new_tokens))
-    return torch.cat(out) if len(out) > 1 else out[0]
+            out.append(ids.expand(*prompt.shape[:-2], stop - start, scm.max_new_tokens))
+    return torch.cat(out, dim=-2) if len(out) > 1 else out[0]

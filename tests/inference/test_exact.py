@@ -70,6 +70,38 @@ def _chi_square(counts, probs):
     return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
 
 
+def _top_k_steps():
+    """Steps under top-k decoding on both sides: few tokens possible, different ones."""
+    rng = np.random.default_rng(1)
+    for case in range(6):
+        logits, other = rng.normal(0, 2, 60), rng.normal(0, 2, 60)
+        logits[np.argsort(logits)[: 60 - 4 - case % 3]] = -INF
+        other[np.argsort(other)[: 60 - 3 - case]] = -INF
+        if case % 2:
+            other[np.isfinite(other) & np.isfinite(logits)] = logits[np.isfinite(other) & np.isfinite(logits)]  # ties
+        k = int(rng.choice(np.flatnonzero(np.isfinite(logits))))
+        yield logits, other, k
+
+
+@pytest.mark.parametrize("logits, other, k", list(_top_k_steps()))
+def test_the_compact_path_equals_quadrature_and_the_full_sort(logits, other, k, monkeypatch):
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    args = torch.tensor(logits), torch.tensor(other), torch.tensor(k)
+    possible = int((np.isfinite(logits) | np.isfinite(other)).sum())
+    assert possible <= closed_form.COMPACT_SHARE * 60  # the compact path runs
+    compact = step_counterfactual_log_probs(*args)
+    np.testing.assert_allclose(compact.exp().numpy(), _quadrature(logits, other, k), atol=1e-9, rtol=0)
+    monkeypatch.setattr(closed_form, "COMPACT_SHARE", 0.0)  # the sort of the whole vocabulary
+    torch.testing.assert_close(compact, step_counterfactual_log_probs(*args), atol=1e-12, rtol=1e-10)
+    monkeypatch.undo()
+    # rows with different numbers of possible tokens in one batch; the second is the null intervention
+    rows = torch.stack([args[0], args[0]]), torch.stack([args[1], args[0]]), torch.tensor([k, k])
+    both = step_counterfactual_log_probs(*rows)
+    torch.testing.assert_close(both[0], compact)
+    assert both[1].exp()[k] == 1.0
+
+
 @pytest.mark.parametrize("logits, other, k", list(_cases())[:4])
 def test_one_step_matches_rejection_sampling(logits, other, k):
     rng = np.random.default_rng(1)
@@ -223,3 +255,105 @@ def test_string_probabilities_equal_a_chain_of_quadratures(models, setting):
                 step = np.exp(logits[b, t] - np.logaddexp.reduce(logits[b, t]))
             chain[b] *= step[candidate[t]]
     np.testing.assert_allclose(log_p, chain, atol=1e-9, rtol=0)
+
+
+# -- several strings in one batch: counterfactuals() and most_probable() ---------------------
+
+PROMPTS = [PROMPT, torch.tensor([6]), torch.tensor([8, 2, 9, 3, 1, 7])]  # three lengths: left padding
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token"])
+def test_a_batch_of_strings_has_each_strings_exact_counterfactual_law(models, setting):
+    """Each string of a left-padded batch: its counterfactual draws follow its own exact law
+    (computed alone, teacher-forced), its baseline does not."""
+    from pyro_lmscm import counterfactuals
+
+    scm, intervention = _settings(models)[setting]
+    observed = [counterfactual(scm, p, None, {}, seed=3 + i).factual_ids for i, p in enumerate(PROMPTS)]
+    length = min(len(o) for o in observed)
+    observed = [o[:length] for o in observed]  # one observed horizon per batch
+    results = counterfactuals(scm, PROMPTS, observed, intervention, num_samples=20_000, seed=0, baseline=True)
+    index = {tuple(c): i for i, c in enumerate(CANDIDATES.tolist())}
+    for prompt, obs, result in zip(PROMPTS, observed, results):
+        assert torch.equal(result.prompt_ids, prompt) and torch.equal(result.factual_ids, obs)
+        exact = exact_counterfactual(scm, prompt, obs, intervention)
+        p = exact.log_prob(CANDIDATES).exp().numpy()
+        counts = np.bincount([index[tuple(r)] for r in result.counterfactual_ids.tolist()], minlength=len(p))
+        assert _chi_square(counts, p) > 1e-3
+        fresh = np.bincount([index[tuple(r)] for r in result.interventional_ids.tolist()], minlength=len(p))
+        assert _chi_square(fresh, p) < 1e-6  # the interventional baseline fails
+        alone = counterfactual(scm, prompt, obs, intervention, seed=0)
+        assert result.log_prob_factual == pytest.approx(alone.log_prob_factual, abs=1e-5)
+
+
+def test_a_batch_samples_each_factual_string_from_its_prompt(models):
+    """Sampled factual strings (observed=None): string i follows p(. | prompt_i) (exact,
+    from the scorer), and the null intervention gives it back in every draw."""
+    from pyro_lmscm import counterfactuals
+    from pyro_lmscm.inference.scoring import string_log_prob
+
+    scm, _ = _settings(models)["model swap"]
+    firsts = {i: [] for i in range(len(PROMPTS))}
+    for seed in range(300):
+        for i, result in enumerate(counterfactuals(scm, PROMPTS, None, {}, num_samples=2, seed=seed)):
+            assert (result.counterfactual_ids[:, : len(result.factual_ids)] == result.factual_ids).all()
+            firsts[i].append(int(result.factual_ids[0]))
+    first_tokens = torch.arange(V)[:, None]
+    for i, prompt in enumerate(PROMPTS):
+        p = string_log_prob(scm, prompt, first_tokens).exp().numpy()
+        counts = np.bincount(firsts[i], minlength=V)
+        assert _chi_square(counts, p) > 1e-3
+        other = string_log_prob(scm, PROMPTS[(i + 1) % 3], first_tokens).exp().numpy()
+        assert _chi_square(counts, other) < 1e-6  # another prompt's law fails
+
+
+def test_left_padded_logits_equal_each_prompt_alone(models):
+    from pyro_lmscm.lm import left_pad
+
+    lm, _ = models
+    batch = lm.logits(left_pad(PROMPTS))
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(batch[i, -len(prompt) :], lm.logits(prompt), atol=1e-5, rtol=1e-5)
+    logits, cache = lm.prefill(left_pad(PROMPTS))
+    token = torch.tensor([4, 4, 4])
+    logits, cache = lm.step(token, cache)
+    for i, prompt in enumerate(PROMPTS):
+        alone = lm.logits(torch.cat([prompt, token[:1]]))[-1]
+        torch.testing.assert_close(logits[i], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_batches_are_refused(models):
+    from pyro_lmscm import counterfactuals
+    from pyro_lmscm.errors import InferenceError, ObservationError
+
+    scm, intervention = _settings(models)["model swap"]
+    with pytest.raises(InferenceError, match="one length"):
+        counterfactuals(scm, PROMPTS[:2], [torch.tensor([5, 7]), torch.tensor([5])], intervention)
+    with pytest.raises(InferenceError, match="non-empty list"):
+        counterfactuals(scm, [], None, intervention)
+    with pytest.raises(InferenceError, match="depends on each observation"):
+        counterfactuals(scm, PROMPTS[:2], [torch.tensor([5, 7]), torch.tensor([5, 6])], {"exclude_1": "factual"})
+    with pytest.raises(ObservationError, match="padded"):
+        scm.check_prompt(torch.tensor([[2, -1, 3]]))  # padding inside a prompt
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "forced token"])
+def test_most_probable_of_several_strings_equals_brute_force(models, setting):
+    """One beam search over three strings of three prompt lengths: each string's mode is the
+    argmax of its exact law over all V^T strings."""
+    from pyro_lmscm.inference import most_probable
+
+    scm, intervention = _settings(models)[setting]
+    exacts = []
+    for i, prompt in enumerate(PROMPTS):
+        observed = counterfactual(scm, prompt, None, {}, seed=3 + i).factual_ids
+        exacts.append(exact_counterfactual(scm, prompt, observed, intervention))
+    modes = most_probable(exacts, num_beams=V**T)
+    for exact, (best, score) in zip(exacts, modes):
+        log_p = exact.log_prob(CANDIDATES)
+        assert torch.equal(best, CANDIDATES[log_p.argmax()])
+        assert score == pytest.approx(float(log_p.max()), abs=1e-5)  # cached vs teacher-forced rounding
+        alone, alone_score = exact.mode(num_beams=V**T)
+        assert torch.equal(alone, best) and alone_score == pytest.approx(score, abs=1e-5)
+    greedy = most_probable(exacts, num_beams=1)  # a beam of one is a lower bound
+    assert all(g[1] <= m[1] + 1e-6 for g, m in zip(greedy, modes))
