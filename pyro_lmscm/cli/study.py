@@ -37,12 +37,14 @@ def _attribute(value: str | None) -> Any:
     return value
 
 
-def _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, progress) -> None:
+def _paper(
+    output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, progress, batch_size
+) -> None:
     from ..study.paper import run_paper_study
 
     options = {
         "model": model, "dtype": dtype, "num_samples": samples, "max_new_tokens": max_new_tokens,
-        "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads,
+        "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads, "batch_size": batch_size,
     }
     result = run_paper_study(
         output or "studies/paper", progress=progress, **{k: v for k, v in options.items() if v is not None},
@@ -95,6 +97,15 @@ def study_command(
     force_recompute: bool = typer.Option(
         False, "--force-recompute", help="Recompute records whose inputs changed, instead of refusing to resume."
     ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Strings decoded together (default 16; 1 runs each alone). "
+        "Results are reproducible for a given batch size."
+    ),
+    exact_only: bool = typer.Option(
+        False, "--exact-only", help="Only the exact metrics per string, no draws: P(unchanged), the first-divergence "
+        "law, the most probable counterfactual."
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="The model's device: cpu, cuda, cuda:1, ..."),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
     from ..study.config import StudyConfig, StudyError, demo_config
@@ -105,7 +116,10 @@ def study_command(
         if paper:
             if demo or config is not None or corpus is not None or report_only:
                 raise StudyError("--paper runs its own corpus and interventions; drop --demo, --corpus and configs.")
-            _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, not no_progress)
+            if exact_only or device is not None:
+                raise StudyError("--paper reports draws on the CPU; drop --exact-only and --device.")
+            _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, not no_progress,
+                   batch_size)
             return
         if report_only:
             if output is None:
@@ -144,6 +158,9 @@ def study_command(
             "progress": False if no_progress else None,
             "allow_code": True if allow_code else None,
             "force_recompute": True if force_recompute else None,
+            "batch_size": batch_size,
+            "exact_only": True if exact_only else None,
+            "device": device,
         }
         if demo and config is not None:
             raise StudyError("give either a config file or --demo, not both.")

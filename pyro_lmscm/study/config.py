@@ -5,8 +5,9 @@ A study is fully described by a :class:`StudyConfig`. Its fields are of two kind
 * **result fields** (:data:`RESULT_FIELDS`) decide the numbers: model, dtype, intervention,
   decoding, draws per string, seed and attribute check. They are written to
   ``<output>/study.json``; resuming into a folder written with other result fields is refused.
+  ``batch_size`` (unless 1) and ``exact_only`` (if set) are result fields too.
 * **execution fields** decide only how the work is done: output format, threads, Ray,
-  workers, shard size, progress bar, bootstrap size. Changing them between runs is allowed.
+  workers, shard size, device, progress bar, bootstrap size. Changing them between runs is allowed.
 
 In a YAML or JSON file, relative paths (``corpus``) are read from the file's folder; the
 output folder is relative to the working directory (default ``studies/<name>``).
@@ -28,6 +29,7 @@ from .attribute import check_code_allowed
 
 __all__ = [
     "DEMO_CONFIG",
+    "DEFAULT_BATCH_SIZE",
     "RESULT_FIELDS",
     "StudyConfig",
     "StudyError",
@@ -51,6 +53,10 @@ RESULT_FIELDS = (
     "seed",
     "attribute",
 )
+
+#: Strings per batch by default (:attr:`StudyConfig.batch_size`): on the 2-core CPU, SmolLM2
+#: bfloat16, the MC study's strings per minute stop growing past it (benchmarks/bench_study.py).
+DEFAULT_BATCH_SIZE = 16
 
 #: The packaged demo study (``pyro-lmscm study --demo``).
 DEMO_CONFIG = "demo_study.yaml"
@@ -100,6 +106,12 @@ class StudyConfig:
     :param shard_size: strings per Ray task.
     :param report: write the tables, plots and HTML report at the end.
     :param progress: show a progress bar with ETA.
+    :param batch_size: strings decoded together, in blocks of consecutive corpus indices
+        (see :mod:`~pyro_lmscm.study.worker`); results are reproducible for a given
+        ``batch_size``, and ``1`` runs each string alone.
+    :param exact_only: record only the exact metrics per string, with no draws (P(unchanged),
+        the first-divergence law and its mean, the most probable counterfactual).
+    :param device: the model's device (``"cpu"``, ``"cuda"``, ...); default: the loader's.
     :raises StudyError: on a bad value.
     """
 
@@ -129,6 +141,9 @@ class StudyConfig:
     shard_size: int = 4
     report: bool = True
     progress: bool = True
+    batch_size: int = DEFAULT_BATCH_SIZE
+    exact_only: bool = False
+    device: str | None = None
     _base_dir: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -141,7 +156,8 @@ class StudyConfig:
         self.corpus = str(self.corpus)
         if self.output is not None:
             self.output = str(self.output)
-        for name in ("num_samples", "max_new_tokens", "threads", "num_workers", "shard_size", "bootstrap"):
+        counts = ("num_samples", "max_new_tokens", "threads", "num_workers", "shard_size", "bootstrap", "batch_size")
+        for name in counts:
             positive(name)
         if self.limit is not None:
             positive("limit", 0)
@@ -161,7 +177,9 @@ class StudyConfig:
             raise StudyError(f"StudyConfig: `name` must be a non-empty string without '/', got {self.name!r}.")
         if self.ray_address is not None:
             self.ray = True
-        for flag in ("allow_code", "force_recompute"):
+        if self.device is not None and not isinstance(self.device, str):
+            raise StudyError(f"StudyConfig: `device` must be a device name such as 'cuda', got {self.device!r}.")
+        for flag in ("allow_code", "force_recompute", "exact_only"):
             if not isinstance(getattr(self, flag), bool):
                 raise StudyError(f"StudyConfig: `{flag}` must be true or false, got {getattr(self, flag)!r}.")
         check_code_allowed(self.attribute, self.allow_code)
@@ -254,8 +272,15 @@ class StudyConfig:
         return out
 
     def result_settings(self) -> dict[str, Any]:
-        """The :data:`RESULT_FIELDS` and their values."""
-        return {name: getattr(self, name) for name in RESULT_FIELDS}
+        """The :data:`RESULT_FIELDS` and their values, and ``batch_size`` unless it is 1 and
+        ``exact_only`` if set (so folders of the studies that ran one string at a time, before
+        batches, still resume)."""
+        out = {name: getattr(self, name) for name in RESULT_FIELDS}
+        if self.batch_size != 1:
+            out["batch_size"] = self.batch_size
+        if self.exact_only:
+            out["exact_only"] = True
+        return out
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`result_settings`."""

@@ -200,7 +200,13 @@ def _row(record: Record) -> str:
     unchanged = exact.get("prob_unchanged")
     given = "observed" if record.get("continuation_given") else "sampled"
     body = [head, f'<div class="lab">factual ({given}): {_e(factual["text"])}</div>']
-    body.append(_alignment(factual, cf[0], "CF 1", stay))
+    if cf:
+        body.append(_alignment(factual, cf[0], "CF 1", stay))
+    elif exact.get("mode_ids") is not None:  # exact-only: the most probable counterfactual
+        n = len(exact["mode_ids"])
+        mode = {"ids": exact["mode_ids"], "tokens": exact["mode_tokens"],
+                "token_log_prob_factual": [None] * n, "token_log_prob_intervened": [None] * n}
+        body.append(_alignment(factual, mode, "mode", stay))
     folded = []
     for kind in KINDS:
         for d, draw in enumerate(record[kind]):

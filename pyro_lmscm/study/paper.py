@@ -203,6 +203,7 @@ def run_paper_study(
     progress: bool = True,
     lm: HFLanguageModel | None = None,
     on_row: Callable[[PaperRowResult], None] | None = None,
+    batch_size: int = 1,
 ) -> PaperResult:
     """Run (or resume) the comparison study; see the module docstring.
 
@@ -214,6 +215,8 @@ def run_paper_study(
     :param limit: only the first ``limit`` strings of each corpus.
     :param lm: an already loaded model, shared by the rows (else ``model`` is loaded once).
     :param on_row: called with each row's result as it completes.
+    :param batch_size: strings per batch (:attr:`StudyConfig.batch_size`); 1, the default
+        here, is how the README's table was made.
     :raises StudyError: on a bad setting; the row studies raise theirs.
     """
     from ..loading import load_lm
@@ -232,6 +235,7 @@ def run_paper_study(
     common: dict[str, Any] = dict(
         model=model, dtype=dtype, num_samples=num_samples, max_new_tokens=max_new_tokens, limit=limit, seed=seed,
         top_k=top_k, bootstrap=bootstrap, threads=threads, progress=progress, attribute=None, report=True,
+        batch_size=batch_size,
     )
     results = []
     for row in rows:

@@ -9,13 +9,15 @@ actor as soon as it returns one. The driver stores every record as it arrives, s
 interrupted Ray study resumes like a local one.
 
 A record depends only on the config and the string's index (see
-:mod:`~pyro_lmscm.study.worker`), so the results equal the local run's for the same seed,
-whatever the number of workers or the shard size. Each actor uses ``config.threads`` torch
+:mod:`~pyro_lmscm.study.worker`; shards hold whole batches of ``batch_size`` strings), so
+the results equal the local run's for the same seed, whatever the number of workers or
+the shard size. Each actor uses ``config.threads`` torch
 threads, as a local run does.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .config import StudyError
@@ -69,9 +71,13 @@ def run_on_ray(
     actor_class: Any = ray.remote(num_cpus=config.threads)(_RayWorker)
     plain = config.to_dict()
     actors: list[Any] = [actor_class.remote(plain) for _ in range(min(config.num_workers, len(items)) or 1)]
+    # shards of whole batches (blocks of batch_size consecutive indices), so that a record
+    # equals the local run's whatever the shard size
+    blocks = [list(block) for _, block in itertools.groupby(items, key=lambda item: item.index // config.batch_size)]
+    per_shard = max(1, -(-config.shard_size // config.batch_size))
     shards = [
-        [item.to_dict() for item in items[i : i + config.shard_size]]
-        for i in range(0, len(items), config.shard_size)
+        [item.to_dict() for block in blocks[i : i + per_shard] for item in block]
+        for i in range(0, len(blocks), per_shard)
     ]
     try:
         pending: dict[Any, Any] = {}

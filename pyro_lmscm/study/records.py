@@ -61,17 +61,21 @@ id, group        str?     from the corpus
 prompt           str
 continuation_given bool   an observed continuation was given (else sampled)
 truncated        bool     the given continuation was cut to max_new_tokens
-seed             int      the string's seed, from (study seed, index)
+seed             int      the string's seed, from (study seed, index); with batch_size > 1
+                          the seed of its batch, from (study seed, first index, batch_size)
 error            str?     why the string was skipped (then the fields below are absent)
 log_prob_observed float   log p(factual | prompt) from the abduction guide
 exact            {prob_unchanged, first_divergence, expected_first_divergence,
                   token_prob_unchanged}: exact, from exact_counterfactual; first_divergence
                   has n + 1 entries (the last is P(unchanged)); expected_first_divergence is
                   the expected number of leading observed tokens kept (n if unchanged);
-                  token_prob_unchanged[t] = q(w_t | w_<t)
+                  token_prob_unchanged[t] = q(w_t | w_<t); with exact_only also the most
+                  probable counterfactual: mode_ids, mode_text, mode_tokens, mode_log_prob,
+                  mode_changed, mode_token_edit_distance, mode_normalized_token_edit_distance,
+                  mode_char_edit_distance, mode_normalized_char_edit_distance
 factual          {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, length, attribute}
-counterfactual   [draw]   one per posterior draw
+counterfactual   [draw]   one per posterior draw (none with exact_only; nor interventional)
 interventional   [draw]   one per fresh-noise draw of the intervened model
 draw             {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, changed, first_divergence,

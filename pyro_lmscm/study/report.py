@@ -160,6 +160,8 @@ def plot_histograms(records: Sequence[Record], output_dir: Path, max_new_tokens:
     def values(kind: str, key: str) -> list[float]:
         return [d[key] for r in records for d in r[kind] if d.get(key) is not None]
 
+    if not any(r[kind] for r in records for kind in KINDS):
+        return {}  # an exact-only study has no draws to plot
     files = {}
     fig = Figure(figsize=(9, 3.4), dpi=110)
     panels: list[tuple[Any, str, str, Any]] = [

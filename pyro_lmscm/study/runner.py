@@ -11,6 +11,7 @@ The output folder holds ``study.json`` (the config and its result fingerprint), 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -165,6 +166,12 @@ class _Progress:
             self._progress.stop()
 
 
+def _block(index: int, size: int, total: int) -> range:
+    """The corpus indices of the batch of ``index``."""
+    start = index - index % size
+    return range(start, min(start + size, total))
+
+
 def run_study(
     config: StudyConfig | Mapping[str, Any] | str | Path,
     *,
@@ -192,9 +199,8 @@ def run_study(
     """
     start = time.perf_counter()
     config = StudyConfig.coerce(config)
-    items = read_corpus(config.corpus_path)
-    if config.limit is not None:
-        items = items[: config.limit]
+    corpus = read_corpus(config.corpus_path)
+    items = corpus[: config.limit] if config.limit is not None else corpus
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     inputs = study_inputs(config)
@@ -208,12 +214,21 @@ def run_study(
             store.remove(stale)
             stored = store.load()
         done = {record["index"] for record in stored}
-        todo = [item for item in items if item.index not in done]
-        skipped = len(items) - len(todo)
+        missing = {item.index for item in items if item.index not in done}
+        # whole batches of the corpus only: a batch of which some records are stored (or
+        # that a `limit` cuts) runs in full and stores the missing ones, so a resumed or
+        # limited record equals an uninterrupted one
+        size = config.batch_size
+        todo = [item for item in corpus if any(i in missing for i in _block(item.index, size, len(corpus)))]
+        skipped = len(items) - len(missing)
+        computed = len(missing)
 
         with _Progress(config.progress, len(items), skipped, config.name) as bar:
 
             def store_record(record: dict[str, Any]) -> None:
+                if record["index"] not in missing:
+                    return  # a stored string of a batch that ran again
+                missing.discard(record["index"])
                 record["fingerprint"] = fingerprints[record["index"]]
                 store.append(record)
                 bar.advance()
@@ -227,12 +242,13 @@ def run_study(
             elif todo:
                 with torch_threads(config.threads):
                     worker = StudyWorker(config, lm=lm)
-                    for item in todo:
-                        store_record(worker.process(item))
+                    for _, block in itertools.groupby(todo, key=lambda item: item.index // size):
+                        for record in worker.process_many(list(block)):
+                            store_record(record)
         records = [record for record in store.load() if record["index"] < len(items)]
     finally:
         store.close()
-    result = StudyResult(config, output_dir, records, len(todo), skipped, 0.0)
+    result = StudyResult(config, output_dir, records, computed, skipped, 0.0)
     if config.report:
         from .report import write_report
 

@@ -76,6 +76,13 @@ EXACT_METRICS: tuple[Metric, ...] = (
         "exact expected first divergence (tokens kept; n if unchanged)",
         _field("expected_first_divergence"),
     ),
+    # exact-only studies: the most probable counterfactual (beam search)
+    Metric("mode_changed", "most probable counterfactual differs (share of strings)", _field("mode_changed")),
+    Metric(
+        "mode_normalized_char_edit_distance",
+        "most probable counterfactual: normalised character edit distance",
+        _field("mode_normalized_char_edit_distance"),
+    ),
 )
 
 

@@ -13,15 +13,29 @@ the attribute check. :meth:`StudyWorker.process` turns one corpus item into one 
    prefix, per-token and total log-probabilities under the factual and the intervened
    mechanism (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), and the attribute check.
 
-Everything random in step 1 and 2 is seeded by :func:`string_seed` of the study seed and
-the string's index alone, and each string runs in its own batches, so a record does not
-depend on sharding, batching, resuming or which worker ran it.
+With ``batch_size=1`` everything random in step 1 and 2 is seeded by :func:`string_seed`
+of the study seed and the string's index alone, and each string runs in its own batches.
+With ``batch_size=B > 1`` (:meth:`StudyWorker.process_group`) the strings run in blocks of
+``B`` consecutive corpus indices, each block as one batch seeded by :func:`batch_seed` of
+the study seed, its first index and ``B``: the factual strings of the block are sampled in
+one decoding run, the counterfactuals and baselines of all its strings are decoded in
+another (:func:`~pyro_lmscm.inference.counterfactuals`, prompts left-padded). The runner
+and the Ray backend cut work only at block boundaries, so in both cases a record does not
+depend on sharding, resuming or which worker ran it; it does depend on ``batch_size``
+(another grouping draws other, equally distributed noise, and bfloat16 rounds with the
+batch).
+
+With ``exact_only`` a record holds the exact metrics alone (no draws): P(unchanged), the
+first-divergence law and its mean, and the most probable counterfactual
+(:func:`~pyro_lmscm.inference.most_probable`, :data:`MODE_BEAMS` beams) with its
+log-probability and its edit distances to the factual string.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
@@ -33,6 +47,7 @@ from ..metrics import (
     char_edit_distance,
     common_prefix_length,
     first_divergence,
+    normalized_char_edit_distance,
     normalized_token_edit_distance,
     token_edit_distance,
     trim_after_end,
@@ -44,10 +59,27 @@ from .corpus import CorpusItem
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
 
-__all__ = ["EOS_MARK", "StudyWorker", "string_seed", "torch_threads"]
+__all__ = ["EOS_MARK", "MODE_BEAMS", "StudyWorker", "batch_seed", "string_seed", "torch_threads"]
 
 #: How an end-of-sequence token is shown among a record's ``tokens``.
 EOS_MARK = "⏎"
+
+#: The fields of a record before its results (an ``error`` record has only these).
+_HEADER = ("index", "id", "group", "prompt", "continuation_given", "truncated", "seed", "error")
+
+#: Beams of the search for the most probable counterfactual of an ``exact_only`` study.
+MODE_BEAMS = 4
+
+
+def batch_seed(seed: int, start: int, batch_size: int) -> int:
+    """The seed of the batch of strings that starts at corpus index ``start``, in a study
+    seeded ``seed`` with ``batch_size`` strings per batch: 63 bits of a SHA-256 hash.
+
+    >>> batch_seed(0, 16, 16) == batch_seed(0, 16, 16) != batch_seed(0, 16, 8)
+    True
+    """
+    digest = hashlib.sha256(f"pyro-lmscm-study-batch:{int(seed)}:{int(start)}:{int(batch_size)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def string_seed(seed: int, index: int) -> int:
@@ -92,7 +124,7 @@ class StudyWorker:
         if lm is None:
             from ..loading import load_lm
 
-            lm = load_lm(self.config.model, dtype=self.config.dtype, progress=False)
+            lm = load_lm(self.config.model, dtype=self.config.dtype, device=self.config.device, progress=False)
         self.lm = lm
         spec = parse_intervention(self.config.intervention, lm)
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
@@ -170,8 +202,33 @@ class StudyWorker:
 
     # -- the work ----------------------------------------------------------------------
 
+    def _start(self, item: CorpusItem, seed: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+        """A record's header, and the prompt and given observation (cut to ``max_new_tokens``).
+
+        :raises LMSCMError: for a text that does not survive tokenization.
+        """
+        record: dict[str, Any] = {
+            "index": item.index,
+            "id": item.id,
+            "group": item.group,
+            "prompt": item.prompt,
+            "continuation_given": item.continuation is not None,
+            "truncated": False,
+            "seed": seed,
+            "error": None,
+        }
+        prompt = self.lm.encode(item.prompt)
+        observed = None
+        if item.continuation is not None:
+            observed = self.lm.encode(item.continuation)
+            if len(observed) > self.config.max_new_tokens:
+                observed = observed[: self.config.max_new_tokens]
+                record["truncated"] = True
+        return record, prompt, observed
+
     def process(self, item: CorpusItem | Mapping[str, Any]) -> dict[str, Any]:
-        """The record of one corpus item (see :mod:`pyro_lmscm.study.records`).
+        """The record of one corpus item (see :mod:`pyro_lmscm.study.records`), alone: what
+        ``batch_size=1`` runs.
 
         A string the SCM refuses (a continuation outside the decoding support, a text that
         does not survive tokenization, a prompt too long for the context) gives a record
@@ -183,7 +240,24 @@ class StudyWorker:
             item = CorpusItem(**item)
         config = self.config
         seed = string_seed(config.seed, item.index)
-        record: dict[str, Any] = {
+        try:
+            record, prompt, observed = self._start(item, seed)
+        except LMSCMError as error:
+            return self._failed(item, seed, error)
+        try:
+            result = counterfactual(
+                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
+                baseline=True,
+            )
+            exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
+            return self._complete(record, prompt, result, exact)
+        except LMSCMError as error:
+            record["error"] = f"{type(error).__name__}: {error}"
+            return record
+
+    def _failed(self, item: CorpusItem, seed: int, error: LMSCMError) -> dict[str, Any]:
+        """The record of a string whose text the tokenizer refuses."""
+        return {
             "index": item.index,
             "id": item.id,
             "group": item.group,
@@ -191,25 +265,16 @@ class StudyWorker:
             "continuation_given": item.continuation is not None,
             "truncated": False,
             "seed": seed,
-            "error": None,
+            "error": f"{type(error).__name__}: {error}",
         }
-        try:
-            prompt = self.lm.encode(item.prompt)
-            observed = None
-            if item.continuation is not None:
-                observed = self.lm.encode(item.continuation)
-                if len(observed) > config.max_new_tokens:
-                    observed = observed[: config.max_new_tokens]
-                    record["truncated"] = True
-            result = counterfactual(
-                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
-                baseline=True,
-            )
-            exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
-            exact_fields = self._exact(exact, result)
-        except LMSCMError as error:
-            record["error"] = f"{type(error).__name__}: {error}"
-            return record
+
+    def _complete(self, record: dict[str, Any], prompt: torch.Tensor, result: Any, exact: Any) -> dict[str, Any]:
+        """Fill ``record`` from a counterfactual result and its exact distribution.
+
+        :raises LMSCMError: from the exact metrics or the scorer.
+        """
+        config = self.config
+        exact_fields = self._exact(exact, result)
         eos = self.lm.eos_token_ids
         factual = trim_after_end(result.factual_ids, eos)
         # A factual string without an end of sequence is only observed up to its length:
@@ -254,7 +319,131 @@ class StudyWorker:
         ]
         return record
 
+    def _exact_only(
+        self, record: dict[str, Any], result: Any, exact: Any, mode: tuple[torch.Tensor, float]
+    ) -> dict[str, Any]:
+        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws."""
+        from ..inference.exact import expected_first_divergence, first_divergence_law
+
+        eos = self.lm.eos_token_ids
+        factual = trim_after_end(result.factual_ids, eos)
+        log_stay = exact.observed_token_log_probs()
+        divergence = first_divergence_law(log_stay)
+        factual_text = self.lm.decode(factual)
+        mode_ids = trim_after_end(mode[0], eos)  # the mode over the observed horizon
+        mode_text = self.lm.decode(mode_ids)
+        record["log_prob_observed"] = _finite(result.log_prob_factual)
+        record["factual"] = {
+            "ids": factual,
+            "text": factual_text,
+            "tokens": self._tokens(factual),
+            "token_log_prob_factual": [None] * len(factual),  # not scored: no draws to compare
+            "token_log_prob_intervened": [None] * len(factual),
+            "log_prob_factual": _finite(result.log_prob_factual),
+            "log_prob_intervened": None,
+            "length": len(factual),
+            "attribute": self._label(factual_text),
+        }
+        record["exact"] = {
+            "prob_unchanged": float(divergence[-1]),
+            "first_divergence": [float(p) for p in divergence],
+            "expected_first_divergence": expected_first_divergence(divergence),
+            "token_prob_unchanged": [float(p) for p in log_stay.exp()],
+            "mode_ids": mode_ids,
+            "mode_text": mode_text,
+            "mode_tokens": self._tokens(mode_ids),
+            "mode_log_prob": _finite(mode[1]),
+            "mode_changed": float(first_divergence(factual, mode_ids) is not None),
+            "mode_token_edit_distance": token_edit_distance(factual, mode_ids),
+            "mode_normalized_token_edit_distance": normalized_token_edit_distance(factual, mode_ids),
+            "mode_char_edit_distance": char_edit_distance(factual_text, mode_text),
+            "mode_normalized_char_edit_distance": normalized_char_edit_distance(factual_text, mode_text),
+        }
+        record["counterfactual"] = []
+        record["interventional"] = []
+        return record
+
+    # -- batches of strings ----------------------------------------------------------------
+
+    def process_group(self, items: Sequence[CorpusItem | Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The records of one batch of strings (``batch_size`` consecutive corpus indices),
+        computed together: the factual strings sampled in one decoding run and the
+        counterfactuals of all strings decoded in another
+        (:func:`~pyro_lmscm.inference.counterfactuals`), the most probable counterfactuals
+        (``exact_only``) in one beam search (:func:`~pyro_lmscm.inference.most_probable`).
+
+        Strings with a given continuation batch by its length (one observed horizon per
+        batch). The batch is seeded by :func:`batch_seed` of the study seed, its first index
+        and ``batch_size``; a batch that the SCM refuses as a whole (one string outside the
+        decoding support, an intervention that depends on the observation) runs string by
+        string, so one bad string only costs its own record.
+        """
+        corpus_items = [item if isinstance(item, CorpusItem) else CorpusItem(**item) for item in items]
+        config = self.config
+        seed = batch_seed(config.seed, corpus_items[0].index, config.batch_size)
+        records: dict[int, dict[str, Any]] = {}
+        parts: dict[int | None, list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]]] = {}
+        for item in corpus_items:
+            try:
+                record, prompt, observed = self._start(item, seed)
+            except LMSCMError as error:
+                records[item.index] = self._failed(item, seed, error)
+                continue
+            parts.setdefault(None if observed is None else len(observed), []).append((item, record, prompt, observed))
+        for key in sorted(parts, key=lambda k: -1 if k is None else k):
+            part_seed = seed if key is None else batch_seed(seed, key, config.batch_size)
+            for record in self._run_part(parts[key], part_seed):
+                records[record["index"]] = record
+        return [records[item.index] for item in corpus_items]
+
+    def _run_part(
+        self, part: list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]], seed: int
+    ) -> list[dict[str, Any]]:
+        from ..inference import counterfactuals, exact_counterfactual, most_probable
+
+        config = self.config
+        try:
+            observed = None if part[0][3] is None else [p[3] for p in part if p[3] is not None]
+            results = counterfactuals(
+                self.scm, [p[2] for p in part], observed, self.intervention,
+                num_samples=0 if config.exact_only else config.num_samples, seed=seed,
+                baseline=not config.exact_only,
+            )
+            exacts = [
+                exact_counterfactual(
+                    self.scm, r.prompt_ids, r.factual_ids, self.intervention, raw_logits=r.factual_logits
+                )
+                for r in results
+            ]
+            if config.exact_only:
+                eos = self.lm.eos_token_ids
+                horizons = [
+                    config.max_new_tokens if int(r.factual_ids[-1]) in eos else len(r.factual_ids) for r in results
+                ]
+                modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
+                return [self._exact_only(p[1], r, e, m) for p, r, e, m in zip(part, results, exacts, modes)]
+            return [self._complete(p[1], p[2], r, e) for p, r, e in zip(part, results, exacts)]
+        except LMSCMError as error:
+            if len(part) == 1:
+                record = part[0][1]
+                for key in [key for key in record if key not in _HEADER]:
+                    del record[key]  # anything _complete had filled in
+                record["error"] = f"{type(error).__name__}: {error}"
+                return [record]
+            # one string spoils the batch: each alone, with its own seed
+            return [record for p in part for record in self._run_part([p], batch_seed(seed, p[0].index, 1))]
+
     def process_many(self, items: Sequence[CorpusItem | Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """:meth:`process` each item, in order."""
+        """The records of ``items`` in order: :meth:`process` each with ``batch_size=1``,
+        else :meth:`process_group` per block of ``batch_size`` consecutive indices (the
+        caller passes whole blocks, so a record does not depend on sharding or resuming)."""
+        corpus_items = [item if isinstance(item, CorpusItem) else CorpusItem(**item) for item in items]
+        size = self.config.batch_size
         with torch_threads(self.config.threads):
-            return [self.process(item) for item in items]
+            if size == 1 and not self.config.exact_only:
+                return [self.process(item) for item in corpus_items]
+            return [
+                record
+                for _, block in itertools.groupby(corpus_items, key=lambda item: item.index // size)
+                for record in self.process_group(list(block))
+            ]

@@ -28,16 +28,23 @@ def test_overrides_and_fingerprint(tmp_path, corpus_file):
     (tmp_path / "a.yaml").write_text("corpus: corpus.txt\nseed: 1\n")
     config = StudyConfig.from_file(tmp_path / "a.yaml", seed=5, num_samples=None)
     assert config.seed == 5 and config.num_samples == 4
-    assert set(config.result_settings()) == set(RESULT_FIELDS)
+    assert set(config.result_settings()) == {*RESULT_FIELDS, "batch_size"}
     # execution settings do not change the fingerprint, result settings do
-    assert config.replace(threads=2, ray=True, format="parquet").fingerprint() == config.fingerprint()
+    assert config.replace(threads=2, ray=True, format="parquet", device="cpu").fingerprint() == config.fingerprint()
     assert config.replace(seed=6).fingerprint() != config.fingerprint()
+    assert config.replace(batch_size=4).fingerprint() != config.fingerprint()
+    assert config.replace(exact_only=True).fingerprint() != config.fingerprint()
+    # one string at a time has the settings of the studies from before batches (they resume)
+    assert set(config.replace(batch_size=1).result_settings()) == set(RESULT_FIELDS)
 
 
 @pytest.mark.parametrize(
     "bad, match",
     [
         ({"num_samples": 0}, "num_samples"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"exact_only": "yes"}, "exact_only"),
+        ({"device": 3}, "device"),
         ({"format": "csv"}, "format"),
         ({"seed": -1}, "seed"),
         ({"confidence": 1.5}, "confidence"),

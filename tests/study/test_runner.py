@@ -62,21 +62,29 @@ SLOW_RUN = """
 import sys, time
 from pyro_lmscm.study import StudyConfig, run_study, worker
 
-process = worker.StudyWorker.process
+process, process_group = worker.StudyWorker.process, worker.StudyWorker.process_group
 
 def slow(self, item):
     record = process(self, item)
     time.sleep(0.25)
     return record
 
+def slow_group(self, items):
+    records = process_group(self, items)
+    time.sleep(0.25)
+    return records
+
 worker.StudyWorker.process = slow
+worker.StudyWorker.process_group = slow_group
 run_study(StudyConfig.from_file(sys.argv[1]))
 """
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(make_config, tmp_path):
-    """SIGKILL a study process midway, add a line cut short, rerun: the records are exact."""
-    config = make_config(output=str(tmp_path / "killed"))
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_kill_and_resume_equals_an_uninterrupted_run(make_config, tmp_path, batch_size):
+    """SIGKILL a study process midway, add a line cut short, rerun: the records are exact,
+    string by string and in batches of two."""
+    config = make_config(output=str(tmp_path / "killed"), batch_size=batch_size)
     (tmp_path / "study.json").write_text(json.dumps(config.to_dict()))
     (tmp_path / "slow_run.py").write_text(SLOW_RUN)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -98,7 +106,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(make_config, tmp_path):
         handle.write('{"index": 8, "prompt": "the old ci')  # a write cut short by the crash
     resumed = run_study(config)
     assert resumed.skipped == stored and resumed.computed == 9 - stored
-    uninterrupted = run_study(make_config(output=str(tmp_path / "straight")))
+    uninterrupted = run_study(make_config(output=str(tmp_path / "straight"), batch_size=batch_size))
     assert resumed.records == uninterrupted.records
     assert [json.loads(line)["index"] for line in records.read_text().splitlines()] == list(range(9))
 

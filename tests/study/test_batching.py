@@ -1,0 +1,110 @@
+"""Studies in batches of strings (batch_size) and exact-only studies.
+
+* a batched record is reproducible: resumed mid-batch, cut by a limit, or on Ray, it equals
+  the uninterrupted run's bit for bit (test_runner and test_ray_backend run them batched);
+* another batch size gives other draws of the same distributions (a statistical test, with
+  a baseline that fails it);
+* an exact-only record holds the exact metrics of its factual string, computed here again
+  independently (teacher-forced), and no draws.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pyro_lmscm.inference import exact_counterfactual, most_probable
+from pyro_lmscm.metrics import trim_after_end
+from pyro_lmscm.study import CorpusItem, StudyWorker, run_study
+from pyro_lmscm.study.worker import MODE_BEAMS, batch_seed
+
+
+def test_a_batch_resumed_midway_equals_the_uninterrupted_run(make_config, tmp_path):
+    full = run_study(make_config(output=str(tmp_path / "full"), batch_size=4)).records
+    assert {r["seed"] for r in full[:4]} == {batch_seed(0, 0, 4)} and full[4]["seed"] == batch_seed(0, 4, 4)
+    part = make_config(output=str(tmp_path / "part"), batch_size=4, limit=6)  # the limit cuts the second batch
+    assert run_study(part).records == full[:6]
+    records = part.output_dir / "records.jsonl"
+    lines = [line for line in records.read_text().splitlines() if json.loads(line)["index"] != 1]
+    records.write_text("\n".join(lines) + "\n")  # as if killed after storing 0, 2 and 3 of the first batch
+    resumed = run_study(make_config(output=str(tmp_path / "part"), batch_size=4))
+    assert resumed.computed == 4 and resumed.skipped == 5
+    assert resumed.records == full
+
+
+def test_one_bad_string_costs_only_its_own_record(make_config):
+    worker = StudyWorker(make_config(top_k=1, batch_size=3))
+    items = [
+        CorpusItem(0, "the man said", None), CorpusItem(1, "the man", "she she she"), CorpusItem(2, "the city", None)
+    ]
+    records = worker.process_many(items)
+    assert records[1]["error"].startswith("AbductionError") and "counterfactual" not in records[1]
+    assert records[0]["error"] is None and records[2]["error"] is None
+    zebra = worker.process_many([CorpusItem(3, "the zebra", None), CorpusItem(4, "the city", None)])
+    assert zebra[0]["error"].startswith("TokenizationError") and zebra[1]["error"] is None
+
+
+def _first_tokens(config):
+    """Counts of the factual strings' first tokens, and of the counterfactuals' first tokens."""
+    records = run_study(config).records
+    factual = np.bincount([r["factual"]["ids"][0] for r in records], minlength=64)
+    cf = np.bincount([d["ids"][0] for r in records for d in r["counterfactual"]], minlength=64)
+    return factual, cf
+
+
+def _homogeneity(a, b):
+    seen = (a + b) > 0
+    return stats.chi2_contingency(np.stack([a[seen], b[seen]]))[1]
+
+
+def test_another_batch_size_gives_the_same_distributions(make_config, tmp_path):
+    """Batches of 1 and of 8 over 160 copies of one prompt: the first tokens of the factual
+    strings and of their counterfactuals agree (chi-square homogeneity, p > 1e-3); a study
+    whose factual model is the other tiny model fails the same test."""
+    corpus = tmp_path / "copies.txt"
+    corpus.write_text("the man said\n" * 160)
+    common = dict(corpus=str(corpus), num_samples=2, max_new_tokens=4, attribute=None)
+    one, cf_one = _first_tokens(make_config(output=str(tmp_path / "b1"), batch_size=1, **common))
+    eight, cf_eight = _first_tokens(make_config(output=str(tmp_path / "b8"), batch_size=8, **common))
+    assert _homogeneity(one, eight) > 1e-3 and _homogeneity(cf_one, cf_eight) > 1e-3
+    config = make_config(output=str(tmp_path / "other"), batch_size=8, **common)
+    other_model = config.intervention.removeprefix("model=")
+    other, _ = _first_tokens(config.replace(model=other_model, intervention=f"model={config.model}"))
+    assert _homogeneity(one, other) < 1e-6  # another factual model fails
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_exact_only_records_hold_the_exact_metrics_of_their_string(make_config, tmp_path, top_k):
+    config = make_config(output=str(tmp_path / "exact"), exact_only=True, batch_size=4, top_k=top_k)
+    result = run_study(config)
+    worker = StudyWorker(config)
+    for record in result.records:
+        if record.get("error") is not None:
+            continue
+        assert record["counterfactual"] == [] and record["interventional"] == []
+        exact_fields = record["exact"]
+        lm = worker.lm
+        prompt, factual = lm.encode(record["prompt"]), torch.tensor(record["factual"]["ids"])
+        exact = exact_counterfactual(worker.scm, prompt, factual, worker.intervention)  # teacher-forced, alone
+        assert exact_fields["prob_unchanged"] == pytest.approx(exact.prob_unchanged(), abs=1e-6)
+        law = exact.first_divergence().tolist()
+        assert exact_fields["first_divergence"] == pytest.approx(law, abs=1e-6)
+        mode = torch.tensor(exact_fields["mode_ids"])
+        assert exact_fields["mode_log_prob"] == pytest.approx(float(exact.log_prob(mode[None])), abs=1e-4)
+        horizon = worker.scm.max_new_tokens if factual[-1] in lm.eos_token_ids else len(factual)
+        alone = most_probable([exact], MODE_BEAMS, lengths=[horizon])[0][0]
+        assert exact_fields["mode_ids"] == trim_after_end(alone, lm.eos_token_ids)
+        assert exact_fields["mode_changed"] == float(exact_fields["mode_ids"] != record["factual"]["ids"])
+        assert exact_fields["mode_text"] == lm.decode(mode)
+    assert result.files == {} or "summary_md" in result.files
+
+
+def test_exact_only_study_report(make_config, tmp_path):
+    result = run_study(make_config(output=str(tmp_path / "report"), exact_only=True, report=True, limit=4))
+    summary = result.summary_markdown
+    assert "exact P(unchanged)" in summary and "most probable counterfactual differs" in summary
+    assert (tmp_path / "report" / "report.html").is_file()
