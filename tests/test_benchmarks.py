@@ -32,3 +32,15 @@ def test_quick_benchmark_prints_every_ratio(tmp_path):
         "batch N / N sequential",
     }, result.stdout
     assert all(0.0 < value < 1e3 for value in rows.values()), rows
+
+
+def test_quick_study_benchmark_prints_every_rate(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--quick", "--threads", "1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = dict(re.findall(r"^\| (MC, batch \d+|reference|exact-only) \| \d+ \| [0-9.]+ \| ([0-9.]+) \|$",
+                            result.stdout, flags=re.M))
+    assert set(rates) == {"MC, batch 1", "MC, batch 16", "reference", "exact-only"}, result.stdout
+    assert all(float(rate) > 0 for rate in rates.values())
+    assert "exact-only study, 500 strings x 25 tokens:" in result.stdout
