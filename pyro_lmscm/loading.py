@@ -287,9 +287,22 @@ def _dtype_kwarg() -> str:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on; a name torch does not know, or a CUDA device this machine does
+    not have, is a :class:`ModelLoadError` (before any weights are read)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ModelLoadError(f"unknown device {device!r} ({error}); use 'cpu', 'cuda' or 'cuda:N'.") from error
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (target.index is not None and target.index >= count):
+            raise ModelLoadError(
+                f"device {device!r} is not available: this machine has {count} CUDA device(s) "
+                f"(torch {torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'})."
+            )
+    return target
 
 
 @contextlib.contextmanager

@@ -296,3 +296,20 @@ def test_a_cached_hub_id_offline_loads_from_the_cache_only(closed_hub, monkeypat
     model, _ = load_model_and_tokenizer("some-org/cached-model", progress=False)
     assert model is not None and len(closed_hub) == 1
     assert closed_hub[0][1]["local_files_only"] is True and tokenizer_calls[0]["local_files_only"] is True
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99"])
+def test_bad_or_missing_device_raises_before_loading(tiny_llama_dir: Path, device: str) -> None:
+    with pytest.raises(ModelLoadError, match="device"):
+        load_model_and_tokenizer(str(tiny_llama_dir), device=device, progress=False)
+
+
+def test_a_study_on_a_missing_device_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from pyro_lmscm.study import StudyConfig, run_study
+
+    (tmp_path / "corpus.txt").write_text("the man said\n")
+    config = StudyConfig(corpus=str(tmp_path / "corpus.txt"), output=str(tmp_path / "out"), model=str(tiny_llama_dir),
+                         intervention="", attribute=None, device="cuda:99", progress=False, report=False)
+    with pytest.raises(ModelLoadError, match="not available"):
+        run_study(config)
+    assert not (tmp_path / "out" / "records.jsonl").exists() or not (tmp_path / "out" / "records.jsonl").read_text()
