@@ -13,6 +13,9 @@ MC, batch 1            ``run_study(batch_size=1)``: each string alone (factual s
                        scoring)
 MC, batch B            the same study in batches of B strings (left-padded)           ≥ 3x
                                                                                       batch 1
+draws only, batch B    the reference's work alone, batched: ``counterfactuals()`` of B
+                       strings, factual sample + 4 counterfactuals each (no baseline,
+                       no exact metrics, no scoring)
 reference              the seed paper's procedure (shauli-ravfogel/lm-counterfactuals, ≤ 1/10
                        ``sampling.py`` / ``utils.py``), reimplemented here from its     of MC,
                        code and the paper: per string ``generate(do_sample=True)`` for  batch B
@@ -93,6 +96,28 @@ def study_case(
         result = run_study(config, lm=lm)
         assert all(r.get("error") is None for r in result.records), [r["error"] for r in result.records if r["error"]]
         return result.computed
+
+    return run
+
+
+def draws_case(
+    lm: HFLanguageModel, intervention: Any, prompts: list[str], batch_size: int, draws: int, tokens: int
+) -> Callable[[], int]:
+    """The reference's work alone, batched: per string the factual sample and ``draws``
+    counterfactuals (no baseline, no exact metrics, no scoring), ``batch_size`` strings per
+    :func:`~pyro_lmscm.counterfactuals` call."""
+    from pyro_lmscm import LanguageModelSCM, counterfactuals
+    from pyro_lmscm.interventions.spec import parse_intervention
+
+    spec = parse_intervention(intervention, lm)
+    scm = LanguageModelSCM(lm, tokens, mechanisms=spec.mechanisms)
+    encoded = [lm.encode(text) for text in prompts]
+
+    def run() -> int:
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            counterfactuals(scm, batch, None, spec.intervention, num_samples=draws, seed=0)
+        return len(encoded)
 
     return run
 
@@ -229,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
                 lm, folder, write_corpus(folder, "batched", demo[: args.mc_strings]),
                 {**mc, "batch_size": args.batch_size}, "batched"),
             "reference": reference_case(lm, mechanism, demo[: args.single_strings], draws=4, tokens=32),
+            f"draws only, batch {args.batch_size}": draws_case(lm, intervention, demo[: args.mc_strings],
+                                                               args.batch_size, draws=4, tokens=32),
             "exact-only": study_case(lm, folder, write_corpus(folder, "exact", cycled), exact, "exact"),
         }
         results = measure(cases, args.reps)
@@ -250,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| MC batch {args.batch_size} / MC batch 1 | {single / batched:.2f} | ≥ 3 |")
     print(f"| MC batch {args.batch_size} / reference | {reference / batched:.2f} | ≥ 10 |")
     print(f"| MC batch 1 / reference | {reference / single:.2f} | — |")
+    draws_only = results[f"draws only, batch {args.batch_size}"][0]
+    print(f"| the reference's work alone (sample + 4 CF), batch {args.batch_size} / reference | "
+          f"{reference / draws_only:.2f} | — |")
     total = exact_only * 500
     print(f"\nexact-only study, 500 strings x 25 tokens: {total / 60:.2f} min "
           f"({'measured' if results['exact-only'][1] == 500 else 'extrapolated from ' + str(results['exact-only'][1])}"
