@@ -86,8 +86,23 @@ def step_counterfactual_log_probs(
     k = observed.reshape(-1).to(log_p.device).long().expand(log_p.shape[0]).reshape(-1, 1)
     if bool((log_p.gather(-1, k) == float("-inf")).any()):
         raise AbductionError("an observed token has factual probability zero: no noise produces it.")
+    return _law(log_p, log_q, k).reshape(shape)
+
+
+def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """:func:`step_counterfactual_log_probs` of rows ``(R, V)`` of log-probabilities and the
+    observed tokens ``(R, 1)``. Rows with few possible tokens (top-k / top-p decoding) and
+    rows with many take separate paths, so that one full row does not make all rows sort
+    the whole vocabulary."""
     inf = float("inf")
+    vocab = log_p.shape[-1]
     valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
+    compact = valid.sum(-1) <= COMPACT_SHARE * vocab
+    if bool(compact.any()) and not bool(compact.all()):
+        out = torch.empty_like(log_p)
+        out[compact] = _law(log_p[compact], log_q[compact], k[compact])
+        out[~compact] = _law(log_p[~compact], log_q[~compact], k[~compact])
+        return out
     log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
     size = int(valid.sum(-1).max())
     if size <= COMPACT_SHARE * vocab:  # top-k / top-p decoding: sort only the possible tokens
@@ -127,7 +142,7 @@ def step_counterfactual_log_probs(
         others < math.log(0.5), torch.log1p(-others.exp().clamp(max=0.5)), -log_h.gather(-1, position_k)
     )
     out.scatter_(-1, k, log_stay)
-    return out.reshape(shape)
+    return out
 
 
 def stay_log_prob(

@@ -30,6 +30,7 @@ from .attribute import check_code_allowed
 __all__ = [
     "DEMO_CONFIG",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_EXACT_BATCH_SIZE",
     "RESULT_FIELDS",
     "StudyConfig",
     "StudyError",
@@ -54,9 +55,14 @@ RESULT_FIELDS = (
     "attribute",
 )
 
-#: Strings per batch by default (:attr:`StudyConfig.batch_size`): on the 2-core CPU, SmolLM2
-#: bfloat16, the MC study's strings per minute stop growing past it (benchmarks/bench_study.py).
+#: Strings per batch by default (:attr:`StudyConfig.batch_size`), measured on the 2-core CPU
+#: with SmolLM2 bfloat16 (benchmarks/README.md): the MC study (4 draws, 32 tokens) runs 2.74,
+#: 2.56 and 2.61 s per string at 8, 16 and 32 strings per batch.
 DEFAULT_BATCH_SIZE = 16
+
+#: The same for an exact-only study (25 tokens, top-k 50: 0.34, 0.29, 0.29 and 0.28 s per
+#: string at 16, 32, 64 and 128; larger batches hold more memory for little more speed).
+DEFAULT_EXACT_BATCH_SIZE = 64
 
 #: The packaged demo study (``pyro-lmscm study --demo``).
 DEMO_CONFIG = "demo_study.yaml"
@@ -108,7 +114,8 @@ class StudyConfig:
     :param progress: show a progress bar with ETA.
     :param batch_size: strings decoded together, in blocks of consecutive corpus indices
         (see :mod:`~pyro_lmscm.study.worker`); results are reproducible for a given
-        ``batch_size``, and ``1`` runs each string alone.
+        ``batch_size``, and ``1`` runs each string alone. ``0`` (the default):
+        :data:`DEFAULT_BATCH_SIZE`, or :data:`DEFAULT_EXACT_BATCH_SIZE` with ``exact_only``.
     :param exact_only: record only the exact metrics per string, with no draws (P(unchanged),
         the first-divergence law and its mean, the most probable counterfactual).
     :param device: the model's device (``"cpu"``, ``"cuda"``, ...); default: the loader's.
@@ -141,7 +148,7 @@ class StudyConfig:
     shard_size: int = 4
     report: bool = True
     progress: bool = True
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = 0
     exact_only: bool = False
     device: str | None = None
     _base_dir: str | None = field(default=None, repr=False, compare=False)
@@ -156,6 +163,8 @@ class StudyConfig:
         self.corpus = str(self.corpus)
         if self.output is not None:
             self.output = str(self.output)
+        if self.batch_size == 0 and not isinstance(self.batch_size, bool):  # the default for the kind of study
+            self.batch_size = DEFAULT_EXACT_BATCH_SIZE if self.exact_only is True else DEFAULT_BATCH_SIZE
         counts = ("num_samples", "max_new_tokens", "threads", "num_workers", "shard_size", "bootstrap", "batch_size")
         for name in counts:
             positive(name)

@@ -320,14 +320,14 @@ class StudyWorker:
         return record
 
     def _exact_only(
-        self, record: dict[str, Any], result: Any, exact: Any, mode: tuple[torch.Tensor, float]
+        self, record: dict[str, Any], result: Any, log_stay: torch.Tensor, mode: tuple[torch.Tensor, float]
     ) -> dict[str, Any]:
-        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws."""
+        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``log_stay``
+        is :meth:`~pyro_lmscm.inference.ExactCounterfactual.observed_token_log_probs`."""
         from ..inference.exact import expected_first_divergence, first_divergence_law
 
         eos = self.lm.eos_token_ids
         factual = trim_after_end(result.factual_ids, eos)
-        log_stay = exact.observed_token_log_probs()
         divergence = first_divergence_law(log_stay)
         factual_text = self.lm.decode(factual)
         mode_ids = trim_after_end(mode[0], eos)  # the mode over the observed horizon
@@ -400,6 +400,7 @@ class StudyWorker:
         self, part: list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]], seed: int
     ) -> list[dict[str, Any]]:
         from ..inference import counterfactuals, exact_counterfactual, most_probable
+        from ..inference.exact import observed_token_log_probs
 
         config = self.config
         try:
@@ -421,7 +422,8 @@ class StudyWorker:
                     config.max_new_tokens if int(r.factual_ids[-1]) in eos else len(r.factual_ids) for r in results
                 ]
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
-                return [self._exact_only(p[1], r, e, m) for p, r, e, m in zip(part, results, exacts, modes)]
+                stays = observed_token_log_probs(exacts)
+                return [self._exact_only(p[1], r, q, m) for p, r, q, m in zip(part, results, stays, modes)]
             return [self._complete(p[1], p[2], r, e) for p, r, e in zip(part, results, exacts)]
         except LMSCMError as error:
             if len(part) == 1:

@@ -357,3 +357,16 @@ def test_most_probable_of_several_strings_equals_brute_force(models, setting):
         assert torch.equal(alone, best) and alone_score == pytest.approx(score, abs=1e-5)
     greedy = most_probable(exacts, num_beams=1)  # a beam of one is a lower bound
     assert all(g[1] <= m[1] + 1e-6 for g, m in zip(greedy, modes))
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token", "exclusion"])
+def test_observed_token_log_probs_of_several_strings_equal_each_alone(models, setting):
+    from pyro_lmscm.inference.exact import observed_token_log_probs
+
+    scm, intervention = _settings(models)[setting]
+    exacts = []
+    for i, prompt in enumerate(PROMPTS):
+        observed = counterfactual(scm, prompt, None, {}, seed=3 + i).factual_ids
+        exacts.append(exact_counterfactual(scm, prompt, observed, intervention))
+    for exact, batched in zip(exacts, observed_token_log_probs(exacts, batch_size=2)):
+        torch.testing.assert_close(batched.exp(), exact.observed_token_log_probs().exp(), atol=1e-6, rtol=1e-5)

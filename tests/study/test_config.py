@@ -34,6 +34,7 @@ def test_overrides_and_fingerprint(tmp_path, corpus_file):
     assert config.replace(seed=6).fingerprint() != config.fingerprint()
     assert config.replace(batch_size=4).fingerprint() != config.fingerprint()
     assert config.replace(exact_only=True).fingerprint() != config.fingerprint()
+    assert (config.batch_size, StudyConfig(corpus="demo", exact_only=True).batch_size) == (16, 64)
     # one string at a time has the settings of the studies from before batches (they resume)
     assert set(config.replace(batch_size=1).result_settings()) == set(RESULT_FIELDS)
 
@@ -42,7 +43,7 @@ def test_overrides_and_fingerprint(tmp_path, corpus_file):
     "bad, match",
     [
         ({"num_samples": 0}, "num_samples"),
-        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": -1}, "batch_size"),
         ({"exact_only": "yes"}, "exact_only"),
         ({"device": 3}, "device"),
         ({"format": "csv"}, "format"),
