@@ -48,11 +48,15 @@ import torch
 
 from ..errors import AbductionError
 
-__all__ = ["COMPACT_SHARE", "step_counterfactual_log_probs", "stay_log_prob"]
+__all__ = ["CACHE_ELEMENTS", "COMPACT_SHARE", "step_counterfactual_log_probs", "stay_log_prob"]
 
 #: When every row has at most this share of the vocabulary possible on either side (top-k or
 #: top-p decoding: 50 or 100 of 49,152 tokens), only those tokens are sorted and integrated.
 COMPACT_SHARE = 0.25
+
+#: The closed form runs on at most this many float64 entries (rows of V) at a time: on the
+#: 2-core CPU, 128 rows of V = 49,152 took 1.17 s at once and 0.58 s in chunks of 8.
+CACHE_ELEMENTS = 2**19
 
 
 def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,9 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Ten
     the whole vocabulary."""
     inf = float("inf")
     vocab = log_p.shape[-1]
+    rows = max(1, CACHE_ELEMENTS // vocab)
+    if log_p.shape[0] > rows:  # a few rows at a time stay in the CPU's cache: 2x faster at V = 49,152
+        return torch.cat([_law(*parts) for parts in zip(log_p.split(rows), log_q.split(rows), k.split(rows))])
     valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
     compact = valid.sum(-1) <= COMPACT_SHARE * vocab
     if bool(compact.any()) and not bool(compact.all()):

@@ -370,3 +370,18 @@ def test_observed_token_log_probs_of_several_strings_equal_each_alone(models, se
         exacts.append(exact_counterfactual(scm, prompt, observed, intervention))
     for exact, batched in zip(exacts, observed_token_log_probs(exacts, batch_size=2)):
         torch.testing.assert_close(batched.exp(), exact.observed_token_log_probs().exp(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_closed_form_in_chunks_of_rows_equals_it_at_once(monkeypatch):
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 40, generator=generator) * 3
+    other = logits + torch.randn(9, 40, generator=generator)
+    other[::3, :30] = -INF  # rows with few possible tokens among rows with many
+    logits[::3, :30] = -INF
+    k = torch.tensor([35, 2, 7, 31, 0, 1, 39, 5, 9])
+    whole = step_counterfactual_log_probs(logits, other, k)
+    monkeypatch.setattr(closed_form, "CACHE_ELEMENTS", 2 * 40)  # two rows at a time
+    assert torch.equal(step_counterfactual_log_probs(logits, other, k), whole)
+    assert torch.allclose(whole.exp().sum(-1), torch.ones(9, dtype=torch.float64), atol=1e-12)
