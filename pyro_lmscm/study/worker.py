@@ -64,8 +64,6 @@ __all__ = ["EOS_MARK", "MODE_BEAMS", "StudyWorker", "batch_seed", "string_seed",
 #: How an end-of-sequence token is shown among a record's ``tokens``.
 EOS_MARK = "⏎"
 
-#: The fields of a record before its results (an ``error`` record has only these).
-_HEADER = ("index", "id", "group", "prompt", "continuation_given", "truncated", "seed", "error")
 
 #: Beams of the search for the most probable counterfactual of an ``exact_only`` study.
 MODE_BEAMS = 4
@@ -101,6 +99,24 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _header(item: CorpusItem, seed: int) -> dict[str, Any]:
+    """The fields of a record before its results (an ``error`` record has only these)."""
+    return {
+        "index": item.index,
+        "id": item.id,
+        "group": item.group,
+        "prompt": item.prompt,
+        "continuation_given": item.continuation is not None,
+        "truncated": False,
+        "seed": seed,
+        "error": None,
+    }
+
+
+def _error_text(error: LMSCMError) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _finite(value: float) -> float | None:
@@ -207,16 +223,7 @@ class StudyWorker:
 
         :raises LMSCMError: for a text that does not survive tokenization.
         """
-        record: dict[str, Any] = {
-            "index": item.index,
-            "id": item.id,
-            "group": item.group,
-            "prompt": item.prompt,
-            "continuation_given": item.continuation is not None,
-            "truncated": False,
-            "seed": seed,
-            "error": None,
-        }
+        record = _header(item, seed)
         prompt = self.lm.encode(item.prompt)
         observed = None
         if item.continuation is not None:
@@ -243,7 +250,7 @@ class StudyWorker:
         try:
             record, prompt, observed = self._start(item, seed)
         except LMSCMError as error:
-            return self._failed(item, seed, error)
+            return {**_header(item, seed), "error": _error_text(error)}
         try:
             result = counterfactual(
                 self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
@@ -252,21 +259,8 @@ class StudyWorker:
             exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
             return self._complete(record, prompt, result, exact)
         except LMSCMError as error:
-            record["error"] = f"{type(error).__name__}: {error}"
+            record["error"] = _error_text(error)
             return record
-
-    def _failed(self, item: CorpusItem, seed: int, error: LMSCMError) -> dict[str, Any]:
-        """The record of a string whose text the tokenizer refuses."""
-        return {
-            "index": item.index,
-            "id": item.id,
-            "group": item.group,
-            "prompt": item.prompt,
-            "continuation_given": item.continuation is not None,
-            "truncated": False,
-            "seed": seed,
-            "error": f"{type(error).__name__}: {error}",
-        }
 
     def _complete(self, record: dict[str, Any], prompt: torch.Tensor, result: Any, exact: Any) -> dict[str, Any]:
         """Fill ``record`` from a counterfactual result and its exact distribution.
@@ -387,7 +381,7 @@ class StudyWorker:
             try:
                 record, prompt, observed = self._start(item, seed)
             except LMSCMError as error:
-                records[item.index] = self._failed(item, seed, error)
+                records[item.index] = {**_header(item, seed), "error": _error_text(error)}
                 continue
             parts.setdefault(None if observed is None else len(observed), []).append((item, record, prompt, observed))
         for key in sorted(parts, key=lambda k: -1 if k is None else k):
@@ -428,9 +422,10 @@ class StudyWorker:
         except LMSCMError as error:
             if len(part) == 1:
                 record = part[0][1]
-                for key in [key for key in record if key not in _HEADER]:
+                header = _header(part[0][0], seed)
+                for key in [key for key in record if key not in header]:
                     del record[key]  # anything _complete had filled in
-                record["error"] = f"{type(error).__name__}: {error}"
+                record["error"] = _error_text(error)
                 return [record]
             # one string spoils the batch: each alone, with its own seed
             return [record for p in part for record in self._run_part([p], batch_seed(seed, p[0].index, 1))]
