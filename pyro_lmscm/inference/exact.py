@@ -111,12 +111,13 @@ class ExactCounterfactual:
         rows = prefixes.shape[0]
         inputs = torch.cat([self._prompt.expand(rows, -1), prefixes[:, : length - 1].to(self._prompt.device)], -1)
         with self.scm.mechanisms[self._mechanism].activate(self.scm.lm) as f:
-            logits = self.scm.decoding(f.logits(inputs, logits_to_keep=length)).double()
-        return self._adjust(prefixes, logits)
+            return self._decoded(prefixes, f.logits(inputs, logits_to_keep=length))
 
-    def _adjust(self, prefixes: torch.Tensor, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """The decoded intervened logits ``(B, m, V)`` at steps ``start .. start + m - 1`` of
-        the candidates ``prefixes`` (``(B, >= start + m - 1)``) made what the SCM evaluates."""
+    def _decoded(self, prefixes: torch.Tensor, raw: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The raw intervened logits ``(B, m, V)`` at steps ``start .. start + m - 1`` of the
+        candidates ``prefixes`` (``(B, >= start + m - 1)``) made what the SCM evaluates:
+        decoded (float64), then anchored and with exclusions as in the SCM."""
+        logits = self.scm.decoding(raw).double()
         # the factual anchor, as in the SCM: the factual mechanism on the observed prefix gives
         # the abduction's own logits, whatever the rounding of another batch
         steps = range(start, start + logits.shape[1])
@@ -135,24 +136,25 @@ class ExactCounterfactual:
         """Whether step ``t``'s noise is abducted (an observed step before the observed end)."""
         return t < self.observed_ids.shape[-1] and bool(self._active[t])
 
-    def _chain_log_probs(
-        self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0, law: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``(B, m, V)`` log q(. | s_<t) at steps ``start .. start + m - 1``, given the
         counterfactual logits ``(B, m, V)`` there and whether each candidate has already
-        ended ``(B, m)``. The observed steps are computed in one batched call (or given:
-        ``law`` ``(B, m_abducted, V)``, the noise model's law at them)."""
+        ended ``(B, m)``. The observed steps of the candidates not yet ended are computed in
+        one batched call (an ended candidate only pads)."""
         rows, m, _ = logits.shape
         steps = range(start, start + m)
         log_q = logits.log_softmax(-1)  # past the observation (or its end): the prior noise
         observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
-        if observed_steps:
+        going = ~ended[:, observed_steps]  # (B, m_abducted)
+        if observed_steps and bool(going.any()):
             ts = [steps[i] for i in observed_steps]
-            log_q[:, observed_steps] = law if law is not None else self.scm.noise.counterfactual_log_probs(
-                self._factual[ts].expand(rows, len(ts), -1),
-                logits[:, observed_steps],
-                self.observed_ids[ts].cpu().expand(rows, len(ts)),
+            law = log_q[:, observed_steps]
+            law[going] = self.scm.noise.counterfactual_log_probs(
+                self._factual[ts].expand(rows, len(ts), -1)[going],
+                logits[:, observed_steps][going],
+                self.observed_ids[ts].cpu().expand(rows, len(ts))[going],
             )
+            log_q[:, observed_steps] = law
         pad = torch.full_like(log_q, float("-inf"))
         pad[..., self.scm.lm.pad_token_id] = 0.0
         log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
@@ -162,12 +164,9 @@ class ExactCounterfactual:
                 log_q[:, i, self._forced[t]] = 0.0
         return log_q
 
-    def _step_log_probs(
-        self, t: int, logits: torch.Tensor, ended: torch.Tensor, law: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``(B, V)``: :meth:`_chain_log_probs` at the one step ``t`` (``law`` ``(B, V)``)."""
-        law = None if law is None else law[:, None]
-        return self._chain_log_probs(logits[:, None], ended[:, None], start=t, law=law)[:, 0]
+    def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """``(B, V)``: :meth:`_chain_log_probs` at the one step ``t``."""
+        return self._chain_log_probs(logits[:, None], ended[:, None], start=t)[:, 0]
 
     def _ended_before(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)``: the candidate emitted an end of sequence before step ``t``."""
@@ -291,6 +290,19 @@ class ExactCounterfactual:
         return candidates
 
 
+def _shared(exacts: Sequence[ExactCounterfactual], owner: str) -> tuple[LanguageModelSCM, int]:
+    """The SCM and the mechanism index that every one of ``exacts`` shares.
+
+    :raises InferenceError: for an empty list, or strings of other SCMs or mechanisms.
+    """
+    if not exacts:
+        raise InferenceError(f"{owner}() needs at least one ExactCounterfactual.")
+    scm, mechanism = exacts[0].scm, exacts[0]._mechanism
+    if any(e.scm is not scm or e._mechanism != mechanism for e in exacts):
+        raise InferenceError(f"{owner}(): every ExactCounterfactual must share the SCM and the mechanism.")
+    return scm, mechanism
+
+
 @torch.no_grad()
 def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: int = 16) -> list[torch.Tensor]:
     """:meth:`ExactCounterfactual.observed_token_log_probs` of many strings, the intervened
@@ -302,9 +314,7 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     if not exacts:
         return []
-    scm, mechanism = exacts[0].scm, exacts[0]._mechanism
-    if any(e.scm is not scm or e._mechanism != mechanism for e in exacts):
-        raise InferenceError("observed_token_log_probs(): the strings must share the SCM and the mechanism.")
+    scm, mechanism = _shared(exacts, "observed_token_log_probs")
     out = []
     for start in range(0, len(exacts), batch_size):
         chunk = exacts[start : start + batch_size]
@@ -314,8 +324,7 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
             raw = f.logits(inputs.to(scm.lm.device), logits_to_keep=keep)
         for row, exact in zip(raw, chunk):
             n = exact.observed_ids.shape[-1]
-            logits = scm.decoding(row[keep - n :][None]).double()
-            logits = exact._adjust(exact.observed_ids.to(logits.device)[None], logits).cpu()
+            logits = exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
             out.append(exact._observed_log_q(logits=logits))
     return out
 
@@ -341,15 +350,11 @@ def most_probable(
     :raises InferenceError: for an empty list, or strings of other SCMs or mechanisms.
     """
     num_beams = as_int(num_beams, "num_beams", minimum=1)
-    if not exacts:
-        raise InferenceError("most_probable() needs at least one ExactCounterfactual.")
-    T = exacts[0].scm.max_new_tokens
+    scm, mechanism = _shared(exacts, "most_probable")
+    T = scm.max_new_tokens
     steps = [T] * len(exacts) if lengths is None else [as_int(n, "lengths", minimum=1) for n in lengths]
     if len(steps) != len(exacts) or max(steps) > T:
         raise InferenceError(f"most_probable(): `lengths` needs one length in 1..{T} per string, got {lengths!r}.")
-    scm, mechanism = exacts[0].scm, exacts[0]._mechanism
-    if any(e.scm is not scm or e._mechanism != mechanism for e in exacts):
-        raise InferenceError("most_probable(): every ExactCounterfactual must share the SCM and the mechanism.")
     device = scm.lm.device
     prompts = left_pad([e._prompt.cpu() for e in exacts]).to(device)
     batch = MechanismBatch(scm.lm, scm.mechanisms, prompts, torch.tensor(mechanism, device=device))
@@ -358,29 +363,7 @@ def most_probable(
     scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]
     eos = exacts[0]._eos
     for t in range(max(steps)):
-        decoded = scm.decoding(batch.logits().reshape(-1, scm.vocab_size)).double().cpu()
-        live = [i for i in range(S) if t < steps[i]]
-        offsets = torch.tensor([0, *[b.shape[0] for b in beams]]).cumsum(0).tolist()
-        padded = {i: torch.cat([beams[i], beams[i].new_zeros(beams[i].shape[0], 1)], -1) for i in live}
-        logits = {
-            i: exacts[i]._adjust(padded[i], decoded[offsets[i] : offsets[i + 1], None].clone(), start=t)[:, 0]
-            for i in live
-        }
-        ended = {i: exacts[i]._ended_before(padded[i])[:, t] for i in live}
-        # the noise model's law at this step, only for the beams that have not ended (the
-        # others only pad), string by string: a few rows of V stay in the CPU's cache, where
-        # one call on all rows streams them through memory (measured 2.6x slower)
-        laws: dict[int, torch.Tensor] = {}
-        for i in live:
-            going = ~ended[i]
-            if exacts[i]._abducted(t):
-                exact = exacts[i]
-                laws[i] = torch.full_like(logits[i], float("-inf"))
-            if exacts[i]._abducted(t) and bool(going.any()):
-                laws[i][going] = scm.noise.counterfactual_log_probs(
-                    exact._factual[t].expand(int(going.sum()), -1), logits[i][going],
-                    exact.observed_ids[t].cpu().expand(int(going.sum())),
-                )
+        raw = batch.logits().reshape(-1, scm.vocab_size)
         parents, tokens, start = [], [], 0
         for i, exact in enumerate(exacts):
             rows = beams[i].shape[0]
@@ -389,7 +372,9 @@ def most_probable(
                 tokens.append(torch.full((rows,), scm.lm.pad_token_id))
                 start += rows
                 continue
-            log_q = exact._step_log_probs(t, logits[i], ended[i], law=laws.get(i))
+            padded = torch.cat([beams[i], beams[i].new_zeros(rows, 1)], -1)
+            logits = exact._decoded(padded, raw[start : start + rows, None], start=t).cpu()[:, 0]
+            log_q = exact._step_log_probs(t, logits, exact._ended_before(padded)[:, t])
             total = (scores[i][:, None] + log_q).reshape(-1)
             best = total.topk(min(num_beams, int(torch.isfinite(total).sum())), sorted=True)
             parent, token = best.indices // log_q.shape[-1], best.indices % log_q.shape[-1]
