@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import AbductionError
 
-__all__ = ["CACHE_ELEMENTS", "COMPACT_SHARE", "step_counterfactual_log_probs", "stay_log_prob"]
+__all__ = ["CACHE_ELEMENTS", "COMPACT_SHARE", "LINEAR_SPAN", "step_counterfactual_log_probs", "stay_log_prob"]
 
 #: When every row has at most this share of the vocabulary possible on either side (top-k or
 #: top-p decoding: 50 or 100 of 49,152 tokens), only those tokens are sorted and integrated.
@@ -57,6 +58,36 @@ COMPACT_SHARE = 0.25
 #: The closed form runs on at most this many float64 entries (rows of V) at a time: on the
 #: 2-core CPU, 128 rows of V = 49,152 took 1.17 s at once and 0.58 s in chunks of 8.
 CACHE_ELEMENTS = 2**19
+
+
+#: A row whose finite entries span less than this many nats takes its cumulative sums in
+#: linear space: no term underflows (:math:`e^{-600} \approx 10^{-261}`) and sums of positive
+#: terms keep their relative precision; 45x faster than ``torch.logcumsumexp`` at V = 49,152.
+LINEAR_SPAN = 600.0
+
+
+def _logcumsumexp(x: torch.Tensor) -> torch.Tensor:
+    r"""``torch.logcumsumexp(x, -1)`` of rows ``(R, n)``: rows whose finite entries span less
+    than :data:`LINEAR_SPAN` nats as :math:`m + \log \sum e^{x - m}` (the row's maximum
+    :math:`m`), the others (and rows with ``+inf`` or ``nan``) with ``torch.logcumsumexp``."""
+    top = x.amax(-1, keepdim=True)
+    low = torch.where(x > -math.inf, x, math.inf).amin(-1, keepdim=True)
+    linear = top - low < LINEAR_SPAN  # all -inf: -inf < SPAN; +inf or nan: False
+    shift = torch.where(linear & (top > -math.inf), top, 0.0)
+    out = shift + torch.exp(x - shift).cumsum(-1).log()
+    slow = ~linear[:, 0]
+    if bool(slow.any()):
+        out[slow] = torch.logcumsumexp(x[slow], -1)
+    return out
+
+
+def _argsort(key: torch.Tensor) -> torch.Tensor:
+    """Ascending order of each row of ``key`` (no ``nan``): numpy's vectorized sort on the CPU
+    (3x faster than torch's for float64 rows of V = 49,152), torch's elsewhere. Ties may come in
+    any order: tied ratios are breakpoints of zero length, whose segments contribute nothing."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.argsort(key.numpy(), axis=-1))
+    return key.argsort(dim=-1)
 
 
 def _log_diff(log_y: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +147,15 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Ten
         key = torch.where(valid, log_r.clamp(max=torch.finfo(log_r.dtype).max), inf)
         order = key.topk(size, dim=-1, largest=False, sorted=True).indices
     else:
-        order = log_r.argsort(dim=-1, stable=True)
+        order = _argsort(log_r)
     taken = valid.gather(-1, order)  # (a row with fewer possible tokens fills up with impossible ones)
     lr = torch.where(taken, log_r.gather(-1, order), inf)
     lp = torch.where(taken, log_p.gather(-1, order), -inf)
     lq = torch.where(taken, log_q.gather(-1, order), -inf)
     # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
-    suffix = torch.logcumsumexp(lp.flip(-1), -1).flip(-1)  # sum over positions >= m
+    suffix = _logcumsumexp(lp.flip(-1)).flip(-1)  # sum over positions >= m
     log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
-    log_b = torch.logcumsumexp(lq, -1)  # <= m
+    log_b = _logcumsumexp(lq)  # <= m
     log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
     # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1})); to +inf: 1 / (H(x_m) B_m)
     x, y = lr[:, :-1], lr[:, 1:]
@@ -139,7 +170,7 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Ten
     position_k = (order == k).long().argmax(-1, keepdim=True)  # (R, 1)
     below_k = torch.arange(order.shape[-1] - 1, device=order.device) < position_k
     log_segment = torch.where(below_k, log_segment, -inf)
-    log_f = torch.logcumsumexp(log_segment.flip(-1), -1).flip(-1)  # (R, V-1): from m to the end
+    log_f = _logcumsumexp(log_segment.flip(-1)).flip(-1)  # (R, V-1): from m to the end
     log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
     out = torch.full_like(log_p, -inf).scatter_(-1, order, lq + log_f)
     # P(J = k): 1 - (the others) while they are small (exact when they vanish, as under the

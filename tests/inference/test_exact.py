@@ -385,3 +385,25 @@ def test_the_closed_form_in_chunks_of_rows_equals_it_at_once(monkeypatch):
     monkeypatch.setattr(closed_form, "CACHE_ELEMENTS", 2 * 40)  # two rows at a time
     assert torch.equal(step_counterfactual_log_probs(logits, other, k), whole)
     assert torch.allclose(whole.exp().sum(-1), torch.ones(9, dtype=torch.float64), atol=1e-12)
+
+
+def test_the_linear_cumulative_sums_equal_torch_logcumsumexp():
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 3000, generator=generator, dtype=torch.float64) * 40
+    rows[1] *= 20  # spans thousands of nats: the exact path
+    rows[2, ::3] = -INF  # impossible tokens
+    rows[3] = -INF  # nothing possible
+    rows[4, 5] = INF
+    rows[5] = rows[5] / 40 - 1e4  # far below zero, a narrow span
+    expected = torch.logcumsumexp(rows, -1)
+    got = closed_form._logcumsumexp(rows)
+    finite = expected.isfinite()
+    assert torch.equal(got.isfinite(), finite) and torch.equal(got[~finite], expected[~finite])
+    scale = max(1.0, float(expected[finite].abs().max()))
+    torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=1e-9 * scale)
+    assert float((got[0] - expected[0]).abs().max()) < 1e-10  # linear space: a relative error of 1e-10 at most
+    # the naive linear sum underflows where the span is wide: the fallback is needed
+    naive = rows[1].max() + torch.exp(rows[1] - rows[1].max()).cumsum(-1).log()
+    assert not torch.isfinite(naive).all() and torch.isfinite(got[1]).all()
