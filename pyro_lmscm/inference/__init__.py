@@ -28,7 +28,7 @@ from .compare import (
 from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
 from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual, counterfactuals
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
-from .exact import ExactCounterfactual, exact_counterfactual, most_probable
+from .exact import ExactCounterfactual, counterfactual_token_log_probs, exact_counterfactual, most_probable
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict
@@ -38,6 +38,7 @@ from .upstream import UpstreamHindsightGuide, upstream_marginals
 __all__ = [
     "DRAWS",
     "ExactCounterfactual",
+    "counterfactual_token_log_probs",
     "exact_counterfactual",
     "most_probable",
     "step_counterfactual_log_probs",

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExactCounterfactual",
+    "counterfactual_token_log_probs",
     "exact_counterfactual",
     "expected_first_divergence",
     "first_divergence_law",
@@ -176,13 +177,17 @@ class ExactCounterfactual:
         return torch.cat([torch.zeros_like(hit[:, :1]), hit[:, :-1]], -1)
 
     def token_log_probs(self, candidates: torch.Tensor) -> torch.Tensor:
-        """``(B, m)`` float64: :math:`\\log q(s_t \\mid s_{<t})` of each candidate's tokens.
+        """``(B, m)`` float64: :math:`\\log q(s_t \\mid s_{<t})` of each candidate's tokens;
+        :func:`counterfactual_token_log_probs` of this string alone.
 
         :param candidates: token ids ``(B, m)`` (or ``(m,)``), ``1 <= m <= T``.
         """
-        candidates = self._check(candidates)
-        m = candidates.shape[-1]
-        logits = self._counterfactual_logits(candidates, m).cpu()
+        return counterfactual_token_log_probs([self], [candidates])[0]
+
+    def _candidate_log_q(self, candidates: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """:meth:`token_log_probs` of checked ``candidates`` ``(B, m)`` given the raw intervened
+        logits ``(B, m, V)`` of their steps."""
+        logits = self._decoded(candidates.to(raw.device), raw).cpu()
         log_q = self._chain_log_probs(logits, self._ended_before(candidates))
         return log_q.gather(-1, candidates[..., None]).squeeze(-1)
 
@@ -327,6 +332,46 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
             logits = exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
             out.append(exact._observed_log_q(logits=logits))
     return out
+
+
+@torch.no_grad()
+def counterfactual_token_log_probs(
+    exacts: Sequence[ExactCounterfactual], candidates: Sequence[torch.Tensor], batch_size: int = 16
+) -> list[torch.Tensor]:
+    """:meth:`ExactCounterfactual.token_log_probs` of candidate strings of many exact
+    counterfactuals, ``candidates[i]`` (``(B_i, m_i)`` or ``(m_i,)``) those of ``exacts[i]``:
+    the intervened mechanism runs teacher-forced on ``batch_size`` candidates at a time, across
+    strings (left-padded), instead of one pass per string. The strings must share the SCM and
+    the mechanism.
+
+    :returns: per string ``(B_i, m_i)`` float64.
+    :raises ObservationError: for malformed candidates.
+    :raises InferenceError: for strings of other SCMs or mechanisms, or not one candidate
+        tensor per string.
+    """
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
+    if len(candidates) != len(exacts):
+        raise InferenceError(
+            f"counterfactual_token_log_probs(): one candidate tensor per string, got {len(candidates)} "
+            f"for {len(exacts)} strings."
+        )
+    if not exacts:
+        return []
+    scm, mechanism = _shared(exacts, "counterfactual_token_log_probs")
+    checked = [exact._check(c) for exact, c in zip(exacts, candidates)]
+    flat = [(i, row) for i, c in enumerate(checked) for row in range(c.shape[0])]
+    out: list[list[torch.Tensor]] = [[] for _ in exacts]
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        inputs = left_pad([torch.cat([exacts[i]._prompt.cpu(), checked[i][row, :-1]]) for i, row in chunk])
+        keep = max(checked[i].shape[-1] for i, _ in chunk)
+        with scm.mechanisms[mechanism].activate(scm.lm) as f:
+            raw = f.logits(inputs.to(scm.lm.device), logits_to_keep=keep)
+        for i in dict.fromkeys(i for i, _ in chunk):  # the rows of each string in this chunk, together
+            taken = [j for j, (owner, _) in enumerate(chunk) if owner == i]
+            rows = checked[i][[chunk[j][1] for j in taken]]
+            out[i].append(exacts[i]._candidate_log_q(rows, raw[taken, keep - rows.shape[-1] :]))
+    return [torch.cat(parts) for parts in out]
 
 
 @torch.no_grad()

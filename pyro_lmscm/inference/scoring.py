@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ObservationError
 from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..lm import left_pad
 from ..models.exclude_tokens_messenger import exclude_token
 from ..models.sites import MECHANISM, PROMPT
 from ..validation import as_int
@@ -55,7 +56,9 @@ def token_log_probs(
     f.logits(...)``) per batch of ``batch_size`` strings, then the decoding transform.
 
     :param scm: the SCM.
-    :param prompt: prompt ids ``(L,)``.
+    :param prompt: prompt ids ``(L,)`` of every string, or ``(B, L)``: one prompt per string
+        of ``ids`` ``(B, n)``, left-padded with :data:`~pyro_lmscm.lm.LEFT_PAD`
+        (:func:`~pyro_lmscm.lm.left_pad`). A ``prompt`` intervention replaces each.
     :param ids: continuation ids ``(..., n)`` with ``n <= scm.max_new_tokens``.
     :param intervention: ``None`` (factual), or as :func:`~pyro_lmscm.counterfactual`.
     :param lengths: how many tokens of each string count, shape ``ids.shape[:-1]``; default:
@@ -67,14 +70,20 @@ def token_log_probs(
     """
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     data = as_do_data(scm, intervention)
-    scm.check_prompt(prompt, single=True)
-    prompt = scm.check_prompt(data.get(scm.site(PROMPT), prompt), single=True)
+    prompt = scm.check_prompt(prompt)  # (L,), or (B, L) left-padded
+    if scm.site(PROMPT) in data:
+        prompt = scm.check_prompt(data[scm.site(PROMPT)], single=True)
     ids = scm.lm.check_ids(ids, "ids")
     if ids.dim() == 0 or ids.shape[-1] == 0:
         raise ObservationError("`ids` must hold at least one token id, shape (..., n).")
     n = ids.shape[-1]
     if n > scm.max_new_tokens:
         raise ObservationError(f"`ids` has {n} tokens but the SCM has max_new_tokens={scm.max_new_tokens}.")
+    if prompt.dim() > 2 or (prompt.dim() == 2 and (ids.dim() != 2 or prompt.shape[0] != ids.shape[0])):
+        raise ObservationError(
+            f"`prompt` must have shape (L,) or one row per string of `ids` (B, n), got prompt "
+            f"{tuple(prompt.shape)} and ids {tuple(ids.shape)}."
+        )
     scm.check_prompt(prompt, num_steps=n)
     flat = ids.reshape(-1, n)
     if lengths is None:
@@ -86,9 +95,10 @@ def token_log_probs(
     excluded = {t: token for t, token in excluded_tokens(scm, data).items() if t < n}
     chunks = []
     with scm.mechanisms[mechanism].activate(scm.lm) as f:
-        for rows in flat.split(batch_size):
-            inputs = torch.cat([prompt.expand(rows.shape[0], -1), rows[:, :-1]], dim=-1)
-            decoded = scm.decoding(f.logits(inputs, logits_to_keep=n))
+        for start in range(0, flat.shape[0], batch_size):
+            rows = flat[start : start + batch_size]
+            heads = prompt.expand(rows.shape[0], -1) if prompt.dim() == 1 else prompt[start : start + batch_size]
+            decoded = scm.decoding(f.logits(torch.cat([heads, rows[:, :-1]], dim=-1), logits_to_keep=n))
             for t, token in excluded.items():  # as the SCM does, after the decoding
                 decoded[:, t] = exclude_token(decoded[:, t], token, t)
             chunks.append(gathered_log_probs(decoded, rows))
@@ -122,29 +132,39 @@ def string_log_prob(
 
 def ragged_token_log_probs(
     scm: LanguageModelSCM,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | Sequence[torch.Tensor],
     rows: Sequence[Sequence[int]],
     intervention: Intervention | None = None,
+    batch_size: int = 32,
 ) -> tuple[list[list[float]], list[float]]:
     """:func:`token_log_probs` of strings of different lengths, as lists.
 
-    All rows run as one teacher-forced batch (right-padded; causal attention keeps the
-    padding from touching earlier positions), so the numbers depend only on the rows
-    themselves, never on how a study shards its corpus.
+    The rows run as teacher-forced batches of ``batch_size`` (right-padded; causal attention
+    keeps the padding from touching earlier positions; the prompts left-padded), so the
+    numbers depend only on the rows and their batches, never on how a study shards its corpus.
 
+    :param prompt: prompt ids ``(L,)`` of every row, or one prompt per row.
     :param rows: token strings, each already cut after its first end-of-sequence token,
         each of length ``1..scm.max_new_tokens``.
     :returns: ``(per_token, totals)``: per row a list of floats (``-inf`` outside the
         decoding support) and their sum.
+    :raises ObservationError: on malformed rows or prompts, or not one prompt per row.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
     >>> per_token, totals = ragged_token_log_probs(scm, torch.tensor([2, 3]), [[5, 1], [5, 6, 7]])
     >>> [len(p) for p in per_token], per_token[0][0] == per_token[1][0]
     ([2, 3], True)
     """
+    if not (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
+        prompts = list(prompt)
+        if len(prompts) != len(rows):
+            raise ObservationError(f"one prompt per row: got {len(prompts)} prompts for {len(rows)} rows.")
+        prompt = left_pad([scm.check_prompt(p, single=True).cpu() for p in prompts])
     lengths = [len(row) for row in rows]
+    if not lengths or min(lengths) == 0:
+        raise ObservationError("`rows` must hold at least one string, each of at least one token.")
     n = max(lengths)
     pad = scm.lm.pad_token_id
     ids = torch.tensor([list(row) + [pad] * (n - len(row)) for row in rows], dtype=torch.long)
-    log_p = token_log_probs(scm, prompt, ids, intervention, lengths=torch.tensor(lengths), batch_size=len(rows))
+    log_p = token_log_probs(scm, prompt, ids, intervention, lengths=torch.tensor(lengths), batch_size=batch_size)
     return [log_p[i, : lengths[i]].tolist() for i in range(len(rows))], log_p.sum(-1).tolist()

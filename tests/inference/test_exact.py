@@ -407,3 +407,33 @@ def test_the_linear_cumulative_sums_equal_torch_logcumsumexp():
     # the naive linear sum underflows where the span is wide: the fallback is needed
     naive = rows[1].max() + torch.exp(rows[1] - rows[1].max()).cumsum(-1).log()
     assert not torch.isfinite(naive).all() and torch.isfinite(got[1]).all()
+
+
+@pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token", "exclusion"])
+def test_candidate_token_log_probs_of_several_strings_equal_the_chain_of_each(models, setting):
+    """Candidates of three strings (three prompt lengths, 2-4 candidates of 1-3 tokens each)
+    in left-padded passes of 3 rows that cut across strings: each token's log-probability is
+    the chain's own next-token law after its prefix (one unpadded pass per prefix)."""
+    from pyro_lmscm.errors import InferenceError
+    from pyro_lmscm.inference import counterfactual_token_log_probs
+
+    scm, intervention = _settings(models)[setting]
+    exacts, candidates = [], []
+    generator = torch.Generator().manual_seed(0)
+    for i, prompt in enumerate(PROMPTS):
+        observed = counterfactual(scm, prompt, None, {}, seed=3 + i).factual_ids
+        exacts.append(exact_counterfactual(scm, prompt, observed, intervention))
+        candidates.append(torch.randint(0, V, (2 + i, 3 - i), generator=generator))
+    batched = counterfactual_token_log_probs(exacts, candidates, batch_size=3)
+    wrong = counterfactual_token_log_probs(exacts[::-1], candidates, batch_size=3)  # candidates of another string's law
+    differs = False
+    for exact, rows, log_q, other in zip(exacts, candidates, batched, wrong):
+        assert log_q.shape == rows.shape and log_q.dtype == torch.float64
+        chain = torch.tensor([
+            [float(exact.next_token_probs(row[:t])[row[t]].log()) for t in range(rows.shape[-1])] for row in rows
+        ], dtype=torch.float64)
+        torch.testing.assert_close(log_q.exp(), chain.exp(), atol=1e-6, rtol=1e-5)
+        differs |= not torch.allclose(other.exp(), chain.exp(), atol=1e-3)
+    assert differs  # the baseline, each string's candidates under another string's law, fails
+    with pytest.raises(InferenceError, match="one candidate tensor per string"):
+        counterfactual_token_log_probs(exacts, candidates[:2])
