@@ -195,27 +195,6 @@ class StudyWorker:
             "flipped": flipped,
         }
 
-    def _exact(self, exact: Any, result: Any) -> dict[str, Any]:
-        """The exact metrics of a string (:class:`~pyro_lmscm.inference.ExactCounterfactual`):
-        P(unchanged), the first-divergence distribution and its mean, the probability of
-        keeping each observed token, and each counterfactual draw's per-token probabilities
-        (one teacher-forced pass over its distinct draws)."""
-        from ..inference.exact import expected_first_divergence, first_divergence_law
-
-        log_stay = exact.observed_token_log_probs()  # one pass: the law of the first divergence too
-        divergence = first_divergence_law(log_stay)  # (n + 1,), the last entry P(unchanged)
-        unique, inverse = torch.unique(result.counterfactual_ids, dim=0, return_inverse=True)  # repeats are common
-        draws = exact.token_log_probs(unique).exp()[inverse]
-        return {
-            "summary": {
-                "prob_unchanged": float(divergence[-1]),
-                "first_divergence": [float(p) for p in divergence],
-                "expected_first_divergence": expected_first_divergence(divergence),
-                "token_prob_unchanged": [float(p) for p in log_stay.exp()],
-            },
-            "draws": [[float(p) for p in row] for row in draws],
-        }
-
     # -- the work ----------------------------------------------------------------------
 
     def _start(self, item: CorpusItem, seed: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
@@ -257,61 +236,96 @@ class StudyWorker:
                 baseline=True,
             )
             exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
-            return self._complete(record, prompt, result, exact)
+            return self._complete([record], [result], [exact])[0]
         except LMSCMError as error:
             record["error"] = _error_text(error)
             return record
 
-    def _complete(self, record: dict[str, Any], prompt: torch.Tensor, result: Any, exact: Any) -> dict[str, Any]:
-        """Fill ``record`` from a counterfactual result and its exact distribution.
+    def _complete(self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any]) -> list[dict[str, Any]]:
+        """Fill the records of a batch of strings from their counterfactual results and exact
+        distributions (:class:`~pyro_lmscm.inference.ExactCounterfactual`), each quantity for all
+        strings together: P(unchanged), the first-divergence law and the probability of keeping
+        each observed token (:func:`~pyro_lmscm.inference.exact.observed_token_log_probs`), each
+        distinct counterfactual draw's per-token probabilities
+        (:func:`~pyro_lmscm.inference.counterfactual_token_log_probs`), and the scores of the
+        distinct factual, counterfactual and interventional strings under both mechanisms
+        (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), in shared
+        teacher-forced passes. The strings of a batch share the intervention
+        (:func:`~pyro_lmscm.inference.counterfactuals` refuses one that depends on the observation).
 
         :raises LMSCMError: from the exact metrics or the scorer.
         """
+        from ..inference import counterfactual_token_log_probs
+        from ..inference.exact import expected_first_divergence, first_divergence_law, observed_token_log_probs
+
         config = self.config
-        exact_fields = self._exact(exact, result)
         eos = self.lm.eos_token_ids
-        factual = trim_after_end(result.factual_ids, eos)
-        # A factual string without an end of sequence is only observed up to its length:
-        # the draws are compared over the same horizon.
-        horizon = config.max_new_tokens if factual[-1] in eos else len(factual)
-        cf_rows = [trim_after_end(row, eos)[:horizon] for row in result.counterfactual_ids]
-        assert result.interventional_ids is not None  # baseline=True
-        int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
-        rows = [factual, *cf_rows, *int_rows]
-        token_f, total_f = ragged_token_log_probs(self.scm, prompt, rows)
-        token_i, total_i = ragged_token_log_probs(self.scm, prompt, rows, result.intervention)
-        scores = list(zip(token_f, total_f, token_i, total_i))
-        factual_text = self.lm.decode(factual)
-        factual_label = self._label(factual_text)
-        record["log_prob_observed"] = _finite(result.log_prob_factual)
-        record["factual"] = {
-            "ids": factual,
-            "text": factual_text,
-            "tokens": self._tokens(factual),
-            "token_log_prob_factual": [_finite(x) for x in token_f[0]],
-            "token_log_prob_intervened": [_finite(x) for x in token_i[0]],
-            "log_prob_factual": _finite(total_f[0]),
-            "log_prob_intervened": _finite(total_i[0]),
-            "length": len(factual),
-            "attribute": factual_label,
-        }
-        record["exact"] = exact_fields["summary"]
-        k = len(cf_rows)
-        record["counterfactual"] = [
-            {
-                **self._draw(factual, factual_text, factual_label, ids, scores[1 + j]),
-                "token_prob_counterfactual": exact_fields["draws"][j][: len(ids)],
+        stays = observed_token_log_probs(exacts)
+        unique = [torch.unique(r.counterfactual_ids, dim=0, return_inverse=True) for r in results]  # repeats are common
+        draw_log_q = counterfactual_token_log_probs(exacts, [ids for ids, _ in unique])
+        draw_probs = [log_q.exp()[inverse] for log_q, (_, inverse) in zip(draw_log_q, unique)]
+        strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
+        prompts: list[torch.Tensor] = []
+        rows: list[list[int]] = []
+        where: dict[tuple[int, tuple[int, ...]], int] = {}  # (string, row) -> its position in `rows`
+        for i, result in enumerate(results):
+            factual = trim_after_end(result.factual_ids, eos)
+            # A factual string without an end of sequence is only observed up to its length:
+            # the draws are compared over the same horizon.
+            horizon = config.max_new_tokens if factual[-1] in eos else len(factual)
+            cf_rows = [trim_after_end(row, eos)[:horizon] for row in result.counterfactual_ids]
+            assert result.interventional_ids is not None  # baseline=True
+            int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
+            strings.append((factual, cf_rows, int_rows))
+            for row in (factual, *cf_rows, *int_rows):
+                if where.setdefault((i, tuple(row)), len(rows)) == len(rows):
+                    prompts.append(result.prompt_ids)
+                    rows.append(row)
+        token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows)
+        token_i, total_i = ragged_token_log_probs(self.scm, prompts, rows, results[0].intervention)
+        for i, (record, result, (factual, cf_rows, int_rows)) in enumerate(zip(records, results, strings)):
+            divergence = first_divergence_law(stays[i])  # (n + 1,), the last entry P(unchanged)
+
+            def scores(row: list[int], i: int = i) -> tuple[list[float], float, list[float], float]:
+                at = where[(i, tuple(row))]
+                return token_f[at], total_f[at], token_i[at], total_i[at]
+
+            factual_text = self.lm.decode(factual)
+            factual_label = self._label(factual_text)
+            f_tokens, f_total, i_tokens, i_total = scores(factual)
+            record["log_prob_observed"] = _finite(result.log_prob_factual)
+            record["factual"] = {
+                "ids": factual,
+                "text": factual_text,
+                "tokens": self._tokens(factual),
+                "token_log_prob_factual": [_finite(x) for x in f_tokens],
+                "token_log_prob_intervened": [_finite(x) for x in i_tokens],
+                "log_prob_factual": _finite(f_total),
+                "log_prob_intervened": _finite(i_total),
+                "length": len(factual),
+                "attribute": factual_label,
             }
-            for j, ids in enumerate(cf_rows)
-        ]
-        record["interventional"] = [
-            {
-                **self._draw(factual, factual_text, factual_label, ids, scores[1 + k + j]),
-                "token_prob_counterfactual": None,  # fresh noise: not a counterfactual of the string
+            record["exact"] = {
+                "prob_unchanged": float(divergence[-1]),
+                "first_divergence": [float(p) for p in divergence],
+                "expected_first_divergence": expected_first_divergence(divergence),
+                "token_prob_unchanged": [float(p) for p in stays[i].exp()],
             }
-            for j, ids in enumerate(int_rows)
-        ]
-        return record
+            record["counterfactual"] = [
+                {
+                    **self._draw(factual, factual_text, factual_label, ids, scores(ids)),
+                    "token_prob_counterfactual": [float(p) for p in draw_probs[i][j][: len(ids)]],
+                }
+                for j, ids in enumerate(cf_rows)
+            ]
+            record["interventional"] = [
+                {
+                    **self._draw(factual, factual_text, factual_label, ids, scores(ids)),
+                    "token_prob_counterfactual": None,  # fresh noise: not a counterfactual of the string
+                }
+                for ids in int_rows
+            ]
+        return records
 
     def _exact_only(
         self, record: dict[str, Any], result: Any, log_stay: torch.Tensor, mode: tuple[torch.Tensor, float]
@@ -418,7 +432,7 @@ class StudyWorker:
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
                 stays = observed_token_log_probs(exacts)
                 return [self._exact_only(p[1], r, q, m) for p, r, q, m in zip(part, results, stays, modes)]
-            return [self._complete(p[1], p[2], r, e) for p, r, e in zip(part, results, exacts)]
+            return self._complete([p[1] for p in part], results, exacts)
         except LMSCMError as error:
             if len(part) == 1:
                 record = part[0][1]
