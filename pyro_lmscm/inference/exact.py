@@ -137,32 +137,51 @@ class ExactCounterfactual:
         """Whether step ``t``'s noise is abducted (an observed step before the observed end)."""
         return t < self.observed_ids.shape[-1] and bool(self._active[t])
 
-    def _chain_log_probs(self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def _chain_log_probs(
+        self, logits: torch.Tensor, ended: torch.Tensor, start: int = 0, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``(B, m, V)`` log q(. | s_<t) at steps ``start .. start + m - 1``, given the
         counterfactual logits ``(B, m, V)`` there and whether each candidate has already
-        ended ``(B, m)``. The observed steps of the candidates not yet ended are computed in
-        one batched call (an ended candidate only pads)."""
+        ended ``(B, m)``; with ``tokens`` ``(B, m)`` only log q(tokens | s_<t), ``(B, m)``,
+        without holding the law over V. The observed steps of the candidates not yet ended are
+        computed in one batched call (an ended candidate only pads)."""
         rows, m, _ = logits.shape
         steps = range(start, start + m)
-        log_q = logits.log_softmax(-1)  # past the observation (or its end): the prior noise
+        # past the observation (or its end): the prior noise
+        if tokens is None:
+            log_q = logits.log_softmax(-1)
+        else:
+            log_q = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
         observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
         going = ~ended[:, observed_steps]  # (B, m_abducted)
         if observed_steps and bool(going.any()):
             ts = [steps[i] for i in observed_steps]
             law = log_q[:, observed_steps]
-            law[going] = self.scm.noise.counterfactual_log_probs(
+            args = (
                 self._factual[ts].expand(rows, len(ts), -1)[going],
                 logits[:, observed_steps][going],
                 self.observed_ids[ts].cpu().expand(rows, len(ts))[going],
             )
+            if tokens is None:
+                law[going] = self.scm.noise.counterfactual_log_probs(*args)
+            else:
+                law[going] = self.scm.noise.counterfactual_token_log_probs(*args, tokens[:, observed_steps][going])
             log_q[:, observed_steps] = law
-        pad = torch.full_like(log_q, float("-inf"))
-        pad[..., self.scm.lm.pad_token_id] = 0.0
-        log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
+        pad_id = self.scm.lm.pad_token_id
+        if tokens is None:
+            pad = torch.full_like(log_q, float("-inf"))
+            pad[..., pad_id] = 0.0
+            log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
+            for i, t in enumerate(steps):
+                if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
+                    log_q[:, i] = float("-inf")
+                    log_q[:, i, self._forced[t]] = 0.0
+            return log_q
+        certain = torch.zeros_like(log_q)
+        log_q = torch.where(ended, torch.where(tokens == pad_id, certain, -math.inf), log_q)
         for i, t in enumerate(steps):
-            if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
-                log_q[:, i] = float("-inf")
-                log_q[:, i, self._forced[t]] = 0.0
+            if t in self._forced:
+                log_q[:, i] = torch.where(tokens[:, i] == self._forced[t], certain[:, i], -math.inf)
         return log_q
 
     def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -188,8 +207,7 @@ class ExactCounterfactual:
         """:meth:`token_log_probs` of checked ``candidates`` ``(B, m)`` given the raw intervened
         logits ``(B, m, V)`` of their steps."""
         logits = self._decoded(candidates.to(raw.device), raw).cpu()
-        log_q = self._chain_log_probs(logits, self._ended_before(candidates))
-        return log_q.gather(-1, candidates[..., None]).squeeze(-1)
+        return self._chain_log_probs(logits, self._ended_before(candidates), tokens=candidates)
 
     def log_prob(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B,)`` float64: log P(the counterfactual's first ``m`` tokens = candidate); one

@@ -90,6 +90,18 @@ class NoiseModel(ABC):
         :raises AbductionError: if an observed token has factual probability zero.
         """
 
+    def counterfactual_token_log_probs(
+        self,
+        factual_logits: torch.Tensor,
+        counterfactual_logits: torch.Tensor,
+        observed: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(...)`` float64: :meth:`counterfactual_log_probs` at the tokens ``tokens`` ``(...)``
+        alone (a path that never holds the whole law where one exists)."""
+        full = self.counterfactual_log_probs(factual_logits, counterfactual_logits, observed)
+        return full.gather(-1, tokens.to(full.device).long().expand(full.shape[:-1])[..., None]).squeeze(-1)
+
     def stay_log_prob(
         self, factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
     ) -> torch.Tensor:
@@ -139,6 +151,15 @@ class GumbelMax(NoiseModel):
         self, factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
     ) -> torch.Tensor:
         return step_counterfactual_log_probs(factual_logits, counterfactual_logits, observed)
+
+    def counterfactual_token_log_probs(
+        self,
+        factual_logits: torch.Tensor,
+        counterfactual_logits: torch.Tensor,
+        observed: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        return step_counterfactual_log_probs(factual_logits, counterfactual_logits, observed, tokens=tokens)
 
     def stay_log_prob(
         self, factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
