@@ -111,7 +111,8 @@ def step_counterfactual_log_probs(
     :param counterfactual_logits: decoded counterfactual logits :math:`\ell'`, ``(..., V)``.
     :param observed: the observed tokens :math:`k`, ``(...)``.
     :param tokens: if given, ``(...)``: only :math:`\log P(J = j \mid K = k)` of these tokens
-        :math:`j`, gathered from each few rows of the law, which is never held whole.
+        :math:`j`, gathered from each few rows of the law, which is never held whole (and
+        :func:`stay_log_prob`, with no sort, where :math:`j = k`).
     :returns: ``(..., V)`` log-probabilities that sum to one over the last dimension, or
         ``(...)`` with ``tokens``.
     :raises AbductionError: if an observed token has factual probability zero.
@@ -135,7 +136,16 @@ def step_counterfactual_log_probs(
         log_p, log_q = factual[part].log_softmax(-1), counterfactual[part].log_softmax(-1)
         if bool((log_p.gather(-1, k[part]) == float("-inf")).any()):
             raise AbductionError("an observed token has factual probability zero: no noise produces it.")
-        out[part] = _law(log_p, log_q, k[part], None if j is None else j[part])
+        if j is None:
+            out[part] = _law(log_p, log_q, k[part])
+            continue
+        chunk, k_part, j_part = out[part], k[part], j[part]
+        stays = (j_part == k_part)[:, 0]  # the observed token needs no sort: P(J = k) = 1 / H(r_k)
+        if bool(stays.any()):
+            chunk[stays] = _stay(log_p[stays], log_q[stays], k_part[stays])
+        if not bool(stays.all()):
+            moved = ~stays
+            chunk[moved] = _law(log_p[moved], log_q[moved], k_part[moved], j_part[moved])
     return out.reshape(shape if j is None else shape[:-1])
 
 
@@ -206,10 +216,15 @@ def stay_log_prob(
     log_p = factual_logits.double().log_softmax(-1)
     log_q = counterfactual_logits.double().log_softmax(-1)
     log_p, log_q = torch.broadcast_tensors(log_p, log_q)
-    k = observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None]
+    return _stay(log_p, log_q, observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None])[..., 0]
+
+
+def _stay(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """:func:`stay_log_prob` of log-probabilities ``(..., V)`` and observed tokens ``(..., 1)``:
+    ``(..., 1)``."""
     log_r_k = log_p.gather(-1, k) - log_q.gather(-1, k)  # (..., 1); +inf where q_k = 0
     valid = (log_p > -math.inf) | (log_q > -math.inf)
-    replaceable = (valid & (log_p - log_q < log_r_k)).any(-1)  # some r_j < r_k
+    replaceable = (valid & (log_p - log_q < log_r_k)).any(-1, keepdim=True)  # some r_j < r_k
     scaled = torch.where(log_q > -math.inf, log_r_k + log_q, -math.inf)
-    log_h = torch.maximum(log_p, scaled).logsumexp(-1)
+    log_h = torch.maximum(log_p, scaled).logsumexp(-1, keepdim=True)
     return torch.where(replaceable, -log_h, torch.zeros_like(log_h))

@@ -19,7 +19,9 @@ With ``batch_size=B > 1`` (:meth:`StudyWorker.process_group`) the strings run in
 ``B`` consecutive corpus indices, each block as one batch seeded by :func:`batch_seed` of
 the study seed, its first index and ``B``: the factual strings of the block are sampled in
 one decoding run, the counterfactuals and baselines of all its strings are decoded in
-another (:func:`~pyro_lmscm.inference.counterfactuals`, prompts left-padded). The runner
+another (:func:`~pyro_lmscm.inference.counterfactuals`, prompts left-padded), and the exact
+metrics and scores of all its strings run in shared teacher-forced passes, each distinct
+(string, row) scored once (:meth:`StudyWorker._complete`, as for one string). The runner
 and the Ray backend cut work only at block boundaries, so in both cases a record does not
 depend on sharding, resuming or which worker ran it; it does depend on ``batch_size``
 (another grouping draws other, equally distributed noise, and bfloat16 rounds with the

@@ -382,19 +382,22 @@ def test_the_closed_form_in_chunks_of_rows_equals_it_at_once(monkeypatch):
     logits[::3, :30] = -INF
     k = torch.tensor([35, 2, 7, 31, 0, 1, 39, 5, 9])
     whole = step_counterfactual_log_probs(logits, other, k)
-    tokens = torch.tensor([36, 2, 3, 30, 0, 8, 39, 1, 9])  # the observed token, others, an impossible one
+    tokens = torch.tensor([36, 2, 3, 29, 0, 8, 39, 1, 9])  # observed (rows 1, 4, 6, 8), others, impossible (3)
     gathered = whole.gather(-1, tokens[:, None]).squeeze(-1)
-    assert torch.equal(step_counterfactual_log_probs(logits, other, k, tokens=tokens), gathered)
+    alone = step_counterfactual_log_probs(logits, other, k, tokens=tokens)
+    moved = tokens != k  # the law itself; the observed token by the one-pass stay formula
+    assert torch.equal(alone[moved], gathered[moved])
+    torch.testing.assert_close(alone.exp(), gathered.exp(), rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(closed_form, "CACHE_ELEMENTS", 2 * 40)  # two rows at a time
     assert torch.equal(step_counterfactual_log_probs(logits, other, k), whole)
-    assert torch.equal(step_counterfactual_log_probs(logits, other, k, tokens=tokens), gathered)
+    assert torch.equal(step_counterfactual_log_probs(logits, other, k, tokens=tokens), alone)
     assert torch.allclose(whole.exp().sum(-1), torch.ones(9, dtype=torch.float64), atol=1e-12)
     from pyro_lmscm.models import GumbelMax, InverseCDF
 
     for noise in (GumbelMax(), InverseCDF()):  # the noise models' one-token path (InverseCDF: the default)
-        full = noise.counterfactual_log_probs(logits, other, k)
-        assert torch.equal(noise.counterfactual_token_log_probs(logits, other, k, tokens),
-                           full.gather(-1, tokens[:, None]).squeeze(-1))
+        full = noise.counterfactual_log_probs(logits, other, k).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(noise.counterfactual_token_log_probs(logits, other, k, tokens).exp(), full.exp(),
+                                   rtol=1e-12, atol=1e-14)
 
 
 def test_the_linear_cumulative_sums_equal_torch_logcumsumexp():
