@@ -37,8 +37,9 @@ __all__ = ["gathered_log_probs", "ragged_token_log_probs", "string_log_prob", "t
 
 
 def gathered_log_probs(decoded_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log \mathrm{softmax}(\ell_t)_{w_t}` for decoded logits ``(..., n, V)`` and ids ``(..., n)``."""
-    return decoded_logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    r""":math:`\log \mathrm{softmax}(\ell_t)_{w_t} = \ell_{t, w_t} - \log \sum_v e^{\ell_{t, v}}` for
+    decoded logits ``(..., n, V)`` and ids ``(..., n)`` (no log-softmax over ``V`` is written out)."""
+    return decoded_logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - decoded_logits.logsumexp(-1)
 
 
 @torch.no_grad()

@@ -168,12 +168,13 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
     if size <= COMPACT_SHARE * vocab:  # top-k / top-p decoding: sort only the possible tokens
         key = torch.where(valid, log_r.clamp(max=torch.finfo(log_r.dtype).max), inf)
         order = key.topk(size, dim=-1, largest=False, sorted=True).indices
-    else:
+        taken = valid.gather(-1, order)  # (a row with fewer possible tokens fills up with impossible ones)
+        lr = torch.where(taken, log_r.gather(-1, order), inf)
+        lp = torch.where(taken, log_p.gather(-1, order), -inf)
+        lq = torch.where(taken, log_q.gather(-1, order), -inf)
+    else:  # the whole vocabulary, the impossible tokens last (r = +inf, p = q = 0 already)
         order = _argsort(log_r)
-    taken = valid.gather(-1, order)  # (a row with fewer possible tokens fills up with impossible ones)
-    lr = torch.where(taken, log_r.gather(-1, order), inf)
-    lp = torch.where(taken, log_p.gather(-1, order), -inf)
-    lq = torch.where(taken, log_q.gather(-1, order), -inf)
+        lr, lp, lq = log_r.gather(-1, order), log_p.gather(-1, order), log_q.gather(-1, order)
     # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
     suffix = _logcumsumexp(lp.flip(-1)).flip(-1)  # sum over positions >= m
     log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
