@@ -326,6 +326,18 @@ def _shared(exacts: Sequence[ExactCounterfactual], owner: str) -> tuple[Language
     return scm, mechanism
 
 
+def _intervened_pass(
+    scm: LanguageModelSCM, mechanism: int, pairs: Sequence[tuple[ExactCounterfactual, torch.Tensor]]
+) -> tuple[torch.Tensor, int]:
+    """The raw intervened logits of strings ``(exact, ids (m,))``, each after its exact
+    counterfactual's prompt: one teacher-forced pass, left-padded, of the last ``keep`` steps
+    (``keep``: the longest ``m``); row ``i``'s steps are ``[keep - m_i:]``."""
+    inputs = left_pad([torch.cat([exact._prompt.cpu(), ids.cpu()[:-1]]) for exact, ids in pairs])
+    keep = max(ids.shape[-1] for _, ids in pairs)
+    with scm.mechanisms[mechanism].activate(scm.lm) as f:
+        return f.logits(inputs.to(scm.lm.device), logits_to_keep=keep), keep
+
+
 @torch.no_grad()
 def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: int = 16) -> list[torch.Tensor]:
     """:meth:`ExactCounterfactual.observed_token_log_probs` of many strings, the intervened
@@ -341,10 +353,7 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
     out = []
     for start in range(0, len(exacts), batch_size):
         chunk = exacts[start : start + batch_size]
-        inputs = left_pad([torch.cat([e._prompt.cpu(), e.observed_ids.cpu()[:-1]]) for e in chunk])
-        keep = max(e.observed_ids.shape[-1] for e in chunk)
-        with scm.mechanisms[mechanism].activate(scm.lm) as f:
-            raw = f.logits(inputs.to(scm.lm.device), logits_to_keep=keep)
+        raw, keep = _intervened_pass(scm, mechanism, [(e, e.observed_ids) for e in chunk])
         for row, exact in zip(raw, chunk):
             n = exact.observed_ids.shape[-1]
             logits = exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
@@ -381,10 +390,7 @@ def counterfactual_token_log_probs(
     out: list[list[torch.Tensor]] = [[] for _ in exacts]
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        inputs = left_pad([torch.cat([exacts[i]._prompt.cpu(), checked[i][row, :-1]]) for i, row in chunk])
-        keep = max(checked[i].shape[-1] for i, _ in chunk)
-        with scm.mechanisms[mechanism].activate(scm.lm) as f:
-            raw = f.logits(inputs.to(scm.lm.device), logits_to_keep=keep)
+        raw, keep = _intervened_pass(scm, mechanism, [(exacts[i], checked[i][row]) for i, row in chunk])
         for i in dict.fromkeys(i for i, _ in chunk):  # the rows of each string in this chunk, together
             taken = [j for j, (owner, _) in enumerate(chunk) if owner == i]
             rows = checked[i][[chunk[j][1] for j in taken]]

@@ -125,6 +125,21 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _stay_fields(log_stay: torch.Tensor) -> dict[str, Any]:
+    """The exact metrics of a record from the log-probabilities ``(n,)`` of keeping each
+    observed token: P(unchanged), the first-divergence law, its mean and the per-token
+    probabilities."""
+    from ..inference.exact import expected_first_divergence, first_divergence_law
+
+    divergence = first_divergence_law(log_stay)  # (n + 1,), the last entry P(unchanged)
+    return {
+        "prob_unchanged": float(divergence[-1]),
+        "first_divergence": [float(p) for p in divergence],
+        "expected_first_divergence": expected_first_divergence(divergence),
+        "token_prob_unchanged": [float(p) for p in log_stay.exp()],
+    }
+
+
 class StudyWorker:
     """Holds one model and processes corpus items into records.
 
@@ -163,6 +178,22 @@ class StudyWorker:
     def _label(self, text: str) -> str | None:
         return self.attribute.label(text) if self.attribute is not None else None
 
+    def _scored(
+        self, ids: list[int], text: str, scores: tuple[list[float], float, list[float], float]
+    ) -> dict[str, Any]:
+        """The leading fields of a scored string (the factual one or a draw): its ids, text and
+        tokens, and its per-token and total log-probabilities under both mechanisms."""
+        token_f, total_f, token_i, total_i = scores
+        return {
+            "ids": ids,
+            "text": text,
+            "tokens": self._tokens(ids),
+            "token_log_prob_factual": [_finite(x) for x in token_f],
+            "token_log_prob_intervened": [_finite(x) for x in token_i],
+            "log_prob_factual": _finite(total_f),
+            "log_prob_intervened": _finite(total_i),
+        }
+
     def _draw(
         self,
         factual: list[int],
@@ -174,18 +205,11 @@ class StudyWorker:
         text = self.lm.decode(ids)
         label = self._label(text)
         divergence = first_divergence(factual, ids)
-        token_f, total_f, token_i, total_i = scores
         flipped = None
         if self.attribute is not None and factual_label is not None and label is not None:
             flipped = self.attribute.flipped(factual_label, label)
         return {
-            "ids": ids,
-            "text": text,
-            "tokens": self._tokens(ids),
-            "token_log_prob_factual": [_finite(x) for x in token_f],
-            "token_log_prob_intervened": [_finite(x) for x in token_i],
-            "log_prob_factual": _finite(total_f),
-            "log_prob_intervened": _finite(total_i),
+            **self._scored(ids, text, scores),
             "changed": divergence is not None,
             "first_divergence": divergence,
             "token_edit_distance": token_edit_distance(factual, ids),
@@ -258,7 +282,7 @@ class StudyWorker:
         :raises LMSCMError: from the exact metrics or the scorer.
         """
         from ..inference import counterfactual_token_log_probs
-        from ..inference.exact import expected_first_divergence, first_divergence_law, observed_token_log_probs
+        from ..inference.exact import observed_token_log_probs
 
         config = self.config
         eos = self.lm.eos_token_ids
@@ -286,33 +310,19 @@ class StudyWorker:
         token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows)
         token_i, total_i = ragged_token_log_probs(self.scm, prompts, rows, results[0].intervention)
         for i, (record, result, (factual, cf_rows, int_rows)) in enumerate(zip(records, results, strings)):
-            divergence = first_divergence_law(stays[i])  # (n + 1,), the last entry P(unchanged)
-
             def scores(row: list[int], i: int = i) -> tuple[list[float], float, list[float], float]:
                 at = where[(i, tuple(row))]
                 return token_f[at], total_f[at], token_i[at], total_i[at]
 
             factual_text = self.lm.decode(factual)
             factual_label = self._label(factual_text)
-            f_tokens, f_total, i_tokens, i_total = scores(factual)
             record["log_prob_observed"] = _finite(result.log_prob_factual)
             record["factual"] = {
-                "ids": factual,
-                "text": factual_text,
-                "tokens": self._tokens(factual),
-                "token_log_prob_factual": [_finite(x) for x in f_tokens],
-                "token_log_prob_intervened": [_finite(x) for x in i_tokens],
-                "log_prob_factual": _finite(f_total),
-                "log_prob_intervened": _finite(i_total),
+                **self._scored(factual, factual_text, scores(factual)),
                 "length": len(factual),
                 "attribute": factual_label,
             }
-            record["exact"] = {
-                "prob_unchanged": float(divergence[-1]),
-                "first_divergence": [float(p) for p in divergence],
-                "expected_first_divergence": expected_first_divergence(divergence),
-                "token_prob_unchanged": [float(p) for p in stays[i].exp()],
-            }
+            record["exact"] = _stay_fields(stays[i])
             record["counterfactual"] = [
                 {
                     **self._draw(factual, factual_text, factual_label, ids, scores(ids)),
@@ -334,31 +344,20 @@ class StudyWorker:
     ) -> dict[str, Any]:
         """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``log_stay``
         is :meth:`~pyro_lmscm.inference.ExactCounterfactual.observed_token_log_probs`."""
-        from ..inference.exact import expected_first_divergence, first_divergence_law
-
         eos = self.lm.eos_token_ids
         factual = trim_after_end(result.factual_ids, eos)
-        divergence = first_divergence_law(log_stay)
         factual_text = self.lm.decode(factual)
         mode_ids = trim_after_end(mode[0], eos)  # the mode over the observed horizon
         mode_text = self.lm.decode(mode_ids)
         record["log_prob_observed"] = _finite(result.log_prob_factual)
+        unscored = [math.nan] * len(factual)  # not scored (no draws to compare): null fields
         record["factual"] = {
-            "ids": factual,
-            "text": factual_text,
-            "tokens": self._tokens(factual),
-            "token_log_prob_factual": [None] * len(factual),  # not scored: no draws to compare
-            "token_log_prob_intervened": [None] * len(factual),
-            "log_prob_factual": _finite(result.log_prob_factual),
-            "log_prob_intervened": None,
+            **self._scored(factual, factual_text, (unscored, result.log_prob_factual, unscored, math.nan)),
             "length": len(factual),
             "attribute": self._label(factual_text),
         }
         record["exact"] = {
-            "prob_unchanged": float(divergence[-1]),
-            "first_divergence": [float(p) for p in divergence],
-            "expected_first_divergence": expected_first_divergence(divergence),
-            "token_prob_unchanged": [float(p) for p in log_stay.exp()],
+            **_stay_fields(log_stay),
             "mode_ids": mode_ids,
             "mode_text": mode_text,
             "mode_tokens": self._tokens(mode_ids),
