@@ -26,8 +26,11 @@ can replace it (counterfactual stability, Oberst & Sontag 2019).
 segment :math:`[x, y]` the integral is :math:`(y - x) / (H(x) H(y))`. Sums of segments taken
 from the :math:`r_k` end (a reversed ``logcumsumexp``) give every :math:`j` at once in
 :math:`O(V \log V)` (under top-k or top-p decoding only the tokens possible on either side take
-part: :math:`O(V + k \log k)`), all in log space and float64, so logits of size :math:`10^4` and
-probabilities far below :math:`10^{-300}` keep their precision. :math:`P(J = k)` is
+part: :math:`O(V + k \log k)`), in float64: in log space, so that logits of size :math:`10^4`
+and probabilities far below :math:`10^{-300}` keep their precision, or in linear space where
+every ratio lies within :data:`RATIO_SPAN` nats of one (the full softmax, as a rule), where
+nothing over- or underflows. One token's :math:`P(J = j)` is one sum over the segments
+between :math:`r_j` and :math:`r_k`, without the cumulative sums of the whole law. :math:`P(J = k)` is
 :math:`1 - \sum_{j \neq k}` while that sum is below one half (exactly 1 when no token can
 replace :math:`k`, e.g. under the null intervention) and :math:`1 / H(r_k)` otherwise, so a
 small :math:`P(J = k)` is never a difference of nearly equal numbers.
@@ -49,7 +52,14 @@ import torch
 
 from ..errors import AbductionError
 
-__all__ = ["CACHE_ELEMENTS", "COMPACT_SHARE", "LINEAR_SPAN", "step_counterfactual_log_probs", "stay_log_prob"]
+__all__ = [
+    "CACHE_ELEMENTS",
+    "COMPACT_SHARE",
+    "LINEAR_SPAN",
+    "RATIO_SPAN",
+    "step_counterfactual_log_probs",
+    "stay_log_prob",
+]
 
 #: When every row has at most this share of the vocabulary possible on either side (top-k or
 #: top-p decoding: 50 or 100 of 49,152 tokens), only those tokens are sorted and integrated.
@@ -64,6 +74,14 @@ CACHE_ELEMENTS = 2**19
 #: linear space: no term underflows (:math:`e^{-600} \approx 10^{-261}`) and sums of positive
 #: terms keep their relative precision; 45x faster than ``torch.logcumsumexp`` at V = 49,152.
 LINEAR_SPAN = 600.0
+
+
+#: A row whose log ratios :math:`\log r_i` are all finite and within this many nats of zero runs
+#: in linear space (2x faster): :math:`H \geq \min(1, \rho) / 2 \geq e^{-200} / 2`, a product
+#: of two :math:`H` stays below :math:`4 e^{400}` and the length of a segment between distinct
+#: ratios above :math:`10^{-103}`, so no segment overflows or underflows; a probability too
+#: small for a float64 only drops a term below :math:`e^{-400}` of :math:`H`.
+RATIO_SPAN = 200.0
 
 
 def _logcumsumexp(x: torch.Tensor) -> torch.Tensor:
@@ -151,19 +169,23 @@ def step_counterfactual_log_probs(
 
 def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`step_counterfactual_log_probs` of rows ``(R, V)`` of log-probabilities and the
-    observed tokens ``(R, 1)``: ``(R, V)``, or ``(R, 1)`` at ``tokens`` ``(R, 1)``. Rows with
+    observed tokens ``(R, 1)``: ``(R, V)``, or ``(R, 1)`` at ``tokens`` ``(R, 1)``, which differ
+    from the observed ones (:func:`_stay` gives those): one sum over the segments between
+    :math:`r_j` and :math:`r_k`, without the law's cumulative sums. Rows with
     few possible tokens (top-k / top-p decoding) and rows with many take separate paths, so
     that one full row does not make all rows sort the whole vocabulary."""
     inf = float("inf")
     vocab = log_p.shape[-1]
     valid = (log_p > -inf) | (log_q > -inf)  # tokens impossible on both sides take no part
-    compact = valid.sum(-1) <= COMPACT_SHARE * vocab
-    if bool(compact.any()) and not bool(compact.all()):
-        out = torch.empty_like(log_p if tokens is None else k, dtype=log_p.dtype)
-        for rows in (compact, ~compact):
-            out[rows] = _law(log_p[rows], log_q[rows], k[rows], None if tokens is None else tokens[rows])
-        return out
     log_r = torch.where(valid, log_p - log_q, inf)  # q_i = 0 < p_i gives +inf, p_i = 0 < q_i gives -inf
+    compact = valid.sum(-1) <= COMPACT_SHARE * vocab
+    linear = ~compact & (log_r.abs().amax(-1) <= RATIO_SPAN)  # (inf and nan fail)
+    for path in (compact, linear):
+        if bool(path.any()) and not bool(path.all()):  # each kind of row on its own path
+            out = torch.empty_like(log_p if tokens is None else k, dtype=log_p.dtype)
+            for rows in (path, ~path):
+                out[rows] = _law(log_p[rows], log_q[rows], k[rows], None if tokens is None else tokens[rows])
+            return out
     size = int(valid.sum(-1).max())
     if size <= COMPACT_SHARE * vocab:  # top-k / top-p decoding: sort only the possible tokens
         key = torch.where(valid, log_r.clamp(max=torch.finfo(log_r.dtype).max), inf)
@@ -175,24 +197,39 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
     else:  # the whole vocabulary, the impossible tokens last (r = +inf, p = q = 0 already)
         order = _argsort(log_r)
         lr, lp, lq = log_r.gather(-1, order), log_p.gather(-1, order), log_q.gather(-1, order)
-    # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m
-    suffix = _logcumsumexp(lp.flip(-1)).flip(-1)  # sum over positions >= m
-    log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
-    log_b = _logcumsumexp(lq)  # <= m
-    log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
-    # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1})); to +inf: 1 / (H(x_m) B_m)
-    x, y = lr[:, :-1], lr[:, 1:]
-    finite = y < inf
-    log_segment = torch.where(
-        finite,
-        _log_diff(torch.where(finite, y, 0.0), torch.where(finite, x, 0.0)) - log_h[:, :-1] - log_h[:, 1:],
-        torch.where(x < inf, -log_h[:, :-1] - log_b[:, :-1], -inf),
-    )
-    log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
-    # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
     position_k = (order == k).long().argmax(-1, keepdim=True)  # (R, 1)
-    below_k = torch.arange(order.shape[-1] - 1, device=order.device) < position_k
-    log_segment = torch.where(below_k, log_segment, -inf)
+    steps = torch.arange(order.shape[-1] - 1, device=order.device)
+    between = None
+    if tokens is not None:  # the segments from r_j up to r_k (none where r_j >= r_k)
+        position_j = (order == tokens).long().argmax(-1, keepdim=True)
+        between = (steps >= position_j) & (steps < position_k)
+    # H at each breakpoint x_m = r_(m): sum of p over r_i > x_m, plus x_m times sum of q over r_i <= x_m;
+    # segment m = [x_m, x_{m+1}]: (x_{m+1} - x_m) / (H(x_m) H(x_{m+1}))
+    if bool(linear.all()):  # every ratio finite and within RATIO_SPAN: in linear space
+        r, p = lr.exp(), lp.exp()
+        a = torch.cat([p.flip(-1).cumsum(-1).flip(-1)[:, 1:], torch.zeros_like(p[:, :1])], -1)  # > m
+        h = a + r * lq.exp().cumsum(-1)
+        segment = (r[:, 1:] - r[:, :-1]).clamp(min=0.0) / (h[:, :-1] * h[:, 1:])
+        if tokens is not None and between is not None:  # log q_j + log (the segments between): one masked sum, no law
+            return log_q.gather(-1, tokens) + torch.where(between, segment, 0.0).sum(-1, keepdim=True).log()
+        log_segment, log_h = segment.log(), h.log()
+    else:  # in log space, with +inf ratios: the segment to +inf is 1 / (H(x_m) B_m)
+        suffix = _logcumsumexp(lp.flip(-1)).flip(-1)  # sum over positions >= m
+        log_a = torch.cat([suffix[:, 1:], torch.full_like(suffix[:, :1], -inf)], -1)  # > m
+        log_b = _logcumsumexp(lq)  # <= m
+        log_h = torch.logaddexp(log_a, torch.where(log_b > -inf, lr + log_b, -inf))
+        x, y = lr[:, :-1], lr[:, 1:]
+        finite = y < inf
+        log_segment = torch.where(
+            finite,
+            _log_diff(torch.where(finite, y, 0.0), torch.where(finite, x, 0.0)) - log_h[:, :-1] - log_h[:, 1:],
+            torch.where(x < inf, -log_h[:, :-1] - log_b[:, :-1], -inf),
+        )
+        log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
+        if tokens is not None and between is not None:
+            return log_q.gather(-1, tokens) + torch.where(between, log_segment, -inf).logsumexp(-1, keepdim=True)
+    # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
+    log_segment = torch.where(steps < position_k, log_segment, -inf)
     log_f = _logcumsumexp(log_segment.flip(-1)).flip(-1)  # (R, V-1): from m to the end
     log_f = torch.cat([log_f, torch.full_like(log_f[:, :1], -inf)], -1)
     out = torch.full_like(log_p, -inf).scatter_(-1, order, lq + log_f)
@@ -202,8 +239,7 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
     log_stay = torch.where(
         others < math.log(0.5), torch.log1p(-others.exp().clamp(max=0.5)), -log_h.gather(-1, position_k)
     )
-    out.scatter_(-1, k, log_stay)
-    return out if tokens is None else out.gather(-1, tokens)
+    return out.scatter_(-1, k, log_stay)
 
 
 def stay_log_prob(

@@ -385,9 +385,9 @@ def test_the_closed_form_in_chunks_of_rows_equals_it_at_once(monkeypatch):
     tokens = torch.tensor([36, 2, 3, 29, 0, 8, 39, 1, 9])  # observed (rows 1, 4, 6, 8), others, impossible (3)
     gathered = whole.gather(-1, tokens[:, None]).squeeze(-1)
     alone = step_counterfactual_log_probs(logits, other, k, tokens=tokens)
-    moved = tokens != k  # the law itself; the observed token by the one-pass stay formula
-    assert torch.equal(alone[moved], gathered[moved])
+    # other tokens by one sum of segments, the observed token by the one-pass stay formula
     torch.testing.assert_close(alone.exp(), gathered.exp(), rtol=1e-12, atol=1e-14)
+    assert torch.equal(alone.isinf(), gathered.isinf())  # the impossible token (3) and r_j >= r_k alike
     monkeypatch.setattr(closed_form, "CACHE_ELEMENTS", 2 * 40)  # two rows at a time
     assert torch.equal(step_counterfactual_log_probs(logits, other, k), whole)
     assert torch.equal(step_counterfactual_log_probs(logits, other, k, tokens=tokens), alone)
@@ -420,6 +420,44 @@ def test_the_linear_cumulative_sums_equal_torch_logcumsumexp():
     # the naive linear sum underflows where the span is wide: the fallback is needed
     naive = rows[1].max() + torch.exp(rows[1] - rows[1].max()).cumsum(-1).log()
     assert not torch.isfinite(naive).all() and torch.isfinite(got[1]).all()
+
+
+def test_the_linear_closed_form_equals_the_log_space_one(monkeypatch):
+    """Rows whose log ratios stay within RATIO_SPAN run in linear space; they must give the
+    log-space numbers, also near the bound (ratios of e^+-190) and for probabilities far
+    below a float64's range; past the bound, linear space would overflow."""
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=generator, dtype=torch.float64) * 3
+    other = logits + torch.randn(6, 300, generator=generator, dtype=torch.float64) * 2
+    other[1] = logits[1] + torch.linspace(-95, 95, 300, dtype=torch.float64)  # log ratios span +-190
+    logits[2, :100] -= 900  # factual probabilities below e^-900 (0 as floats)
+    other[2, :100] -= 900
+    other[3] = logits[3]  # the null intervention: nothing moves
+    k = torch.tensor([5, 150, 200, 7, 0, 299])
+    tokens = torch.stack([row.argmax() for row in step_counterfactual_log_probs(logits, other, k)])
+    tokens[4] = 1
+    log_r = logits.log_softmax(-1) - other.log_softmax(-1)
+    assert float(log_r.abs().amax()) <= closed_form.RATIO_SPAN < float(log_r[1].abs().amax()) + 20
+    linear = step_counterfactual_log_probs(logits, other, k), step_counterfactual_log_probs(logits, other, k, tokens)
+    monkeypatch.setattr(closed_form, "RATIO_SPAN", -1.0)  # every row in log space
+    log_space = step_counterfactual_log_probs(logits, other, k), step_counterfactual_log_probs(logits, other, k, tokens)
+    for got, expected in zip(linear, log_space):  # log-probabilities to 1e-9, tiny ones included
+        finite = expected.isfinite()
+        assert torch.equal(got.isfinite(), finite)
+        torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=1e-9)
+    tiny = log_space[0][2]
+    assert bool(((tiny < -300) & tiny.isfinite()).any())  # probabilities below e^-300 took part
+    assert linear[0][3].exp()[7] == 1.0
+    monkeypatch.undo()
+    # ratios of e^+-400 take the log-space path; forced into linear space, probabilities underflow
+    wide = logits[:1], logits[:1] + torch.linspace(-200, 200, 300, dtype=torch.float64), k[:1]
+    right = step_counterfactual_log_probs(*wide)
+    assert torch.allclose(right.exp().sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12)
+    monkeypatch.setattr(closed_form, "RATIO_SPAN", math.inf)
+    forced = step_counterfactual_log_probs(*wide)
+    assert int(right.isfinite().sum()) > int(forced.isfinite().sum())
 
 
 @pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token", "exclusion"])
