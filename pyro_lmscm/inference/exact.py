@@ -38,6 +38,7 @@ from ..models.sites import MECHANISM, PROMPT
 from ..seeding import seeded
 from ..validation import as_int
 from .hindsight_guide import HindsightGumbelGuide
+from .scoring import gathered_log_probs
 
 if TYPE_CHECKING:
     from ..interventions.ops import Intervention
@@ -147,13 +148,19 @@ class ExactCounterfactual:
         computed in one batched call (an ended candidate only pads)."""
         rows, m, _ = logits.shape
         steps = range(start, start + m)
+        observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
+        going = ~ended[:, observed_steps]  # (B, m_abducted)
         # past the observation (or its end): the prior noise
         if tokens is None:
             log_q = logits.log_softmax(-1)
-        else:
-            log_q = logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
-        observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
-        going = ~ended[:, observed_steps]  # (B, m_abducted)
+        else:  # (the abducted steps of candidates not yet ended are overwritten below)
+            prior = torch.ones(rows, m, dtype=torch.bool)
+            prior[:, observed_steps] = ended[:, observed_steps]
+            if bool(prior.all()):
+                log_q = gathered_log_probs(logits, tokens)
+            else:
+                log_q = torch.zeros(rows, m, dtype=logits.dtype)
+                log_q[prior] = gathered_log_probs(logits[prior], tokens[prior])
         if observed_steps and bool(going.any()):
             ts = [steps[i] for i in observed_steps]
             law = log_q[:, observed_steps]
