@@ -38,13 +38,14 @@ def _attribute(value: str | None) -> Any:
 
 
 def _paper(
-    output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, progress, batch_size
+    output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, progress, batch_size, draw_scores
 ) -> None:
     from ..study.paper import run_paper_study
 
     options = {
         "model": model, "dtype": dtype, "num_samples": samples, "max_new_tokens": max_new_tokens,
         "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads, "batch_size": batch_size,
+        "draw_scores": draw_scores,
     }
     result = run_paper_study(
         output or "studies/paper", progress=progress, **{k: v for k, v in options.items() if v is not None},
@@ -105,6 +106,10 @@ def study_command(
         False, "--exact-only", help="Only the exact metrics per string, no draws: P(unchanged), the first-divergence "
         "law, the most probable counterfactual."
     ),
+    no_draw_scores: bool = typer.Option(
+        False, "--no-draw-scores", help="Do not score the draws (their log-probabilities under both models and "
+        "exact token probabilities stay null): about 2.5x faster in batches."
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="The model's device: cpu, cuda, cuda:1, ..."),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
@@ -119,7 +124,7 @@ def study_command(
             if exact_only or device is not None:
                 raise StudyError("--paper reports draws on the CPU; drop --exact-only and --device.")
             _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, not no_progress,
-                   batch_size)
+                   batch_size, False if no_draw_scores else None)
             return
         if report_only:
             if output is None:
@@ -160,6 +165,7 @@ def study_command(
             "force_recompute": True if force_recompute else None,
             "batch_size": batch_size,
             "exact_only": True if exact_only else None,
+            "draw_scores": False if no_draw_scores else None,
             "device": device,
         }
         if demo and config is not None:

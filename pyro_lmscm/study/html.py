@@ -121,14 +121,16 @@ def _q(q: float) -> str:
     return f"{q:.3f}" if q >= 0.001 else f"{q:.1e}"
 
 
-def _cell(tokens: Sequence[str], lp_f: Sequence[float | None], lp_i: Sequence[float | None], i: int | None,
-          tag: str, divergence: bool, q: Sequence[float] | None = None, q_label: str = "") -> str:
+def _cell(tokens: Sequence[str], lp_f: Sequence[float | None] | None, lp_i: Sequence[float | None] | None,
+          i: int | None, tag: str, divergence: bool, q: Sequence[float] | None = None, q_label: str = "") -> str:
     """One token; ``q`` (exact counterfactual probabilities, if known) colours its underline:
     solid blue for a token the counterfactual keeps for sure, fading to none at 0."""
     classes = [tag] + (["div"] if divergence else [])
     if i is None:
         return f'<td class="gap{" div" if divergence else ""}">·</td>'
-    title = f"{tokens[i]!r}  p(factual) = {_prob(lp_f[i])}  p(intervened) = {_prob(lp_i[i])}"
+    title = repr(tokens[i])
+    if lp_f is not None and lp_i is not None:  # (a draw not scored has neither, draw_scores=False)
+        title += f"  p(factual) = {_prob(lp_f[i])}  p(intervened) = {_prob(lp_i[i])}"
     style = ""
     if q is not None and i < len(q) and q[i] is not None:
         title += f"  {q_label} = {_q(float(q[i]))}"

@@ -82,7 +82,9 @@ draw             {ids, text, tokens, token_log_prob_factual, token_log_prob_inte
                   token_edit_distance, normalized_token_edit_distance, char_edit_distance,
                   common_prefix, length, attribute, flipped, token_prob_counterfactual}
                   token_prob_counterfactual[t] = exact q(s_t | s_<t) of the draw's tokens
-                  under the counterfactual distribution (null for interventional draws)
+                  under the counterfactual distribution (null for interventional draws);
+                  with draw_scores off, the token_log_prob_*, log_prob_* and
+                  token_prob_counterfactual fields of every draw are null
 """
 
 

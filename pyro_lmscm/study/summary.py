@@ -58,8 +58,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("log_prob_intervened", "log p under the intervened model", _field("log_prob_intervened")),
     Metric(
         "outside_factual_support",
-        "outside the factual decoding support (share)",
-        lambda d: float(d.get("log_prob_factual") is None),
+        "outside the factual decoding support (share)",  # of the draws scored (a null token_log_prob_factual: not)
+        lambda d: None if d.get("token_log_prob_factual", ()) is None else float(d.get("log_prob_factual") is None),
     ),
     Metric("flipped", "attribute flipped (eligible draws)", _field("flipped")),
 )

@@ -179,15 +179,19 @@ class StudyWorker:
         return self.attribute.label(text) if self.attribute is not None else None
 
     def _scored(
-        self, ids: list[int], text: str, scores: tuple[list[float], float, list[float], float]
+        self, ids: list[int], text: str, scores: tuple[list[float], float, list[float], float] | None
     ) -> dict[str, Any]:
         """The leading fields of a scored string (the factual one or a draw): its ids, text and
-        tokens, and its per-token and total log-probabilities under both mechanisms."""
+        tokens, and its per-token and total log-probabilities under both mechanisms (all
+        null for a draw not scored, ``draw_scores=False``)."""
+        head = {"ids": ids, "text": text, "tokens": self._tokens(ids)}
+        if scores is None:
+            return {**head, **dict.fromkeys(
+                ("token_log_prob_factual", "token_log_prob_intervened", "log_prob_factual", "log_prob_intervened")
+            )}
         token_f, total_f, token_i, total_i = scores
         return {
-            "ids": ids,
-            "text": text,
-            "tokens": self._tokens(ids),
+            **head,
             "token_log_prob_factual": [_finite(x) for x in token_f],
             "token_log_prob_intervened": [_finite(x) for x in token_i],
             "log_prob_factual": _finite(total_f),
@@ -200,7 +204,7 @@ class StudyWorker:
         factual_text: str,
         factual_label: str | None,
         ids: list[int],
-        scores: tuple[list[float], float, list[float], float],
+        scores: tuple[list[float], float, list[float], float] | None,
     ) -> dict[str, Any]:
         text = self.lm.decode(ids)
         label = self._label(text)
@@ -276,7 +280,8 @@ class StudyWorker:
         (:func:`~pyro_lmscm.inference.counterfactual_token_log_probs`), and the scores of the
         distinct factual, counterfactual and interventional strings under both mechanisms
         (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), in shared
-        teacher-forced passes. The strings of a batch share the intervention
+        teacher-forced passes; with ``draw_scores=False`` the factual strings' scores alone.
+        The strings of a batch share the intervention
         (:func:`~pyro_lmscm.inference.counterfactuals` refuses one that depends on the observation).
 
         :raises LMSCMError: from the exact metrics or the scorer.
@@ -287,9 +292,12 @@ class StudyWorker:
         config = self.config
         eos = self.lm.eos_token_ids
         stays = observed_token_log_probs(exacts)
-        unique = [torch.unique(r.counterfactual_ids, dim=0, return_inverse=True) for r in results]  # repeats are common
-        draw_log_q = counterfactual_token_log_probs(exacts, [ids for ids, _ in unique])
-        draw_probs = [log_q.exp()[inverse] for log_q, (_, inverse) in zip(draw_log_q, unique)]
+        draw_probs: list[torch.Tensor | None] = [None] * len(results)
+        if config.draw_scores:
+            # repeats are common
+            unique = [torch.unique(r.counterfactual_ids, dim=0, return_inverse=True) for r in results]
+            draw_log_q = counterfactual_token_log_probs(exacts, [ids for ids, _ in unique])
+            draw_probs = [log_q.exp()[inverse] for log_q, (_, inverse) in zip(draw_log_q, unique)]
         strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
         prompts: list[torch.Tensor] = []
         rows: list[list[int]] = []
@@ -303,14 +311,18 @@ class StudyWorker:
             assert result.interventional_ids is not None  # baseline=True
             int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
             strings.append((factual, cf_rows, int_rows))
-            for row in (factual, *cf_rows, *int_rows):
+            for row in (factual, *cf_rows, *int_rows) if config.draw_scores else (factual,):
                 if where.setdefault((i, tuple(row)), len(rows)) == len(rows):
                     prompts.append(result.prompt_ids)
                     rows.append(row)
         token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows)
         token_i, total_i = ragged_token_log_probs(self.scm, prompts, rows, results[0].intervention)
         for i, (record, result, (factual, cf_rows, int_rows)) in enumerate(zip(records, results, strings)):
-            def scores(row: list[int], i: int = i) -> tuple[list[float], float, list[float], float]:
+            def scores(
+                row: list[int], i: int = i, draw: bool = True
+            ) -> tuple[list[float], float, list[float], float] | None:
+                if draw and not config.draw_scores:
+                    return None  # (even a draw equal to the factual string)
                 at = where[(i, tuple(row))]
                 return token_f[at], total_f[at], token_i[at], total_i[at]
 
@@ -318,15 +330,16 @@ class StudyWorker:
             factual_label = self._label(factual_text)
             record["log_prob_observed"] = _finite(result.log_prob_factual)
             record["factual"] = {
-                **self._scored(factual, factual_text, scores(factual)),
+                **self._scored(factual, factual_text, scores(factual, draw=False)),
                 "length": len(factual),
                 "attribute": factual_label,
             }
             record["exact"] = _stay_fields(stays[i])
+            probs = draw_probs[i]  # None: not scored
             record["counterfactual"] = [
                 {
                     **self._draw(factual, factual_text, factual_label, ids, scores(ids)),
-                    "token_prob_counterfactual": [float(p) for p in draw_probs[i][j][: len(ids)]],
+                    "token_prob_counterfactual": None if probs is None else [float(p) for p in probs[j][: len(ids)]],
                 }
                 for j, ids in enumerate(cf_rows)
             ]

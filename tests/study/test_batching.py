@@ -20,6 +20,7 @@ from scipy import stats
 from pyro_lmscm.inference import exact_counterfactual, most_probable
 from pyro_lmscm.metrics import trim_after_end
 from pyro_lmscm.study import CorpusItem, StudyWorker, run_study
+from pyro_lmscm.study.summary import summarize
 from pyro_lmscm.study.worker import MODE_BEAMS, batch_seed
 
 
@@ -108,3 +109,35 @@ def test_exact_only_study_report(make_config, tmp_path):
     summary = result.summary_markdown
     assert "exact P(unchanged)" in summary and "most probable counterfactual differs" in summary
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+SCORE_FIELDS = ("token_log_prob_factual", "token_log_prob_intervened", "log_prob_factual", "log_prob_intervened")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_draws_not_scored_are_the_same_draws_with_null_scores(make_config, tmp_path, batch_size):
+    """draw_scores=False: every record equals the scored study's with the draws' scores and
+    exact token probabilities nulled (draws, distances, the factual string's scores and the
+    exact metrics the same numbers); the summary counts no scored draw, and the report renders."""
+    full = run_study(make_config(output=str(tmp_path / "full"), batch_size=batch_size)).records
+    lean_config = make_config(output=str(tmp_path / "lean"), batch_size=batch_size, draw_scores=False, report=True)
+    lean = run_study(lean_config)
+    assert len(lean.records) == len(full) and any(r["counterfactual"] for r in full)
+    for scored, record in zip(full, lean.records):
+        expected, record = json.loads(json.dumps(scored)), dict(record)
+        assert expected.pop("fingerprint") != record.pop("fingerprint")  # records of another result
+        if "factual" in expected:  # scored in a batch of other rows: equal up to float32 rounding
+            expected["factual"], record["factual"] = dict(expected["factual"]), dict(record["factual"])
+            for field in SCORE_FIELDS:
+                got, want = record["factual"].pop(field), expected["factual"].pop(field)
+                assert got == pytest.approx(want, abs=1e-4, rel=1e-5) and got is not None
+        for kind in ("counterfactual", "interventional"):
+            for draw in expected.get(kind, []):
+                assert draw["log_prob_intervened"] is not None  # the scored study did score it
+                draw.update(dict.fromkeys(SCORE_FIELDS), token_prob_counterfactual=None)
+        assert record == expected
+    rows = {(row.metric, row.kind): row for row in summarize(lean.records, bootstrap=10)}
+    for metric in (*SCORE_FIELDS[2:], "outside_factual_support"):
+        assert rows[(metric, "counterfactual")].n == 0 and rows[(metric, "interventional")].n == 0
+    assert rows[("changed", "counterfactual")].n > 0
+    assert (tmp_path / "lean" / "report.html").is_file() and "log p under the intervened model" in lean.summary_markdown

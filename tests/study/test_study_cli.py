@@ -41,6 +41,25 @@ def test_flags_run_resume_and_report_only(tiny_folders, corpus_file, tmp_path):
     assert result.exit_code == 0 and (out / "report.html").is_file()
 
 
+def test_no_draw_scores_flag(tiny_folders, corpus_file, tmp_path):
+    """--no-draw-scores leaves the draws unscored, is a result setting (the scored folder does
+    not resume unscored), and the scored study still scores them."""
+    runner, out = CliRunner(), tmp_path / "out"
+    result = runner.invoke(app, _flags(tiny_folders, corpus_file, out) + ["--limit", "2", "--no-draw-scores"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    draws = [d for r in records for d in r["counterfactual"] + r["interventional"]]
+    assert draws and all(d["log_prob_factual"] is None and d["token_prob_counterfactual"] is None for d in draws)
+    assert all(r["factual"]["log_prob_factual"] is not None for r in records)
+    assert json.loads((out / "study.json").read_text())["result_settings"]["draw_scores"] is False
+    result = runner.invoke(app, _flags(tiny_folders, corpus_file, out) + ["--limit", "2"])
+    assert result.exit_code != 0 and "draw_scores" in result.output
+    scored = tmp_path / "scored"
+    assert runner.invoke(app, _flags(tiny_folders, corpus_file, scored) + ["--limit", "2"]).exit_code == 0
+    records = [json.loads(line) for line in (scored / "records.jsonl").read_text().splitlines()]
+    assert all(d["token_prob_counterfactual"] is not None for r in records for d in r["counterfactual"])
+
+
 def test_config_file_with_overrides(tiny_folders, corpus_file, tmp_path):
     config = tmp_path / "study.json"
     config.write_text(json.dumps({
