@@ -13,6 +13,9 @@ MC, batch 1            ``run_study(batch_size=1)``: each string alone (factual s
                        scoring)
 MC, batch B            the same study in batches of B strings (left-padded)           ≥ 3x
                                                                                       batch 1
+MC unscored, batch 1   both again with ``draw_scores=False``: the draws are not
+and batch B            scored (no log-probabilities under either model, no exact
+                       token probabilities; the reference computes neither)
 draws only, batch B    the reference's work alone, batched: ``counterfactuals()`` of B
                        strings, factual sample + 4 counterfactuals each (no baseline,
                        no exact metrics, no scoring)
@@ -248,12 +251,17 @@ def main(argv: list[str] | None = None) -> None:
         exact = dict(model=model, dtype=dtype, intervention=intervention, max_new_tokens=25, top_k=50,
                      attribute=None, threads=args.threads, exact_only=True, batch_size=args.exact_batch_size)
         cycled = [paper[i % len(paper)] for i in range(args.exact_strings)]
+        single_corpus = write_corpus(folder, "single", demo[: args.single_strings])
+        batched_corpus = write_corpus(folder, "batched", demo[: args.mc_strings])
         cases = {
-            "MC, batch 1": study_case(lm, folder, write_corpus(folder, "single", demo[: args.single_strings]),
-                                      {**mc, "batch_size": 1}, "single"),
+            "MC, batch 1": study_case(lm, folder, single_corpus, {**mc, "batch_size": 1}, "single"),
             f"MC, batch {args.batch_size}": study_case(
-                lm, folder, write_corpus(folder, "batched", demo[: args.mc_strings]),
-                {**mc, "batch_size": args.batch_size}, "batched"),
+                lm, folder, batched_corpus, {**mc, "batch_size": args.batch_size}, "batched"),
+            "MC unscored, batch 1": study_case(
+                lm, folder, single_corpus, {**mc, "batch_size": 1, "draw_scores": False}, "single-unscored"),
+            f"MC unscored, batch {args.batch_size}": study_case(
+                lm, folder, batched_corpus, {**mc, "batch_size": args.batch_size, "draw_scores": False},
+                "batched-unscored"),
             "reference": reference_case(lm, mechanism, demo[: args.single_strings], draws=4, tokens=32),
             f"draws only, batch {args.batch_size}": draws_case(lm, intervention, demo[: args.mc_strings],
                                                                args.batch_size, draws=4, tokens=32),
@@ -280,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| MC batch {args.batch_size} / MC batch 1 | {single / batched:.2f} | ≥ 3 |")
     print(f"| MC batch {args.batch_size} / reference | {reference / batched:.2f} | ≥ 10 |")
     print(f"| MC batch 1 / reference | {reference / single:.2f} | — |")
+    lean, lean_single = results[f"MC unscored, batch {args.batch_size}"][0], results["MC unscored, batch 1"][0]
+    print(f"| MC unscored (draw_scores=False) batch {args.batch_size} / batch 1 | {lean_single / lean:.2f} | (≥ 3) |")
+    print(f"| MC unscored (draw_scores=False) batch {args.batch_size} / reference | {reference / lean:.2f} | (≥ 10) |")
     draws_only = results[f"draws only, batch {args.batch_size}"][0]
     print(f"| the reference's work alone (sample + 4 CF), batch {args.batch_size} / reference | "
           f"{reference / draws_only:.2f} | — |")

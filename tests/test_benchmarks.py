@@ -39,9 +39,10 @@ def test_quick_study_benchmark_prints_every_rate(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--quick", "--threads", "1"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    case = r"MC, batch \d+|reference|exact-only, batch \d+|draws only, batch \d+"
+    case = r"MC, batch \d+|MC unscored, batch \d+|reference|exact-only, batch \d+|draws only, batch \d+"
     rates = dict(re.findall(rf"^\| ({case}) \| \d+ \| [0-9.]+ \| ([0-9.]+) \|$", result.stdout, flags=re.M))
-    names = {"MC, batch 1", "MC, batch 16", "reference", "exact-only, batch 64", "draws only, batch 16"}
+    names = {"MC, batch 1", "MC, batch 16", "MC unscored, batch 1", "MC unscored, batch 16", "reference",
+             "exact-only, batch 64", "draws only, batch 16"}
     assert set(rates) == names, result.stdout
     assert all(float(rate) > 0 for rate in rates.values())
     assert "exact-only study, 500 strings x 25 tokens:" in result.stdout
