@@ -66,6 +66,7 @@ def test_parquet_store_matches_jsonl(tmp_path, make_config):
     from pyro_lmscm.study import run_study
 
     records = run_study(make_config(limit=3, output=str(tmp_path / "j"))).records
+    unscored = run_study(make_config(limit=2, output=str(tmp_path / "u"), draw_scores=False)).records  # null lists
     parquet = ParquetStore(tmp_path / "p")
     for record in records:
         parquet.append(record)
@@ -75,3 +76,7 @@ def test_parquet_store_matches_jsonl(tmp_path, make_config):
     assert loaded[3]["error"] == "AbductionError: x" and "factual" not in loaded[3]
     assert parquet.done() == {0, 1, 2, 7}
     assert not list((tmp_path / "p").glob(".tmp-*"))
+    other = ParquetStore(tmp_path / "q")
+    for record in unscored:
+        other.append(record)
+    assert other.load() == unscored and unscored[0]["counterfactual"][0]["token_log_prob_factual"] is None
