@@ -33,6 +33,7 @@ from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict
 from .scoring import string_log_prob, token_log_probs
+from .token_score_messenger import TokenScoreMessenger
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "most_probable",
     "step_counterfactual_log_probs",
     "PosteriorNoiseMessenger",
+    "TokenScoreMessenger",
     "METHODS",
     "NUTS_MAX_VOCAB",
     "STATISTICS",

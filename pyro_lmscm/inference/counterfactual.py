@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import pyro
 import torch
@@ -16,10 +17,12 @@ from ..lm import left_pad
 from ..seeding import seeded
 from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
+from .exact import ExactCounterfactual
 from .hindsight_guide import HindsightGumbelGuide
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import predict
 from .statistics import active_steps
+from .token_score_messenger import TokenScoreMessenger
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -41,11 +44,24 @@ class CounterfactualResult:
     :ivar intervention: the ``poutine.do`` data that was applied.
     :ivar log_prob_factual: :math:`\\log p(\\text{factual} \\mid \\text{prompt})`.
     :ivar factual_logits: the raw factual logits ``(n, V)`` that sampled ``factual_ids``
-        (when it was sampled by :func:`counterfactuals`): what the abduction used, for
+        (when it was sampled, not observed): what the abduction used, for
         :func:`~pyro_lmscm.inference.exact_counterfactual` ``(raw_logits=...)``.
     :ivar noise_stats: per-draw summaries of the posterior noise at the observed steps,
         ``{"observed_noise": (num_samples, n_a), "top_gumbel": (num_samples, n_a)}``
         (see :func:`~pyro_lmscm.inference.noise_statistics`).
+    :ivar exact: with ``scores=True``, the exact counterfactual distribution of the string
+        (:class:`~pyro_lmscm.inference.ExactCounterfactual`, on the abduction's logits).
+    :ivar counterfactual_scores: with ``scores=True``, ``(num_samples, T)`` float32: each
+        counterfactual token's log-probability under the intervened mechanism, recorded while
+        it was decoded (:class:`~pyro_lmscm.inference.TokenScoreMessenger`): what
+        :func:`~pyro_lmscm.inference.token_log_probs` of the draws under the intervention
+        gives, up to the rounding of another batch; ``0`` after a draw's end.
+    :ivar interventional_scores: the same for the baseline's draws (with ``baseline=True``).
+    :ivar counterfactual_log_q: with ``scores=True``, ``(num_samples, T)`` float64: each
+        counterfactual token's exact log-probability under the counterfactual distribution
+        given the draw's prefix, :math:`\\log q(s_t \\mid s_{<t})` (what
+        :meth:`~pyro_lmscm.inference.ExactCounterfactual.token_log_probs` of the draws gives),
+        on the same logits.
     """
 
     scm: LanguageModelSCM = field(repr=False)
@@ -57,6 +73,10 @@ class CounterfactualResult:
     log_prob_factual: float
     noise_stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     factual_logits: torch.Tensor | None = field(default=None, repr=False)
+    exact: ExactCounterfactual | None = field(default=None, repr=False)
+    counterfactual_scores: torch.Tensor | None = field(default=None, repr=False)
+    interventional_scores: torch.Tensor | None = field(default=None, repr=False)
+    counterfactual_log_q: torch.Tensor | None = field(default=None, repr=False)
 
     def _texts(self, ids: torch.Tensor) -> list[str]:
         return [self.scm.lm.decode(row) for row in ids]
@@ -125,9 +145,14 @@ def _predict(
     size: int,
     baseline: torch.Generator | None,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    scorer: Callable[[int | None], TokenScoreMessenger] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], tuple[torch.Tensor, ...] | None]:
     """One chunk of ``size`` posterior draws: counterfactual ids ``(size, T)``,
-    interventional ids ``(size, T)`` (``None`` without ``baseline``) and the noise statistics.
+    interventional ids ``(size, T)`` (``None`` without ``baseline``), the noise statistics
+    and, with a ``scorer`` (``scorer(posterior_rows)`` makes a
+    :class:`TokenScoreMessenger` per decoding run), the scores: the counterfactual and the
+    baseline rows' token log-probabilities and the counterfactual rows' chain, each
+    ``(..., size, T)``.
 
     Each step's posterior noise is drawn when the model reaches it
     (:class:`PosteriorNoiseMessenger`). With ``baseline`` the plate has ``2 size`` rows, the
@@ -135,19 +160,38 @@ def _predict(
     decoding run for both.
     """
     handlers: list[PosteriorNoiseMessenger] = []
+    scorers: list[TokenScoreMessenger] = []
 
-    def noise(start: int, stop: int) -> PosteriorNoiseMessenger:
+    def noise(start: int, stop: int) -> ContextManager[Any]:
         posterior_rows = max(0, min(stop, size) - start) if baseline is not None else None
         handler = PosteriorNoiseMessenger(guide, prompt, posterior_rows, baseline_generator=baseline)
         if start < size:
             handlers.append(handler)
-        return handler
+        if scorer is None:
+            return handler
+        scorers.append(scorer(posterior_rows))
+        return _entered(handler, scorers[-1])
 
     rows = 2 * size if baseline is not None else size
     ids = predict(scm, intervened, prompt, rows, noise, anchor=guide.anchor(prompt), deterministic=deterministic)
     parts = [h.noise_statistics() for h in handlers]
     stats = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts and parts[0] else {}
-    return ids[..., :size, :], (ids[..., size:, :] if baseline is not None else None), stats
+    scores = None
+    if scorer is not None:
+        lead = ids.shape[:-1]
+        log_p = torch.cat([s.token_log_probs().expand(*lead[:-1], -1, ids.shape[-1]) for s in scorers], -2)
+        log_q = torch.cat([s.chain_log_probs().expand(*lead[:-1], -1, ids.shape[-1]) for s in scorers], -2)
+        scores = (log_p[..., :size, :], log_p[..., size:, :], log_q)
+    return ids[..., :size, :], (ids[..., size:, :] if baseline is not None else None), stats, scores
+
+
+@contextmanager
+def _entered(*handlers: ContextManager[Any]) -> Iterator[None]:
+    """All of ``handlers`` at once, the first outermost."""
+    with ExitStack() as stack:
+        for handler in handlers:
+            stack.enter_context(handler)
+        yield
 
 
 def _baseline_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -239,6 +283,7 @@ def counterfactual(
     chunk_size: int | None = None,
     baseline: bool = False,
     deterministic: bool = False,
+    scores: bool = False,
 ) -> CounterfactualResult:
     r"""What would ``observed`` have been under ``intervention``?
 
@@ -282,6 +327,11 @@ def counterfactual(
     :param deterministic: decode every draw alone (see :func:`replay_noise`), so that in
         bfloat16 a draw's counterfactual does not depend on the other draws of its batch;
         the noise, hence the distribution, is the same.
+    :param scores: also score the draws while they are decoded
+        (:class:`~pyro_lmscm.inference.TokenScoreMessenger`): their token log-probabilities
+        under the intervention and the counterfactuals' exact chain
+        (:attr:`CounterfactualResult.counterfactual_scores`, ``interventional_scores``,
+        ``counterfactual_log_q``, ``exact``), without a teacher-forced pass of the draws.
     :raises ObservationError, AbductionError, InterventionError: on bad input.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=6)
@@ -317,14 +367,19 @@ def counterfactual(
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
         intervened = intervene(scm, data)
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
+        exact = None
+        if scores:
+            exact = ExactCounterfactual(scm, prompt, observed, data, raw_logits=guide.anchor(prompt).logits)
+        scorer = _scorer(scm, data, None if exact is None else [exact])
         chunks = [
-            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic)
+            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic, scorer)
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
         interventional_ids = torch.cat([c[1] for c in chunks if c[1] is not None]) if baseline else None
         stats = [chunk[2] for chunk in chunks]
         noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]} if stats[0] else {}
+        scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
     return CounterfactualResult(
         scm=scm,
         prompt_ids=prompt,
@@ -334,7 +389,40 @@ def counterfactual(
         intervention=data,
         log_prob_factual=float(guide.log_prob_observed(prompt)),
         noise_stats=noise_stats,
+        factual_logits=raw_logits,
+        exact=exact,
+        counterfactual_scores=scored.get("counterfactual_scores"),
+        interventional_scores=scored.get("interventional_scores"),
+        counterfactual_log_q=scored.get("counterfactual_log_q"),
     )
+
+
+def _scorer(
+    scm: LanguageModelSCM, data: dict[str, torch.Tensor], exacts: list[ExactCounterfactual] | None
+) -> Callable[[int | None], TokenScoreMessenger] | None:
+    """The :class:`TokenScoreMessenger` factory of a prediction with ``scores`` (``exacts``
+    given), else ``None``."""
+    if exacts is None:
+        return None
+    return lambda posterior_rows: TokenScoreMessenger(scm, data, exacts, posterior_rows=posterior_rows)
+
+
+def _row(value: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if value is None else value[i]
+
+
+def _joined_scores(
+    chunks: Sequence[tuple[torch.Tensor, ...] | None], baseline: bool
+) -> dict[str, torch.Tensor | None]:
+    """The chunks' scores (:func:`_predict`) joined along the draws: the result's fields."""
+    if not chunks or chunks[0] is None:
+        return {}
+    parts = [chunk for chunk in chunks if chunk is not None]
+    return {
+        "counterfactual_scores": torch.cat([part[0] for part in parts], -2),
+        "interventional_scores": torch.cat([part[1] for part in parts], -2) if baseline else None,
+        "counterfactual_log_q": torch.cat([part[2] for part in parts], -2),
+    }
 
 
 #: The plate of the strings of :func:`counterfactuals` (outside the plate of draws).
@@ -357,6 +445,7 @@ def counterfactuals(
     seed: int | None = None,
     margin: float = 0.0,
     baseline: bool = False,
+    scores: bool = False,
 ) -> list[CounterfactualResult]:
     r""":func:`counterfactual` of several strings at once, one :class:`CounterfactualResult` each.
 
@@ -382,6 +471,7 @@ def counterfactuals(
         a string ends at its end of sequence).
     :param intervention: one intervention for every string; it may not depend on the
         observation (``exclude_t="factual"`` does: use :func:`counterfactual`).
+    :param scores: as :func:`counterfactual`, for every string.
     :raises ObservationError, AbductionError, InterventionError, InferenceError: on bad input.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
@@ -431,8 +521,16 @@ def counterfactuals(
         intervened = pyro.plate(STRINGS, S, dim=-2)(intervene(scm, datas[0]))
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         size = max(1, auto_chunk_size(scm, batch.shape[-1], baseline) // S)
+        exacts = None
+        if scores:
+            raw = guide.anchor(prompt).logits  # (S, 1, n, V): the logits the abduction used
+            exacts = [
+                ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, 0, : lengths[i]])
+                for i in range(S)
+            ]
+        scorer = _scorer(scm, datas[0], exacts)
         chunks = [
-            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, False)
+            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, False, scorer)
             for start in range(0, num_samples, size)
         ]
         empty = torch.zeros(S, 0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
@@ -440,6 +538,7 @@ def counterfactuals(
         baselines = [c[1] for c in chunks if c[1] is not None]
         interventional_ids = torch.cat([empty, *baselines], dim=-2) if baseline else None
         log_prob = guide.log_prob_observed(prompt).reshape(S)
+        scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
     return [
         CounterfactualResult(
             scm=scm,
@@ -450,6 +549,10 @@ def counterfactuals(
             intervention=datas[i],
             log_prob_factual=float(log_prob[i]),
             factual_logits=None if raw_logits is None else raw_logits[i, 0, : lengths[i]],
+            exact=None if exacts is None else exacts[i],
+            counterfactual_scores=_row(scored.get("counterfactual_scores"), i),
+            interventional_scores=_row(scored.get("interventional_scores"), i),
+            counterfactual_log_q=_row(scored.get("counterfactual_log_q"), i),
         )
         for i in range(S)
     ]

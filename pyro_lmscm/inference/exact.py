@@ -144,51 +144,33 @@ class ExactCounterfactual:
         """``(B, m, V)`` log q(. | s_<t) at steps ``start .. start + m - 1``, given the
         counterfactual logits ``(B, m, V)`` there and whether each candidate has already
         ended ``(B, m)``; with ``tokens`` ``(B, m)`` only log q(tokens | s_<t), ``(B, m)``,
-        without holding the law over V. The observed steps of the candidates not yet ended are
-        computed in one batched call (an ended candidate only pads)."""
+        without holding the law over V (:func:`chain_token_log_probs`). The observed steps of
+        the candidates not yet ended are computed in one batched call (an ended candidate only
+        pads)."""
+        if tokens is not None:
+            owners = torch.zeros(logits.shape[0], dtype=torch.long)
+            return chain_token_log_probs([self], owners, logits, ended, tokens, start)
         rows, m, _ = logits.shape
         steps = range(start, start + m)
         observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
         going = ~ended[:, observed_steps]  # (B, m_abducted)
-        # past the observation (or its end): the prior noise
-        if tokens is None:
-            log_q = logits.log_softmax(-1)
-        else:  # (the abducted steps of candidates not yet ended are overwritten below)
-            prior = torch.ones(rows, m, dtype=torch.bool)
-            prior[:, observed_steps] = ended[:, observed_steps]
-            if bool(prior.all()):
-                log_q = gathered_log_probs(logits, tokens)
-            else:
-                log_q = torch.zeros(rows, m, dtype=logits.dtype)
-                log_q[prior] = gathered_log_probs(logits[prior], tokens[prior])
+        log_q = logits.log_softmax(-1)  # past the observation (or its end): the prior noise
         if observed_steps and bool(going.any()):
             ts = [steps[i] for i in observed_steps]
             law = log_q[:, observed_steps]
-            args = (
+            law[going] = self.scm.noise.counterfactual_log_probs(
                 self._factual[ts].expand(rows, len(ts), -1)[going],
                 logits[:, observed_steps][going],
                 self.observed_ids[ts].cpu().expand(rows, len(ts))[going],
             )
-            if tokens is None:
-                law[going] = self.scm.noise.counterfactual_log_probs(*args)
-            else:
-                law[going] = self.scm.noise.counterfactual_token_log_probs(*args, tokens[:, observed_steps][going])
             log_q[:, observed_steps] = law
-        pad_id = self.scm.lm.pad_token_id
-        if tokens is None:
-            pad = torch.full_like(log_q, float("-inf"))
-            pad[..., pad_id] = 0.0
-            log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
-            for i, t in enumerate(steps):
-                if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
-                    log_q[:, i] = float("-inf")
-                    log_q[:, i, self._forced[t]] = 0.0
-            return log_q
-        certain = torch.zeros_like(log_q)
-        log_q = torch.where(ended, torch.where(tokens == pad_id, certain, -math.inf), log_q)
+        pad = torch.full_like(log_q, float("-inf"))
+        pad[..., self.scm.lm.pad_token_id] = 0.0
+        log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
         for i, t in enumerate(steps):
-            if t in self._forced:
-                log_q[:, i] = torch.where(tokens[:, i] == self._forced[t], certain[:, i], -math.inf)
+            if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
+                log_q[:, i] = float("-inf")
+                log_q[:, i, self._forced[t]] = 0.0
         return log_q
 
     def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -318,6 +300,51 @@ class ExactCounterfactual:
                 f"got {tuple(candidates.shape)}."
             )
         return candidates
+
+
+def chain_token_log_probs(
+    exacts: Sequence[ExactCounterfactual],
+    owners: torch.Tensor,
+    logits: torch.Tensor,
+    ended: torch.Tensor,
+    tokens: torch.Tensor,
+    start: int = 0,
+) -> torch.Tensor:
+    """``(B, m)`` float64: log q(tokens | s_<t) at steps ``start .. start + m - 1`` of
+    candidates of several strings, row ``b`` a candidate of ``exacts[owners[b]]``, given its
+    counterfactual logits ``(B, m, V)`` there and whether it has already ended ``(B, m)``
+    (:meth:`ExactCounterfactual.token_log_probs` from the logits, without holding the law over
+    V). The abducted steps of the candidates not yet ended, of every string, take one call of
+    the noise model's closed form; the others the prior (an ended candidate only pads)."""
+    scm = exacts[0].scm
+    rows, m = tokens.shape
+    steps = range(start, start + m)
+    owners = owners.cpu()
+    abducted = torch.tensor([[exact._abducted(t) for t in steps] for exact in exacts]).reshape(len(exacts), m)
+    going = abducted[owners] & ~ended  # (B, m): the posterior noise applies
+    if not bool(going.any()):
+        log_q = gathered_log_probs(logits, tokens)
+    else:
+        log_q = torch.zeros(rows, m, dtype=logits.dtype)
+        prior = ~going  # past the observation (or its end): the prior noise
+        if bool(prior.any()):
+            log_q[prior] = gathered_log_probs(logits[prior], tokens[prior])
+        row, step = going.nonzero(as_tuple=True)
+        at = [(int(owners[b]), steps[i]) for b, i in zip(row.tolist(), step.tolist())]
+        log_q[going] = scm.noise.counterfactual_token_log_probs(
+            torch.stack([exacts[o]._factual[t] for o, t in at]),
+            logits[going],
+            torch.stack([exacts[o].observed_ids[t].cpu() for o, t in at]),
+            tokens[going],
+        )
+    certain = torch.zeros_like(log_q)
+    log_q = torch.where(ended, torch.where(tokens == scm.lm.pad_token_id, certain, -math.inf), log_q)
+    for o, exact in enumerate(exacts):  # after its end the SCM pads, unless do(w_t = x) says otherwise
+        mine = owners == o
+        for i, t in enumerate(steps):
+            if t in exact._forced:
+                log_q[mine, i] = torch.where(tokens[mine, i] == exact._forced[t], certain[mine, i], -math.inf)
+    return log_q
 
 
 def _shared(exacts: Sequence[ExactCounterfactual], owner: str) -> tuple[LanguageModelSCM, int]:

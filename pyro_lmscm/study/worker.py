@@ -10,8 +10,10 @@ the attribute check. :meth:`StudyWorker.process` turns one corpus item into one 
    draws of the intervened model (the interventional baseline);
 3. per draw (cut to the factual string's length when that has no end of sequence: the
    observation says nothing beyond it): changed or not, first divergence, token and character edit distances, common
-   prefix, per-token and total log-probabilities under the factual and the intervened
-   mechanism (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), and the attribute check.
+   prefix, per-token and total log-probabilities under the factual mechanism
+   (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`) and under the intervened one
+   (recorded while the draw was decoded, :class:`~pyro_lmscm.inference.TokenScoreMessenger`),
+   the exact per-token counterfactual probabilities, and the attribute check.
 
 With ``batch_size=1`` everything random in step 1 and 2 is seeded by :func:`string_seed`
 of the study seed and the string's index alone, and each string runs in its own batches.
@@ -250,7 +252,7 @@ class StudyWorker:
         does not survive tokenization, a prompt too long for the context) gives a record
         with an ``error`` message instead of draws.
         """
-        from ..inference import counterfactual, exact_counterfactual
+        from ..inference import counterfactual
 
         if not isinstance(item, CorpusItem):
             item = CorpusItem(**item)
@@ -263,45 +265,53 @@ class StudyWorker:
         try:
             result = counterfactual(
                 self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
-                baseline=True,
+                baseline=True, scores=config.draw_scores,
             )
-            exact = exact_counterfactual(self.scm, prompt, result.factual_ids, self.intervention)
-            return self._complete([record], [result], [exact])[0]
+            return self._complete([record], [result], [self._exact(result)])[0]
         except LMSCMError as error:
             record["error"] = _error_text(error)
             return record
+
+    def _exact(self, result: Any) -> Any:
+        """The exact counterfactual of a :class:`~pyro_lmscm.inference.CounterfactualResult`:
+        the one it was scored with, else one on the logits its abduction used."""
+        from ..inference import exact_counterfactual
+
+        if result.exact is not None:
+            return result.exact
+        return exact_counterfactual(
+            self.scm, result.prompt_ids, result.factual_ids, self.intervention, raw_logits=result.factual_logits
+        )
 
     def _complete(self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any]) -> list[dict[str, Any]]:
         """Fill the records of a batch of strings from their counterfactual results and exact
         distributions (:class:`~pyro_lmscm.inference.ExactCounterfactual`), each quantity for all
         strings together: P(unchanged), the first-divergence law and the probability of keeping
-        each observed token (:func:`~pyro_lmscm.inference.exact.observed_token_log_probs`), each
-        distinct counterfactual draw's per-token probabilities
-        (:func:`~pyro_lmscm.inference.counterfactual_token_log_probs`), and the scores of the
-        distinct factual, counterfactual and interventional strings under both mechanisms
+        each observed token (:func:`~pyro_lmscm.inference.exact.observed_token_log_probs`), and
+        the scores of the distinct factual, counterfactual and interventional strings under the
+        factual mechanism and of the factual strings under the intervened one
         (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), in shared
-        teacher-forced passes; with ``draw_scores=False`` the factual strings' scores alone.
+        teacher-forced passes. The draws' scores under the intervened mechanism and the
+        counterfactual draws' exact per-token probabilities were recorded while they were
+        decoded (``counterfactuals(scores=True)``, :class:`~pyro_lmscm.inference.TokenScoreMessenger`);
+        a draw equal to the factual string takes the factual string's scores and probabilities
+        of keeping each token. With ``draw_scores=False`` the factual strings' scores alone.
         The strings of a batch share the intervention
         (:func:`~pyro_lmscm.inference.counterfactuals` refuses one that depends on the observation).
 
         :raises LMSCMError: from the exact metrics or the scorer.
         """
-        from ..inference import counterfactual_token_log_probs
         from ..inference.exact import observed_token_log_probs
 
         config = self.config
         eos = self.lm.eos_token_ids
         stays = observed_token_log_probs(exacts)
-        draw_probs: list[torch.Tensor | None] = [None] * len(results)
-        if config.draw_scores:
-            # repeats are common
-            unique = [torch.unique(r.counterfactual_ids, dim=0, return_inverse=True) for r in results]
-            draw_log_q = counterfactual_token_log_probs(exacts, [ids for ids, _ in unique])
-            draw_probs = [log_q.exp()[inverse] for log_q, (_, inverse) in zip(draw_log_q, unique)]
         strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
         prompts: list[torch.Tensor] = []
         rows: list[list[int]] = []
         where: dict[tuple[int, tuple[int, ...]], int] = {}  # (string, row) -> its position in `rows`
+        # the intervened scores of a draw: recorded while it was decoded, the first of equal draws
+        recorded: dict[tuple[int, tuple[int, ...]], list[float]] = {}
         for i, result in enumerate(results):
             factual = trim_after_end(result.factual_ids, eos)
             # A factual string without an end of sequence is only observed up to its length:
@@ -315,8 +325,17 @@ class StudyWorker:
                 if where.setdefault((i, tuple(row)), len(rows)) == len(rows):
                     prompts.append(result.prompt_ids)
                     rows.append(row)
+            if config.draw_scores:
+                assert result.counterfactual_scores is not None and result.interventional_scores is not None
+                drawn = torch.cat([result.counterfactual_scores, result.interventional_scores])
+                for row, log_p in zip((*cf_rows, *int_rows), drawn.tolist()):
+                    recorded.setdefault((i, tuple(row)), log_p[: len(row)])
         token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows)
-        token_i, total_i = ragged_token_log_probs(self.scm, prompts, rows, results[0].intervention)
+        # under the intervention only the factual strings: the draws' scores were recorded
+        factual_at = [where[(i, tuple(factual))] for i, (factual, _, _) in enumerate(strings)]
+        token_i, total_i = ragged_token_log_probs(
+            self.scm, [prompts[at] for at in factual_at], [rows[at] for at in factual_at], results[0].intervention
+        )
         for i, (record, result, (factual, cf_rows, int_rows)) in enumerate(zip(records, results, strings)):
             def scores(
                 row: list[int], i: int = i, draw: bool = True
@@ -324,7 +343,10 @@ class StudyWorker:
                 if draw and not config.draw_scores:
                     return None  # (even a draw equal to the factual string)
                 at = where[(i, tuple(row))]
-                return token_f[at], total_f[at], token_i[at], total_i[at]
+                if row == strings[i][0]:  # a draw equal to the factual string has its scores
+                    return token_f[at], total_f[at], token_i[i], total_i[i]
+                log_p = recorded[(i, tuple(row))]
+                return token_f[at], total_f[at], log_p, math.fsum(log_p)
 
             factual_text = self.lm.decode(factual)
             factual_label = self._label(factual_text)
@@ -335,11 +357,15 @@ class StudyWorker:
                 "attribute": factual_label,
             }
             record["exact"] = _stay_fields(stays[i])
-            probs = draw_probs[i]  # None: not scored
+            log_q = result.counterfactual_log_q  # None: not scored
             record["counterfactual"] = [
                 {
                     **self._draw(factual, factual_text, factual_label, ids, scores(ids)),
-                    "token_prob_counterfactual": None if probs is None else [float(p) for p in probs[j][: len(ids)]],
+                    "token_prob_counterfactual": None if log_q is None else (
+                        # an unchanged draw: the probabilities of keeping each observed token
+                        record["exact"]["token_prob_unchanged"][: len(ids)] if ids == factual
+                        else [math.exp(q) for q in log_q[j][: len(ids)].tolist()]
+                    ),
                 }
                 for j, ids in enumerate(cf_rows)
             ]
@@ -421,7 +447,7 @@ class StudyWorker:
     def _run_part(
         self, part: list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]], seed: int
     ) -> list[dict[str, Any]]:
-        from ..inference import counterfactuals, exact_counterfactual, most_probable
+        from ..inference import counterfactuals, most_probable
         from ..inference.exact import observed_token_log_probs
 
         config = self.config
@@ -430,14 +456,9 @@ class StudyWorker:
             results = counterfactuals(
                 self.scm, [p[2] for p in part], observed, self.intervention,
                 num_samples=0 if config.exact_only else config.num_samples, seed=seed,
-                baseline=not config.exact_only,
+                baseline=not config.exact_only, scores=config.draw_scores and not config.exact_only,
             )
-            exacts = [
-                exact_counterfactual(
-                    self.scm, r.prompt_ids, r.factual_ids, self.intervention, raw_logits=r.factual_logits
-                )
-                for r in results
-            ]
+            exacts = [self._exact(r) for r in results]
             if config.exact_only:
                 eos = self.lm.eos_token_ids
                 horizons = [

@@ -141,3 +141,36 @@ def test_draws_not_scored_are_the_same_draws_with_null_scores(make_config, tmp_p
         assert rows[(metric, "counterfactual")].n == 0 and rows[(metric, "interventional")].n == 0
     assert rows[("changed", "counterfactual")].n > 0
     assert (tmp_path / "lean" / "report.html").is_file() and "log p under the intervened model" in lean.summary_markdown
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_draw_scores_equal_teacher_forced_ones(make_config, tmp_path, batch_size):
+    """The draws' scores under the intervention and their exact token probabilities, recorded
+    while decoding, against independent teacher-forced passes of each draw alone: the scorer
+    and the exact chain (float32, to 1e-4). Their scores under the factual model must differ."""
+    from pyro_lmscm.inference import token_log_probs
+
+    config = make_config(output=str(tmp_path / f"scores{batch_size}"), batch_size=batch_size)
+    result = run_study(config)
+    worker = StudyWorker(config)
+    lm, checked, differs = worker.lm, 0, 0
+    for record in result.records:
+        if record.get("error") is not None:
+            continue
+        prompt, factual = lm.encode(record["prompt"]), torch.tensor(record["factual"]["ids"])
+        exact = exact_counterfactual(worker.scm, prompt, factual, worker.intervention)
+        data = exact.intervention
+        for kind in ("counterfactual", "interventional"):
+            for draw in record[kind]:
+                ids = torch.tensor(draw["ids"])[None]
+                alone = token_log_probs(worker.scm, prompt, ids, data)[0].tolist()
+                assert draw["token_log_prob_intervened"] == pytest.approx(alone, abs=1e-4)
+                assert draw["log_prob_intervened"] == pytest.approx(sum(alone), abs=1e-4)
+                factual_scores = token_log_probs(worker.scm, prompt, ids)[0].tolist()
+                assert draw["token_log_prob_factual"] == pytest.approx(factual_scores, abs=1e-4)
+                differs += draw["token_log_prob_factual"] != pytest.approx(alone, abs=1e-2)
+                if kind == "counterfactual":
+                    probs = exact.token_log_probs(ids)[0].exp().tolist()
+                    assert draw["token_prob_counterfactual"] == pytest.approx(probs, abs=1e-4)
+                checked += 1
+    assert checked >= 20 and differs >= checked // 2
