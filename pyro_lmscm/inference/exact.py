@@ -150,28 +150,7 @@ class ExactCounterfactual:
         if tokens is not None:
             owners = torch.zeros(logits.shape[0], dtype=torch.long)
             return chain_token_log_probs([self], owners, logits, ended, tokens, start)
-        rows, m, _ = logits.shape
-        steps = range(start, start + m)
-        observed_steps = [i for i, t in enumerate(steps) if self._abducted(t)]
-        going = ~ended[:, observed_steps]  # (B, m_abducted)
-        log_q = logits.log_softmax(-1)  # past the observation (or its end): the prior noise
-        if observed_steps and bool(going.any()):
-            ts = [steps[i] for i in observed_steps]
-            law = log_q[:, observed_steps]
-            law[going] = self.scm.noise.counterfactual_log_probs(
-                self._factual[ts].expand(rows, len(ts), -1)[going],
-                logits[:, observed_steps][going],
-                self.observed_ids[ts].cpu().expand(rows, len(ts))[going],
-            )
-            log_q[:, observed_steps] = law
-        pad = torch.full_like(log_q, float("-inf"))
-        pad[..., self.scm.lm.pad_token_id] = 0.0
-        log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
-        for i, t in enumerate(steps):
-            if t in self._forced:  # ... unless do(w_t = x) says otherwise, as in the SCM
-                log_q[:, i] = float("-inf")
-                log_q[:, i, self._forced[t]] = 0.0
-        return log_q
+        return chain_log_probs([self], torch.zeros(logits.shape[0], dtype=torch.long), logits, ended, start)
 
     def _step_log_probs(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """``(B, V)``: :meth:`_chain_log_probs` at the one step ``t``."""
@@ -231,20 +210,30 @@ class ExactCounterfactual:
         observed = self.observed_ids.cpu()[None]
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu() if logits is None else logits
-        log_q = logits.log_softmax(-1).gather(-1, observed[..., None]).squeeze(-1)[0]
-        active = [t for t in range(n) if bool(self._active[t])]
+        log_q = self._observed_scores(logits)
+        active = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]
         if active:
             factual, counterfactual, tokens = self._factual[active], logits[0, active], observed[0, active]
             if relabel is not None:
                 new_id = torch.empty_like(relabel).scatter_(0, relabel, torch.arange(relabel.numel()))
                 factual, counterfactual, tokens = factual[:, relabel], counterfactual[:, relabel], new_id[tokens]
             log_q[active] = self.scm.noise.stay_log_prob(factual, counterfactual, tokens)
-        ended = self._ended_before(observed)[0]
-        log_q = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_q)
-        for t, value in self._forced.items():
-            if t < n:
-                log_q[t] = 0.0 if int(observed[0, t]) == value else -math.inf
         return log_q
+
+    def _observed_scores(self, logits: torch.Tensor, factual: bool = False) -> torch.Tensor:
+        """``(n,)`` float64: the observation's per-token log-probabilities under the intervened
+        mechanism given its decoded logits on the observation ``(1, n, V)`` (or, ``factual``,
+        under the factual one on the abduction's logits), as the scorer
+        (:func:`~pyro_lmscm.inference.token_log_probs`) defines them: ``0`` after the end
+        of sequence, and under ``do(w_t = x)`` ``0`` or :math:`-\\infty`."""
+        observed = self.observed_ids.cpu()[None]
+        log_p = gathered_log_probs(self._factual[None] if factual else logits, observed)[0]
+        ended = self._ended_before(observed)[0]
+        log_p = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_p)
+        for t, value in {} if factual else self._forced.items():
+            if t < observed.shape[-1]:
+                log_p[t] = 0.0 if int(observed[0, t]) == value else -math.inf
+        return log_p
 
     def prob_unchanged(self, relabel: torch.Tensor | None = None) -> float:
         """P(counterfactual[:n] = observed[:n]): one pass of the intervened model on the
@@ -300,6 +289,49 @@ class ExactCounterfactual:
                 f"got {tuple(candidates.shape)}."
             )
         return candidates
+
+
+def chain_log_probs(
+    exacts: Sequence[ExactCounterfactual],
+    owners: torch.Tensor,
+    logits: torch.Tensor,
+    ended: torch.Tensor,
+    start: int = 0,
+) -> torch.Tensor:
+    """``(B, m, V)`` float64: log q(. | s_<t) at steps ``start .. start + m - 1`` of candidates
+    of several strings, row ``b`` a candidate of ``exacts[owners[b]]``, given its
+    counterfactual logits ``(B, m, V)`` there and whether it has already ended ``(B, m)``
+    (:meth:`ExactCounterfactual.next_token_probs` from the logits). The abducted steps of the
+    candidates not yet ended, of every string, take one call of the noise model's law; the
+    others the prior (an ended candidate only pads)."""
+    scm = exacts[0].scm
+    rows, m, _ = logits.shape
+    steps = range(start, start + m)
+    owners = owners.cpu()
+    abducted = torch.tensor([[exact._abducted(t) for t in steps] for exact in exacts]).reshape(len(exacts), m)
+    going = abducted[owners] & ~ended  # (B, m): the posterior noise applies
+    prior = ~going  # past the observation (or its end): the prior noise
+    log_q = logits.log_softmax(-1) if bool(prior.all()) else torch.empty_like(logits)
+    if bool(going.any()):
+        if bool(prior.any()):
+            log_q[prior] = logits[prior].log_softmax(-1)
+        row, step = going.nonzero(as_tuple=True)
+        at = [(int(owners[b]), steps[i]) for b, i in zip(row.tolist(), step.tolist())]
+        log_q[going] = scm.noise.counterfactual_log_probs(
+            torch.stack([exacts[o]._factual[t] for o, t in at]),
+            logits[going],
+            torch.stack([exacts[o].observed_ids[t].cpu() for o, t in at]),
+        )
+    pad = torch.full_like(log_q, float("-inf"))
+    pad[..., scm.lm.pad_token_id] = 0.0
+    log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
+    for o, exact in enumerate(exacts):  # ... unless do(w_t = x) says otherwise, as in the SCM
+        mine = owners == o
+        for i, t in enumerate(steps):
+            if t in exact._forced:
+                log_q[mine, i] = float("-inf")
+                log_q[mine, i, exact._forced[t]] = 0.0
+    return log_q
 
 
 def chain_token_log_probs(
@@ -380,18 +412,41 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
 
     :raises InferenceError: for strings of other SCMs or mechanisms.
     """
+    return [parts[0] for parts in _observed(exacts, batch_size, scores=False)]
+
+
+@torch.no_grad()
+def observed_log_probs(
+    exacts: Sequence[ExactCounterfactual], batch_size: int = 16
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per string, three ``(n,)`` float64 tensors over its observation, from the passes of
+    :func:`observed_token_log_probs`: the log-probabilities of keeping each observed token,
+    and the observation's per-token log-probabilities under the factual mechanism (on the
+    abduction's logits) and under the intervened one, as the scorer
+    (:func:`~pyro_lmscm.inference.token_log_probs`) defines them.
+
+    :raises InferenceError: for strings of other SCMs or mechanisms.
+    """
+    return [(stay, factual, intervened) for stay, factual, intervened in _observed(exacts, batch_size, scores=True)]
+
+
+def _observed(exacts: Sequence[ExactCounterfactual], batch_size: int, scores: bool) -> list[tuple[torch.Tensor, ...]]:
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     if not exacts:
         return []
     scm, mechanism = _shared(exacts, "observed_token_log_probs")
-    out = []
+    out: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(exacts), batch_size):
         chunk = exacts[start : start + batch_size]
         raw, keep = _intervened_pass(scm, mechanism, [(e, e.observed_ids) for e in chunk])
         for row, exact in zip(raw, chunk):
             n = exact.observed_ids.shape[-1]
             logits = exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
-            out.append(exact._observed_log_q(logits=logits))
+            stay = exact._observed_log_q(logits=logits)
+            if not scores:
+                out.append((stay,))
+                continue
+            out.append((stay, exact._observed_scores(logits, factual=True), exact._observed_scores(logits)))
     return out
 
 
@@ -475,6 +530,8 @@ def most_probable(
                 tokens.append(torch.full((rows,), scm.lm.pad_token_id))
                 start += rows
                 continue
+            # one string at a time: its few rows of V stay in the CPU's cache (all strings in
+            # one call measured 1.6x slower)
             padded = torch.cat([beams[i], beams[i].new_zeros(rows, 1)], -1)
             logits = exact._decoded(padded, raw[start : start + rows, None], start=t).cpu()[:, 0]
             log_q = exact._step_log_probs(t, logits, exact._ended_before(padded)[:, t])

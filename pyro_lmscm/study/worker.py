@@ -286,10 +286,11 @@ class StudyWorker:
     def _complete(self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any]) -> list[dict[str, Any]]:
         """Fill the records of a batch of strings from their counterfactual results and exact
         distributions (:class:`~pyro_lmscm.inference.ExactCounterfactual`), each quantity for all
-        strings together: P(unchanged), the first-divergence law and the probability of keeping
-        each observed token (:func:`~pyro_lmscm.inference.exact.observed_token_log_probs`), and
-        the scores of the distinct factual, counterfactual and interventional strings under the
-        factual mechanism and of the factual strings under the intervened one
+        strings together: P(unchanged), the first-divergence law, the probability of keeping
+        each observed token and the factual strings' scores under both mechanisms, from one
+        teacher-forced pass of the intervened mechanism on the observations and the abduction's
+        logits (:func:`~pyro_lmscm.inference.exact.observed_log_probs`), and the scores of the
+        distinct counterfactual and interventional strings under the factual mechanism
         (:func:`~pyro_lmscm.inference.scoring.ragged_token_log_probs`), in shared
         teacher-forced passes. The draws' scores under the intervened mechanism and the
         counterfactual draws' exact per-token probabilities were recorded while they were
@@ -301,15 +302,17 @@ class StudyWorker:
 
         :raises LMSCMError: from the exact metrics or the scorer.
         """
-        from ..inference.exact import observed_token_log_probs
+        from ..inference.exact import observed_log_probs
 
         config = self.config
         eos = self.lm.eos_token_ids
-        stays = observed_token_log_probs(exacts)
+        # per string: the stays, and the factual string's scores under both mechanisms
+        observed = observed_log_probs(exacts)
+        stays = [stay for stay, _, _ in observed]
         strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
         prompts: list[torch.Tensor] = []
         rows: list[list[int]] = []
-        where: dict[tuple[int, tuple[int, ...]], int] = {}  # (string, row) -> its position in `rows`
+        where: dict[tuple[int, tuple[int, ...]], int] = {}  # (string, draw) -> its position in `rows`
         # the intervened scores of a draw: recorded while it was decoded, the first of equal draws
         recorded: dict[tuple[int, tuple[int, ...]], list[float]] = {}
         for i, result in enumerate(results):
@@ -321,30 +324,29 @@ class StudyWorker:
             assert result.interventional_ids is not None  # baseline=True
             int_rows = [trim_after_end(row, eos)[:horizon] for row in result.interventional_ids]
             strings.append((factual, cf_rows, int_rows))
-            for row in (factual, *cf_rows, *int_rows) if config.draw_scores else (factual,):
-                if where.setdefault((i, tuple(row)), len(rows)) == len(rows):
+            if not config.draw_scores:
+                continue
+            for row in (*cf_rows, *int_rows):
+                if row != factual and where.setdefault((i, tuple(row)), len(rows)) == len(rows):
                     prompts.append(result.prompt_ids)
                     rows.append(row)
-            if config.draw_scores:
-                assert result.counterfactual_scores is not None and result.interventional_scores is not None
-                drawn = torch.cat([result.counterfactual_scores, result.interventional_scores])
-                for row, log_p in zip((*cf_rows, *int_rows), drawn.tolist()):
-                    recorded.setdefault((i, tuple(row)), log_p[: len(row)])
-        token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows)
-        # under the intervention only the factual strings: the draws' scores were recorded
-        factual_at = [where[(i, tuple(factual))] for i, (factual, _, _) in enumerate(strings)]
-        token_i, total_i = ragged_token_log_probs(
-            self.scm, [prompts[at] for at in factual_at], [rows[at] for at in factual_at], results[0].intervention
-        )
+            assert result.counterfactual_scores is not None and result.interventional_scores is not None
+            drawn = torch.cat([result.counterfactual_scores, result.interventional_scores])
+            for row, log_p in zip((*cf_rows, *int_rows), drawn.tolist()):
+                recorded.setdefault((i, tuple(row)), log_p[: len(row)])
+        # the draws under the factual mechanism; under the intervened one they were recorded
+        token_f, total_f = ragged_token_log_probs(self.scm, prompts, rows) if rows else ([], [])
         for i, (record, result, (factual, cf_rows, int_rows)) in enumerate(zip(records, results, strings)):
             def scores(
                 row: list[int], i: int = i, draw: bool = True
             ) -> tuple[list[float], float, list[float], float] | None:
                 if draw and not config.draw_scores:
                     return None  # (even a draw equal to the factual string)
+                if row == strings[i][0]:  # the factual string (or a draw equal to it)
+                    _, on_factual, on_intervened = observed[i]
+                    kept_f, kept_i = on_factual[: len(row)].tolist(), on_intervened[: len(row)].tolist()
+                    return kept_f, math.fsum(kept_f), kept_i, math.fsum(kept_i)
                 at = where[(i, tuple(row))]
-                if row == strings[i][0]:  # a draw equal to the factual string has its scores
-                    return token_f[at], total_f[at], token_i[i], total_i[i]
                 log_p = recorded[(i, tuple(row))]
                 return token_f[at], total_f[at], log_p, math.fsum(log_p)
 

@@ -146,8 +146,9 @@ def test_draws_not_scored_are_the_same_draws_with_null_scores(make_config, tmp_p
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_draw_scores_equal_teacher_forced_ones(make_config, tmp_path, batch_size):
     """The draws' scores under the intervention and their exact token probabilities, recorded
-    while decoding, against independent teacher-forced passes of each draw alone: the scorer
-    and the exact chain (float32, to 1e-4). Their scores under the factual model must differ."""
+    while decoding, and the factual string's scores, against independent teacher-forced
+    passes of each string alone: the scorer and the exact chain (float32, to 1e-4). The
+    draws' scores under the factual model must differ from those under the intervention."""
     from pyro_lmscm.inference import token_log_probs
 
     config = make_config(output=str(tmp_path / f"scores{batch_size}"), batch_size=batch_size)
@@ -160,6 +161,11 @@ def test_draw_scores_equal_teacher_forced_ones(make_config, tmp_path, batch_size
         prompt, factual = lm.encode(record["prompt"]), torch.tensor(record["factual"]["ids"])
         exact = exact_counterfactual(worker.scm, prompt, factual, worker.intervention)
         data = exact.intervention
+        fields = record["factual"]  # from the abduction's logits and the exact metrics' pass
+        assert fields["token_log_prob_factual"] == pytest.approx(
+            token_log_probs(worker.scm, prompt, factual[None])[0].tolist(), abs=1e-4)
+        assert fields["token_log_prob_intervened"] == pytest.approx(
+            token_log_probs(worker.scm, prompt, factual[None], data)[0].tolist(), abs=1e-4)
         for kind in ("counterfactual", "interventional"):
             for draw in record[kind]:
                 ids = torch.tensor(draw["ids"])[None]
