@@ -147,6 +147,19 @@ def step_counterfactual_log_probs(
     factual, counterfactual = factual.reshape(-1, vocab), counterfactual.reshape(-1, vocab)
     k = observed.reshape(-1).to(factual.device).long().expand(factual.shape[0]).reshape(-1, 1)
     j = None if tokens is None else torch.as_tensor(tokens).to(factual.device).long().expand(shape[:-1]).reshape(-1, 1)
+    compact = _compacted(factual, counterfactual)
+    if compact is not None:  # top-k / top-p decoding: the law on the possible tokens alone
+        index, position, possible = compact
+        if bool((position.gather(-1, k) < 0).any()):
+            raise AbductionError("an observed token has factual probability zero: no noise produces it.")
+        law = step_counterfactual_log_probs(
+            _gathered(factual, index), _gathered(counterfactual, index), position.gather(-1, k)[:, 0],
+            None if j is None else position.gather(-1, j).clamp(min=0)[:, 0],
+        )
+        if j is not None:  # a token impossible on both sides never comes
+            return torch.where(possible.gather(-1, j)[:, 0], law, -math.inf).reshape(shape[:-1])
+        out = law.new_full((law.shape[0], vocab + 1), -math.inf)  # column V: the padding's
+        return out.scatter_(-1, torch.where(index >= 0, index, vocab), law)[:, :vocab].reshape(shape)
     out = factual.new_empty(factual.shape if j is None else (factual.shape[0], 1))
     rows = max(1, CACHE_ELEMENTS // vocab)
     for start in range(0, factual.shape[0], rows):
@@ -165,6 +178,33 @@ def step_counterfactual_log_probs(
             moved = ~stays
             chunk[moved] = _law(log_p[moved], log_q[moved], k_part[moved], j_part[moved])
     return out.reshape(shape if j is None else shape[:-1])
+
+
+def _compacted(factual: torch.Tensor, counterfactual: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Rows ``(N, V)`` of decoded logits with at most :data:`COMPACT_SHARE` of the vocabulary
+    possible on either side (top-k or top-p decoding): ``(index, position, possible)``, the
+    possible tokens of each row ``(N, W)`` (``-1`` pads a row with fewer), each token's place
+    among them ``(N, V)`` (``-1``: impossible) and the mask of possible tokens; ``None`` for
+    rows with more. Tokens impossible on both sides take no part in the law (nor in a
+    log-softmax), so it is the same on the ``W`` columns."""
+    if factual.shape[-1] < 2:
+        return None
+    possible = (factual > -math.inf) | (counterfactual > -math.inf)
+    counts = possible.sum(-1)
+    width = int(counts.max())
+    if width > COMPACT_SHARE * factual.shape[-1] or width == 0:
+        return None
+    position = torch.where(possible, possible.long().cumsum(-1) - 1, -1)
+    vocab = torch.arange(factual.shape[-1], device=factual.device).expand_as(position)
+    index = torch.full((factual.shape[0], width + 1), -1, dtype=torch.long, device=factual.device)
+    index.scatter_(-1, torch.where(possible, position, width), vocab)  # column W takes the rest
+    index = torch.where(torch.arange(width, device=factual.device) < counts[:, None], index[:, :width], -1)
+    return index, position, possible
+
+
+def _gathered(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``logits`` at ``index`` ``(N, W)``, ``-inf`` where it is ``-1``."""
+    return torch.where(index >= 0, logits.gather(-1, index.clamp(min=0)), -math.inf)
 
 
 def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,10 +290,16 @@ def stay_log_prob(
     token's, as under the null intervention. Shapes as :func:`step_counterfactual_log_probs`;
     returns ``(...)``.
     """
-    log_p = factual_logits.double().log_softmax(-1)
-    log_q = counterfactual_logits.double().log_softmax(-1)
-    log_p, log_q = torch.broadcast_tensors(log_p, log_q)
-    return _stay(log_p, log_q, observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None])[..., 0]
+    factual, counterfactual = torch.broadcast_tensors(factual_logits.double(), counterfactual_logits.double())
+    shape = factual.shape[:-1]
+    k = observed.to(factual.device).long().expand(shape).reshape(-1, 1)
+    factual, counterfactual = factual.reshape(-1, factual.shape[-1]), counterfactual.reshape(-1, factual.shape[-1])
+    compact = _compacted(factual, counterfactual)
+    if compact is not None and bool((compact[1].gather(-1, k) >= 0).all()):  # top-k / top-p decoding:
+        index, position, _ = compact  # on the possible tokens alone
+        factual, counterfactual, k = _gathered(factual, index), _gathered(counterfactual, index), position.gather(-1, k)
+    log_p, log_q = factual.log_softmax(-1), counterfactual.log_softmax(-1)
+    return _stay(log_p, log_q, k)[..., 0].reshape(shape)
 
 
 def _stay(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,17 @@ def test_the_compact_path_equals_quadrature_and_the_full_sort(logits, other, k, 
     both = step_counterfactual_log_probs(*rows)
     torch.testing.assert_close(both[0], compact)
     assert both[1].exp()[k] == 1.0
+    # one token per row, on the possible tokens alone, against the law over the vocabulary
+    from pyro_lmscm.models.gumbel_max_counterfactual import stay_log_prob
+
+    tokens = torch.arange(60)
+    one = step_counterfactual_log_probs(args[0].expand(60, -1), args[1].expand(60, -1), args[2], tokens=tokens)
+    finite = torch.isfinite(compact)
+    assert torch.equal(torch.isfinite(one), finite)
+    torch.testing.assert_close(one[finite], compact[finite], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(stay_log_prob(*args), compact[k], atol=1e-12, rtol=1e-10)
+    pair = step_counterfactual_log_probs(*rows, tokens=torch.tensor([int(tokens[finite][0]), k]))
+    torch.testing.assert_close(pair, torch.stack([compact[finite][0], both[1][k]]))
 
 
 @pytest.mark.parametrize("logits, other, k", list(_cases())[:4])
