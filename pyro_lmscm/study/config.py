@@ -120,9 +120,10 @@ class StudyConfig:
     :param exact_only: record only the exact metrics per string, with no draws (P(unchanged),
         the first-divergence law and its mean, the most probable counterfactual).
     :param draw_scores: score every draw: its per-token log-probabilities under both
-        mechanisms and, for a counterfactual draw, its exact per-token probabilities
-        (:func:`~pyro_lmscm.inference.counterfactual_token_log_probs`). Off, those fields are
-        null and the study runs about 2.3x faster in batches; the draws themselves, their
+        mechanisms and, for a counterfactual draw, its exact per-token probabilities (the
+        intervened ones recorded while the draw is decoded,
+        :class:`~pyro_lmscm.inference.TokenScoreMessenger`). Off, those fields are
+        null and the study runs about 1.5-2x faster in batches; the draws themselves, their
         distances and attributes, the factual string's scores and the string's exact metrics
         are the same numbers (the summary's log-probability rows then count no draws).
     :param device: the model's device (``"cpu"``, ``"cuda"``, ...); default: the loader's.

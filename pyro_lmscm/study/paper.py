@@ -219,7 +219,7 @@ def run_paper_study(
     :param batch_size: strings per batch (:attr:`StudyConfig.batch_size`); 1, the default
         here, is how the README's table was made.
     :param draw_scores: score the draws (:attr:`StudyConfig.draw_scores`); the comparison
-        itself uses no score, and off each row runs about 2.3x faster in batches.
+        itself uses no score, and off each row runs about 1.5-2x faster in batches.
     :raises StudyError: on a bad setting; the row studies raise theirs.
     """
     from ..loading import load_lm
