@@ -291,6 +291,22 @@ class ExactCounterfactual:
         return candidates
 
 
+def _posterior_steps(
+    exacts: Sequence[ExactCounterfactual], owners: torch.Tensor, ended: torch.Tensor, steps: range
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the posterior noise applies to candidates ``(B, m)`` of ``exacts[owners]`` at
+    ``steps`` (an abducted step, the candidate not ended): the mask, and there the factual
+    decoded logits ``(G, V)`` and observed tokens ``(G,)`` of each candidate's string."""
+    abducted = torch.tensor([[exact._abducted(t) for t in steps] for exact in exacts]).reshape(len(exacts), -1)
+    going = abducted[owners] & ~ended
+    row, step = going.nonzero(as_tuple=True)
+    at = [(int(owners[b]), steps[i]) for b, i in zip(row.tolist(), step.tolist())]
+    if not at:
+        return going, torch.empty(0), torch.empty(0, dtype=torch.long)
+    factual = torch.stack([exacts[o]._factual[t] for o, t in at])
+    return going, factual, torch.stack([exacts[o].observed_ids[t].cpu() for o, t in at])
+
+
 def chain_log_probs(
     exacts: Sequence[ExactCounterfactual],
     owners: torch.Tensor,
@@ -305,23 +321,15 @@ def chain_log_probs(
     candidates not yet ended, of every string, take one call of the noise model's law; the
     others the prior (an ended candidate only pads)."""
     scm = exacts[0].scm
-    rows, m, _ = logits.shape
-    steps = range(start, start + m)
+    steps = range(start, start + logits.shape[1])
     owners = owners.cpu()
-    abducted = torch.tensor([[exact._abducted(t) for t in steps] for exact in exacts]).reshape(len(exacts), m)
-    going = abducted[owners] & ~ended  # (B, m): the posterior noise applies
+    going, factual, observed = _posterior_steps(exacts, owners, ended, steps)
     prior = ~going  # past the observation (or its end): the prior noise
     log_q = logits.log_softmax(-1) if bool(prior.all()) else torch.empty_like(logits)
     if bool(going.any()):
         if bool(prior.any()):
             log_q[prior] = logits[prior].log_softmax(-1)
-        row, step = going.nonzero(as_tuple=True)
-        at = [(int(owners[b]), steps[i]) for b, i in zip(row.tolist(), step.tolist())]
-        log_q[going] = scm.noise.counterfactual_log_probs(
-            torch.stack([exacts[o]._factual[t] for o, t in at]),
-            logits[going],
-            torch.stack([exacts[o].observed_ids[t].cpu() for o, t in at]),
-        )
+        log_q[going] = scm.noise.counterfactual_log_probs(factual, logits[going], observed)
     pad = torch.full_like(log_q, float("-inf"))
     pad[..., scm.lm.pad_token_id] = 0.0
     log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
@@ -349,26 +357,17 @@ def chain_token_log_probs(
     V). The abducted steps of the candidates not yet ended, of every string, take one call of
     the noise model's closed form; the others the prior (an ended candidate only pads)."""
     scm = exacts[0].scm
-    rows, m = tokens.shape
-    steps = range(start, start + m)
+    steps = range(start, start + tokens.shape[1])
     owners = owners.cpu()
-    abducted = torch.tensor([[exact._abducted(t) for t in steps] for exact in exacts]).reshape(len(exacts), m)
-    going = abducted[owners] & ~ended  # (B, m): the posterior noise applies
+    going, factual, observed = _posterior_steps(exacts, owners, ended, steps)
     if not bool(going.any()):
         log_q = gathered_log_probs(logits, tokens)
     else:
-        log_q = torch.zeros(rows, m, dtype=logits.dtype)
+        log_q = torch.zeros(tokens.shape, dtype=logits.dtype)
         prior = ~going  # past the observation (or its end): the prior noise
         if bool(prior.any()):
             log_q[prior] = gathered_log_probs(logits[prior], tokens[prior])
-        row, step = going.nonzero(as_tuple=True)
-        at = [(int(owners[b]), steps[i]) for b, i in zip(row.tolist(), step.tolist())]
-        log_q[going] = scm.noise.counterfactual_token_log_probs(
-            torch.stack([exacts[o]._factual[t] for o, t in at]),
-            logits[going],
-            torch.stack([exacts[o].observed_ids[t].cpu() for o, t in at]),
-            tokens[going],
-        )
+        log_q[going] = scm.noise.counterfactual_token_log_probs(factual, logits[going], observed, tokens[going])
     certain = torch.zeros_like(log_q)
     log_q = torch.where(ended, torch.where(tokens == scm.lm.pad_token_id, certain, -math.inf), log_q)
     for o, exact in enumerate(exacts):  # after its end the SCM pads, unless do(w_t = x) says otherwise
