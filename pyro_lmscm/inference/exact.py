@@ -25,7 +25,7 @@ References
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -210,7 +210,7 @@ class ExactCounterfactual:
         observed = self.observed_ids.cpu()[None]
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu() if logits is None else logits
-        log_q = self._observed_scores(logits)
+        log_q = self._observed_scores(logits, self._forced)
         active = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]
         if active:
             factual, counterfactual, tokens = self._factual[active], logits[0, active], observed[0, active]
@@ -220,17 +220,17 @@ class ExactCounterfactual:
             log_q[active] = self.scm.noise.stay_log_prob(factual, counterfactual, tokens)
         return log_q
 
-    def _observed_scores(self, logits: torch.Tensor, factual: bool = False) -> torch.Tensor:
-        """``(n,)`` float64: the observation's per-token log-probabilities under the intervened
-        mechanism given its decoded logits on the observation ``(1, n, V)`` (or, ``factual``,
-        under the factual one on the abduction's logits), as the scorer
-        (:func:`~pyro_lmscm.inference.token_log_probs`) defines them: ``0`` after the end
-        of sequence, and under ``do(w_t = x)`` ``0`` or :math:`-\\infty`."""
+    def _observed_scores(self, logits: torch.Tensor, forced: dict[int, int]) -> torch.Tensor:
+        """``(n,)`` float64: the observation's per-token log-probabilities given decoded logits
+        on it ``(1, n, V)`` (the intervened ones with the intervention's ``forced`` tokens, or
+        the abduction's with none), as the scorer (:func:`~pyro_lmscm.inference.token_log_probs`)
+        defines them: ``0`` after the end of sequence, and under ``do(w_t = x)`` ``0`` or
+        :math:`-\\infty`."""
         observed = self.observed_ids.cpu()[None]
-        log_p = gathered_log_probs(self._factual[None] if factual else logits, observed)[0]
+        log_p = gathered_log_probs(logits, observed)[0]
         ended = self._ended_before(observed)[0]
         log_p = torch.where(ended, torch.where(observed[0] == self.scm.lm.pad_token_id, 0.0, -math.inf), log_p)
-        for t, value in {} if factual else self._forced.items():
+        for t, value in forced.items():
             if t < observed.shape[-1]:
                 log_p[t] = 0.0 if int(observed[0, t]) == value else -math.inf
         return log_p
@@ -411,7 +411,7 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
 
     :raises InferenceError: for strings of other SCMs or mechanisms.
     """
-    return [parts[0] for parts in _observed(exacts, batch_size, scores=False)]
+    return [exact._observed_log_q(logits=logits) for exact, logits in _observed_logits(exacts, batch_size)]
 
 
 @torch.no_grad()
@@ -426,27 +426,31 @@ def observed_log_probs(
 
     :raises InferenceError: for strings of other SCMs or mechanisms.
     """
-    return [(stay, factual, intervened) for stay, factual, intervened in _observed(exacts, batch_size, scores=True)]
+    return [
+        (
+            exact._observed_log_q(logits=logits),
+            exact._observed_scores(exact._factual[None], {}),
+            exact._observed_scores(logits, exact._forced),
+        )
+        for exact, logits in _observed_logits(exacts, batch_size)
+    ]
 
 
-def _observed(exacts: Sequence[ExactCounterfactual], batch_size: int, scores: bool) -> list[tuple[torch.Tensor, ...]]:
+def _observed_logits(
+    exacts: Sequence[ExactCounterfactual], batch_size: int
+) -> Iterator[tuple[ExactCounterfactual, torch.Tensor]]:
+    """Each of ``exacts`` with the decoded intervened logits on its observation ``(1, n, V)``,
+    from teacher-forced passes of ``batch_size`` observations at a time (left-padded)."""
     batch_size = as_int(batch_size, "batch_size", minimum=1)
     if not exacts:
-        return []
+        return
     scm, mechanism = _shared(exacts, "observed_token_log_probs")
-    out: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(exacts), batch_size):
         chunk = exacts[start : start + batch_size]
         raw, keep = _intervened_pass(scm, mechanism, [(e, e.observed_ids) for e in chunk])
         for row, exact in zip(raw, chunk):
             n = exact.observed_ids.shape[-1]
-            logits = exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
-            stay = exact._observed_log_q(logits=logits)
-            if not scores:
-                out.append((stay,))
-                continue
-            out.append((stay, exact._observed_scores(logits, factual=True), exact._observed_scores(logits)))
-    return out
+            yield exact, exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
 
 
 @torch.no_grad()

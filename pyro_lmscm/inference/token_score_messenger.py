@@ -77,6 +77,7 @@ class TokenScoreMessenger(Messenger):
         self._eos = torch.tensor(eos, dtype=torch.long) if eos else None
         self._decoded: torch.Tensor | None = None
         self._tokens: list[torch.Tensor] = []
+        self._finished: torch.Tensor | None = None  # has the row emitted an end of sequence
         self.log_probs: list[torch.Tensor] = []
         self.log_q: list[torch.Tensor] = []
 
@@ -108,16 +109,16 @@ class TokenScoreMessenger(Messenger):
         if t in self.forced:  # poutine.do gave this site its natural value; the model emits x
             w = torch.full(shape, self.forced[t], dtype=torch.long, device=w.device)
         ended = torch.zeros(shape, dtype=torch.bool, device=w.device)
-        if self._tokens and self._eos is not None:
-            previous = torch.stack([tok.expand(shape) for tok in self._tokens], -1)
-            ended = torch.isin(previous, self._eos.to(w.device)).any(-1)
-        log_p = gathered_log_probs(decoded.expand(*shape, decoded.shape[-1]), w)
-        if t in self.forced:
-            log_p = torch.zeros_like(log_p)
+        if self._finished is not None:
+            ended = self._finished.expand(shape)
+        logits = decoded.expand(*shape, decoded.shape[-1])
+        log_p = torch.zeros(shape, device=w.device) if t in self.forced else gathered_log_probs(logits, w)
         self.log_probs.append(torch.where(ended, 0.0, log_p).float())
         self._tokens.append(w)
+        if self._eos is not None:
+            self._finished = ended | torch.isin(w, self._eos.to(w.device))
         if self.exacts is not None:
-            self.log_q.append(self._chain(t, decoded.expand(*shape, decoded.shape[-1]), ended))
+            self.log_q.append(self._chain(t, logits, ended))
 
     def _chain(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """``log q(w_t | w_<t)`` of the posterior rows at step ``t``: one evaluation of the
