@@ -49,9 +49,10 @@ def predict(
     :param anchor: the factual logits of the abduction: inside its scope the factual
         mechanism evaluates to them on the observed path, so a null replay is exact.
     :param deterministic: decode each row alone (a batch of one), so that a row's tokens do
-        not depend on which rows share its batch. In float32 they never do here; in bfloat16
-        the intervened rows' logits round differently with the batch size (the factual rows
-        are anchored), and a near-tie can flip a token. It costs one decoding run per row.
+        not depend on which rows share its batch. In float32 they never do here; in bfloat16,
+        on CPUs whose matrix kernels round with the batch size (AVX-512 without AMX), the
+        intervened rows' logits do (the factual rows are anchored), and a near-tie can flip a
+        token. It costs one decoding run per row.
     :returns: ids ``(rows, T)``; for prompts ``(S, 1, L)`` of ``S`` strings (a batch of
         observations, :func:`~pyro_lmscm.inference.counterfactuals`), ``(S, rows, T)``.
     """

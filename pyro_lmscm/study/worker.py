@@ -26,8 +26,8 @@ metrics and scores of all its strings run in shared teacher-forced passes, each 
 (string, row) scored once (:meth:`StudyWorker._complete`, as for one string). The runner
 and the Ray backend cut work only at block boundaries, so in both cases a record does not
 depend on sharding, resuming or which worker ran it; it does depend on ``batch_size``
-(another grouping draws other, equally distributed noise, and bfloat16 rounds with the
-batch).
+(another grouping draws other, equally distributed noise, and bfloat16 may round with
+the batch).
 
 With ``exact_only`` a record holds the exact metrics alone (no draws): P(unchanged), the
 first-divergence law and its mean, and the most probable counterfactual
