@@ -433,6 +433,30 @@ def test_the_linear_cumulative_sums_equal_torch_logcumsumexp():
     assert not torch.isfinite(naive).all() and torch.isfinite(got[1]).all()
 
 
+def test_the_packed_sort_orders_every_row_as_argsort_does(monkeypatch):
+    """The closed form's sort packs each float64's order-preserving bits, less the low bits that
+    hold the index: the sorted values must equal numpy's argsort's, for signs, zeros, infinities,
+    exact ties and distinct values that share the kept bits (a row argsort sorts again)."""
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 5000, generator=generator, dtype=torch.float64) * 30
+    rows[1, ::7] = INF  # impossible tokens: +inf ratios
+    rows[1, 3::11] = -INF
+    rows[2, :2500] = rows[2, 2500:]  # exact ties
+    rows[3, :2] = torch.tensor([0.0, -0.0])
+    rows[4] = 1.0 + torch.arange(5000, dtype=torch.float64).flip(0) * 2.0**-50  # distinct, one packed key
+    rows[5] = -rows[4].flip(0)  # (decreasing too: index order is the wrong one)
+    calls = []
+    argsort = np.argsort
+    monkeypatch.setattr(closed_form.np, "argsort", lambda a, **kw: calls.append(a.shape) or argsort(a, **kw))
+    order, ranked = closed_form._argsort(rows)
+    assert torch.equal(order.sort(-1).values, torch.arange(5000).expand(6, -1))  # a permutation of each row
+    expected = torch.from_numpy(np.sort(rows.numpy(), axis=-1))
+    assert torch.equal(rows.gather(-1, order), expected) and torch.equal(ranked, expected)
+    assert calls == [(2, 5000)]  # only the rows whose values share their packed keys were sorted again
+
+
 def test_the_linear_closed_form_equals_the_log_space_one(monkeypatch):
     """Rows whose log ratios stay within RATIO_SPAN run in linear space; they must give the
     log-space numbers, also near the bound (ratios of e^+-190) and for probabilities far
