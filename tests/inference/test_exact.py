@@ -457,6 +457,32 @@ def test_the_packed_sort_orders_every_row_as_argsort_does(monkeypatch):
     assert calls == [(2, 5000)]  # only the rows whose values share their packed keys were sorted again
 
 
+def test_ratios_tied_up_to_rounding_change_nothing_but_rounding(monkeypatch):
+    """bfloat16 logits make many log ratios equal up to the rounding of log p - log q; the sort
+    takes those within TIE_ULPS as tied. The law and the token probabilities must equal the ones
+    of the exact sort (TIE_ULPS = 0) to rounding, and keep counterfactual stability exactly."""
+    from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
+
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 4000, generator=generator) * 3).bfloat16().double()
+    other = (logits + torch.randn(4, 4000, generator=generator).bfloat16().double()).bfloat16().double()
+    k, tokens = logits.argmax(-1), other.argmax(-1)
+    log_r = logits.log_softmax(-1) - other.log_softmax(-1)
+    near = (log_r[:, :, None] - log_r[:, None, :200]).abs()
+    assert bool(((near > 0) & (near < 1e-13)).any())  # ratios equal but for rounding
+    tied = step_counterfactual_log_probs(logits, other, k), step_counterfactual_log_probs(logits, other, k, tokens)
+    monkeypatch.setattr(closed_form, "TIE_ULPS", 0.0)
+    exact = step_counterfactual_log_probs(logits, other, k), step_counterfactual_log_probs(logits, other, k, tokens)
+    for got, expected in zip(tied, exact):  # (a ratio an ulp below k's may lose its 1e-19)
+        torch.testing.assert_close(got.exp(), expected.exp(), rtol=1e-12, atol=1e-15)
+    moved = tied[0].isfinite() != exact[0].isfinite()
+    assert bool(((log_r - log_r.gather(-1, k[:, None])).abs()[moved] < 1e-13).all())
+    # only a token whose ratio beats k's replaces it (without the stability mask, 18 tokens
+    # tied with k got about 1e-19 from a ratio an ulp below theirs sorted between them and k)
+    stable = log_r < log_r.gather(-1, k[:, None])
+    assert bool((tied[0].exp()[~stable & (torch.arange(4000) != k[:, None])] == 0).all())
+
+
 def test_the_linear_closed_form_equals_the_log_space_one(monkeypatch):
     """Rows whose log ratios stay within RATIO_SPAN run in linear space; they must give the
     log-space numbers, also near the bound (ratios of e^+-190) and for probabilities far
