@@ -33,13 +33,28 @@ if TYPE_CHECKING:
     from ..interventions.ops import Intervention
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["gathered_log_probs", "ragged_token_log_probs", "string_log_prob", "token_log_probs"]
+__all__ = ["LOGSUMEXP_ROWS", "gathered_log_probs", "ragged_token_log_probs", "string_log_prob", "token_log_probs"]
+
+
+#: Rows of the vocabulary per call of ``logsumexp`` in :func:`gathered_log_probs` on the CPU: a few
+#: rows stay in the cache between its passes (maximum, difference, exponential, sum); 1,024
+#: rows of V = 49,152 in float32 took 83 ms at once and 25 ms in blocks of 16 (2 threads).
+LOGSUMEXP_ROWS = 16
 
 
 def gathered_log_probs(decoded_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     r""":math:`\log \mathrm{softmax}(\ell_t)_{w_t} = \ell_{t, w_t} - \log \sum_v e^{\ell_{t, v}}` for
-    decoded logits ``(..., n, V)`` and ids ``(..., n)`` (no log-softmax over ``V`` is written out)."""
-    return decoded_logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - decoded_logits.logsumexp(-1)
+    decoded logits ``(..., n, V)`` and ids ``(..., n)`` (no log-softmax over ``V`` is written out;
+    the log-sum-exp of a contiguous tensor on the CPU runs :data:`LOGSUMEXP_ROWS` rows at a time)."""
+    gathered = decoded_logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    rows = decoded_logits.numel() // max(1, decoded_logits.shape[-1])
+    if decoded_logits.device.type != "cpu" or not decoded_logits.is_contiguous() or rows <= LOGSUMEXP_ROWS:
+        return gathered - decoded_logits.logsumexp(-1)
+    flat = decoded_logits.view(rows, decoded_logits.shape[-1])
+    total = flat.new_empty(rows)
+    for start in range(0, rows, LOGSUMEXP_ROWS):
+        torch.logsumexp(flat[start : start + LOGSUMEXP_ROWS], -1, out=total[start : start + LOGSUMEXP_ROWS])
+    return gathered - total.view(decoded_logits.shape[:-1])
 
 
 @torch.no_grad()

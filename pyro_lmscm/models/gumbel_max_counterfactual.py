@@ -137,7 +137,9 @@ def _argsort(key: torch.Tensor, ties: torch.Tensor | None = None) -> tuple[torch
     return order, ranked
 
 
-def _stable(log_law: torch.Tensor, log_r: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+def _stable(
+    log_law: torch.Tensor, log_r: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
     """``log_law`` (``(R, V)``, or ``(R, 1)`` at ``tokens``) with :math:`-\\infty` for every token
     :math:`j \\neq k` whose log ratio :math:`\\log r_j` does not lie below the observed token's:
     counterfactual stability exactly, also where the sort took ratios within rounding of
@@ -327,8 +329,8 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
         )
         log_segment = torch.where(torch.isnan(log_segment), -inf, log_segment)
         if tokens is not None and between is not None:
-            return _stable(log_q.gather(-1, tokens) + torch.where(between, log_segment, -inf).logsumexp(-1, keepdim=True),
-                           log_r, k, tokens)
+            log_between = torch.where(between, log_segment, -inf).logsumexp(-1, keepdim=True)
+            return _stable(log_q.gather(-1, tokens) + log_between, log_r, k, tokens)
     # F(x_m) = sum of the segments from x_m up to r_k (cut at the position of k)
     log_segment = torch.where(steps < position_k, log_segment, -inf)
     log_f = _logcumsumexp(log_segment.flip(-1)).flip(-1)  # (R, V-1): from m to the end
