@@ -241,19 +241,21 @@ class HFLanguageModel:
         return ids.to(device=self.device, dtype=torch.long)
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, logits_to_keep: int = 0, float32: bool = True) -> torch.Tensor:
         r"""Teacher-forced logits of every position, in one forward pass.
 
         :param input_ids: token ids of shape ``(..., L)``, possibly left-padded
             (:data:`LEFT_PAD`; the logits at padded positions are meaningless).
         :param logits_to_keep: if positive, only the last ``logits_to_keep`` positions.
+        :param float32: convert the logits to float32; ``False`` keeps the model's dtype (a
+            caller that converts a few rows at a time never holds all of them in float32).
         :returns: float32 logits of shape ``(..., L', V)`` with ``L' = L`` or
             ``logits_to_keep``; ``[..., i, :]`` predicts the token after position ``i``.
         """
         batch_shape, length = input_ids.shape[:-1], input_ids.shape[-1]
         flat, padding = _padding(input_ids.reshape(-1, length).to(self.device), self.pad_token_id)
         out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
-        logits = out.logits.float()
+        logits = out.logits.float() if float32 else out.logits
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
     @torch.no_grad()

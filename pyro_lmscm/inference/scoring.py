@@ -69,7 +69,8 @@ def token_log_probs(
     r"""Per-token log-probabilities of continuation strings, ``0`` where a string has ended.
 
     One teacher-forced forward pass of the mechanism (``with mechanism.activate(lm) as f:
-    f.logits(...)``) per batch of ``batch_size`` strings, then the decoding transform.
+    f.logits(...)``) per batch of ``batch_size`` strings, then the decoding transform, one
+    string at a time.
 
     :param scm: the SCM.
     :param prompt: prompt ids ``(L,)`` of every string, or ``(B, L)``: one prompt per string
@@ -114,11 +115,13 @@ def token_log_probs(
         for start in range(0, flat.shape[0], batch_size):
             rows = flat[start : start + batch_size]
             heads = prompt.expand(rows.shape[0], -1) if prompt.dim() == 1 else prompt[start : start + batch_size]
-            decoded = scm.decoding(f.logits(torch.cat([heads, rows[:, :-1]], dim=-1), logits_to_keep=n))
-            for t, token in excluded.items():  # as the SCM does, after the decoding
-                decoded[:, t] = exclude_token(decoded[:, t], token, t)
-            chunks.append(gathered_log_probs(decoded, rows))
-    log_p = torch.cat(chunks)
+            raw = f.logits(torch.cat([heads, rows[:, :-1]], dim=-1), logits_to_keep=n, float32=False)
+            for i in range(rows.shape[0]):  # decoded one string at a time: (n, V) in float32, not (batch, n, V)
+                decoded = scm.decoding(raw[i])
+                for t, token in excluded.items():  # as the SCM does, after the decoding
+                    decoded[t] = exclude_token(decoded[t], token, t)
+                chunks.append(gathered_log_probs(decoded, rows[i]))
+    log_p = torch.stack(chunks)
     for t, token in forced_tokens(scm, data).items():
         if t < n:
             log_p[:, t] = torch.where(flat[:, t] == token, 0.0, float("-inf"))
