@@ -249,8 +249,8 @@ class HFLanguageModel:
         :param logits_to_keep: if positive, only the last ``logits_to_keep`` positions.
         :param float32: convert the logits to float32; ``False`` keeps the model's dtype (a
             caller that converts a few rows at a time never holds all of them in float32).
-        :returns: float32 logits of shape ``(..., L', V)`` with ``L' = L`` or
-            ``logits_to_keep``; ``[..., i, :]`` predicts the token after position ``i``.
+        :returns: logits (float32, or the model's dtype) of shape ``(..., L', V)`` with ``L' = L``
+            or ``logits_to_keep``; ``[..., i, :]`` predicts the token after position ``i``.
         """
         batch_shape, length = input_ids.shape[:-1], input_ids.shape[-1]
         flat, padding = _padding(input_ids.reshape(-1, length).to(self.device), self.pad_token_id)

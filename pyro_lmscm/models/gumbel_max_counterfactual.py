@@ -76,7 +76,7 @@ CACHE_ELEMENTS = 2**19
 #: sort counts them as tied (bfloat16 logits make many ratios equal up to that rounding).
 TIE_ULPS = 16.0
 
-EPSILON = float(np.finfo(np.float64).eps)
+_EPSILON = float(np.finfo(np.float64).eps)
 
 
 #: A row whose finite entries span less than this many nats takes its cumulative sums in
@@ -148,6 +148,12 @@ def _stable(
     if tokens is None:
         return torch.where(log_r < log_r_k, log_law, -math.inf).scatter_(-1, k, log_law.gather(-1, k))
     return torch.where((log_r.gather(-1, tokens) < log_r_k) | (tokens == k), log_law, -math.inf)
+
+
+def _every_token_possible(log_p: torch.Tensor, log_q: torch.Tensor) -> bool:
+    """Whether no entry of either side is :math:`-\\infty` (the full softmax): no mask of
+    possible tokens is needed."""
+    return bool(log_p.amin() > -math.inf) and bool(log_q.amin() > -math.inf)
 
 
 def _position(order: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -267,7 +273,7 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
     inf = float("inf")
     vocab = log_p.shape[-1]
     valid: torch.Tensor | None = None  # None: every token possible on both sides (the full softmax)
-    if bool(log_p.amin() > -inf) and bool(log_q.amin() > -inf):
+    if _every_token_possible(log_p, log_q):
         log_r = log_p - log_q
         compact = torch.zeros(log_p.shape[0], dtype=torch.bool, device=log_p.device)
         low, high = torch.aminmax(log_r, dim=-1)
@@ -294,7 +300,7 @@ def _law(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor, tokens: torc
     else:  # the whole vocabulary, the impossible tokens last (r = +inf, p = q = 0 already)
         ties = None
         if valid is None:  # log ratios closer than the rounding of log p - log q are tied
-            ties = (log_p.amin(-1, keepdim=True) + log_q.amin(-1, keepdim=True)).neg_().mul_(TIE_ULPS * EPSILON)
+            ties = (log_p.amin(-1, keepdim=True) + log_q.amin(-1, keepdim=True)).neg_().mul_(TIE_ULPS * _EPSILON)
         order, lr = _argsort(log_r, ties)
         lp, lq = log_p.gather(-1, order), log_q.gather(-1, order)
     position_k = _position(order, k)  # (R, 1)
@@ -369,7 +375,7 @@ def _stay(log_p: torch.Tensor, log_q: torch.Tensor, k: torch.Tensor) -> torch.Te
     """:func:`stay_log_prob` of log-probabilities ``(..., V)`` and observed tokens ``(..., 1)``:
     ``(..., 1)``."""
     log_r_k = log_p.gather(-1, k) - log_q.gather(-1, k)  # (..., 1); +inf where q_k = 0
-    if bool(log_p.amin() > -math.inf) and bool(log_q.amin() > -math.inf):  # the full softmax
+    if _every_token_possible(log_p, log_q):  # the full softmax
         replaceable = (log_p - log_q < log_r_k).any(-1, keepdim=True)  # some r_j < r_k
         scaled = log_q + log_r_k
     else:
