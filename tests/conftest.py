@@ -61,13 +61,20 @@ def chromium_context(chromium, tmp_path):
 
 
 # Tiny models run fastest on one thread (and do not stall when another process holds a
-# core); tests of the real model ask for more threads with the `all_threads` fixture.
+# core); tests of the real model ask for more threads with the `all_threads` fixture: their
+# process's share of the cores when pytest-xdist runs one process per core.
 torch.set_num_threads(1)
+
+
+def cores_per_process() -> int:
+    """The cores of this machine over the pytest-xdist processes that share it (at least 1)."""
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 @pytest.fixture
 def all_threads():
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cores_per_process())
     yield
     torch.set_num_threads(1)
 

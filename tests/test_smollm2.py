@@ -49,27 +49,31 @@ def test_bf16_batch_dependence_and_deterministic_decoding(smollm2, all_threads):
     from pyro_lmscm.inference import noise_handler, predict
     from pyro_lmscm.interventions.gender import gender_steering
 
-    scm = LanguageModelSCM(smollm2, max_new_tokens=24, mechanisms={"female": gender_steering(smollm2, "female")})
+    # bf16: 8 rows of 24 tokens, where the batch dependence was measured; float32, whose rows
+    # never depend on the batch, checks the same equalities on 4 rows of 16 tokens
+    bf16 = smollm2.dtype == torch.bfloat16
+    rows, tokens = (8, 24) if bf16 else (4, 16)
+    scm = LanguageModelSCM(smollm2, max_new_tokens=tokens, mechanisms={"female": gender_steering(smollm2, "female")})
     intervened = poutine.do(scm.model, data={"mechanism": torch.tensor(1)})
     batch_dependent = 0
     for seed, text in enumerate(PROMPTS):
         prompt = smollm2.encode(text)
         observed = counterfactual(scm, prompt, None, {}, seed=seed).factual_ids
         guide = HindsightGumbelGuide(scm, observed)
-        noise = guide.sample_noise(prompt, (8,))
+        noise = guide.sample_noise(prompt, (rows,))
 
         def replay_noise(scm, model, prompt, noise, deterministic=False):
             return predict(scm, model, prompt, noise.shape[0], lambda a, b: noise_handler(scm, noise[a:b]),
                            anchor=guide.anchor(prompt), deterministic=deterministic)
 
-        alone = torch.cat([replay_noise(scm, intervened, prompt, noise[i : i + 1]) for i in range(8)])
+        alone = torch.cat([replay_noise(scm, intervened, prompt, noise[i : i + 1]) for i in range(rows)])
         batched = replay_noise(scm, intervened, prompt, noise)
         deterministic = replay_noise(scm, intervened, prompt, noise, deterministic=True)
         reordered = replay_noise(scm, intervened, prompt, noise.flip(0), deterministic=True).flip(0)
         assert torch.equal(deterministic, alone) and torch.equal(reordered, alone)
         batch_dependent += int((batched != alone).any(-1).sum())
-    print(f"{smollm2.dtype}: {batch_dependent} of 16 batched steered rows differ from the row decoded alone")
-    rounds = smollm2.dtype == torch.bfloat16 and bf16_kernels_round_with_the_batch(smollm2)
+    print(f"{smollm2.dtype}: {batch_dependent} of {2 * rows} batched steered rows differ from the row decoded alone")
+    rounds = bf16 and bf16_kernels_round_with_the_batch(smollm2)
     print(f"bf16 kernels of this CPU round with the batch: {rounds}")
     if rounds:  # the baseline that deterministic decoding fixes (measured: 7 of 16 rows, AVX-512 without AMX)
         assert batch_dependent > 0
@@ -99,8 +103,7 @@ from pyro_lmscm.loading import load_lm
 torch.set_num_threads(1)
 lm = load_lm("smollm2-135m-instruct", dtype="bfloat16", progress=False)
 scm = LanguageModelSCM(lm, max_new_tokens=32)
-for seed, text in enumerate(["The old man walked to the city and", "My sister told me that she",
-                             "The weather today is", "Once upon a time, a dragon"]):
+for seed, text in enumerate(["The old man walked to the city and", "Once upon a time, a dragon"]):
     prompt = lm.encode(text)
     sample = counterfactual(scm, prompt, None, {}, seed=seed).factual_ids
     if sys.argv[1] == "after-abduction":  # abduct that very string (teacher-forced logits), then sample again
@@ -123,5 +126,5 @@ def test_factual_sampling_after_an_abduction_equals_a_fresh_process(smollm2, tmp
         subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=300, check=True)
         for mode in ("fresh", "after-abduction")
     ]
-    fresh, after = (run.stdout.strip().splitlines()[-4:] for run in runs)
+    fresh, after = (run.stdout.strip().splitlines()[-2:] for run in runs)
     assert fresh == after and all(len(line) > 10 for line in fresh)
