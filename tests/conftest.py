@@ -72,6 +72,13 @@ def cores_per_process() -> int:
     return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The SmolLM2 tests (a minute or more each) first, in their order: pytest-xdist's
+    processes then share out the short tests after them instead of waiting on a long one at
+    the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def all_threads():
     torch.set_num_threads(cores_per_process())

@@ -34,20 +34,12 @@ IDS = torch.tensor([[2, 3, 4, 5, 6]])
 WRAPPER = internals.restore_atomically.__code__
 
 
-def _below(frame: Any, code: Any) -> bool:
-    """Whether a frame runs under a call of ``code`` (not in ``code``'s own frame)."""
-    frame = frame.f_back
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
-
-
 def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None) -> int:
-    """Run ``scenario`` counting the line events under ``wrapper``; raise KeyboardInterrupt at
-    event number ``inject_at``. Returns the number of events seen."""
+    """Run ``scenario`` counting the line events under ``wrapper`` (in the frames it calls,
+    not in its own); raise KeyboardInterrupt at event number ``inject_at``. Returns the number
+    of events seen."""
     seen = 0
+    inside = 0  # calls of `wrapper` running now: entered at its call event, left at its return
 
     def local(frame, event, arg):
         nonlocal seen
@@ -58,8 +50,18 @@ def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None
             seen += 1
         return local
 
+    def leave(frame, event, arg):  # the wrapper's own frame: only its return counts
+        nonlocal inside
+        if event == "return":
+            inside -= 1
+        return leave
+
     def tracer(frame, event, arg):
-        return local if _below(frame, wrapper) else None
+        nonlocal inside
+        if frame.f_code is wrapper:
+            inside += 1
+            return leave
+        return local if inside else None
 
     sys.settrace(tracer)
     try:
