@@ -50,6 +50,7 @@ It prints measured rates and ratios and asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -57,13 +58,15 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, unless on PYTHONPATH
 
-from pyro_lmscm.lm import HFLanguageModel
+from pyro_lmscm.lm import HFLanguageModel, bf16_kernels, native_bf16_gemm
+from pyro_lmscm.study import worker as worker_module
 from pyro_lmscm.study import StudyConfig, run_study
 from pyro_lmscm.study.config import DEFAULT_BATCH_SIZE, DEFAULT_EXACT_BATCH_SIZE
 
@@ -85,9 +88,10 @@ def write_corpus(folder: Path, name: str, lines: list[str]) -> str:
 
 
 def study_case(
-    lm: HFLanguageModel, folder: Path, corpus: str, settings: dict[str, Any], name: str
+    lm: HFLanguageModel, folder: Path, corpus: str, settings: dict[str, Any], name: str, native: bool = False
 ) -> Callable[[], int]:
-    """A study into a fresh folder per call; returns the strings processed."""
+    """A study into a fresh folder per call; returns the strings processed. ``native``: with
+    torch's own bfloat16 kernels, not the float32 GEMMs of :func:`~pyro_lmscm.lm.bf16_kernels`."""
     runs = [0]
 
     def run() -> int:
@@ -96,7 +100,9 @@ def study_case(
             corpus=corpus, output=str(folder / f"{name}-{runs[0]}"), name=name, report=False, progress=False,
             **settings,
         )
-        result = run_study(config, lm=lm)
+        with mock.patch.object(worker_module, "bf16_kernels", lambda lm: contextlib.nullcontext()) if native \
+                else contextlib.nullcontext():
+            result = run_study(config, lm=lm)
         assert all(r.get("error") is None for r in result.records), [r["error"] for r in result.records if r["error"]]
         return result.computed
 
@@ -117,9 +123,10 @@ def draws_case(
     encoded = [lm.encode(text) for text in prompts]
 
     def run() -> int:
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            counterfactuals(scm, batch, None, spec.intervention, num_samples=draws, seed=0)
+        with bf16_kernels(lm):
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start : start + batch_size]
+                counterfactuals(scm, batch, None, spec.intervention, num_samples=draws, seed=0)
         return len(encoded)
 
     return run
@@ -174,6 +181,10 @@ def reference_case(
 
     @torch.no_grad()
     def run() -> int:
+        with bf16_kernels(lm):  # the study's kernels (float32 GEMMs from 8 rows on a CPU without bf16 ones)
+            return procedure()
+
+    def procedure() -> int:
         torch.manual_seed(seed)
         for text in prompts:
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -268,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             f"exact-only, batch {args.exact_batch_size}": study_case(
                 lm, folder, write_corpus(folder, "exact", cycled), exact, "exact"),
         }
+        if dtype == "bfloat16" and not native_bf16_gemm():  # the float32 GEMMs' gain, in the same run
+            cases[f"MC, batch {args.batch_size}, native bf16 kernels"] = study_case(
+                lm, folder, batched_corpus, {**mc, "batch_size": args.batch_size}, "batched-native", native=True)
         results = measure(cases, args.reps)
 
     import platform
@@ -275,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__} "
-          f"({args.threads} threads), transformers {transformers.__version__}, model {model} {dtype}\n")
+          f"({args.threads} threads, {torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: "
+          f"{native_bf16_gemm()}), transformers {transformers.__version__}, model {model} {dtype}\n")
     print("| case | strings per run | s per string | strings per minute |")
     print("|---|---:|---:|---:|")
     for name, (seconds, count) in results.items():
@@ -294,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
     draws_only = results[f"draws only, batch {args.batch_size}"][0]
     print(f"| the reference's work alone (sample + 4 CF), batch {args.batch_size} / reference | "
           f"{reference / draws_only:.2f} | — |")
+    native_name = f"MC, batch {args.batch_size}, native bf16 kernels"
+    if native_name in results:
+        print(f"| MC batch {args.batch_size}: float32 GEMMs / native bf16 kernels | "
+              f"{results[native_name][0] / batched:.2f} | — |")
     total = exact_only * 500
     print(f"\nexact-only study, 500 strings x 25 tokens: {total / 60:.2f} min "
           f"({'measured on' if results[exact_name][1] == 500 else 'extrapolated from'} {results[exact_name][1]}"

@@ -75,3 +75,106 @@ def test_token_texts_cut_at_character_boundaries(byte_level_lm, text):
             assert tokenizer.decode(ids[:end]) == "".join(pieces[:end])
     if not text.isascii():  # baseline: decoding one token at a time breaks these characters
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+
+
+# -- bf16_linears_in_float32: float32 GEMMs for bfloat16 linears on CPUs without bf16 kernels ----
+
+
+def _float32_gemm(x, weight, bias=None):
+    """The independent computation: the exact float32 images of the bf16 operands, one float32
+    GEMM, rounded to bfloat16."""
+    out = x.double().float() @ weight.double().float().T
+    return (out if bias is None else out + bias.float()).bfloat16()
+
+
+def test_bf16_linears_run_as_float32_gemms_from_min_rows_and_natively_below(monkeypatch):
+    """Which kernel runs is seen by the dtype ``F.linear`` receives (the native kernel and the
+    float32 GEMM may agree bit for bit on some CPUs); the baseline is the call outside the
+    scope, which receives bfloat16 whatever the rows."""
+    from pyro_lmscm.lm import bf16_linears_in_float32
+
+    seen: list[torch.dtype] = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, *args):
+        seen.append(x.dtype)
+        return linear(x, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
+    for rows in (1, 7, 8, 40):
+        x = torch.randn(rows, 64).bfloat16()
+        seen.clear()
+        native = layer(x)
+        assert seen == [torch.bfloat16]
+        seen.clear()
+        with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
+            inside = layer(x)
+        assert inside.dtype == torch.bfloat16
+        if rows >= 8:  # one float32 GEMM, bit for bit the independent float32 computation
+            assert seen == [torch.float32]
+            assert torch.equal(inside, _float32_gemm(x, layer.weight, layer.bias))
+        else:  # the native kernel, bit for bit
+            assert seen == [torch.bfloat16]
+            assert torch.equal(inside, native)
+    assert "forward" not in vars(layer)
+    # a leading batch shape counts its rows: (2, 4) rows of 64 reach min_rows = 8
+    x = torch.randn(2, 4, 64).bfloat16()
+    with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
+        assert torch.equal(layer(x), _float32_gemm(x, layer.weight, layer.bias))
+
+
+def test_an_in_place_weight_edit_inside_the_scope_is_seen():
+    """The float32 copy follows the weight's version: after ``copy_`` under no_grad (what
+    WeightDelta and ROME do) the next call uses the edited weight. Baseline: the output of
+    before the edit, which a copy kept regardless of the version would give again."""
+    from pyro_lmscm.lm import bf16_linears_in_float32
+
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(32, 16, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(12, 32).bfloat16()
+    with torch.no_grad(), bf16_linears_in_float32(layer):
+        before = layer(x)
+        layer.weight.copy_(layer.weight * -2)
+        after = layer(x)
+    assert torch.equal(after, _float32_gemm(x, layer.weight))
+    assert not torch.equal(after, before)
+
+
+def test_calls_needing_a_gradient_keep_the_native_kernel():
+    from pyro_lmscm.lm import bf16_linears_in_float32
+
+    torch.manual_seed(2)
+    layer = torch.nn.Linear(32, 16, dtype=torch.bfloat16)
+    x = torch.randn(12, 32).bfloat16()
+    with bf16_linears_in_float32(layer):
+        out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0)
+
+
+def test_the_scope_leaves_the_model_as_it_was_even_on_error(lm_bf16):
+    from pyro_lmscm.lm import bf16_linears_in_float32
+
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    before = lm_bf16.logits(ids)
+    with pytest.raises(RuntimeError, match="inside"):
+        with bf16_linears_in_float32(lm_bf16.model):
+            assert sum("forward" in vars(m) for m in lm_bf16.model.modules()) == 15  # 2 x 7 + the head
+            raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in lm_bf16.model.modules())
+    assert torch.equal(lm_bf16.logits(ids), before)
+
+
+def test_bf16_kernels_choose_float32_gemms_only_for_bf16_on_a_cpu_without_native_kernels(lm, lm_bf16, monkeypatch):
+    import contextlib
+
+    from pyro_lmscm import lm as lm_module
+
+    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: False)
+    assert not isinstance(lm_module.bf16_kernels(lm_bf16), contextlib.nullcontext)
+    assert isinstance(lm_module.bf16_kernels(lm), contextlib.nullcontext)  # float32
+    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: True)
+    assert isinstance(lm_module.bf16_kernels(lm_bf16), contextlib.nullcontext)

@@ -1,7 +1,8 @@
 """An interrupt cannot leave the model edited: KeyboardInterrupt at every line of every restore path.
 
 Every mechanism that changes the HF module (weight deltas, ROME, LoRA flags, steering and
-ROME's forward hooks) undoes its change through ``restore_atomically``. The harness below
+ROME's forward hooks) undoes its change through ``restore_atomically``, and so does the
+``bf16_linears_in_float32`` scope (the ``forward`` it sets on each linear). The harness below
 runs each scenario once to list the line events inside those restore steps (our code, and
 torch's and peft's Python code they call), then reruns it once per event with a
 ``sys.settrace`` tracer that raises ``KeyboardInterrupt`` exactly there. After each run the
@@ -28,6 +29,7 @@ from pyro_lmscm.interventions import (
     internals,
     rome_edit,
 )
+from pyro_lmscm.lm import bf16_linears_in_float32
 from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])
@@ -76,6 +78,7 @@ def _state(lm) -> tuple[Any, list[bool], list[Any]]:
 
     flags = [p.requires_grad for p in lm.model.parameters()]
     layers = [(m.disable_adapters, list(m.active_adapters)) for m in lm.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers.append([name for name, m in lm.model.named_modules() if "forward" in vars(m)])  # set by a scope
     return snapshot(lm.model), flags, layers
 
 
@@ -132,8 +135,17 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
             rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1, cov_texts=texts, num_steps=2), lm
         )
 
+    def float32_gemms():  # not a mechanism, but a scope that sets `forward` on the model's linears
+        lm = tiny_llama(seed=0, dtype=torch.bfloat16)
+
+        def scenario():
+            with torch.no_grad(), bf16_linears_in_float32(lm.model, min_rows=1):
+                lm.logits(IDS)
+
+        return lm, scenario
+
     return {"WeightDelta": weight_delta, "ActivationSteering": steering, "AffineSteering": affine,
-            "LoRAAdapter": lora, "rome_edit": rome}
+            "LoRAAdapter": lora, "rome_edit": rome, "bf16_linears_in_float32": float32_gemms}
 
 
 def _forward(mechanism, lm) -> None:

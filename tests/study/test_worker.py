@@ -59,3 +59,28 @@ def test_impossible_string_gives_an_error_record(make_config):
     assert record["error"].startswith("AbductionError") and "counterfactual" not in record
     record = worker.process(CorpusItem(4, "the zebra", None))  # not in the tiny vocabulary
     assert record["error"].startswith("TokenizationError")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_study_multiplies_in_float32_on_a_cpu_without_bf16_kernels(make_config, corpus_file, monkeypatch, native):
+    """The worker runs its batches in ``bf16_kernels``: where the CPU has no native bfloat16
+    GEMM, the model's linears of 8 rows or more receive float32 inputs; where it has one
+    (the baseline), every linear receives bfloat16."""
+    import torch
+
+    from pyro_lmscm import lm as lm_module
+
+    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: native)
+    worker = StudyWorker(make_config(dtype="bfloat16", batch_size=4))
+    seen: set = set()
+    linear = torch.nn.functional.linear
+
+    def spy(x, *args):
+        seen.add(x.dtype)
+        return linear(x, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    records = worker.process_many(read_corpus(corpus_file)[:4])
+    assert all(record["error"] is None for record in records)
+    assert seen == ({torch.bfloat16} if native else {torch.bfloat16, torch.float32})
+    assert not any("forward" in vars(m) for m in worker.lm.model.modules())
