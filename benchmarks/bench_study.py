@@ -31,7 +31,14 @@ reference              the seed paper's procedure (shauli-ravfogel/lm-counterfac
 exact-only             ``run_study(exact_only=True)``: factual strings, exact           500 x 25
                        P(unchanged), first-divergence law, most probable                tokens
                        counterfactual (4 beams); no draws                              < 3 min
+MC, batch B, native    only on a CPU without native bf16 GEMM kernels: the MC study
+bf16 kernels           with torch's own (reference) bf16 kernels instead of the
+                       float32 GEMMs of ``bf16_kernels``, for their gain in this run
 =====================  =============================================================  =======
+
+Every case runs in :func:`~pyro_lmscm.lm.bf16_kernels` (the reference and the draws-only
+case too): where the CPU has no native bfloat16 GEMM (AVX2 alone), bfloat16 linears of 8
+rows or more multiply in float32; a decoding step of one string keeps the native kernel.
 
 The MC cases use the demo study's settings (SmolLM2 bfloat16, steering toward "female",
 4 draws, 32 tokens, the full softmax: the reference's ``generate`` samples it too); the

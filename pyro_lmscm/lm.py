@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "FLOAT32_COPY_BUDGET",
     "LEFT_PAD",
     "HFLanguageModel",
     "PaddedCache",
@@ -119,6 +120,10 @@ def release_freed_memory() -> None:
         trim(0)
 
 
+#: Bytes of float32 weight copies that :func:`bf16_linears_in_float32` keeps (1 GiB).
+FLOAT32_COPY_BUDGET = 1 << 30
+
+
 def native_bf16_gemm() -> bool:
     """Whether torch multiplies bfloat16 matrices on this CPU with oneDNN's kernels (AVX-512,
     AVX512-BF16, AMX, or Arm's BF16), rather than with its reference kernel.
@@ -133,7 +138,9 @@ def native_bf16_gemm() -> bool:
 
 
 @contextlib.contextmanager
-def bf16_linears_in_float32(model: "torch.nn.Module", min_rows: int = 8) -> Iterator[None]:
+def bf16_linears_in_float32(
+    model: "torch.nn.Module", min_rows: int = 8, copy_budget: int = FLOAT32_COPY_BUDGET
+) -> Iterator[None]:
     """Within the scope, each bfloat16 ``nn.Linear`` of ``model`` called on the CPU with at
     least ``min_rows`` rows runs as a float32 GEMM on exact float32 copies of its input,
     weight and bias, and rounds its output back to bfloat16.
@@ -151,9 +158,11 @@ def bf16_linears_in_float32(model: "torch.nn.Module", min_rows: int = 8) -> Iter
     copy of a weight is made on first use and kept while the weight's version counter stands
     still: every in-place edit through torch (``copy_``, ``add_``, as the weight-edit
     mechanisms make) bumps it, and the next call copies the edited weight. An edit through
-    ``.data`` bumps nothing; make none inside the scope. The copies cost twice the bfloat16
-    weights' memory (540 MB for SmolLM2-135M) and go with the scope. Calls that need a
-    gradient keep the native kernel.
+    ``.data`` bumps nothing; make none inside the scope. The copies are kept up to
+    ``copy_budget`` bytes (:data:`FLOAT32_COPY_BUDGET`; SmolLM2-135M needs 540 MB, twice its
+    bfloat16 weights) and go with the scope; a weight beyond the budget is copied for each
+    call and freed after it, so a large model takes one weight's copy at a time, not twice its
+    memory. Calls that need a gradient keep the native kernel.
 
     >>> layer = torch.nn.Linear(8, 4, dtype=torch.bfloat16)
     >>> x = torch.randn(16, 8).bfloat16()
@@ -170,13 +179,20 @@ def bf16_linears_in_float32(model: "torch.nn.Module", min_rows: int = 8) -> Iter
     from .interventions.internals import restore_atomically
 
     copies: dict[int, tuple[Any, int, torch.Tensor]] = {}
+    kept = [0]  # bytes of the copies kept
 
     def float32(weight: torch.Tensor) -> torch.Tensor:
         entry = copies.get(id(weight))
-        if entry is None or entry[0]() is not weight or entry[1] != weight._version:
-            entry = (weakref.ref(weight), weight._version, weight.detach().float())
-            copies[id(weight)] = entry
-        return entry[2]
+        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+            return entry[2]
+        copy = weight.detach().float()
+        if entry is not None:  # a stale copy (an edited weight, or another tensor at a reused id)
+            kept[0] -= entry[2].nbytes
+            del copies[id(weight)]
+        if kept[0] + copy.nbytes <= copy_budget:
+            copies[id(weight)] = (weakref.ref(weight), weight._version, copy)
+            kept[0] += copy.nbytes
+        return copy
 
     def patched(module: torch.nn.Linear) -> Any:
         def forward(x: torch.Tensor) -> torch.Tensor:

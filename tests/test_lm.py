@@ -125,16 +125,18 @@ def test_bf16_linears_run_as_float32_gemms_from_min_rows_and_natively_below(monk
         assert torch.equal(layer(x), _float32_gemm(x, layer.weight, layer.bias))
 
 
-def test_an_in_place_weight_edit_inside_the_scope_is_seen():
+@pytest.mark.parametrize("copy_budget", [1 << 30, 1000], ids=["kept", "over the budget: copied per call"])
+def test_an_in_place_weight_edit_inside_the_scope_is_seen(copy_budget):
     """The float32 copy follows the weight's version: after ``copy_`` under no_grad (what
     WeightDelta and ROME do) the next call uses the edited weight. Baseline: the output of
-    before the edit, which a copy kept regardless of the version would give again."""
+    before the edit, which a copy kept regardless of the version would give again. A weight
+    over the budget (16 x 32 x 4 bytes > 1000) gives the same bits, copied for each call."""
     from pyro_lmscm.lm import bf16_linears_in_float32
 
     torch.manual_seed(1)
     layer = torch.nn.Linear(32, 16, bias=False, dtype=torch.bfloat16)
     x = torch.randn(12, 32).bfloat16()
-    with torch.no_grad(), bf16_linears_in_float32(layer):
+    with torch.no_grad(), bf16_linears_in_float32(layer, copy_budget=copy_budget):
         before = layer(x)
         layer.weight.copy_(layer.weight * -2)
         after = layer(x)
