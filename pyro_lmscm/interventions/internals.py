@@ -54,11 +54,16 @@ def restore_atomically(*steps: Callable[[], Any]) -> None:
     a step all the same (by another library's signal handler, or a test's tracer) makes the
     step run again from its start. Other exceptions do not stop the later steps. The first
     exception is raised again once every step has finished. Between the steps this function
-    calls only C functions (``_signal.signal``, ``get_ident``), so nothing of Python's can be
-    interrupted there but its own lines.
+    calls only C functions (``_signal.signal``, ``get_ident``, torch's grad-mode switches), so
+    nothing of Python's can be interrupted there but its own lines.
+
+    Torch's grad mode is set back after every attempt: an interrupt inside ``torch.no_grad``'s
+    own ``__exit__`` (a step decorated with it) would otherwise leave gradients off for the
+    caller, and the step's rerun would keep them off.
     """
     pending: BaseException | None = None
     received: list[Any] = []
+    grad = torch.is_grad_enabled()
     deferring = threading.get_ident() == _MAIN_THREAD
     if deferring:
         previous = _signal.signal(_signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
@@ -73,6 +78,8 @@ def restore_atomically(*steps: Callable[[], Any]) -> None:
                 except BaseException as error:  # noqa: BLE001 - raised again below
                     pending = pending or error
                     break
+                finally:
+                    torch._C._set_grad_enabled(grad)
     finally:
         if deferring:
             _signal.signal(_signal.SIGINT, previous if previous is not None else _signal.default_int_handler)

@@ -7,7 +7,8 @@ runs each scenario once to list the line events inside those restore steps (our 
 torch's and peft's Python code they call), then reruns it once per event with a
 ``sys.settrace`` tracer that raises ``KeyboardInterrupt`` exactly there. After each run the
 parameters, buffers and ``requires_grad`` flags must be bit-identical, no hook may be left,
-every peft layer must be as it was, and the interrupt must still reach the caller.
+every peft layer must be as it was, torch's grad mode must be the caller's, and the
+interrupt must still reach the caller.
 
 The baseline: the same harness on the restore loop of before (one ``copy_`` per parameter in
 a plain loop) finds corrupted states.
@@ -79,6 +80,7 @@ def _state(lm) -> tuple[Any, list[bool], list[Any]]:
     flags = [p.requires_grad for p in lm.model.parameters()]
     layers = [(m.disable_adapters, list(m.active_adapters)) for m in lm.model.modules() if isinstance(m, BaseTunerLayer)]
     layers.append([name for name, m in lm.model.named_modules() if "forward" in vars(m)])  # set by a scope
+    layers.append(torch.is_grad_enabled())  # thread state: an interrupt inside torch.no_grad's exit left it off
     return snapshot(lm.model), flags, layers
 
 
