@@ -155,6 +155,7 @@ def demo(
     """Steer SmolLM2 toward "female": how would the man's story have read?"""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.gender import gender_steering
+    from ..lm import bf16_kernels
     from ..models import Decoding
 
     with one_line_errors():
@@ -166,7 +167,7 @@ def demo(
         observed = lm.encode(text) if text is not None else None
         steps = _steps(max_new_tokens, observed, default=24)
         scm = LanguageModelSCM(lm, steps, Decoding(top_k=top_k), mechanisms={"female": steer})
-        with err_console.status(f"abducting the noise and replaying {samples} posterior draws"):
+        with err_console.status(f"abducting the noise and replaying {samples} posterior draws"), bf16_kernels(lm):
             result = counterfactual(
                 scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
             )
@@ -198,6 +199,7 @@ def counterfactual_command(
     """Counterfactual continuations of an observed (or sampled) string under an intervention."""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.spec import parse_intervention
+    from ..lm import bf16_kernels
     from ..models import Decoding
 
     with one_line_errors():
@@ -208,9 +210,10 @@ def counterfactual_command(
         spec = parse_intervention(intervention, lm)
         observed = lm.encode(text) if text is not None else None
         scm = LanguageModelSCM(lm, _steps(max_new_tokens, observed, default=32), decoding, mechanisms=spec.mechanisms)
-        result = counterfactual(
-            scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
-        )
+        with bf16_kernels(lm):
+            result = counterfactual(
+                scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
+            )
         if as_json:
             out = {
                 "prompt": prompt,
