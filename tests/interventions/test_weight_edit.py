@@ -153,3 +153,30 @@ def test_tied_parameters_are_named_once():
     edit = WeightDelta({"lm_head.weight": torch.ones(10, 8), "model.embed_tokens.weight": torch.ones(10, 8)})
     with pytest.raises(MechanismError, match="one \\(tied\\) parameter"):
         edit.check(lm)
+
+
+def test_inside_float32_gemms_the_edit_and_its_restore_are_both_seen():
+    """``bf16_linears_in_float32`` keeps float32 copies of the weights; a WeightDelta activated
+    and restored inside the scope (``copy_`` in, ``_foreach_copy_`` out) must change the
+    logits and then give back those of before, bit for bit, as a hand-edited copy does. The
+    baseline: the edited logits differ from the unedited ones, which copies kept regardless
+    of the weights' versions would return for both."""
+    from pyro_lmscm.lm import bf16_linears_in_float32
+
+    lm = tiny_llama(seed=0, dtype=torch.bfloat16)
+    deltas = random_deltas(lm, 0.05)
+    edited = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            parameter = edited.get_parameter(name)
+            parameter.copy_(parameter.float() + delta)
+    ids = torch.cat([PROMPT, CONTINUATION])[None].expand(2, -1)  # 2 x 9 = 18 rows: float32 GEMMs
+    with bf16_linears_in_float32(edited):
+        expected = HFLanguageModel(edited).logits(ids)
+    with bf16_linears_in_float32(lm.model):
+        before = lm.logits(ids)
+        with WeightDelta(deltas).activate(lm) as f:
+            during = f.logits(ids)
+        after = lm.logits(ids)
+    assert torch.equal(during, expected) and not torch.equal(during, before)
+    assert torch.equal(after, before)
