@@ -72,8 +72,8 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, unless on PYTHONPATH
 
+from pyro_lmscm import lm as lm_module
 from pyro_lmscm.lm import HFLanguageModel, bf16_kernels, native_bf16_gemm
-from pyro_lmscm.study import worker as worker_module
 from pyro_lmscm.study import StudyConfig, run_study
 from pyro_lmscm.study.config import DEFAULT_BATCH_SIZE, DEFAULT_EXACT_BATCH_SIZE
 
@@ -107,8 +107,8 @@ def study_case(
             corpus=corpus, output=str(folder / f"{name}-{runs[0]}"), name=name, report=False, progress=False,
             **settings,
         )
-        with mock.patch.object(worker_module, "bf16_kernels", lambda lm: contextlib.nullcontext()) if native \
-                else contextlib.nullcontext():
+        # native: bf16_kernels (the runner's and the worker's) is told the CPU has bf16 kernels
+        with mock.patch.object(lm_module, "native_bf16_gemm", lambda: True) if native else contextlib.nullcontext():
             result = run_study(config, lm=lm)
         assert all(r.get("error") is None for r in result.records), [r["error"] for r in result.records if r["error"]]
         return result.computed

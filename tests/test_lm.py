@@ -119,6 +119,14 @@ def test_bf16_linears_run_as_float32_gemms_from_min_rows_and_natively_below(monk
             assert seen == [torch.bfloat16]
             assert torch.equal(inside, native)
     assert "forward" not in vars(layer)
+    # nested in another scope it patches nothing; the enclosing one stays in force after it
+    with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
+        outer = vars(layer)["forward"]
+        with bf16_linears_in_float32(layer, min_rows=1000):
+            assert vars(layer)["forward"] is outer
+        seen.clear()
+        layer(torch.randn(8, 64).bfloat16())
+        assert seen == [torch.float32]
     # a leading batch shape counts its rows: (2, 4) rows of 64 reach min_rows = 8
     x = torch.randn(2, 4, 64).bfloat16()
     with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):

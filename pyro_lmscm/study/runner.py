@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..lm import bf16_kernels
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import record_fingerprint, study_inputs
@@ -242,9 +243,12 @@ def run_study(
             elif todo:
                 with torch_threads(config.threads):
                     worker = StudyWorker(config, lm=lm)
-                    for _, block in itertools.groupby(todo, key=lambda item: item.index // size):
-                        for record in worker.process_many(list(block)):
-                            store_record(record)
+                    # one set of float32 weight copies for the study, not one per block (the
+                    # scope of each process_many call nests in this one and patches nothing)
+                    with bf16_kernels(worker.lm):
+                        for _, block in itertools.groupby(todo, key=lambda item: item.index // size):
+                            for record in worker.process_many(list(block)):
+                                store_record(record)
         records = [record for record in store.load() if record["index"] < len(items)]
     finally:
         store.close()

@@ -156,3 +156,31 @@ def test_new_weights_at_the_same_path_are_refused(make_config, tiny_folders, tmp
         run_study(make_config(model=str(folder), limit=3))
     again = run_study(make_config(model=str(folder), limit=3, force_recompute=True))
     assert again.computed == 3 and again.records != first.records
+
+
+def test_a_bf16_study_makes_its_float32_copies_once_not_per_block(make_config, monkeypatch):
+    """On a CPU without bf16 kernels the runner holds one ``bf16_linears_in_float32`` scope
+    for the whole study; each block's own scope (``process_many``) nests in it and patches
+    nothing. Counted: scopes entered on a model not yet patched. Baseline: the same study
+    without the runner's scope, where each of the 3 blocks patches (and copies) anew."""
+    import contextlib
+
+    from pyro_lmscm import lm as lm_module
+
+    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: False)
+    fresh_scopes: list[bool] = []
+    scope = lm_module.bf16_linears_in_float32
+
+    def counting(model, *args, **kwargs):
+        fresh_scopes.append(not any("forward" in vars(m) for m in model.modules()))
+        return scope(model, *args, **kwargs)
+
+    monkeypatch.setattr(lm_module, "bf16_linears_in_float32", counting)
+    config = make_config(dtype="bfloat16", batch_size=2, limit=6)
+    assert run_study(config).computed == 6
+    assert fresh_scopes.count(True) == 1 and len(fresh_scopes) == 4  # the runner's + 3 nested
+
+    fresh_scopes.clear()
+    monkeypatch.setattr(runner_module, "bf16_kernels", lambda lm: contextlib.nullcontext())
+    assert run_study(make_config(dtype="bfloat16", batch_size=2, limit=6, output=config.output + "-2")).computed == 6
+    assert fresh_scopes.count(True) == 3
