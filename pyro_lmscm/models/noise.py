@@ -47,6 +47,13 @@ class NoiseModel(ABC):
 
     dtype: torch.dtype = torch.float32
 
+    #: Whether one step's counterfactual law (:meth:`counterfactual_log_probs`) depends only
+    #: on the tokens possible on either side, whatever their ids: then it may run on those
+    #: tokens alone, gathered in the order of their ids (a token impossible on both sides
+    #: takes no part), as :func:`~pyro_lmscm.inference.most_probable` does under top-k or
+    #: top-p decoding.
+    compact_support: bool = False
+
     @abstractmethod
     def event_shape(self, vocab_size: int) -> torch.Size:
         """The shape of one step's noise :math:`u_t`."""
@@ -121,6 +128,8 @@ class GumbelMax(NoiseModel):
     (top-down truncated Gumbels), the one-step counterfactual law
     :func:`~pyro_lmscm.models.gumbel_max_counterfactual.step_counterfactual_log_probs`.
     The noise is exchangeable over the vocabulary, so no vocabulary order enters."""
+
+    compact_support = True  # (the closed form compacts its rows itself)
 
     dtype = torch.float32
 

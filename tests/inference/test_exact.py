@@ -370,6 +370,40 @@ def test_most_probable_of_several_strings_equals_brute_force(models, setting):
     assert all(g[1] <= m[1] + 1e-6 for g, m in zip(greedy, modes))
 
 
+@pytest.mark.parametrize("setting", ["temperature + top-k", "top-p", "forced token", "exclusion"])
+def test_the_beams_on_the_possible_tokens_alone_equal_the_beams_on_the_vocabulary(models, setting, monkeypatch):
+    """Under top-k or top-p decoding the beam search runs each step's chain on the tokens
+    possible at that step alone, all strings in one call (BEAM_COMPACT_SHARE = 1 makes every
+    decoding of the 10-token vocabulary count as such): every beam's string and score must be
+    those of the chain over the whole vocabulary, one string at a time, a brute-force search
+    included; and the compact path must really run (a beam of one on each path too)."""
+    from pyro_lmscm.inference import exact as exact_module
+    from pyro_lmscm.inference import most_probable
+
+    scm, intervention = _settings(models)[setting]
+    exacts = []
+    for i, prompt in enumerate(PROMPTS):
+        observed = counterfactual(scm, prompt, None, {}, seed=3 + i).factual_ids
+        exacts.append(exact_counterfactual(scm, prompt, observed, intervention))
+    calls = []
+    chain = exact_module.chain_log_probs
+    monkeypatch.setattr(exact_module, "chain_log_probs", lambda *a, **kw: calls.append(a[-1] is not None
+                        if len(a) == 6 else kw.get("columns") is not None) or chain(*a, **kw))
+    wide = {beams: most_probable(exacts, num_beams=beams, lengths=[3, 2, 3]) for beams in (1, 3, V**T)}
+    assert calls and not any(calls)  # (BEAM_COMPACT_SHARE of 10 tokens: at most 2 possible)
+    monkeypatch.setattr(exact_module, "BEAM_COMPACT_SHARE", 1.0)
+    calls.clear()
+    for beams, expected in wide.items():
+        got = most_probable(exacts, num_beams=beams, lengths=[3, 2, 3])
+        for (ids, score), (wide_ids, wide_score) in zip(got, expected):
+            assert torch.equal(ids, wide_ids) and score == pytest.approx(wide_score, abs=1e-12)
+    assert calls and all(calls)
+    for exact, (ids, score) in zip(exacts, got):  # the brute force, for the full-length strings
+        if ids.shape[-1] == T:
+            log_p = exact.log_prob(CANDIDATES)
+            assert torch.equal(ids, CANDIDATES[log_p.argmax()]) and score == pytest.approx(float(log_p.max()), abs=1e-5)
+
+
 @pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token", "exclusion"])
 def test_observed_token_log_probs_of_several_strings_equal_each_alone(models, setting):
     from pyro_lmscm.inference.exact import observed_token_log_probs
