@@ -318,10 +318,14 @@ def _posterior_steps(
     if columns is None:
         return going, torch.stack([exacts[o]._factual[t] for o, t in at]), observed
     tokens = columns[row, step]  # (G, W)
-    place = {key: i for i, key in enumerate(dict.fromkeys(at))}
-    factual = torch.stack([exacts[o]._factual[t] for o, t in place])  # each (string, step) once
-    which = torch.tensor([place[key] for key in at])
-    gathered = torch.where(tokens >= 0, factual[which].gather(-1, tokens.clamp(min=0)), -math.inf)
+    rows_of: dict[tuple[int, int], list[int]] = {}
+    for g, key in enumerate(at):
+        rows_of.setdefault(key, []).append(g)
+    gathered = torch.empty(tokens.shape, dtype=torch.float64)
+    for (o, t), rows in rows_of.items():  # each (string, step) once, at its rows' tokens alone
+        mine = torch.tensor(rows)
+        gathered[mine] = exacts[o]._factual[t].cpu()[tokens[mine].clamp(min=0)].double()
+    gathered = torch.where(tokens >= 0, gathered, -math.inf)
     found = tokens == observed[:, None]
     if not bool(found.any(-1).all()):
         raise AbductionError("chain_log_probs(): `columns` misses an observed token.")
