@@ -189,3 +189,30 @@ def test_approximate_abduction_refuses_other_noise(models):
     scm = LanguageModelSCM(models[0], 3, noise=InverseCDF())
     with pytest.raises(InferenceError, match="Gumbel-max"):
         abduct(scm, PROMPT, torch.tensor([5, 6]), "importance", num_samples=4)
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (2, 5)])
+def test_the_prior_draws_in_place_the_gumbels_of_pyros_gumbel_bit_for_bit(shape):
+    """GumbelMax's prior makes each draw in one buffer: from the same seed it must give
+    exactly Pyro's Gumbel draws (the same uniforms, the same steps), by ``rsample``,
+    ``sample`` and a call as ``pyro.sample`` makes it, also expanded to a batch as the SCM
+    expands it, and keep its density; a Gumbel of another location gives other draws."""
+    import pyro.distributions as dist
+
+    from pyro_lmscm.models.noise import InPlaceGumbel
+
+    prior = GumbelMax().prior(7, torch.device("cpu"))
+    assert isinstance(prior.base_dist, InPlaceGumbel)
+    reference = dist.Gumbel(torch.zeros(7), torch.ones(7)).to_event(1)
+    for law, expected in ((prior, reference), (prior.expand((4, 2)), reference.expand((4, 2)))):
+        for draw in ("rsample", "sample", "__call__"):
+            torch.manual_seed(0)
+            got = getattr(law, draw)(shape) if draw != "__call__" else law(torch.Size(shape))
+            torch.manual_seed(0)
+            want = expected.rsample(shape)
+            assert got.shape == want.shape == torch.Size(shape) + law.batch_shape + (7,)
+            assert torch.equal(got, want), draw
+        assert torch.equal(law.log_prob(got), expected.log_prob(got))
+    torch.manual_seed(0)
+    shifted = dist.Gumbel(torch.full((7,), 1e-3), torch.ones(7)).to_event(1).expand((4, 2)).rsample(shape)
+    assert shifted.shape == want.shape and not torch.equal(shifted, want)
