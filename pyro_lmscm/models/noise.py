@@ -131,16 +131,17 @@ class InPlaceGumbel(dist.Gumbel):
     each)."""
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
-        from torch.distributions.transforms import AffineTransform, ExpTransform, _InverseTransform
+        from torch.distributions.transforms import AffineTransform, ExpTransform
 
         base = self.base_dist
-        if not isinstance(base, torch.distributions.Uniform):
+        tracked = torch.is_grad_enabled() and (self.loc.requires_grad or self.scale.requires_grad)
+        if tracked or not isinstance(base, torch.distributions.Uniform):  # (in place would break autograd)
             return super().rsample(sample_shape)
         shape = self._extended_shape(torch.Size(sample_shape))
         x = torch.rand(shape, dtype=base.low.dtype, device=base.low.device)
         x.mul_(base.high - base.low).add_(base.low)
         for transform in self.transforms:
-            if isinstance(transform, _InverseTransform) and isinstance(transform.inv, ExpTransform):
+            if isinstance(transform.inv, ExpTransform):  # the inverse of exp: log
                 x.log_()
             elif isinstance(transform, AffineTransform):
                 x.mul_(transform.scale).add_(transform.loc)
