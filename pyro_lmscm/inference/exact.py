@@ -25,7 +25,7 @@ References
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -364,22 +364,22 @@ def chain_log_probs(
         if bool(prior.any()):
             log_q[prior] = logits[prior].log_softmax(-1)
         log_q[going] = scm.noise.counterfactual_log_probs(factual, logits[going], observed)
-    pad_id = scm.lm.pad_token_id
-    if columns is None:
-        pad = torch.full_like(log_q, float("-inf"))
-        pad[..., pad_id] = 0.0
-    else:
-        pad = torch.where(columns == pad_id, 0.0, -math.inf).to(log_q.dtype)
-    log_q = torch.where(ended[..., None], pad, log_q)  # after its end the SCM pads ...
+
+    def point_mass(token: int, where: tuple[Any, ...]) -> torch.Tensor:
+        """log q of certainty at ``token``, for the rows ``log_q[where]``."""
+        if columns is None:
+            mass = torch.full_like(log_q[where], -math.inf)
+            mass[..., token] = 0.0
+            return mass
+        return torch.where(columns[where] == token, 0.0, -math.inf).to(log_q.dtype)
+
+    everything = (slice(None),)
+    log_q = torch.where(ended[..., None], point_mass(scm.lm.pad_token_id, everything), log_q)  # the SCM pads ...
     for o, exact in enumerate(exacts):  # ... unless do(w_t = x) says otherwise, as in the SCM
         mine = owners == o
         for i, t in enumerate(steps):
             if t in exact._forced:
-                if columns is None:
-                    log_q[mine, i] = float("-inf")
-                    log_q[mine, i, exact._forced[t]] = 0.0
-                else:
-                    log_q[mine, i] = torch.where(columns[mine, i] == exact._forced[t], 0.0, -math.inf).to(log_q.dtype)
+                log_q[mine, i] = point_mass(exact._forced[t], (mine, i))
     return log_q
 
 
@@ -550,6 +550,8 @@ def _beam_step_log_probs(
     string of an exact-only study); else each string one call over the vocabulary:
     ``(None, (r, V))``, which on a few rows stays in the CPU's cache (the whole vocabulary of
     all strings in one call measured 1.6x slower)."""
+    from ..models.gumbel_max_counterfactual import possible_columns
+
     scm = exacts[0].scm
     if scm.noise.compact_support:
         supports = []
@@ -564,7 +566,7 @@ def _beam_step_log_probs(
             supports.append(possible)
         width = max(int(possible.sum(-1).max()) for possible in supports)
         if width <= BEAM_COMPACT_SHARE * scm.vocab_size:
-            columns = [_support_columns(possible, width) for possible in supports]
+            columns = [possible_columns(possible, width) for possible in supports]
             logits = torch.cat([
                 torch.where(c >= 0, logits.gather(-1, c.clamp(min=0)), -math.inf)
                 for c, (_, _, logits, _) in zip(columns, live)
@@ -576,17 +578,6 @@ def _beam_step_log_probs(
             )[:, 0]
             return list(zip(columns, law.split([c.shape[0] for c in columns])))
     return [(None, exacts[i]._step_log_probs(t, logits, ended)) for i, _, logits, ended in live]
-
-
-def _support_columns(possible: torch.Tensor, width: int) -> torch.Tensor:
-    """``(R, width)``: the ids of the true entries of each row of ``possible`` ``(R, V)``, by
-    increasing id, ``-1`` after them."""
-    counts = possible.sum(-1)
-    row, column = possible.nonzero(as_tuple=True)
-    place = torch.arange(row.numel()) - (counts.cumsum(0) - counts)[row]
-    out = torch.full((possible.shape[0], width), -1, dtype=torch.long)
-    out[row, place] = column
-    return out
 
 
 @torch.no_grad()

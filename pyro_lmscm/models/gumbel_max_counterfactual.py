@@ -139,8 +139,7 @@ def _sort_rows(rows: np.ndarray) -> None:
         return
     bounds = np.linspace(0, rows.shape[0], workers + 1).astype(int)
     parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    for done in _sort_pool(workers).map(lambda part: part.sort(axis=-1), parts):
-        del done  # (map re-raises a worker's error here)
+    list(_sort_pool(workers).map(lambda part: part.sort(axis=-1), parts))  # (re-raises a worker's error)
 
 
 def _argsort(key: torch.Tensor, ties: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +285,18 @@ def _compacted(factual: torch.Tensor, counterfactual: torch.Tensor) -> tuple[tor
     if width > COMPACT_SHARE * factual.shape[-1] or width == 0:
         return None
     position = torch.where(possible, possible.long().cumsum(-1) - 1, -1)
-    vocab = torch.arange(factual.shape[-1], device=factual.device).expand_as(position)
-    index = torch.full((factual.shape[0], width + 1), -1, dtype=torch.long, device=factual.device)
-    index.scatter_(-1, torch.where(possible, position, width), vocab)  # column W takes the rest
-    index = torch.where(torch.arange(width, device=factual.device) < counts[:, None], index[:, :width], -1)
-    return index, position, possible
+    return possible_columns(possible, width), position, possible
+
+
+def possible_columns(possible: torch.Tensor, width: int) -> torch.Tensor:
+    """``(N, width)``: the ids of the true entries of each row of ``possible`` ``(N, V)``, by
+    increasing id, ``-1`` after them (``width``: at least the most true entries of a row)."""
+    counts = possible.sum(-1)
+    row, column = possible.nonzero(as_tuple=True)
+    place = torch.arange(row.numel(), device=possible.device) - (counts.cumsum(0) - counts)[row]
+    index = torch.full((possible.shape[0], width), -1, dtype=torch.long, device=possible.device)
+    index[row, place] = column
+    return index
 
 
 def _gathered(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
