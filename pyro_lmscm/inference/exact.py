@@ -124,16 +124,24 @@ class ExactCounterfactual:
         # the factual anchor, as in the SCM: the factual mechanism on the observed prefix gives
         # the abduction's own logits, whatever the rounding of another batch
         steps = range(start, start + logits.shape[1])
-        if self._mechanism == 0 and torch.equal(self._prompt, self.prompt_ids):
-            observed = self.observed_ids.to(prefixes.device)
-            for i, t in enumerate(steps):
-                if t < observed.shape[-1]:
-                    on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
-                    logits[on_path, i] = self._factual[t].to(logits.device)
+        for i, t in enumerate(steps):
+            if self._anchored(t):
+                observed = self.observed_ids.to(prefixes.device)
+                on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
+                logits[on_path, i] = self._factual[t].to(logits.device)
         for i, t in enumerate(steps):  # "anything but x_t", after the decoding, as in the SCM
             if t in self._excluded:
                 logits[:, i] = exclude_token(logits[:, i], self._excluded[t], t)
         return logits
+
+    def _anchored(self, t: int) -> bool:
+        """Whether :meth:`_decoded` puts the abduction's logits on the observed prefix at step
+        ``t``: the factual mechanism and prompt (a token intervention), an observed step."""
+        return self._mechanism == 0 and t < self.observed_ids.shape[-1] and torch.equal(self._prompt, self.prompt_ids)
+
+    def _decodes_alone(self, t: int) -> bool:
+        """Whether :meth:`_decoded` at step ``t`` is the decoding alone (no anchor, no exclusion)."""
+        return not self._anchored(t) and t not in self._excluded
 
     def _abducted(self, t: int) -> bool:
         """Whether step ``t``'s noise is abducted (an observed step before the observed end)."""
@@ -538,48 +546,115 @@ BEAM_COMPACT_SHARE = 0.25
 
 
 def _beam_step_log_probs(
-    exacts: Sequence[ExactCounterfactual], live: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]], t: int
+    exacts: Sequence[ExactCounterfactual],
+    live: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]],
+    raw: torch.Tensor,
+    t: int,
 ) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
     """The chain at step ``t`` of the beams of the strings ``live`` (per string: its index in
-    ``exacts``, its first row, its beams' decoded counterfactual logits ``(r, V)`` and whether
-    each has ended ``(r,)``): per string ``(columns, log q)``. Under top-k or top-p decoding
-    (no row with more than :data:`BEAM_COMPACT_SHARE` of the vocabulary possible) and a noise
-    model with ``compact_support``, the beams of every string take one :func:`chain_log_probs`
-    on the tokens possible at their step alone: ``columns`` ``(r, W)`` those tokens (``-1``
-    pads), ``log q`` ``(r, W)`` (SmolLM2, top-k 50, 64 strings of 4 beams: 0.50 -> 0.40 s per
-    string of an exact-only study); else each string one call over the vocabulary:
-    ``(None, (r, V))``, which on a few rows stays in the CPU's cache (the whole vocabulary of
-    all strings in one call measured 1.6x slower)."""
+    ``exacts``, its first row in ``raw``, its beams ``(r, t + 1)`` (the last column a
+    placeholder) and whether each has ended ``(r,)``), given the raw intervened logits of
+    every row ``raw`` ``(R, V)``: per string ``(columns, log q)``. Under top-k or top-p
+    decoding (no row with more than :data:`BEAM_COMPACT_SHARE` of the vocabulary possible)
+    and a noise model with ``compact_support``, the beams of every string take one
+    :func:`chain_log_probs` on the tokens possible at their step alone
+    (:func:`_beam_supports`): ``columns`` ``(r, W)`` those tokens (``-1`` pads), ``log q``
+    ``(r, W)`` (SmolLM2, top-k 50, 64 strings of 4 beams: 0.50 -> 0.40 s per string of an
+    exact-only study); else each string one call over the vocabulary: ``(None, (r, V))``,
+    which on a few rows stays in the CPU's cache (the whole vocabulary of all strings in one
+    call measured 1.6x slower)."""
+    scm = exacts[0].scm
+    supports = _beam_supports(exacts, live, raw, t) if scm.noise.compact_support else None
+    if supports is not None:
+        columns = [c for c, _ in supports]
+        owners = torch.cat([torch.full((c.shape[0],), n) for n, c in enumerate(columns)])
+        ended = torch.cat([ended for *_, ended in live])
+        law = chain_log_probs(
+            [exacts[i] for i, *_ in live], owners, torch.cat([v for _, v in supports])[:, None], ended[:, None], t,
+            torch.cat(columns)[:, None],
+        )[:, 0]
+        return list(zip(columns, law.split([c.shape[0] for c in columns])))
+    return [
+        (None, exacts[i]._step_log_probs(t, _beam_logits(exacts[i], raw, first, beams, t), ended))
+        for i, first, beams, ended in live
+    ]
+
+
+def _beam_logits(
+    exact: ExactCounterfactual, raw: torch.Tensor, first: int, beams: torch.Tensor, t: int
+) -> torch.Tensor:
+    """The decoded logits ``(r, V)`` (float64, on the CPU) of one string's beams ``(r, t + 1)``
+    at step ``t``, from the raw logits of all rows ``raw`` and the string's first row."""
+    return exact._decoded(beams, raw[first : first + beams.shape[0], None], start=t).cpu()[:, 0]
+
+
+def _beam_supports(
+    exacts: Sequence[ExactCounterfactual], live: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]],
+    raw: torch.Tensor, t: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per string of ``live`` (as :func:`_beam_step_log_probs`): the tokens possible at step
+    ``t`` on either side ``(r, W)`` (by increasing id, ``-1`` pads; as
+    :func:`~pyro_lmscm.models.gumbel_max_counterfactual.possible_columns`), the decoded
+    counterfactual logits there ``(r, W)`` (float64, ``-inf`` where only the factual side
+    has it); ``None`` where a row has more than :data:`BEAM_COMPACT_SHARE` of the vocabulary
+    possible. A beam's tokens: its counterfactual support, the factual support at an
+    abducted step, the token of a ``do(w_t = x)``; an ended beam the pad token alone (its
+    logits are those of no prefix: 0 there). Where every string's :meth:`~ExactCounterfactual._decoded`
+    is the decoding alone at ``t`` and :meth:`~pyro_lmscm.models.Decoding.support` holds
+    (top-k), the counterfactual side comes from its few columns (no row of V decoded logits:
+    64 strings of 4 beams, 0.42 -> 0.37 s per string); else from each string's decoded rows."""
     from ..models.gumbel_max_counterfactual import possible_columns
 
     scm = exacts[0].scm
-    if scm.noise.compact_support:
-        supports = []
-        for i, _, logits, ended in live:
-            possible = logits > -math.inf
-            if exacts[i]._abducted(t):
-                possible |= exacts[i]._factual[t].cpu() > -math.inf
-            possible[ended] = False  # an ended beam only pads (its logits are those of no prefix)
-            possible[ended, scm.lm.pad_token_id] = True
-            if t in exacts[i]._forced:
-                possible[:, exacts[i]._forced[t]] = True
-            supports.append(possible)
-        width = max(int(possible.sum(-1).max()) for possible in supports)
-        if width <= BEAM_COMPACT_SHARE * scm.vocab_size:
-            columns = [possible_columns(possible, width) for possible in supports]
-            logits = torch.cat([
-                torch.where(c >= 0, logits.gather(-1, c.clamp(min=0)), -math.inf)
-                for c, (_, _, logits, _) in zip(columns, live)
-            ])
-            owners = torch.cat([torch.full((c.shape[0],), n) for n, c in enumerate(columns)])
-            ended = torch.cat([ended for *_, ended in live])
-            law = chain_log_probs(
-                [exacts[i] for i, *_ in live], owners, logits[:, None], ended[:, None], t, torch.cat(columns)[:, None]
-            )[:, 0]
-            return list(zip(columns, law.split([c.shape[0] for c in columns])))
-    return [(None, exacts[i]._step_log_probs(t, logits, ended)) for i, _, logits, ended in live]
-
-
+    vocab, pad = scm.vocab_size, scm.lm.pad_token_id
+    ended = torch.cat([ended for *_, ended in live])
+    rows = torch.cat([torch.arange(first, first + beams.shape[0]) for _, first, beams, _ in live])
+    side = None  # the counterfactual side of every row: (ids, decoded logits) (R, K), -1 / -inf pad
+    if all(exacts[i]._decodes_alone(t) for i, *_ in live):
+        going = rows[~ended]
+        support = scm.decoding.support(raw if going.numel() == raw.shape[0] else raw[going.to(raw.device)])
+        if support is not None:
+            ids = torch.full((rows.numel(), support[0].shape[-1]), -1, dtype=torch.long)
+            values = torch.full(ids.shape, -math.inf, dtype=torch.float64)
+            ids[~ended], values[~ended] = support[0].cpu(), support[1].cpu().double()
+            side = (torch.where(values > -math.inf, ids, -1), values)
+    if side is None:
+        decoded = torch.cat([_beam_logits(exacts[i], raw, first, beams, t) for i, first, beams, _ in live])
+        possible = (decoded > -math.inf) & ~ended[:, None]
+        width = int(possible.sum(-1).max())
+        if width > BEAM_COMPACT_SHARE * vocab:
+            return None
+        ids = possible_columns(possible, width)
+        side = (ids, torch.where(ids >= 0, decoded.gather(-1, ids.clamp(min=0)), -math.inf))
+    # the other tokens of each row: the factual support (abducted), the pad (ended), the forced token
+    counts = [beams.shape[0] for _, _, beams, _ in live]
+    owner = torch.repeat_interleave(torch.arange(len(live)), torch.tensor(counts))
+    abducted = [n for n, (i, *_) in enumerate(live) if exacts[i]._abducted(t)]
+    factual = torch.full((len(live), 0), -1, dtype=torch.long)
+    if abducted:
+        possible = torch.stack([exacts[live[n][0]]._factual[t] for n in abducted]).cpu() > -math.inf
+        factual = torch.full((len(live), int(possible.sum(-1).max())), -1, dtype=torch.long)
+        factual[abducted] = possible_columns(possible, factual.shape[-1])
+    forced = torch.tensor([exacts[i]._forced.get(t, -1) for i, *_ in live])
+    extra_ids = torch.cat(
+        [torch.where(ended[:, None], -1, factual[owner]), torch.where(ended, pad, -1)[:, None], forced[owner, None]], -1
+    )
+    key = torch.cat([side[0], extra_ids], -1)
+    key = torch.where(key >= 0, key, vocab).sort(-1).values
+    key[:, 1:][key[:, 1:] == key[:, :-1]] = vocab  # each token once
+    key = key.sort(-1).values
+    width = int((key < vocab).sum(-1).max())
+    if width > BEAM_COMPACT_SHARE * vocab:
+        return None
+    key = key[:, :width].contiguous()
+    columns = torch.where(key < vocab, key, -1)
+    ids, values = side
+    found = ids >= 0  # each in its row of `key`; the others to a spare column
+    place = torch.where(found, torch.searchsorted(key, ids.clamp(min=0)), width)
+    logits = torch.full((columns.shape[0], width + 1), -math.inf, dtype=torch.float64)
+    logits = logits.scatter_(-1, place, torch.where(found, values, -math.inf))[:, :width]
+    logits[ended] = torch.where(columns[ended] >= 0, 0.0, -math.inf).double()
+    return list(zip(columns.split(counts), logits.split(counts)))
 @torch.no_grad()
 def most_probable(
     exacts: Sequence[ExactCounterfactual], num_beams: int = 4, lengths: Sequence[int] | None = None
@@ -617,7 +692,7 @@ def most_probable(
         raw = batch.logits().reshape(-1, scm.vocab_size)
         parents: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S
         tokens: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S
-        live: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (string, first row, logits, ended)
+        live: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (string, first row, beams, ended)
         start = 0
         for i, exact in enumerate(exacts):
             rows = beams[i].shape[0]
@@ -626,10 +701,9 @@ def most_probable(
                 tokens[i] = torch.full((rows,), scm.lm.pad_token_id)
             else:
                 padded = torch.cat([beams[i], beams[i].new_zeros(rows, 1)], -1)
-                logits = exact._decoded(padded, raw[start : start + rows, None], start=t).cpu()[:, 0]
-                live.append((i, start, logits, exact._ended_before(padded)[:, t]))
+                live.append((i, start, padded, exact._ended_before(padded)[:, t]))
             start += rows
-        for (i, first, _, _), (columns, log_q) in zip(live, _beam_step_log_probs(exacts, live, t)):
+        for (i, first, _, _), (columns, log_q) in zip(live, _beam_step_log_probs(exacts, live, raw, t)):
             total = (scores[i][:, None] + log_q).reshape(-1)
             best = total.topk(min(num_beams, int(torch.isfinite(total).sum())), sorted=True)
             parent = best.indices // log_q.shape[-1]

@@ -93,6 +93,19 @@ class TopK:
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         return logits.masked_fill(logits < kth, float("-inf"))
 
+    def support(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`__call__` of rows ``(N, V)`` at the ``2k + 1`` largest logits of each row
+        alone: ``(columns, values)``, both ``(N, min(2k + 1, V))``, the values those of
+        :meth:`__call__` there (``-inf`` below the :math:`k`-th); every other column is
+        ``-inf`` in :meth:`__call__`. ``None`` when more than ``2k`` tokens of a row reach its
+        :math:`k`-th value (ties; e.g. a row of equal logits), which only the whole row holds."""
+        k = min(self.top_k, logits.size(-1))
+        values, columns = torch.topk(logits, min(2 * k + 1, logits.size(-1)), dim=-1)
+        kth = values[..., k - 1 : k]
+        if values.shape[-1] < logits.size(-1) and not bool((values[..., -1:] < kth).all()):
+            return None  # (a nan compares False too)
+        return columns, values.masked_fill(values < kth, float("-inf"))
+
     def __repr__(self) -> str:
         return f"TopK({self.top_k})"
 
@@ -166,6 +179,21 @@ class Decoding:
         for transform in self.transforms:
             out = transform(out)
         return out
+
+    def support(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The decoded logits of rows ``(N, vocab)`` on a few columns that hold their whole
+        support: ``(columns, values)`` ``(N, W)`` (:meth:`TopK.support`: ``W = 2 top_k + 1``),
+        ``values`` those of :meth:`__call__` at ``columns`` (float32, ``-inf`` for a column
+        outside the support) and ``-inf`` in :meth:`__call__` at every other column: no row
+        of ``vocab`` decoded values is made. ``None`` without top-k or with top-p (whose
+        support only a sort of the whole row gives), or where :meth:`TopK.support` is."""
+        top_k = next((t for t in self.transforms if isinstance(t, TopK)), None)
+        if top_k is None or any(isinstance(t, TopP) and t.top_p < 1.0 for t in self.transforms):
+            return None
+        out = logits.float()
+        for transform in self.transforms[: self.transforms.index(top_k)]:  # (the temperature)
+            out = transform(out)
+        return top_k.support(out)
 
     def __repr__(self) -> str:
         return f"Decoding(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"

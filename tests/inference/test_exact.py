@@ -408,6 +408,37 @@ def test_the_beams_on_the_possible_tokens_alone_equal_the_beams_on_the_vocabular
             assert torch.equal(ids, CANDIDATES[log_p.argmax()]) and score == pytest.approx(float(log_p.max()), abs=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [2, 6])
+@pytest.mark.parametrize("intervention", [{"mechanism": "other"}, {"mechanism": "other", "w_1": 8}])
+def test_the_beams_from_the_decoded_support_alone_equal_the_beams_from_whole_rows(models, top_k, intervention,
+                                                                                  monkeypatch):
+    """Under top-k decoding a beam step takes each beam's counterfactual side from
+    ``Decoding.support`` (a few columns) instead of its decoded row of V: every string and score
+    must be bit for bit those of the decoded rows (``support`` made to refuse), on a vocabulary
+    of 10 where 2k + 1 = 5 columns leave tokens out (k = 2) or hold all (k = 6), with a forced
+    token (whose column joins the others); and the support must really have been used."""
+    from pyro_lmscm.inference import exact as exact_module
+    from pyro_lmscm.inference import most_probable
+
+    lm, other = models
+    scm = LanguageModelSCM(lm, T, Decoding(temperature=1.3, top_k=top_k), mechanisms={"other": ModelSwap(other)})
+    exacts = []
+    for i, prompt in enumerate(PROMPTS):
+        observed = counterfactual(scm, prompt, None, {}, seed=3 + i).factual_ids
+        exacts.append(exact_counterfactual(scm, prompt, observed[: 1 if i == 1 else None], intervention))
+    monkeypatch.setattr(exact_module, "BEAM_COMPACT_SHARE", 1.0)
+    found = []
+    support = Decoding.support
+    monkeypatch.setattr(Decoding, "support", lambda self, raw: found.append(support(self, raw)) or found[-1])
+    fast = {beams: most_probable(exacts, num_beams=beams, lengths=[3, 2, 3]) for beams in (1, 3, V**T)}
+    assert found and all(f is not None for f in found)
+    monkeypatch.setattr(Decoding, "support", lambda self, raw: None)
+    for beams, expected in fast.items():
+        for (ids, score), (rows_ids, rows_score) in zip(most_probable(exacts, num_beams=beams, lengths=[3, 2, 3]),
+                                                        expected):
+            assert torch.equal(ids, rows_ids) and score == rows_score
+
+
 @pytest.mark.parametrize("setting", ["model swap", "temperature + top-k", "prompt", "forced token", "exclusion"])
 def test_observed_token_log_probs_of_several_strings_equal_each_alone(models, setting):
     from pyro_lmscm.inference.exact import observed_token_log_probs
