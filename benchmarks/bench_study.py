@@ -39,6 +39,8 @@ bf16 kernels           with torch's own (reference) bf16 kernels instead of the
 Every case runs in :func:`~pyro_lmscm.lm.bf16_kernels` (the reference and the draws-only
 case too): where the CPU has no native bfloat16 GEMM (AVX2 alone), bfloat16 linears of 8
 rows or more multiply in float32; a decoding step of one string keeps the native kernel.
+Every case also runs in :func:`~pyro_lmscm.lm.heap_allocations`, as a study does: large
+tensors reuse freed heap memory instead of faulting in fresh pages.
 
 The MC cases use the demo study's settings (SmolLM2 bfloat16, steering toward "female",
 4 draws, 32 tokens, the full softmax: the reference's ``generate`` samples it too); the
@@ -73,7 +75,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, unless on PYTHONPATH
 
 from pyro_lmscm import lm as lm_module
-from pyro_lmscm.lm import HFLanguageModel, bf16_kernels, native_bf16_gemm
+from pyro_lmscm.lm import HFLanguageModel, bf16_kernels, heap_allocations, native_bf16_gemm
 from pyro_lmscm.study import StudyConfig, run_study
 from pyro_lmscm.study.config import DEFAULT_BATCH_SIZE, DEFAULT_EXACT_BATCH_SIZE
 
@@ -130,7 +132,7 @@ def draws_case(
     encoded = [lm.encode(text) for text in prompts]
 
     def run() -> int:
-        with bf16_kernels(lm):
+        with bf16_kernels(lm), heap_allocations():
             for start in range(0, len(encoded), batch_size):
                 batch = encoded[start : start + batch_size]
                 counterfactuals(scm, batch, None, spec.intervention, num_samples=draws, seed=0)
@@ -188,7 +190,8 @@ def reference_case(
 
     @torch.no_grad()
     def run() -> int:
-        with bf16_kernels(lm):  # the study's kernels (float32 GEMMs from 8 rows on a CPU without bf16 ones)
+        # the study's kernels (float32 GEMMs from 8 rows on a CPU without bf16 ones) and allocations
+        with bf16_kernels(lm), heap_allocations():
             return procedure()
 
     def procedure() -> int:

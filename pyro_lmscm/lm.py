@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Sequence
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "PaddedCache",
     "bf16_kernels",
     "bf16_linears_in_float32",
+    "heap_allocations",
     "left_pad",
     "native_bf16_gemm",
     "release_freed_memory",
@@ -90,8 +92,9 @@ class PaddedCache:
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or ``None`` (another C library, another platform)."""
+def _glibc() -> Any:
+    """glibc, for ``malloc_trim`` and ``mallopt``, or ``None`` (another C library, another
+    platform)."""
     import ctypes
     import ctypes.util
     import sys
@@ -100,9 +103,59 @@ def _malloc_trim() -> Any:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        libc.malloc_trim, libc.mallopt  # musl and others have neither
+    except (OSError, AttributeError):
         return None
+    return libc
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` (another C library, another platform)."""
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
+
+
+# glibc's mallopt() parameters and their defaults (malloc.h, malloc/malloc.c)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_HEAP_SCOPES = [0]  # heap_allocations() scopes open in this process
+_HEAP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def heap_allocations() -> Iterator[None]:
+    """A scope in which glibc serves every CPU allocation from its heap and keeps the freed
+    blocks there for the next ones (``mallopt(M_MMAP_MAX, 0)``, a trim threshold of 2 GiB);
+    on exit the defaults come back and the freed memory is given back (``malloc_trim``). A
+    no-op without glibc.
+
+    By default glibc maps each block above its mmap threshold (which adapts to the blocks
+    freed, up to 32 MiB; 256 rows of SmolLM2's 49,152 logits are 50 MB in float32) from the
+    operating system and unmaps it when freed, so every new tensor of that size first faults
+    in and zeroes all its pages: a float32 -> float64 copy of 256 rows of V took 38 ms that
+    way and 12 ms from the heap, and the exact-only study ran 20% faster (SmolLM2 bf16, 64
+    strings, in-process A/B: 0.43 -> 0.34 s per string). Scopes
+    nest (the outermost one restores); the setting is the process's, so it also holds for
+    other threads while open. glibc keeps its mmap threshold fixed after a ``mallopt``: it no
+    longer adapts to the sizes freed."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _HEAP_LOCK:
+        _HEAP_SCOPES[0] += 1
+        if _HEAP_SCOPES[0] == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _HEAP_LOCK:
+            _HEAP_SCOPES[0] -= 1
+            if _HEAP_SCOPES[0] == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
 
 
 def release_freed_memory() -> None:

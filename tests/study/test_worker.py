@@ -61,6 +61,40 @@ def test_impossible_string_gives_an_error_record(make_config):
     assert record["error"].startswith("TokenizationError")
 
 
+def test_the_worker_runs_its_batches_with_heap_allocations(make_config, corpus_file, monkeypatch):
+    """``process_many`` runs in ``heap_allocations`` (large tensors reuse freed memory): every
+    model call happens inside the scope, and the scope is closed afterwards."""
+    import contextlib
+
+    import torch
+
+    from pyro_lmscm.study import worker as worker_module
+
+    state = {"open": False, "calls": 0, "outside": 0}
+
+    @contextlib.contextmanager
+    def spy_scope():
+        state["open"] = True
+        try:
+            yield
+        finally:
+            state["open"] = False
+
+    monkeypatch.setattr(worker_module, "heap_allocations", spy_scope)
+    worker = StudyWorker(make_config(batch_size=2))
+    linear = torch.nn.functional.linear
+
+    def spy(x, *args):
+        state["calls"] += 1
+        state["outside"] += not state["open"]
+        return linear(x, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    records = worker.process_many(read_corpus(corpus_file)[:2])
+    assert all(record["error"] is None for record in records)
+    assert state["calls"] and state["outside"] == 0 and not state["open"]
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_a_bf16_study_multiplies_in_float32_on_a_cpu_without_bf16_kernels(make_config, corpus_file, monkeypatch, native):
     """The worker runs its batches in ``bf16_kernels``: where the CPU has no native bfloat16
