@@ -93,9 +93,12 @@ class MechanismBatch:
             flat = self.groups[0].logits
         else:
             first = self.groups[0].logits
-            flat = first.new_zeros((total, first.shape[-1]))
+            flat = first.new_empty((total, first.shape[-1]))
+            finished = torch.ones(total, dtype=torch.bool, device=flat.device)
             for group in self.groups:
                 flat[group.rows] = group.logits
+                finished[group.rows] = False
+            flat[finished] = 0.0  # (only those rows: not a pass of zeros over the whole batch)
         return flat.reshape(*self.batch_shape, flat.shape[-1])
 
     def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
