@@ -192,7 +192,7 @@ def test_bf16_kernels_choose_float32_gemms_only_for_bf16_on_a_cpu_without_native
 
 _HEAP_PROBE = """
 import json, resource, torch
-from pyro_lmscm.lm import heap_allocations
+from pyro_lmscm.lm import heap_allocations, release_freed_memory
 
 def faults(repeats=12):  # minor page faults of each allocation of a 64 MiB tensor, written then freed
     out = []
@@ -216,6 +216,7 @@ with heap_allocations():
     nested = faults()
     blocks = [torch.empty(16 * 2**20).fill_(1.0) for _ in range(4)]
     del blocks
+    release_freed_memory()  # (a decoding run's periodic trim: the scope keeps the memory)
     kept = resident() - base
 print(json.dumps([outside, inside, nested, kept, resident() - base]))
 """
@@ -228,7 +229,8 @@ def test_heap_allocations_reuse_freed_memory_inside_the_scope_and_give_it_back_o
     faults in all its pages; inside, the blocks come from the heap and a freed one is reused:
     after the first few (measured: one to three, while the heap grows), none faults, also after
     a nested scope's exit. Inside,
-    256 MiB freed stays resident (kept for reuse); the outermost exit gives it back."""
+    256 MiB freed stays resident (kept for reuse, also through ``release_freed_memory``, which
+    the decoding runs call); the outermost exit gives it back."""
     import json
     import subprocess
     import sys
