@@ -109,12 +109,6 @@ def _glibc() -> Any:
     return libc
 
 
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or ``None`` (another C library, another platform)."""
-    libc = _glibc()
-    return None if libc is None else libc.malloc_trim
-
-
 # glibc's mallopt() parameters and their defaults (malloc.h, malloc/malloc.c)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
@@ -136,10 +130,10 @@ def heap_allocations() -> Iterator[None]:
     way and 12 ms from the heap, and the exact-only study ran 20% faster (SmolLM2 bf16, 64
     strings, in-process A/B: 0.43 -> 0.34 s per string; 192 strings: 0.41 -> 0.34 s, at a
     peak 500 MB higher, 2.6 GB; the MC study 1.60 -> 1.44 s per string, peak 1.7 GB both).
-    :func:`release_freed_memory` does nothing inside. Scopes
-    nest (the outermost one restores); the setting is the process's, so it also holds for
-    other threads while open. glibc keeps its mmap threshold fixed after a ``mallopt``: it no
-    longer adapts to the sizes freed."""
+    :func:`release_freed_memory` does nothing inside. Scopes nest (the outermost one
+    restores); the setting is the process's, so it also holds for other threads while open.
+    glibc keeps its mmap threshold fixed after a ``mallopt``: it no longer adapts to the sizes
+    freed."""
     libc = _glibc()
     if libc is None:
         yield
@@ -171,9 +165,9 @@ def release_freed_memory() -> None:
     96 MB). Nothing is moved and nothing live is touched. Inside :func:`heap_allocations`,
     which keeps freed memory for the next blocks, a no-op: that scope's exit trims.
     """
-    trim = _malloc_trim()
-    if trim is not None and not _HEAP_SCOPES[0]:  # (a heap_allocations() scope keeps them until its exit)
-        trim(0)
+    libc = _glibc()
+    if libc is not None and not _HEAP_SCOPES[0]:  # (a heap_allocations() scope keeps them until its exit)
+        libc.malloc_trim(0)
 
 
 #: Bytes of float32 weight copies that :func:`bf16_linears_in_float32` keeps (1 GiB).
