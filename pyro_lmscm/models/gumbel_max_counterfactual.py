@@ -45,9 +45,7 @@ References
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import os
 
 import numpy as np
 import torch
@@ -58,7 +56,6 @@ __all__ = [
     "CACHE_ELEMENTS",
     "COMPACT_SHARE",
     "LINEAR_SPAN",
-    "PARALLEL_SORT_ELEMENTS",
     "RATIO_SPAN",
     "TIE_ULPS",
     "step_counterfactual_log_probs",
@@ -73,9 +70,6 @@ COMPACT_SHARE = 0.25
 #: 2-core CPU, 128 rows of V = 49,152 took 1.17 s at once and 0.58 s in chunks of 8.
 CACHE_ELEMENTS = 2**19
 
-
-#: From this many entries a sort splits its rows across torch's threads (:func:`_sort_rows`).
-PARALLEL_SORT_ELEMENTS = 2**16
 
 #: Log ratios :math:`\log p_i - \log q_i` that differ by less than this many float64 epsilons
 #: of :math:`\max |\log p| + \max |\log q|` are below the rounding of the difference: the
@@ -114,40 +108,14 @@ def _logcumsumexp(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sort_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that sort rows side by side (numpy's sort releases the GIL), one pool per
-    size and process, made on first use (a forked child, a Ray worker say, has none of its
-    parent's threads: it makes its own)."""
-    key = (os.getpid(), workers)
-    pool = _SORT_POOLS.get(key)
-    if pool is None:
-        pool = _SORT_POOLS[key] = concurrent.futures.ThreadPoolExecutor(workers, "pyro-lmscm-sort")
-    return pool
-
-
-_SORT_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
-
-
-def _sort_rows(rows: np.ndarray) -> None:
-    """Sort each row of ``rows`` ``(R, n)`` in place, the rows split across torch's
-    intra-op threads (``torch.get_num_threads()``) when there are at least
-    :data:`PARALLEL_SORT_ELEMENTS` entries: numpy sorts on one core, and each row's order
-    does not depend on the split (2 threads, 10 rows of V = 49,152: 19.6 -> 10.3 ms)."""
-    workers = min(torch.get_num_threads(), rows.shape[0])
-    if workers < 2 or rows.size < PARALLEL_SORT_ELEMENTS:
-        rows.sort(axis=-1)
-        return
-    bounds = np.linspace(0, rows.shape[0], workers + 1).astype(int)
-    parts = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    list(_sort_pool(workers).map(lambda part: part.sort(axis=-1), parts))  # (re-raises a worker's error)
-
-
 def _argsort(key: torch.Tensor, ties: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending order of each row of ``key`` ``(R, n)`` (float64, no ``nan``), where entries
     closer than ``ties`` ``(R, 1)`` (default 0) count as tied, and ``key`` in that order. On
     the CPU: each entry's float64 bits mapped to an int64 of the same order, their low bits
-    replaced by the entry's index, and sorted by value (numpy's vectorized sort; 2x faster
-    than its ``argsort`` of float64 rows of V = 49,152); a row where two entries more than
+    replaced by the entry's index, and sorted by value (``torch.sort`` of int64 rows, which
+    splits the rows across torch's own threads; in the study, between torch's kernels, numpy's
+    sort on a thread pool of its own lost a core to torch's spinning OpenMP workers: 2.8
+    against 2.3 ms per row of V = 49,152 on 2 threads); a row where two entries more than
     ``ties`` apart shared the kept bits (a relative gap below :math:`2^{-35}`) and came out of
     order is sorted again by ``argsort``. Tied entries may come in any order: tied ratios are
     breakpoints of zero length, whose segments contribute nothing."""
@@ -160,8 +128,7 @@ def _argsort(key: torch.Tensor, ties: torch.Tensor | None = None) -> tuple[torch
     flip = (raw >> 63) & 0x7FFF_FFFF_FFFF_FFFF  # negative floats: all bits but the sign flipped,
     packed = (raw ^ flip) & -(1 << bits)  # so that the int64 order is the float order (-0.0 < 0.0)
     packed |= torch.arange(n)
-    _sort_rows(packed.numpy())
-    order = packed.bitwise_and_((1 << bits) - 1)
+    order = packed.sort(dim=-1).values.bitwise_and_((1 << bits) - 1)
     ranked = key.gather(-1, order)
     later = ranked[:, 1:] if ties is None else ranked[:, 1:] + ties  # (finite ties: no inf - inf)
     unsorted = (later < ranked[:, :-1]).any(-1)

@@ -526,33 +526,28 @@ def test_the_packed_sort_orders_every_row_as_argsort_does(monkeypatch):
     assert calls == [(2, 5000)]  # only the rows whose values share their packed keys were sorted again
 
 
-def test_the_sort_splits_its_rows_across_threads_and_orders_each_as_one_thread_does(monkeypatch):
-    """From PARALLEL_SORT_ELEMENTS entries the packed sort splits its rows across torch's threads
-    (numpy sorts on one core): every row must come out as numpy's sort of the whole array gives
-    it, for an uneven split (5 rows on 2 threads) and with the threads' pool really used."""
+def test_the_sort_on_two_threads_orders_each_row_as_on_one():
+    """torch.sort splits the rows of the packed keys across torch's threads: every row must
+    come out as numpy's sort of the whole array gives it, for an uneven split (5 rows on 2
+    threads), and to the last index as on one thread (ties included: the packed keys are
+    distinct)."""
     from pyro_lmscm.models import gumbel_max_counterfactual as closed_form
 
     generator = torch.Generator().manual_seed(1)
     rows = torch.randn(5, 3000, generator=generator, dtype=torch.float64) * 30
     rows[2, :1500] = rows[2, 1500:]  # exact ties
     expected = torch.from_numpy(np.sort(rows.numpy(), axis=-1))
-    used = []
-    pool = closed_form._sort_pool
-    monkeypatch.setattr(closed_form, "_sort_pool", lambda workers: used.append(workers) or pool(workers))
-    monkeypatch.setattr(closed_form, "PARALLEL_SORT_ELEMENTS", 1000)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         order, ranked = closed_form._argsort(rows)
+        torch.set_num_threads(1)
+        alone, _ = closed_form._argsort(rows)
     finally:
         torch.set_num_threads(threads)
-    assert used == [2]
     assert torch.equal(ranked, expected) and torch.equal(rows.gather(-1, order), expected)
     assert torch.equal(order.sort(-1).values, torch.arange(3000).expand(5, -1))  # a permutation of each row
-    # one thread: no pool, the same order to the last index (ties included: the packed keys are distinct)
-    monkeypatch.setattr(closed_form, "PARALLEL_SORT_ELEMENTS", 10**9)
-    alone, _ = closed_form._argsort(rows)
-    assert used == [2] and torch.equal(alone, order)
+    assert torch.equal(alone, order)
 
 
 def test_ratios_tied_up_to_rounding_change_nothing_but_rounding(monkeypatch):
