@@ -444,18 +444,25 @@ class HFLanguageModel:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Run the prompts ``input_ids`` of shape ``(n, L)`` and open a KV cache.
+        """Run the prompts ``input_ids`` of shape ``(n, L)`` and open a KV cache; each distinct
+        prompt runs once (a study's draws of one string share its prompt), its logits and cache
+        repeated for its rows.
 
         :param input_ids: prompt ids, possibly left-padded (:data:`LEFT_PAD`).
         :returns: the next-token logits ``(n, V)`` (float32) and the cache (a
             :class:`PaddedCache` for padded prompts).
         """
-        ids, padding = _padding(input_ids.to(self.device), self.pad_token_id)
+        unique, inverse = torch.unique(input_ids.to(self.device), dim=0, return_inverse=True)
+        ids, padding = _padding(unique, self.pad_token_id)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
         cache = out[self._cache_keyword]
         if padding:
             cache = PaddedCache(cache, padding["attention_mask"])
-        return out.logits[:, -1].float(), cache
+        logits = out.logits[:, -1].float()
+        if not torch.equal(inverse, torch.arange(inverse.numel(), device=inverse.device)):
+            logits = logits[inverse]  # unique() sorts: distinct prompts come back reordered
+            cache.reorder_cache(inverse)
+        return logits, cache
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, past_key_values: Any) -> tuple[torch.Tensor, Any]:
@@ -463,14 +470,27 @@ class HFLanguageModel:
 
         :returns: the next-token logits ``(n, V)`` (float32) and the updated cache.
         """
+        logits, cache = self.extend(tokens[:, None], past_key_values)
+        return logits[:, -1], cache
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, past_key_values: Any, float32: bool = True) -> tuple[torch.Tensor, Any]:
+        """Append ``k`` tokens per row, ``tokens`` of shape ``(n, k)``, to the cached prefixes
+        in one pass (a teacher-forced pass after a shared :meth:`prefill`).
+
+        :param float32: as :meth:`logits`.
+        :returns: the logits ``(n, k, V)`` after each appended token and the updated cache.
+        """
         padding: dict[str, torch.Tensor] = {}
         padded = past_key_values if isinstance(past_key_values, PaddedCache) else None
         if padded is not None:
-            mask = torch.cat([padded.mask, padded.mask.new_ones(padded.mask.shape[0], 1)], -1)
-            padding = {"attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
+            k = tokens.shape[-1]
+            mask = torch.cat([padded.mask, padded.mask.new_ones(padded.mask.shape[0], k)], -1)
+            positions = mask.sum(-1, keepdim=True) - k + torch.arange(k, device=mask.device)
+            padding = {"attention_mask": mask, "position_ids": positions}
             past_key_values = padded.cache
         out = self.model(
-            input_ids=tokens.to(self.device)[:, None],
+            input_ids=tokens.to(self.device),
             use_cache=True,
             **{self._cache_keyword: past_key_values},
             **padding,
@@ -478,7 +498,7 @@ class HFLanguageModel:
         cache = out[self._cache_keyword]
         if padded is not None:
             cache = PaddedCache(cache, padding["attention_mask"])
-        return out.logits[:, -1].float(), cache
+        return (out.logits.float() if float32 else out.logits), cache
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.

@@ -15,6 +15,41 @@ def test_teacher_forced_matches_incremental(lm):
         torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
 
 
+def test_extend_on_a_shared_prefill_matches_one_teacher_forced_pass(lm):
+    """The scorer's path: the distinct prompts of a left-padded batch (one repeated) run once in
+    ``prefill``, then the continuations in one ``extend``; the logits must equal those of one
+    teacher-forced pass of prompt + continuation (an independent computation), row by row,
+    and the model must have seen each distinct prompt once. The baseline, ``extend`` without
+    the padded prompts' positions (positions counted from the padded length), must fail."""
+    from pyro_lmscm.lm import LEFT_PAD, left_pad
+
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, lm.vocab_size, (n,), generator=generator) for n in (3, 5, 3)]
+    prompts.append(prompts[0])  # a draw of the same string: the same prompt
+    heads = left_pad(prompts)
+    rows = torch.randint(2, lm.vocab_size, (4, 6), generator=generator)
+    seen = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                              with_kwargs=True)
+    try:
+        first, cache = lm.prefill(heads)
+        rest, _ = lm.extend(rows, cache)
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([3, 5]), torch.Size([4, 6])]  # three distinct prompts, then all four rows
+    assert first.shape == (4, lm.vocab_size) and rest.shape == (4, 6, lm.vocab_size)
+    for i, prompt in enumerate(prompts):
+        full = lm.logits(torch.cat([prompt, rows[i]]))[len(prompt) - 1 :]
+        torch.testing.assert_close(first[i], full[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rest[i], full[1:], atol=1e-5, rtol=1e-5)
+    # baseline: positions that ignore the left padding
+    first, cache = lm.prefill(heads)
+    wrong = lm.model(input_ids=rows, **{lm._cache_keyword: cache.cache}, attention_mask=torch.cat(
+        [cache.mask, cache.mask.new_ones(4, 6)], -1), use_cache=True).logits
+    full = lm.logits(torch.cat([prompts[0], rows[0]]))[len(prompts[0]) :]
+    assert heads[0, 0] == LEFT_PAD and not torch.allclose(wrong[0], full, atol=1e-5, rtol=1e-5)
+
+
 def test_leading_batch_shape_is_flattened_and_restored(lm):
     ids = torch.randint(0, lm.vocab_size, (2, 3, 5))
     out = lm.logits(ids)

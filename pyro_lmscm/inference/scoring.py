@@ -68,8 +68,9 @@ def token_log_probs(
 ) -> torch.Tensor:
     r"""Per-token log-probabilities of continuation strings, ``0`` where a string has ended.
 
-    One teacher-forced forward pass of the mechanism (``with mechanism.activate(lm) as f:
-    f.logits(...)``) per batch of ``batch_size`` strings, then the decoding transform, one
+    Per batch of ``batch_size`` strings, one pass of the mechanism's distinct prompts
+    (``with mechanism.activate(lm) as f: f.prefill(...)``) and one teacher-forced pass of the
+    strings on their prompts' cache (``f.extend(...)``), then the decoding transform, one
     string at a time.
 
     :param scm: the SCM.
@@ -115,7 +116,12 @@ def token_log_probs(
         for start in range(0, flat.shape[0], batch_size):
             rows = flat[start : start + batch_size]
             heads = prompt.expand(rows.shape[0], -1) if prompt.dim() == 1 else prompt[start : start + batch_size]
-            raw = f.logits(torch.cat([heads, rows[:, :-1]], dim=-1), logits_to_keep=n, float32=False)
+            # each distinct prompt once, then the strings teacher-forced on its cache
+            first, cache = f.prefill(heads)
+            raw = first[:, None]
+            if n > 1:
+                rest, _ = f.extend(rows[:, :-1], cache, float32=False)
+                raw = torch.cat([first.to(rest.dtype)[:, None], rest], 1)  # (bfloat16 -> float32 -> back: exact)
             for i in range(rows.shape[0]):  # decoded one string at a time: (n, V) in float32, not (batch, n, V)
                 decoded = scm.decoding(raw[i])
                 for t, token in excluded.items():  # as the SCM does, after the decoding

