@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models.split(",") if args.models else (["tiny"] if args.quick else list(MODELS))
     reps = args.reps or (3 if args.quick else 5)
     print(f"Machine: {machine(args.threads)}\n")
-    print(f"T = {args.tokens} tokens, N = {args.draws} draws, median of {reps} interleaved repetitions ({4 * reps} on tiny).\n")
+    print(f"T = {args.tokens} tokens, N = {args.draws} draws, median of {reps} interleaved repetitions "
+          f"({4 * reps} on tiny).\n")
     results = {}
     for name in models:
         setup = build(name, args.tokens)

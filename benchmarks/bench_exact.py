@@ -58,7 +58,8 @@ def main() -> None:
     mean = float(unchanged.mean())
     half = 2.576 * math.sqrt(max(mean * (1 - mean), 1e-12) / args.draws)
     print(f"observed {n} tokens; mechanism {mechanism!r}")
-    print(f"exact P(unchanged) = {value:.6f}; Monte Carlo {mean:.4f}, 99% interval [{mean - half:.4f}, {mean + half:.4f}]"
+    print(f"exact P(unchanged) = {value:.6f}; Monte Carlo {mean:.4f}, "
+          f"99% interval [{mean - half:.4f}, {mean + half:.4f}]"
           f" ({args.draws} draws); inside: {mean - half <= value <= mean + half}")
     print(f"time: forward {forward * 1e3:.1f} ms, prob_unchanged {exact_time * 1e3:.1f} ms, "
           f"ratio {exact_time / forward:.2f} (target <= 2.5)")

@@ -218,7 +218,9 @@ def test_fuzz_the_input_surface(prompt, observed, intervention, decoding, num_sa
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(spec=st.one_of(
     st.text(max_size=20),
-    st.lists(st.tuples(site_names, st.text(max_size=6)), max_size=3).map(lambda kv: ";".join(f"{k}={v}" for k, v in kv)),
+    st.lists(st.tuples(site_names, st.text(max_size=6)), max_size=3).map(
+        lambda kv: ";".join(f"{k}={v}" for k, v in kv)
+    ),
 ))
 def test_fuzz_intervention_specs(spec):
     try:

@@ -134,7 +134,9 @@ def test_cli_is_quiet_unless_verbose(tiny_folder, tmp_path):
     assert "counterfactual #1" in quiet.stdout
     assert not any(line in quiet.stderr for line in noise), quiet.stderr
     assert "Warning" not in quiet.stderr and "Loading weights" not in quiet.stderr, quiet.stderr
-    verbose = subprocess.run([sys.executable, str(driver), "--verbose", *args], capture_output=True, text=True, timeout=300)
+    verbose = subprocess.run(
+        [sys.executable, str(driver), "--verbose", *args], capture_output=True, text=True, timeout=300
+    )
     assert verbose.returncode == 0, verbose.stderr
     assert all(line in verbose.stderr for line in noise), verbose.stderr
 

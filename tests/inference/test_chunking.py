@@ -79,7 +79,9 @@ def test_interventional_baseline_is_the_intervened_model_on_fresh_noise(scm):
     )
     with pyro.plate("draws", 2000, dim=-1):
         direct = poutine.do(scm.model, data={"prompt": torch.tensor([2, 9, 4])})(PROMPT)
-    counts = torch.stack([torch.bincount(result.interventional_ids[:, 0], minlength=28), torch.bincount(direct[:, 0], minlength=28)])
+    counts = torch.stack(
+        [torch.bincount(result.interventional_ids[:, 0], minlength=28), torch.bincount(direct[:, 0], minlength=28)]
+    )
     counts = counts[:, counts.sum(0) > 0]
     assert stats.chi2_contingency(counts.numpy()).pvalue > 1e-3
 

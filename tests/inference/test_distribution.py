@@ -184,7 +184,9 @@ def test_window_of_a_prefix_observation(lm):
 
 def test_noise_statistics_are_attached(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=5)
-    result = counterfactual(scm, PROMPT, torch.tensor([5, 9, 1]), {"prompt": [2, 9]}, num_samples=30, seed=0, baseline=True)
+    result = counterfactual(
+        scm, PROMPT, torch.tensor([5, 9, 1]), {"prompt": [2, 9]}, num_samples=30, seed=0, baseline=True
+    )
     stats = result.counterfactual.noise_stats
     assert set(stats) == {"observed_noise", "top_gumbel"}
     assert stats["observed_noise"].shape == (30, 3)

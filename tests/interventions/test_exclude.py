@@ -7,10 +7,10 @@ from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
 from pyro_lmscm.errors import InterventionError
+from pyro_lmscm.inference import string_log_prob
 from pyro_lmscm.interventions.ops import as_do_data
 from pyro_lmscm.interventions.spec import parse_intervention
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.inference import string_log_prob
 
 PROMPT = torch.tensor([2, 3, 4])
 

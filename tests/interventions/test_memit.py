@@ -84,7 +84,9 @@ def test_spec_builds_the_same_edit(lm):
     direct = memit_edit(lm, REQUESTS, layers=[0, 1])
     assert built.deltas.keys() == direct.deltas.keys()
     assert all(torch.equal(built.deltas[k], direct.deltas[k]) for k in direct.deltas)
-    one = parse_intervention("memit=the doctor|she walked to the doctor|home&the city|the man went to the city|night", lm)
+    one = parse_intervention(
+        "memit=the doctor|she walked to the doctor|home&the city|the man went to the city|night", lm
+    )
     assert len(one.mechanisms["memit"].requests) == 2
 
 

@@ -78,7 +78,9 @@ def _state(lm) -> tuple[Any, list[bool], list[Any]]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     flags = [p.requires_grad for p in lm.model.parameters()]
-    layers = [(m.disable_adapters, list(m.active_adapters)) for m in lm.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [
+        (m.disable_adapters, list(m.active_adapters)) for m in lm.model.modules() if isinstance(m, BaseTunerLayer)
+    ]
     layers.append([name for name, m in lm.model.named_modules() if "forward" in vars(m)])  # set by a scope
     layers.append(torch.is_grad_enabled())  # thread state: an interrupt inside torch.no_grad's exit left it off
     return snapshot(lm.model), flags, layers
@@ -122,12 +124,14 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
     def affine():
         lm = tiny_llama(seed=0)
         eye = torch.eye(32, dtype=torch.float64)
-        mimic = AffineSteering(1, torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64), eye, 2 * eye)
+        zeros, ones = torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+        mimic = AffineSteering(1, zeros, ones, eye, 2 * eye)
         return lm, lambda: _forward(mimic, lm)
 
     def lora():
         lm = tiny_llama(seed=0)
-        adapter = LoRAAdapter.from_config(lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        adapter = LoRAAdapter.from_config(lm, config)
         return lm, lambda: _forward(adapter, lm)
 
     def rome():

@@ -71,8 +71,8 @@ def test_the_support_holds_the_decoded_logits_of_every_possible_token(temperatur
     equal ``Decoding.__call__`` at those columns bit for bit, and every column left out must be
     ``-inf`` there. Logits on a grid of 24 values tie often (a bfloat16 model's do), so the k-th
     value is tied in many rows; a row where more than 2k tokens reach the k-th value must be
-    refused (``None``), and only such a row (its 2k + 1 largest cannot tell). The baseline, the k largest logits alone, misses
-    tied tokens."""
+    refused (``None``), and only such a row (its 2k + 1 largest cannot tell). The baseline, the k
+    largest logits alone, misses tied tokens."""
     generator = torch.Generator().manual_seed(top_k)
     logits = torch.randint(0, 24, (300, 40), generator=generator).float() / 4
     logits[::7, :5] = -float("inf")  # (a model may rule tokens out)

@@ -162,7 +162,8 @@ def test_compare_mechanisms_reports_every_noise_model(models):
     scm = LanguageModelSCM(lm, T, mechanisms={"other": ModelSwap(other)})
     prompts = [torch.tensor([2, 3, 4]), torch.tensor([2, 5]), torch.tensor([3, 3, 7])]
     rows = compare_mechanisms(scm, prompts, {"mechanism": "other"}, num_samples=4, seed=0)
-    assert [r.noise for r in rows] == [repr(n) for n in (GumbelMax(), InverseCDF("probability"), InverseCDF("vocabulary"))]
+    noises = (GumbelMax(), InverseCDF("probability"), InverseCDF("vocabulary"))
+    assert [r.noise for r in rows] == [repr(n) for n in noises]
     for row in rows:
         assert 0.0 <= row.prob_unchanged <= 1.0 and 0.0 <= row.edit_distance <= 1.0 and row.strings == 3
     assert rows[0].relabel_shift_max < 1e-12 and rows[1].relabel_shift_max < 1e-12

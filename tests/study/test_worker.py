@@ -96,7 +96,9 @@ def test_the_worker_runs_its_batches_with_heap_allocations(make_config, corpus_f
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_a_bf16_study_multiplies_in_float32_on_a_cpu_without_bf16_kernels(make_config, corpus_file, monkeypatch, native):
+def test_a_bf16_study_multiplies_in_float32_on_a_cpu_without_bf16_kernels(
+    make_config, corpus_file, monkeypatch, native
+):
     """The worker runs its batches in ``bf16_kernels``: where the CPU has no native bfloat16
     GEMM, the model's linears of 8 rows or more receive float32 inputs; where it has one
     (the baseline), every linear receives bfloat16."""
