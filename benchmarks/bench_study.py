@@ -36,11 +36,10 @@ bf16 kernels           with torch's own (reference) bf16 kernels instead of the
                        float32 GEMMs of ``bf16_kernels``, for their gain in this run
 =====================  =============================================================  =======
 
-Every case runs in :func:`~pyro_lmscm.lm.bf16_kernels` (the reference and the draws-only
-case too): where the CPU has no native bfloat16 GEMM (AVX2 alone), bfloat16 linears of 8
-rows or more multiply in float32; a decoding step of one string keeps the native kernel.
-Every case also runs in :func:`~pyro_lmscm.lm.heap_allocations`, as a study does: large
-tensors reuse freed heap memory instead of faulting in fresh pages.
+Every case runs in :func:`~pyro_lmscm.lm.compute_scope`, as a study does (the reference and
+the draws-only case too): where the CPU has no native bfloat16 GEMM (AVX2 alone), bfloat16
+linears of 8 rows or more multiply in float32 (a decoding step of one string keeps the native
+kernel), and large tensors reuse freed heap memory instead of faulting in fresh pages.
 
 The MC cases use the demo study's settings (SmolLM2 bfloat16, steering toward "female",
 4 draws, 32 tokens, the full softmax: the reference's ``generate`` samples it too); the
@@ -75,7 +74,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, unless on PYTHONPATH
 
 from pyro_lmscm import lm as lm_module
-from pyro_lmscm.lm import HFLanguageModel, bf16_kernels, heap_allocations, native_bf16_gemm
+from pyro_lmscm.lm import HFLanguageModel, compute_scope, native_bf16_gemm
 from pyro_lmscm.study import StudyConfig, run_study
 from pyro_lmscm.study.config import DEFAULT_BATCH_SIZE, DEFAULT_EXACT_BATCH_SIZE
 
@@ -132,7 +131,7 @@ def draws_case(
     encoded = [lm.encode(text) for text in prompts]
 
     def run() -> int:
-        with bf16_kernels(lm), heap_allocations():
+        with compute_scope(lm):
             for start in range(0, len(encoded), batch_size):
                 batch = encoded[start : start + batch_size]
                 counterfactuals(scm, batch, None, spec.intervention, num_samples=draws, seed=0)
@@ -191,7 +190,7 @@ def reference_case(
     @torch.no_grad()
     def run() -> int:
         # the study's kernels (float32 GEMMs from 8 rows on a CPU without bf16 ones) and allocations
-        with bf16_kernels(lm), heap_allocations():
+        with compute_scope(lm):
             return procedure()
 
     def procedure() -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "PaddedCache",
     "bf16_kernels",
     "bf16_linears_in_float32",
+    "compute_scope",
     "heap_allocations",
     "left_pad",
     "native_bf16_gemm",
@@ -291,6 +292,19 @@ def bf16_kernels(lm: "HFLanguageModel") -> ContextManager[None]:
     if lm.dtype == torch.bfloat16 and lm.device.type == "cpu" and not native_bf16_gemm():
         return bf16_linears_in_float32(lm.model)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
+    """The scope in which every entry point runs its work on ``lm`` (the study worker and
+    runner, each command of the command line, the explorer, the benchmarks):
+    :func:`bf16_kernels` (float32 GEMMs for a bfloat16 model on a CPU without native bfloat16
+    kernels) and :func:`heap_allocations` (large tensors reuse freed heap memory). Both nest, so
+    a caller's scope around many calls keeps one set of float32 weight copies and one heap. Hold
+    it only while computing: inside it, the model's linears are patched and glibc's setting is
+    the process's (the explorer leaves it at each snapshot it yields)."""
+    with bf16_kernels(lm), heap_allocations():
+        yield
 
 
 @functools.lru_cache(maxsize=None)

@@ -108,3 +108,28 @@ def other_lm():
 @pytest.fixture(scope="session")
 def lm_bf16():
     return tiny_llama(seed=0, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """Every ``torch.nn.functional.linear`` call from here on, as ``(rows, input dtype, whether
+    a heap_allocations scope was open)``; ``linear_calls.native(flag)`` says whether the CPU
+    has native bfloat16 GEMM kernels. For the checks that an entry point runs all its model
+    work in ``compute_scope``."""
+    import torch
+
+    from pyro_lmscm import lm as lm_module
+
+    class Calls(list):
+        def native(self, flag: bool) -> None:
+            monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: flag)
+
+    calls = Calls()
+    linear = torch.nn.functional.linear
+
+    def spy(x, *args, **kwargs):
+        calls.append((x.shape[:-1].numel(), x.dtype, lm_module._HEAP_SCOPES[0] > 0))
+        return linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    return calls

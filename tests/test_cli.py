@@ -169,6 +169,29 @@ def test_exact_probabilities_in_the_output(tiny_folder):
     assert "exact P(unchanged) = 1;" in table.stdout and "most probable counterfactual" in table.stdout
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_counterfactual_command_computes_in_compute_scope(tiny_folder, linear_calls, native):
+    """All the model work of ``counterfactual --dtype bfloat16`` (the draws and the exact
+    queries with their beam search) runs in ``compute_scope``: linears of 8 rows or more in
+    float32 where the CPU has no native bfloat16 GEMM, in bfloat16 where it has one (the
+    baseline), and all in a heap_allocations scope."""
+    import torch
+
+    from pyro_lmscm import lm as lm_module
+
+    linear_calls.native(native)
+    # 2 + 9 tokens: the exact queries' teacher-forced passes have 8 rows or more too
+    text = "said he went home and the old doctor smiled"
+    result = _run("counterfactual", "--model", tiny_folder, "--dtype", "bfloat16", "--prompt", "the man", "--text",
+                  text, "--intervention", 'w_1="she"', "--samples", "8", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["exact"]["prob_unchanged"] == 0.0
+    wide = {dtype for rows, dtype, _ in linear_calls if rows >= 8}
+    assert wide == ({torch.bfloat16} if native else {torch.float32})
+    if lm_module._glibc() is not None:
+        assert all(heap for _, _, heap in linear_calls)
+
+
 def test_compare_mechanisms_command(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the man said he\nthe old doctor walked\n")

@@ -91,6 +91,32 @@ def test_bad_input_is_typed(explorer, request_, error, message):
         explorer.run(request_)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapshot(linear_calls, native):
+    """Every linear of a bfloat16 explorer run (the draws, the exact probabilities, the beam
+    search) runs in ``compute_scope``: from 8 rows on in float32 where the CPU has no native
+    bfloat16 GEMM and in bfloat16 where it has one (the baseline: the scope then changes no
+    kernel), and in a heap_allocations scope. At each snapshot the stream yields, the scope is
+    closed: no linear is left patched and glibc has its defaults back."""
+    from pyro_lmscm import lm as lm_module
+
+    linear_calls.native(native)
+    explorer = Explorer(tiny_llama(seed=0, dtype=torch.bfloat16))
+    request = ExploreRequest(PROMPT, None, intervention={"prompt": "the woman said"}, num_samples=8, max_new_tokens=6,
+                             baseline=True)
+    snapshots = 0
+    for _ in explorer.stream(request):
+        snapshots += 1
+        assert not any("forward" in vars(m) for m in explorer.lm.model.modules())
+        assert lm_module._HEAP_SCOPES[0] == 0
+    assert snapshots == 3
+    wide = {dtype for rows, dtype, _ in linear_calls if rows >= 8}
+    narrow = {dtype for rows, dtype, _ in linear_calls if rows < 8}
+    assert wide == ({torch.bfloat16} if native else {torch.float32}) and narrow == {torch.bfloat16}
+    if lm_module._glibc() is not None:
+        assert all(heap for _, _, heap in linear_calls)
+
+
 # -- the page in a real browser ---------------------------------------------------------------
 
 

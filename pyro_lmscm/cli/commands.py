@@ -155,24 +155,25 @@ def demo(
     """Steer SmolLM2 toward "female": how would the man's story have read?"""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.gender import gender_steering
-    from ..lm import bf16_kernels
+    from ..lm import compute_scope
     from ..models import Decoding
 
     with one_line_errors():
         start = time.perf_counter()
         lm = _load(model, dtype)
-        with err_console.status("computing the steering vector from contrastive prompts"):
-            steer = gender_steering(lm, "female", layer=layer, alpha=alpha)
-        prompt_ids = lm.encode(prompt)
-        observed = lm.encode(text) if text is not None else None
-        steps = _steps(max_new_tokens, observed, default=24)
-        scm = LanguageModelSCM(lm, steps, Decoding(top_k=top_k), mechanisms={"female": steer})
-        with err_console.status(f"abducting the noise and replaying {samples} posterior draws"), bf16_kernels(lm):
-            result = counterfactual(
-                scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
-            )
-        console.print(f"[bold]prompt:[/] {prompt}")
-        _print_result(result, f"do(mechanism = {steer!r})")
+        with compute_scope(lm):  # the steering vector, the draws and the exact queries
+            with err_console.status("computing the steering vector from contrastive prompts"):
+                steer = gender_steering(lm, "female", layer=layer, alpha=alpha)
+            prompt_ids = lm.encode(prompt)
+            observed = lm.encode(text) if text is not None else None
+            steps = _steps(max_new_tokens, observed, default=24)
+            scm = LanguageModelSCM(lm, steps, Decoding(top_k=top_k), mechanisms={"female": steer})
+            with err_console.status(f"abducting the noise and replaying {samples} posterior draws"):
+                result = counterfactual(
+                    scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
+                )
+            console.print(f"[bold]prompt:[/] {prompt}")
+            _print_result(result, f"do(mechanism = {steer!r})")
         console.print(f"[dim]{time.perf_counter() - start:.1f} s[/]")
 
 
@@ -199,7 +200,7 @@ def counterfactual_command(
     """Counterfactual continuations of an observed (or sampled) string under an intervention."""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.spec import parse_intervention
-    from ..lm import bf16_kernels
+    from ..lm import compute_scope
     from ..models import Decoding
 
     with one_line_errors():
@@ -207,30 +208,32 @@ def counterfactual_command(
             raise typer.BadParameter("give exactly one of --text TEXT or --generate.")
         decoding = Decoding(temperature, top_k, top_p)
         lm = _load(model, dtype)
-        spec = parse_intervention(intervention, lm)
-        observed = lm.encode(text) if text is not None else None
-        scm = LanguageModelSCM(lm, _steps(max_new_tokens, observed, default=32), decoding, mechanisms=spec.mechanisms)
-        with bf16_kernels(lm):
+        with compute_scope(lm):  # building the intervention, the draws and the exact queries
+            spec = parse_intervention(intervention, lm)
+            observed = lm.encode(text) if text is not None else None
+            steps = _steps(max_new_tokens, observed, default=32)
+            scm = LanguageModelSCM(lm, steps, decoding, mechanisms=spec.mechanisms)
             result = counterfactual(
                 scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
             )
-        if as_json:
-            out = {
-                "prompt": prompt,
-                "intervention": intervention,
-                "factual_ids": result.factual_ids.tolist(),
-                "factual_text": result.factual_text,
-                "log_prob_factual": result.log_prob_factual,
-                "counterfactual_ids": result.counterfactual_ids.tolist(),
-                "counterfactual_texts": result.counterfactual_texts,
-                "interventional_ids": [] if result.interventional_ids is None else result.interventional_ids.tolist(),
-                "interventional_texts": result.interventional_texts,
-                "exact": _exact(result),
-            }
-            json.dump(out, sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        else:
-            _print_result(result, f"do({intervention or 'nothing'})")
+            if as_json:
+                out = {
+                    "prompt": prompt,
+                    "intervention": intervention,
+                    "factual_ids": result.factual_ids.tolist(),
+                    "factual_text": result.factual_text,
+                    "log_prob_factual": result.log_prob_factual,
+                    "counterfactual_ids": result.counterfactual_ids.tolist(),
+                    "counterfactual_texts": result.counterfactual_texts,
+                    "interventional_ids": [] if result.interventional_ids is None
+                    else result.interventional_ids.tolist(),
+                    "interventional_texts": result.interventional_texts,
+                    "exact": _exact(result),
+                }
+                json.dump(out, sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            else:
+                _print_result(result, f"do({intervention or 'nothing'})")
 
 
 @app.command()

@@ -24,6 +24,7 @@ from ..inference import (
     compare_abduction,
     plot_comparison,
 )
+from ..lm import compute_scope
 from ..models import LanguageModelSCM
 from .app import app, console, one_line_errors
 
@@ -100,11 +101,12 @@ def compare_inference(
                     f"unknown methods {unknown}; choose from {sorted(available)}", param_hint="--methods"
                 )
         console.print(f"model: {name} (vocabulary {scm.vocab_size}), loaded in {time.perf_counter() - start:.1f} s")
-        comparison = compare_abduction(
-            scm, lm.encode(prompt_text), None if observed is None else lm.encode(observed),
-            {"prompt": lm.encode(counterfactual_text)}, [available[n]() for n in names], num_samples,
-            reference_samples=reference_samples, seed=seed,
-        )
+        with compute_scope(lm):
+            comparison = compare_abduction(
+                scm, lm.encode(prompt_text), None if observed is None else lm.encode(observed),
+                {"prompt": lm.encode(counterfactual_text)}, [available[n]() for n in names], num_samples,
+                reference_samples=reference_samples, seed=seed,
+            )
         _report(comparison, prompt_text, counterfactual_text)
         title = f"{name}: {prompt_text!r} -> {counterfactual_text!r}, {num_samples} draws per method"
         for label in plot_comparison(comparison, plot, title):

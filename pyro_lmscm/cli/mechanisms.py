@@ -34,6 +34,7 @@ def compare_mechanisms_command(
     shift of the expected first divergence when the vocabulary is relabelled."""
     from ..inference import compare_mechanisms
     from ..interventions.spec import parse_intervention
+    from ..lm import compute_scope
     from ..models import LanguageModelSCM
     from ..study.config import StudyConfig
     from ..study.corpus import read_corpus
@@ -52,13 +53,14 @@ def compare_mechanisms_command(
             lm = load_lm(model, dtype=dtype, progress=not json_output)
         items = read_corpus(StudyConfig(corpus=corpus).corpus_path if corpus == "demo" else corpus)
         items = items[:limit] if limit is not None else items
-        spec = parse_intervention(intervention, lm)
-        scm = LanguageModelSCM(lm, max_new_tokens, mechanisms=spec.mechanisms)
-        prompts = [lm.encode(item.prompt) for item in items]
-        observed = [
-            None if item.continuation is None else lm.encode(item.continuation)[:max_new_tokens] for item in items
-        ]
-        rows = compare_mechanisms(scm, prompts, spec.intervention, observed, num_samples=samples, seed=seed)
+        with compute_scope(lm):  # building the intervention and the queries
+            spec = parse_intervention(intervention, lm)
+            scm = LanguageModelSCM(lm, max_new_tokens, mechanisms=spec.mechanisms)
+            prompts = [lm.encode(item.prompt) for item in items]
+            observed = [
+                None if item.continuation is None else lm.encode(item.continuation)[:max_new_tokens] for item in items
+            ]
+            rows = compare_mechanisms(scm, prompts, spec.intervention, observed, num_samples=samples, seed=seed)
         seconds = time.perf_counter() - start
         if json_output:
             print(json.dumps({"rows": [row.to_dict() for row in rows], "seconds": seconds}, indent=2))

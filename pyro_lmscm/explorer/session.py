@@ -167,12 +167,13 @@ class Explorer:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
         from ..inference.counterfactual import trim
+        from ..lm import compute_scope
         from ..models import Decoding
         from ..seeding import seeded
 
         prompt_ids = self._prompt(prompt)
         scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max new tokens", minimum=1), Decoding(top_k=top_k))
-        with seeded(seed):
+        with seeded(seed), compute_scope(self.lm):
             return trim(scm, scm.model(prompt_ids)).tolist()
 
     def _prompt(self, prompt: str) -> torch.Tensor:
@@ -201,6 +202,7 @@ class Explorer:
         from .. import LanguageModelSCM, counterfactual
         from ..inference import exact_counterfactual
         from ..inference.exact import expected_first_divergence
+        from ..lm import compute_scope
         from ..models import Decoding
 
         report = progress or (lambda fraction, what: None)
@@ -214,14 +216,17 @@ class Explorer:
         num_samples = as_int(request.num_samples, "draws", minimum=1, maximum=256, error=ObservationError)
         num_beams = as_int(request.num_beams, "beams", minimum=1, error=ObservationError)
         steps = request.max_new_tokens or (int(observed.shape[-1]) if observed is not None else 24)
-        report(0.05, "building the intervention")
-        spec = self._spec(request.intervention)
-        scm = LanguageModelSCM(self.lm, steps, Decoding(top_k=request.top_k), mechanisms=spec.mechanisms)
-        report(0.2, f"abducting the noise and replaying {num_samples} draws")
-        result = counterfactual(
-            scm, prompt_ids, observed, spec.intervention, num_samples=num_samples, seed=request.seed,
-            baseline=request.baseline,
-        )
+        # each computing block in compute_scope, left before each snapshot is yielded (the
+        # generator may wait there for the page, and the model's linears are patched inside)
+        with compute_scope(self.lm):
+            report(0.05, "building the intervention")
+            spec = self._spec(request.intervention)
+            scm = LanguageModelSCM(self.lm, steps, Decoding(top_k=request.top_k), mechanisms=spec.mechanisms)
+            report(0.2, f"abducting the noise and replaying {num_samples} draws")
+            result = counterfactual(
+                scm, prompt_ids, observed, spec.intervention, num_samples=num_samples, seed=request.seed,
+                baseline=request.baseline,
+            )
         factual_ids = result.factual_ids.tolist()
         eos = self.lm.eos_token_ids
         counts = Counter(tuple(trim_after_end(row, eos)) for row in result.counterfactual_ids.tolist())
@@ -250,12 +255,13 @@ class Explorer:
         yield snapshot
         report(0.5, "exact probabilities")
         try:
-            exact = exact_counterfactual(scm, prompt_ids, result.factual_ids, result.intervention)
-            law = exact.first_divergence()
-            padded = result.counterfactual_ids.new_full((len(unique), steps), self.lm.pad_token_id)
-            for i, ids in enumerate(unique):
-                padded[i, : len(ids)] = torch.tensor(ids)
-            token_log = exact.token_log_probs(padded)  # (unique, steps): 0 after the end
+            with compute_scope(self.lm):
+                exact = exact_counterfactual(scm, prompt_ids, result.factual_ids, result.intervention)
+                law = exact.first_divergence()
+                padded = result.counterfactual_ids.new_full((len(unique), steps), self.lm.pad_token_id)
+                for i, ids in enumerate(unique):
+                    padded[i, : len(ids)] = torch.tensor(ids)
+                token_log = exact.token_log_probs(padded)  # (unique, steps): 0 after the end
             snapshot = replace(
                 snapshot,
                 counterfactuals=[
@@ -268,8 +274,9 @@ class Explorer:
             )
             yield snapshot
             report(0.7, "the most probable counterfactual")
-            mode_ids, mode_log_prob = exact.mode(num_beams=num_beams)
-            mode = self._row(mode_ids.tolist(), factual_ids, exact.token_log_probs(mode_ids)[0])
+            with compute_scope(self.lm):
+                mode_ids, mode_log_prob = exact.mode(num_beams=num_beams)
+                mode = self._row(mode_ids.tolist(), factual_ids, exact.token_log_probs(mode_ids)[0])
             yield replace(snapshot, mode=replace(mode, log_prob=mode_log_prob), pending=None)
         except LMSCMError as error:  # e.g. an observation outside the top-k support
             yield replace(snapshot, exact_error=str(error), pending=None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..lm import bf16_kernels, heap_allocations
+from ..lm import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import record_fingerprint, study_inputs
@@ -245,7 +245,7 @@ def run_study(
                     worker = StudyWorker(config, lm=lm)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
-                    with bf16_kernels(worker.lm), heap_allocations():
+                    with compute_scope(worker.lm):
                         for _, block in itertools.groupby(todo, key=lambda item: item.index // size):
                             for record in worker.process_many(list(block)):
                                 store_record(record)

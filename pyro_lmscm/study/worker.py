@@ -47,7 +47,7 @@ import torch
 
 from ..errors import LMSCMError
 from ..inference.scoring import ragged_token_log_probs
-from ..lm import bf16_kernels, heap_allocations
+from ..lm import compute_scope
 from ..metrics import (
     char_edit_distance,
     common_prefix_length,
@@ -486,13 +486,12 @@ class StudyWorker:
         """The records of ``items`` in order: :meth:`process` each with ``batch_size=1``,
         else :meth:`process_group` per block of ``batch_size`` consecutive indices (the
         caller passes whole blocks, so a record does not depend on sharding or resuming).
-        They run in :func:`~pyro_lmscm.lm.bf16_kernels` (a bfloat16 model on a CPU without
-        native bfloat16 GEMM kernels multiplies in float32 from 8 rows on) and in
-        :func:`~pyro_lmscm.lm.heap_allocations` (large tensors reuse freed memory instead of
-        faulting in fresh pages)."""
+        They run in :func:`~pyro_lmscm.lm.compute_scope`: a bfloat16 model on a CPU without
+        native bfloat16 GEMM kernels multiplies in float32 from 8 rows on, and large tensors
+        reuse freed memory instead of faulting in fresh pages."""
         corpus_items = [item if isinstance(item, CorpusItem) else CorpusItem(**item) for item in items]
         size = self.config.batch_size
-        with torch_threads(self.config.threads), bf16_kernels(self.lm), heap_allocations():
+        with torch_threads(self.config.threads), compute_scope(self.lm):
             if size == 1 and not self.config.exact_only:
                 return [self.process(item) for item in corpus_items]
             return [

@@ -181,6 +181,6 @@ def test_a_bf16_study_makes_its_float32_copies_once_not_per_block(make_config, m
     assert fresh_scopes.count(True) == 1 and len(fresh_scopes) == 4  # the runner's + 3 nested
 
     fresh_scopes.clear()
-    monkeypatch.setattr(runner_module, "bf16_kernels", lambda lm: contextlib.nullcontext())
+    monkeypatch.setattr(runner_module, "compute_scope", lambda lm: contextlib.nullcontext())
     assert run_study(make_config(dtype="bfloat16", batch_size=2, limit=6, output=config.output + "-2")).computed == 6
     assert fresh_scopes.count(True) == 3
