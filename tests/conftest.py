@@ -124,6 +124,11 @@ def linear_calls(monkeypatch):
         def native(self, flag: bool) -> None:
             monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: flag)
 
+        def all_in_heap_scope(self) -> bool:
+            """Every call ran in a heap_allocations scope (vacuously without glibc, where the
+            scope is a no-op)."""
+            return lm_module._glibc() is None or all(heap for _, _, heap in self)
+
     calls = Calls()
     linear = torch.nn.functional.linear
 

@@ -177,8 +177,6 @@ def test_a_bf16_counterfactual_command_computes_in_compute_scope(tiny_folder, li
     baseline), and all in a heap_allocations scope."""
     import torch
 
-    from pyro_lmscm import lm as lm_module
-
     linear_calls.native(native)
     # 2 + 9 tokens: the exact queries' teacher-forced passes have 8 rows or more too
     text = "said he went home and the old doctor smiled"
@@ -188,8 +186,7 @@ def test_a_bf16_counterfactual_command_computes_in_compute_scope(tiny_folder, li
     assert json.loads(result.stdout)["exact"]["prob_unchanged"] == 0.0
     wide = {dtype for rows, dtype, _ in linear_calls if rows >= 8}
     assert wide == ({torch.bfloat16} if native else {torch.float32})
-    if lm_module._glibc() is not None:
-        assert all(heap for _, _, heap in linear_calls)
+    assert linear_calls.all_in_heap_scope()
 
 
 def test_compare_mechanisms_command(tmp_path):

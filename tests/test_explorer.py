@@ -113,8 +113,7 @@ def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapsho
     wide = {dtype for rows, dtype, _ in linear_calls if rows >= 8}
     narrow = {dtype for rows, dtype, _ in linear_calls if rows < 8}
     assert wide == ({torch.bfloat16} if native else {torch.float32}) and narrow == {torch.bfloat16}
-    if lm_module._glibc() is not None:
-        assert all(heap for _, _, heap in linear_calls)
+    assert linear_calls.all_in_heap_scope()
 
 
 # -- the page in a real browser ---------------------------------------------------------------

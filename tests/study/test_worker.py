@@ -72,31 +72,23 @@ def test_the_worker_runs_its_batches_with_heap_allocations(make_config, corpus_f
     worker = StudyWorker(make_config(batch_size=2))
     records = worker.process_many(read_corpus(corpus_file)[:2])
     assert all(record["error"] is None for record in records)
-    assert linear_calls and all(heap for _, _, heap in linear_calls) and lm_module._HEAP_SCOPES[0] == 0
+    assert linear_calls and linear_calls.all_in_heap_scope() and lm_module._HEAP_SCOPES[0] == 0
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_a_bf16_study_multiplies_in_float32_on_a_cpu_without_bf16_kernels(
-    make_config, corpus_file, monkeypatch, native
+    make_config, corpus_file, linear_calls, native
 ):
     """The worker runs its batches in ``bf16_kernels``: where the CPU has no native bfloat16
     GEMM, the model's linears of 8 rows or more receive float32 inputs; where it has one
     (the baseline), every linear receives bfloat16."""
     import torch
 
-    from pyro_lmscm import lm as lm_module
-
-    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: native)
+    linear_calls.native(native)
     worker = StudyWorker(make_config(dtype="bfloat16", batch_size=4))
-    seen: set = set()
-    linear = torch.nn.functional.linear
-
-    def spy(x, *args):
-        seen.add(x.dtype)
-        return linear(x, *args)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    linear_calls.clear()  # the calls of process_many alone
     records = worker.process_many(read_corpus(corpus_file)[:4])
     assert all(record["error"] is None for record in records)
+    seen = {dtype for _, dtype, _ in linear_calls}
     assert seen == ({torch.bfloat16} if native else {torch.bfloat16, torch.float32})
     assert not any("forward" in vars(m) for m in worker.lm.model.modules())
