@@ -12,7 +12,7 @@ import pyro
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import Intervention, as_do_data, check_intervention, intervene
+from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
 from ..seeding import seeded
 from ..validation import as_int, as_real
@@ -429,11 +429,8 @@ def _joined_scores(
 STRINGS = "__strings"
 
 
-def _same_data(datas: Sequence[dict[str, torch.Tensor]]) -> bool:
-    first = datas[0]
-    return all(
-        d.keys() == first.keys() and all(torch.equal(d[key], first[key]) for key in first) for d in datas[1:]
-    )
+def _same_data(datas: Sequence[Action]) -> bool:
+    return all(datas[0].same(d) for d in datas[1:])
 
 
 def counterfactuals(
