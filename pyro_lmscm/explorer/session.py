@@ -21,7 +21,6 @@ import torch
 
 from ..errors import LMSCMError, ObservationError
 from ..metrics import first_divergence, trim_after_end
-from ..models.sites import MECHANISM
 from ..validation import as_int
 
 if TYPE_CHECKING:
@@ -149,19 +148,9 @@ class Explorer:
     def _spec(self, intervention: Mapping[str, Any]):
         """:func:`parse_intervention` of ``intervention``, with mechanisms built once per
         setting (computing a steering vector or a ROME edit takes seconds)."""
-        from ..interventions.spec import MECHANISM_KEYS, InterventionSpec, parse_intervention
+        from ..interventions.spec import parse_intervention
 
-        spec = InterventionSpec()
-        for key, value in intervention.items():
-            if key in MECHANISM_KEYS:
-                cache_key = (key, repr(value))
-                if cache_key not in self._mechanisms:
-                    self._mechanisms[cache_key] = parse_intervention({key: value}, self.lm).mechanisms[key]
-                spec.mechanisms[key] = self._mechanisms[cache_key]
-                spec.intervention[MECHANISM] = key
-            else:
-                spec.intervention.update(parse_intervention({key: value}, self.lm).intervention)
-        return spec
+        return parse_intervention(intervention, self.lm, cache=self._mechanisms)
 
     def sample(self, prompt: str, max_new_tokens: int = 24, seed: int = 0, top_k: int | None = 50) -> list[int]:
         """A continuation of ``prompt`` sampled from the factual model."""

@@ -160,9 +160,7 @@ class CounterfactualDistribution:
         if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ObservationError(f"`ids` must have shape (N, T) with N, T >= 1, got {tuple(ids.shape)}.")
         n = self.num_samples = ids.shape[0]
-        ended = scm.finished_after(ids)
-        after_end = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
-        self.ids = ids.masked_fill(after_end, scm.lm.pad_token_id)
+        self.ids = ids.masked_fill(scm.ended_before(ids), scm.lm.pad_token_id)
         self.intervention = intervention if isinstance(intervention, Action) else Action(intervention)
         self.kind = kind
         self.method = method

@@ -101,8 +101,6 @@ class ExactCounterfactual:
         self._prompt, self._mechanism = world_inputs(scm, data, prompt)
         self._forced = forced_tokens(scm, data)
         self._excluded = excluded_tokens(scm, data)
-        eos = scm.lm.eos_token_ids
-        self._eos = torch.tensor(eos, dtype=torch.long) if eos else torch.empty(0, dtype=torch.long)
 
     # -- the chain q(s_t | s_<t) ------------------------------------------------------------
 
@@ -161,10 +159,7 @@ class ExactCounterfactual:
 
     def _ended_before(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)``: the candidate emitted an end of sequence before step ``t``."""
-        if self._eos.numel() == 0:
-            return torch.zeros(candidates.shape, dtype=torch.bool)
-        hit = torch.isin(candidates.cpu(), self._eos).cummax(-1).values
-        return torch.cat([torch.zeros_like(hit[:, :1]), hit[:, :-1]], -1)
+        return self.scm.ended_before(candidates.cpu())
 
     def token_log_probs(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)`` float64: :math:`\\log q(s_t \\mid s_{<t})` of each candidate's tokens;
@@ -686,7 +681,6 @@ def most_probable(
     S = len(exacts)
     beams = [torch.zeros(1, 0, dtype=torch.long) for _ in exacts]
     scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]
-    eos = exacts[0]._eos
     for t in range(max(steps)):
         raw = batch.logits().reshape(-1, scm.vocab_size)
         parents: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S
@@ -711,10 +705,7 @@ def most_probable(
             parents[i], tokens[i] = parent + first, token
         if t + 1 < max(steps):
             batch.select(torch.cat(parents))
-            done = torch.cat([
-                torch.isin(b, eos).any(-1) | (t + 1 >= n) if eos.numel() else torch.full((b.shape[0],), t + 1 >= n)
-                for b, n in zip(beams, steps)
-            ])
+            done = torch.cat([scm.is_end(b).any(-1) | (t + 1 >= n) for b, n in zip(beams, steps)])
             active = ~done
             if bool(active.any()):
                 batch.advance(torch.cat(tokens).to(device), active.to(device))

@@ -108,8 +108,7 @@ def token_log_probs(
     scm.check_prompt(prompt, num_steps=n)
     flat = ids.reshape(-1, n)
     if lengths is None:
-        ended = scm.finished_after(flat)
-        counted = ~torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
+        counted = ~scm.ended_before(flat)
     else:
         counted = torch.arange(n, device=flat.device) < torch.as_tensor(lengths, device=flat.device).reshape(-1, 1)
     _, mechanism = world_inputs(scm, data, prompt)
