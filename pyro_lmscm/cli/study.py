@@ -186,8 +186,9 @@ def study_command(
     except (LMSCMError, ValueError) as error:
         _err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    recomputed = f" ({result.recomputed} of them again, with their changed batch)" if result.recomputed else ""
     _console.print(
-        f"{result.computed} strings computed, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
+        f"{result.computed} strings computed{recomputed}, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
         f"-> {result.output_dir}"
     )
     if result.summary_markdown is not None:

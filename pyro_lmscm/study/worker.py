@@ -64,7 +64,7 @@ from .corpus import CorpusItem
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
 
-__all__ = ["EOS_MARK", "MODE_BEAMS", "StudyWorker", "batch_seed", "string_seed", "torch_threads"]
+__all__ = ["EOS_MARK", "MODE_BEAMS", "SEED_POLICY", "StudyWorker", "batch_seed", "string_seed", "torch_threads"]
 
 #: How an end-of-sequence token is shown among a record's ``tokens``.
 EOS_MARK = "⏎"
@@ -72,6 +72,11 @@ EOS_MARK = "⏎"
 
 #: Beams of the search for the most probable counterfactual of an ``exact_only`` study.
 MODE_BEAMS = 4
+
+#: The name of how records are seeded (:func:`string_seed`, :func:`batch_seed`, the seeds of
+#: the parts of a batch and of a string run alone); a record's resume fingerprint covers it
+#: (:func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`). Change it with any of them.
+SEED_POLICY = "sha256-string-and-batch-seeds/1"
 
 
 def batch_seed(seed: int, start: int, batch_size: int) -> int:
