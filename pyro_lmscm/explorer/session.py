@@ -155,7 +155,7 @@ class Explorer:
     def sample(self, prompt: str, max_new_tokens: int = 24, seed: int = 0, top_k: int | None = 50) -> list[int]:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
-        from ..inference.counterfactual import trim
+        from ..inference.counterfactual import sample_factual
         from ..lm import compute_scope
         from ..models import Decoding
         from ..seeding import seeded
@@ -163,7 +163,7 @@ class Explorer:
         prompt_ids = self._prompt(prompt)
         scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max new tokens", minimum=1), Decoding(top_k=top_k))
         with seeded(seed), compute_scope(self.lm):
-            return trim(scm, scm.model(prompt_ids)).tolist()
+            return sample_factual(scm, prompt_ids)[0].tolist()
 
     def _prompt(self, prompt: str) -> torch.Tensor:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -137,6 +137,17 @@ def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     return ids[: active_steps(scm, ids)]
 
 
+def sample_factual(scm: LanguageModelSCM, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prelude of every query on a sampled string: a string ``(n,)`` sampled from the
+    factual model after ``prompt`` ``(L,)`` (trimmed after its end of sequence), and the raw
+    logits ``(n, V)`` that sampled it, for the abduction (a teacher-forced pass rounds
+    otherwise, and under top-k can rank the sampled token outside the k)."""
+    with scm.record_logits() as steps:
+        observed = trim(scm, scm.model(prompt))
+    raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
+    return scm.check_observed(observed, single=True), raw_logits
+
+
 def _predict(
     scm: LanguageModelSCM,
     guide: HindsightGumbelGuide,
@@ -358,11 +369,7 @@ def counterfactual(
     with seeded(seed):
         raw_logits = None
         if observed is None:
-            with scm.record_logits() as steps:
-                observed = trim(scm, scm.model(prompt))
-            # abduct on the logits that sampled the string, not on a teacher-forced pass
-            raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
-            observed = scm.check_observed(observed, single=True)
+            observed, raw_logits = sample_factual(scm, prompt)
             data = as_do_data(scm, intervention, observed)
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
         intervened = intervene(scm, data)
