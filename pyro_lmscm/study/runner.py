@@ -32,7 +32,7 @@ from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import batch_fingerprints, record_fingerprint, study_inputs
 from .records import open_store
-from .worker import StudyWorker, torch_threads
+from .worker import MessengerFactory, StudyWorker, check_messengers, torch_threads
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -219,6 +219,7 @@ def run_study(
     *,
     lm: HFLanguageModel | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    messengers: Mapping[str, MessengerFactory] | None = None,
 ) -> StudyResult:
     """Run (or resume) a counterfactual study and write its report.
 
@@ -226,6 +227,10 @@ def run_study(
     :param lm: an already loaded factual model (local runs only; Ray workers load
         ``config.model`` themselves).
     :param on_record: called with each new record after it is stored.
+    :param messengers: the user's own Pyro Messengers, added to the config's intervention
+        (local runs only): by name, a factory ``factory(scm)`` that builds the Messenger for
+        the study's SCM. The names (not the code) enter the resume fingerprints: rename one
+        when you change what it does.
     :returns: a :class:`StudyResult`.
     :raises StudyError: for a bad config or corpus, or an output folder of another study.
 
@@ -241,11 +246,14 @@ def run_study(
     """
     start = time.perf_counter()
     config = StudyConfig.coerce(config)
+    messengers = check_messengers(messengers, config)
     corpus = read_corpus(config.corpus_path)
     items = corpus[: config.limit] if config.limit is not None else corpus
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     inputs = study_inputs(config)
+    if messengers:
+        inputs["messengers"] = json.dumps(sorted(messengers))
     all_stale = _check_meta(output_dir, config, inputs)
     fingerprints = {item.index: record_fingerprint(item, config, inputs) for item in items}
     by_batch = batch_fingerprints(corpus, config, inputs)
@@ -289,7 +297,7 @@ def run_study(
                 run_on_ray(config, todo, store_record)
             elif todo:
                 with torch_threads(config.threads):
-                    worker = StudyWorker(config, lm=lm)
+                    worker = StudyWorker(config, lm=lm, messengers=messengers)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):
