@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..errors import InterventionError, LMSCMError
+from ..errors import InterventionError, LMSCMError, RemoteCodeError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
 from ..validation import as_int
 from .gender import gender_steering
@@ -239,6 +239,7 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
     :param spec: ``None`` or ``""`` (null intervention), a spec string, a path to a JSON or
         YAML file, or a mapping.
     :raises InterventionError: on an unknown key or a bad value.
+    :raises RemoteCodeError: for a ``model`` folder that needs code of its own.
     """
     data = spec if isinstance(spec, Mapping) else read_spec(spec or "")
     result = InterventionSpec()
@@ -260,7 +261,7 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                     f"unknown intervention key {key!r}; use steer, mimic, rome, memit, finetune, model, prompt, "
                     "w_<t>, exclude or exclude_<t>."
                 )
-        except InterventionError:
+        except (InterventionError, RemoteCodeError):  # a refused model folder keeps its type
             raise
         except (LMSCMError, ValueError, TypeError) as error:
             raise InterventionError(f"intervention {key}={value!r}: {error}") from error
