@@ -149,14 +149,21 @@ class StudyWorker:
     :param config: the study config (a :class:`StudyConfig` or its :meth:`~StudyConfig.to_dict`;
         a dict keeps Ray actors free of anything but plain data).
     :param lm: an already loaded model to use instead of loading ``config.model``.
+    :param allow_code: with a dict ``config``, the :attr:`StudyConfig.allow_code` of the
+        caller (a dict, like a config file, cannot set it).
     """
 
-    def __init__(self, config: StudyConfig | Mapping[str, Any], lm: HFLanguageModel | None = None) -> None:
+    def __init__(
+        self, config: StudyConfig | Mapping[str, Any], lm: HFLanguageModel | None = None, *, allow_code: bool = False
+    ) -> None:
         from ..interventions.ops import check_intervention
         from ..interventions.spec import parse_intervention
         from ..models import Decoding, LanguageModelSCM
 
-        self.config = config if isinstance(config, StudyConfig) else StudyConfig.from_mapping(config)
+        if isinstance(config, StudyConfig):
+            self.config = config
+        else:
+            self.config = StudyConfig.from_mapping(config, allow_code=allow_code)
         if lm is None:
             from ..loading import load_lm
 
