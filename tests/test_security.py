@@ -85,11 +85,16 @@ def evil_folder(root: Path, marker: Path, kind: str) -> Path:
 
 
 @pytest.fixture
-def prompts(monkeypatch, tmp_path):
-    """Replace ``input`` by one that records each question and answers "y" (and stdin by a "y"),
-    and keep transformers' copies of dynamic modules in ``tmp_path``."""
+def hf_modules(monkeypatch, tmp_path):
+    """Keep transformers' copies of dynamic modules (if any were made) in ``tmp_path``."""
     import transformers.dynamic_module_utils as dynamic
 
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"), raising=False)
+
+
+@pytest.fixture
+def prompts(monkeypatch, hf_modules):
+    """Replace ``input`` by one that records each question and answers "y" (and stdin by a "y")."""
     asked: list[str] = []
 
     def answer_yes(question: str = "") -> str:
@@ -98,7 +103,6 @@ def prompts(monkeypatch, tmp_path):
 
     monkeypatch.setattr("builtins.input", answer_yes)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"), raising=False)
     return asked
 
 
@@ -176,7 +180,7 @@ def test_a_study_config_naming_such_a_folder_is_refused(tmp_path, marker, prompt
     folder = evil_folder(tmp_path, marker, kind)
     (tmp_path / "corpus.txt").write_text("the man said he\n")
     settings = {"corpus": "corpus.txt", "output": str(tmp_path / "out"), "num_samples": 1, "max_new_tokens": 2,
-                "attribute": None, "progress": False, "report": False}
+                "intervention": "w_0=3", "attribute": None, "progress": False, "report": False}
     settings["model" if field == "model" else "intervention"] = str(folder) if field == "model" else f"model={folder}"
     (tmp_path / "study.yaml").write_text(json.dumps(settings))  # JSON is YAML
     with pytest.raises(ModelLoadError) as info:
@@ -185,7 +189,7 @@ def test_a_study_config_naming_such_a_folder_is_refused(tmp_path, marker, prompt
     assert prompts == [] and not marker.exists()
 
 
-def test_the_study_cli_refuses_such_a_folder_with_y_on_stdin(tmp_path, marker):
+def test_the_study_cli_refuses_such_a_folder_with_y_on_stdin(tmp_path, marker, hf_modules):
     """The CLI with "y" typed on its stdin (no patched prompt): a one-line error, no code."""
     from pyro_lmscm.cli.app import app
 
@@ -193,7 +197,8 @@ def test_the_study_cli_refuses_such_a_folder_with_y_on_stdin(tmp_path, marker):
     (tmp_path / "corpus.txt").write_text("the man said he\n")
     result = CliRunner().invoke(app, [
         "study", "--corpus", str(tmp_path / "corpus.txt"), "-o", str(tmp_path / "out"), "--model", str(folder),
-        "--attribute", "none", "--samples", "1", "--max-new-tokens", "2", "--no-progress", "--no-report",
+        "--intervention", "w_0=3", "--attribute", "none", "--samples", "1", "--max-new-tokens", "2",
+        "--no-progress", "--no-report",
     ], input="y\ny\ny\n")
     assert result.exit_code == 2, result.output
     assert "remote code" in result.output and "Do you wish" not in result.output
