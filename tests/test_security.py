@@ -456,3 +456,90 @@ def test_good_names_stay_in_studies():
 def test_a_nul_in_output_is_a_typed_error():
     with pytest.raises(StudyError, match="`output`"):
         StudyConfig(corpus="x.txt", output="out\0put")
+
+
+# -- Ray clusters, pickled checkpoints and Parquet records ------------------------------------------
+
+
+def test_a_config_file_cannot_choose_a_ray_cluster(tmp_path, monkeypatch):
+    """Joining a Ray cluster trusts it with the process (Ray passes pickles): a config file's
+    `ray_address` is refused before Ray is touched; the caller's override is honoured."""
+    ray = pytest.importorskip("ray")
+    marker = tmp_path / "MARKER"
+
+    def init(*args, **kwargs):
+        marker.write_text(f"ray.init{args}{kwargs}")
+        raise RuntimeError("no cluster in this test")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    (tmp_path / "corpus.txt").write_text("the man said he\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(f"corpus: corpus.txt\noutput: {tmp_path / 'out'}\nray_address: ray://evil.example:10001\n"
+                    "intervention: w_0=3\nattribute: null\nprogress: false\n")
+    with pytest.raises(StudyError, match=r"study\.yaml' sets `ray_address`.*--ray-address"):
+        run_study(path, lm=tiny_llama(seed=0))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    path.write_text(path.read_text().replace("ray_address: ray://evil.example:10001\n", ""))
+    config = StudyConfig.from_file(path, ray_address="127.0.0.1:6379")
+    assert config.ray and config.ray_address == "127.0.0.1:6379"
+
+
+def test_a_pickled_checkpoint_runs_no_code(tmp_path, marker, prompts):
+    """A folder whose weights are a pickle (pytorch_model.bin) that runs code when unpickled:
+    transformers unpickles with weights_only=True, so the load fails and nothing runs."""
+    import torch
+
+    folder = tmp_path / "pickled"
+    lm = tiny_llama(seed=1)
+    lm.model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    state = dict(lm.model.state_dict())
+    state["evil"] = _MkdirOnUnpickle(str(marker))
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="Could not load model"):
+        load_lm(str(folder), progress=False)
+    assert prompts == [] and not marker.exists()
+    torch.load(folder / "pytorch_model.bin", weights_only=False)  # the control: the payload is live
+    assert marker.exists()
+
+
+class _MkdirOnUnpickle:
+    """Unpickling it creates ``path`` (``os.mkdir(path)``: code that runs)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_parquet_records_run_no_code(tmp_path):
+    """A records part whose Arrow schema carries a pickled extension type (CVE-2023-47248,
+    pyarrow < 14.0.1): loading the study's records runs nothing."""
+    pa = pytest.importorskip("pyarrow")
+    import pickle
+
+    import pyarrow.parquet as pq
+
+    from pyro_lmscm.study.records import open_store
+
+    marker = tmp_path / "MARKER"
+    evil = pa.field("evil", pa.binary(), metadata={
+        b"ARROW:extension:name": b"arrow.py_extension_type",
+        b"ARROW:extension:metadata": pickle.dumps(_MkdirOnUnpickle(str(marker))),
+    })
+    table = pa.table({"index": pa.array([0], pa.int64()), "evil": pa.array([b"x"], pa.binary())})
+    table = table.cast(pa.schema([pa.field("index", pa.int64()), evil]))
+    (tmp_path / "records.parquet").mkdir()
+    pq.write_table(table, tmp_path / "records.parquet" / "part-000000000.parquet")
+    store = open_store(tmp_path, "parquet")
+    try:
+        store.load()
+    except Exception as error:  # a foreign part may be refused; it must not run code
+        assert not isinstance(error, (SystemExit, KeyboardInterrupt))
+    finally:
+        store.close()
+    assert not marker.exists()
+    pickle.loads(evil.metadata[b"ARROW:extension:metadata"])  # the control: the payload is live
+    assert marker.exists()

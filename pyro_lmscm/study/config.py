@@ -15,7 +15,9 @@ output folder is relative to the working directory (default ``studies/<name>``).
 
 A config is data: no key of a file or mapping switches code on. ``allow_code`` (an attribute
 that names a function to import and run) is set only by a caller, ``--allow-code`` on the
-command line or ``allow_code=True`` in Python, and is never written to ``study.json``.
+command line or ``allow_code=True`` in Python, and is never written to ``study.json``. A
+config file cannot name a Ray cluster either (``ray_address``: the cluster runs code in this
+process); ``--ray-address`` or a Python caller does.
 """
 
 from __future__ import annotations
@@ -252,7 +254,8 @@ class StudyConfig:
         not ``None`` replace its values.
 
         :param allow_code: see :class:`StudyConfig`; the file cannot set it.
-        :raises StudyError: if the file is missing or malformed, or sets ``allow_code``.
+        :raises StudyError: if the file is missing or malformed, or sets ``allow_code`` or
+            ``ray_address`` (a Ray cluster is trusted with the process: only an override sets it).
         """
         path = Path(path)
         if not path.is_file():
@@ -274,6 +277,12 @@ class StudyConfig:
         except Exception as error:  # yaml.YAMLError
             raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
         data = dict(data or {})
+        if data.get("ray_address") is not None:
+            raise StudyError(
+                f"study config {str(path)!r} sets `ray_address` ({data['ray_address']!r}): joining a Ray cluster "
+                "trusts it with this process (Ray passes pickled objects, which run code), so a config file "
+                "cannot choose one. Remove the key and pass --ray-address (or ray_address= in Python)."
+            )
         data.update({key: value for key, value in overrides.items() if value is not None})
         return cls.from_mapping(data, base_dir=path.resolve().parent, allow_code=allow_code, source=path)
 
