@@ -543,3 +543,51 @@ def test_parquet_records_run_no_code(tmp_path):
     assert not marker.exists()
     pickle.loads(evil.metadata[b"ARROW:extension:metadata"])  # the control: the payload is live
     assert marker.exists()
+
+
+# -- YAML and corpora are read as data ---------------------------------------------------------------
+
+
+def _python_tag(marker: Path) -> str:
+    """A YAML value that an unsafe loader (yaml.load, FullLoader, UnsafeLoader) would turn into
+    a call of os.mkdir(marker)."""
+    return f"!!python/object/apply:os.mkdir [{json.dumps(str(marker))}]"
+
+
+def test_yaml_files_are_read_safely(tmp_path, factual_lm):
+    """Python tags in a study config or an intervention file construct nothing (yaml.safe_load)."""
+    import yaml
+
+    from pyro_lmscm.interventions.spec import parse_intervention
+
+    marker = tmp_path / "MARKER"
+    (tmp_path / "corpus.txt").write_text("the man said he\n")
+    config = tmp_path / "study.yaml"
+    config.write_text(f"corpus: corpus.txt\nname: {_python_tag(marker)}\n")
+    with pytest.raises(StudyError, match=r"study\.yaml' is not valid"):
+        StudyConfig.from_file(config)
+    spec = tmp_path / "intervention.yaml"
+    spec.write_text(f"w_0: {_python_tag(marker)}\n")
+    with pytest.raises(Exception):  # noqa: B017 -- any refusal will do (typed errors: issue 35 item 5); no code
+        parse_intervention(str(spec), factual_lm)
+    config.write_text(f"corpus: corpus.txt\nintervention: {spec}\noutput: {tmp_path / 'out'}\nprogress: false\n")
+    with pytest.raises(Exception):  # noqa: B017
+        run_study(config, lm=factual_lm)
+    assert not marker.exists()
+    yaml.unsafe_load(spec.read_text())  # the control: the tag is live under an unsafe loader
+    assert marker.exists()
+
+
+def test_a_corpus_is_text(tmp_path):
+    """Code-looking prompts in .txt, .jsonl and .csv corpora are read as the text they are."""
+    from pyro_lmscm.study import read_corpus
+
+    marker = tmp_path / "MARKER"
+    code = f"__import__('os').mkdir({str(marker)!r})"
+    tag = _python_tag(marker)
+    (tmp_path / "c.txt").write_text(f"{code}\n{tag}\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": code}) + "\n" + json.dumps({"prompt": tag}) + "\n")
+    (tmp_path / "c.csv").write_text(f'prompt\n"{code}"\n"{tag.replace(chr(34), chr(34) * 2)}"\n')
+    for suffix in ("txt", "jsonl", "csv"):
+        assert [item.prompt for item in read_corpus(tmp_path / f"c.{suffix}")] == [code, tag], suffix
+    assert not marker.exists()
