@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..errors import InterventionError, LMSCMError
+from ..errors import InterventionError, LMSCMError, RemoteCodeError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
 from ..validation import as_int
 from .gender import gender_steering
@@ -246,6 +246,7 @@ def parse_intervention(
     :param cache: mechanisms already built, by ``(key, repr(value))``; the ones built here are
         added (the explorer keeps one, since a steering vector or a ROME edit takes seconds).
     :raises InterventionError: on an unknown key or a bad value.
+    :raises RemoteCodeError: for a ``model`` folder that needs code of its own.
     """
     data = spec if isinstance(spec, Mapping) else read_spec(spec or "")
     result = InterventionSpec()
@@ -273,7 +274,7 @@ def parse_intervention(
                     f"unknown intervention key {key!r}; use steer, mimic, rome, memit, finetune, model, prompt, "
                     "w_<t>, exclude or exclude_<t>."
                 )
-        except InterventionError:
+        except (InterventionError, RemoteCodeError):  # a refused model folder keeps its type
             raise
         except (LMSCMError, ValueError, TypeError) as error:
             raise InterventionError(f"intervention {key}={value!r}: {error}") from error

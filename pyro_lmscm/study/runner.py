@@ -326,6 +326,7 @@ def load_study(output_dir: str | Path) -> tuple[StudyConfig, list[dict[str, Any]
     if not path.is_file():
         raise StudyError(f"{output_dir} holds no study ({META_FILE} is missing).")
     data = json.loads(path.read_text(encoding="utf-8"))["config"]
+    data.pop("allow_code", None)  # older versions stored it; a study folder never switches code on
     data["output"] = str(output_dir)
     config = StudyConfig.from_mapping(data)
     store = open_store(output_dir, config.format)

@@ -196,6 +196,8 @@ class StudyWorker:
     :param lm: an already loaded model to use instead of loading ``config.model``.
     :param messengers: factories of the user's own Messengers, added to the intervention
         (see :func:`~pyro_lmscm.study.run_study`).
+    :param allow_code: with a dict ``config``, the :attr:`StudyConfig.allow_code` of the
+        caller (a dict, like a config file, cannot set it).
     """
 
     def __init__(
@@ -203,12 +205,17 @@ class StudyWorker:
         config: StudyConfig | Mapping[str, Any],
         lm: HFLanguageModel | None = None,
         messengers: Mapping[str, MessengerFactory] | None = None,
+        *,
+        allow_code: bool = False,
     ) -> None:
         from ..interventions.ops import check_intervention
         from ..interventions.spec import parse_intervention
         from ..models import Decoding, LanguageModelSCM
 
-        self.config = config if isinstance(config, StudyConfig) else StudyConfig.from_mapping(config)
+        if isinstance(config, StudyConfig):
+            self.config = config
+        else:
+            self.config = StudyConfig.from_mapping(config, allow_code=allow_code)
         if lm is None:
             from ..loading import load_lm
 
