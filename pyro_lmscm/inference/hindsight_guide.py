@@ -324,7 +324,7 @@ class HindsightGumbelGuide(GuideMessenger):
         ``guide(prompt)``."""
         site = self.trace.nodes.get(self.scm.site(PROMPT))
         if site is not None and site["type"] == "sample":
-            return site["value"]
+            return torch.as_tensor(site["value"])
         args_kwargs: Any = getattr(self, "args_kwargs", None)  # set by GuideMessenger.__call__
         if args_kwargs is not None:
             args, kwargs = args_kwargs

@@ -62,7 +62,7 @@ class _StepNoise(TorchDistribution):
         )
 
     @torch.no_grad()
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         if sample_shape:  # independent draws, one at a time
             draws = [self.sample() for _ in range(math.prod(sample_shape))]
             return torch.stack(draws).reshape(self._extended_shape(torch.Size(sample_shape)))
