@@ -95,8 +95,8 @@ class ExactCounterfactual:
         self.observed_ids = observed
         self.intervention = data if isinstance(data, Action) else Action(data)
         guide = HindsightGumbelGuide(scm, observed, raw_logits=raw_logits)
-        self._factual = guide.decoded_logits(prompt).double()  # (n, V)
         self._anchor = guide.anchor(prompt)  # the abduction's raw factual logits on the observed path
+        self._factual = guide.decoded_logits(self._anchor).double()  # (n, V)
         self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
         self._prompt, self._mechanism = world_inputs(scm, data, prompt)
         self._forced = forced_tokens(scm, data)
