@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
+from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
 from pyro_lmscm.errors import AbductionError
 from pyro_lmscm.inference.bounds import (
     expected_first_divergence_of,
@@ -21,7 +22,8 @@ from pyro_lmscm.inference.bounds import (
     observed_keep_bounds,
     prob_unchanged_of,
 )
-from pyro_lmscm.models import GumbelMax, InverseCDF
+from pyro_lmscm.models import Decoding, GumbelMax, InverseCDF
+from pyro_lmscm.testing import tiny_llama
 
 TIE = 1e-12  # the oracle's ties: log ratios this close (the cases keep others 1e-6 apart)
 
@@ -287,3 +289,113 @@ def test_inverse_cdf_is_not_counterfactually_stable_in_either_order():
     keep = float(InverseCDF("probability").stay_log_prob(p, q, torch.tensor(1)).exp())
     assert keep == pytest.approx(0.05 / 0.35, abs=1e-12) and float(stable[0]) == pytest.approx(1.0, abs=1e-12)
     assert float(GumbelMax().stay_log_prob(p, q, torch.tensor(1)).exp()) == pytest.approx(1.0, abs=1e-12)
+
+
+# -- ExactCounterfactual.bounds() on tiny models ---------------------------------------------------
+
+V, T = 10, 4
+PROMPT = torch.tensor([2, 3, 4])
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_llama(vocab_size=V, seed=0, logit_scale=8.0), tiny_llama(vocab_size=V, seed=1, logit_scale=8.0)
+
+
+def _setting(models, name):
+    """(scm, intervention, observation): the intervention may name the observation's tokens."""
+    lm, other = models
+    swap = {"other": ModelSwap(other)}
+    decoding = {"temperature + top-k": Decoding(temperature=1.3, top_k=6), "top-p": Decoding(top_p=0.9)}.get(name)
+    noise = InverseCDF("vocabulary") if name == "inverse-cdf" else GumbelMax()
+    scm = LanguageModelSCM(lm, T, decoding, mechanisms=swap, noise=noise)
+    observed = counterfactual(scm.with_noise(GumbelMax()), PROMPT, None, {}, seed=3).factual_ids  # (6, 7, 2, 1)
+    if name == "ended":  # an end of sequence at step 1, padding after it
+        observed = torch.tensor([int(observed[0]), 1, 0, 0])
+    factual = exact_counterfactual(scm, PROMPT, observed, {})._factual.softmax(-1)
+    interventions = {
+        "prompt": lambda: {"prompt": torch.tensor([2, 9, 4])},
+        "forced token": lambda: {"mechanism": "other", "w_1": (int(observed[1]) + 1) % V},
+        "forced, kept": lambda: {"mechanism": "other", "w_2": int(observed[2])},
+        # anything but the most probable other token at step 1: the rest keep tied ratios
+        "exclusion": lambda: {"exclude_1": int(factual[1].scatter(0, observed[1:2], 0.0).argmax())},
+        "exclusion, observed": lambda: {"exclude_2": "factual"},
+    }
+    intervention = interventions.get(name, lambda: {"mechanism": "other"})()
+    return scm, intervention, observed
+
+
+SETTINGS = ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "forced, kept", "exclusion",
+            "exclusion, observed", "inverse-cdf", "ended"]
+
+
+def _oracle_box(scm, exact, intervention):
+    """Per observed step, the LP's (low, high) of each class, from the abduction's factual
+    logits and the intervened pass on the observation (the exclusion masked here, on the
+    null intervention's logits); steps that every mechanism decides written out by hand."""
+    observed = exact.observed_ids
+    n = len(observed)
+    if any(key.startswith("exclude_") for key in intervention):
+        logits = exact_counterfactual(scm, PROMPT, observed, {})._counterfactual_logits(observed[None], n)[0]
+        for key, value in intervention.items():
+            t = int(key.split("_")[1])
+            logits[t, int(observed[t]) if value == "factual" else value] = -math.inf
+    else:
+        logits = exact._counterfactual_logits(observed[None], n)[0]
+    p_rows, q_rows = exact._factual.softmax(-1).numpy(), logits.double().softmax(-1).numpy()
+    box = {"stable": [], "any": []}
+    for t in range(n):
+        k = int(observed[t])
+        if any(int(w) in scm.lm.eos_token_ids for w in observed[:t]):
+            ends = (1.0, 1.0) if k == scm.lm.pad_token_id else (0.0, 0.0)
+            box["stable"].append(ends), box["any"].append(ends)
+        elif f"w_{t}" in intervention:
+            ends = (1.0, 1.0) if intervention[f"w_{t}"] == k else (0.0, 0.0)
+            box["stable"].append(ends), box["any"].append(ends)
+        elif np.array_equal(p_rows[t], q_rows[t]):  # the factual anchor: every mechanism keeps k
+            box["stable"].append((1.0, 1.0)), box["any"].append((1.0, 1.0))
+        else:
+            box["stable"].append(_lp_keep(p_rows[t], q_rows[t], k, stable=True))
+            box["any"].append(_lp_keep(p_rows[t], q_rows[t], k, stable=False))
+    return {name: np.array(ends) for name, ends in box.items()}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_bounds_of_an_exact_counterfactual_equal_the_linear_program(models, setting):
+    """bounds(): per-step intervals equal the LP on the passes' laws, the whole-string ones
+    their products (to 1e-9); "model" equals prob_unchanged() and first_divergence(), "gumbel"
+    a Gumbel-max SCM's; each lies in its class's interval."""
+    scm, intervention, observed = _setting(models, setting)
+    exact = exact_counterfactual(scm, PROMPT, observed, intervention)
+    out = exact.bounds()
+    box = _oracle_box(scm, exact, intervention)
+    for name in ("stable", "any"):
+        np.testing.assert_allclose(torch.stack(out.keep[name], -1).numpy(), box[name], atol=1e-9, rtol=0)
+        assert out.prob_unchanged[name] == pytest.approx(tuple(np.prod(box[name], 0)), abs=1e-9)
+    assert out.prob_unchanged["model"] == exact.prob_unchanged()
+    law = exact.first_divergence()
+    mean = float(law @ torch.arange(len(law), dtype=law.dtype))
+    assert out.expected_first_divergence["model"] == pytest.approx(mean, abs=1e-12)
+    torch.testing.assert_close(out.first_divergence_cdf["model"], law.cumsum(0), atol=1e-12, rtol=0)
+    gumbel = exact_counterfactual(scm.with_noise(GumbelMax()), PROMPT, observed, intervention)
+    assert out.prob_unchanged["gumbel"] == pytest.approx(gumbel.prob_unchanged(), abs=1e-12)
+    for query in ("prob_unchanged", "expected_first_divergence"):
+        table = getattr(out, query)
+        assert _within(table["gumbel"], table["stable"]) and _within(table["model"], table["any"])
+        assert table["any"][0] <= table["stable"][0] <= table["stable"][1] <= table["any"][1]
+    if setting == "inverse-cdf":  # not counterfactually stable: below every stable mechanism here
+        assert out.expected_first_divergence["model"] < out.expected_first_divergence["stable"][0] - 0.05
+    if setting == "exclusion":  # tied ratios: no stable mechanism changes the string
+        assert out.prob_unchanged["stable"] == pytest.approx((1.0, 1.0), abs=1e-12)
+        assert out.prob_unchanged["any"][0] < 0.99
+
+
+def test_bounds_to_pandas(models):
+    scm, intervention, observed = _setting(models, "model swap")
+    out = exact_counterfactual(scm, PROMPT, observed, intervention).bounds()
+    frame = out.to_pandas()
+    assert list(frame["token"]) == observed.tolist() and len(frame) == len(observed)
+    assert {"keep_model", "keep_gumbel", "keep_stable_low", "keep_any_high", "cdf_stable_low"} <= set(frame.columns)
+    np.testing.assert_allclose(frame["keep_stable_high"], out.keep["stable"][1].numpy())
+    assert frame.attrs["prob_unchanged_any_low"] == out.prob_unchanged["any"][0]
+    assert frame.attrs["expected_first_divergence_model"] == out.expected_first_divergence["model"]
