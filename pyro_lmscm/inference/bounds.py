@@ -56,10 +56,15 @@ keeps it with probability :math:`0.273` (vocabulary order), below the stable low
 0.25)`, :math:`q = (0.3, 0.45, 0.25)` in probability order, :math:`K = 1` moves to
 :math:`J = 0` though :math:`r_0 < r_1`.
 
-Ties. Ratios are compared in log space; log ratios within :data:`~pyro_lmscm.models.gumbel_max_counterfactual.TIE_ULPS`
-float64 epsilons of :math:`\max |\log p| + \max |\log q|` (the rounding of
-:math:`\log q_i - \log p_i`) are tied, as the closed form's sort takes them. Lower ends are
-computed in linear space: their absolute error is about :math:`\epsilon / p_k`.
+Ties. Ratios whose relative difference is below
+:math:`\tau = 2 U \epsilon\, (2 S + |\log p_k| + \min(S, |\log q_k|))` are tied
+(:math:`U =` :data:`~pyro_lmscm.models.gumbel_max_counterfactual.TIE_ULPS`,
+:math:`S =` :data:`TIE_SPAN`): a softmax entry :math:`e^{x}` rounds by :math:`\epsilon |x|`
+relative, so tied ratios of tokens within :math:`S` nats of the top of either side stay
+within :math:`\tau`, and the others carry less than :math:`V e^{-S}` in all. The bounds are
+computed in linear space: their absolute error is about :math:`\epsilon / p_k` (an observed
+token whose probability underflows, below :math:`10^{-308}`, gets the interval
+:math:`[0, 1]`).
 
 A string. Given the observation the noise is independent across steps and a mechanism acts
 step by step, so each observed step's keep probability :math:`a_t` can be chosen in its
@@ -104,6 +109,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLASSES",
+    "TIE_SPAN",
     "CounterfactualBounds",
     "expected_first_divergence_of",
     "first_divergence_cdf_of",
@@ -118,6 +124,11 @@ __all__ = [
 CLASSES = ("model", "gumbel", "stable", "any")
 
 _EPSILON = float(np.finfo(np.float64).eps)
+
+#: Tokens more than this many nats below the top of both laws (:math:`e^{-64} \\approx 1.6
+#: \\times 10^{-28}`) may fall on either side of a tie: the tie tolerance covers the rounding
+#: of the others' ratios.
+TIE_SPAN = 64.0
 
 
 def keep_bounds(
@@ -148,34 +159,36 @@ def _log_keep_bounds(
     factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`keep_bounds` in log space: ``({"stable": log low, "any": log low}, log high)``
-    (the high end is the same for both classes)."""
-    log_p, log_q = torch.broadcast_tensors(
-        factual_logits.double().log_softmax(-1), counterfactual_logits.double().log_softmax(-1)
-    )
-    k = observed.to(log_p.device).long().expand(log_p.shape[:-1])[..., None]
-    log_p_k, log_q_k = log_p.gather(-1, k), log_q.gather(-1, k)
-    if bool((log_p_k == -math.inf).any()):
+    (the high end is the same for both classes). In linear space, a handful of passes over
+    the rows: the ratio comparisons as :math:`q_i \\lessgtr p_i r_k (1 \\mp \\tau)`."""
+    factual, counterfactual = torch.broadcast_tensors(factual_logits.double(), counterfactual_logits.double())
+    k = observed.to(factual.device).long().expand(factual.shape[:-1])[..., None]
+    if bool((factual.gather(-1, k) == -math.inf).any()):
         raise AbductionError("an observed token has factual probability zero: no mechanism produces it.")
-    p, q = log_p.exp(), log_q.exp()
+    p, q = factual.softmax(-1), counterfactual.softmax(-1)
     p_k, q_k = p.gather(-1, k), q.gather(-1, k)
-    # log r_i = log q_i - log p_i: +inf where only q_i > 0, -inf where only p_i > 0, nan where neither
-    log_r = log_q - log_p
-    log_r_k = log_r.gather(-1, k)
-    finite_p = torch.where(log_p > -math.inf, log_p, 0.0).amin(-1, keepdim=True)
-    finite_q = torch.where(log_q > -math.inf, log_q, 0.0).amin(-1, keepdim=True)
-    ties = (finite_p + finite_q).neg_().mul_(TIE_ULPS * _EPSILON)
-    below = log_r < log_r_k - ties  # L (nan compares false; nothing is below r_k = 0)
-    above = log_r > log_r_k + ties  # G
-    shed = torch.where(below, p - q, 0.0).sum(-1, keepdim=True)  # what leaves L
-    absorbed = torch.where(above, q - p, 0.0).sum(-1, keepdim=True)  # what enters G
-    log_high = torch.clamp(log_q_k - log_p_k, max=0.0)
-    stable = torch.maximum(q_k - shed, p_k - absorbed).clamp(min=0.0) / p_k
-    others = p.scatter(-1, k, 0.0).sum(-1, keepdim=True)  # P(K != k) as a sum, not 1 - p_k
-    frechet = (q_k - others).clamp(min=0.0) / p_k
-    same = (log_p == log_q).all(-1, keepdim=True)  # q = p: every mechanism gives J = K
-    log_stable = torch.minimum(torch.where(same, 0.0, stable.log()), log_high)
-    log_any = torch.minimum(torch.where(same, 0.0, frechet.log()), log_stable)
-    log_high = torch.where(same, 0.0, log_high)
+    r_k = q_k / p_k  # (p_k = 0 only by underflow, below 1e-308: those rows get (0, 1) below)
+    tolerance = (2 * TIE_SPAN - p_k.log() - q_k.log().clamp(min=-TIE_SPAN)).mul_(2 * TIE_ULPS * _EPSILON)
+    difference = p - q
+    below = q < p * (r_k * (1 - tolerance))  # L: r_i < r_k (0 < 0 is false: tokens of neither side)
+    shed = torch.where(below, difference, 0.0).sum(-1, keepdim=True)  # what leaves L
+    above = q > p * (r_k * (1 + tolerance))  # G: r_j > r_k (r_j = inf where only q_j > 0)
+    absorbed = torch.where(above, difference, 0.0).sum(-1, keepdim=True).neg_()  # what enters G
+    log_high = torch.clamp(q_k.log() - p_k.log(), max=0.0)
+    stable = torch.maximum(q_k - shed, p_k - absorbed).clamp_(min=0.0) / p_k
+    frechet = (q_k - (1.0 - p_k)).clamp_(min=0.0) / p_k  # P(K != k) = 1 - p_k: absolute error eps
+    log_stable = torch.minimum(stable.log(), log_high)
+    log_any = torch.minimum(frechet.log(), log_stable)
+    # q = p: every mechanism gives J = K. Only rows with nothing below or above r_k can be equal.
+    for row in torch.nonzero(((shed == 0) & (absorbed == 0)).reshape(-1)).reshape(-1).tolist():
+        flat = (p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]))
+        if torch.equal(flat[0][row], flat[1][row]):
+            for tensor in (log_stable, log_any, log_high):
+                tensor.view(-1)[row] = 0.0
+    underflow = p_k == 0
+    if bool(underflow.any()):
+        log_stable, log_any = log_stable.masked_fill(underflow, -math.inf), log_any.masked_fill(underflow, -math.inf)
+        log_high = log_high.masked_fill(underflow, 0.0)
     return {"stable": log_stable[..., 0], "any": log_any[..., 0]}, log_high[..., 0]
 
 
