@@ -399,3 +399,10 @@ def test_bounds_to_pandas(models):
     np.testing.assert_allclose(frame["keep_stable_high"], out.keep["stable"][1].numpy())
     assert frame.attrs["prob_unchanged_any_low"] == out.prob_unchanged["any"][0]
     assert frame.attrs["expected_first_divergence_model"] == out.expected_first_divergence["model"]
+
+
+def test_an_observed_token_whose_probability_underflows_gets_the_whole_interval():
+    """p_k = e^-800 is below float64's range: the intervals are [0, 1], still bounds."""
+    factual, other = torch.tensor([0.0, -800.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0]).double()
+    out = keep_bounds(factual, other, torch.tensor(1))
+    assert [tuple(map(float, ends)) for ends in out.values()] == [(0.0, 1.0), (0.0, 1.0)]
