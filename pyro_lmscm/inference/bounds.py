@@ -168,13 +168,14 @@ def _log_keep_bounds(
     p, q = factual.softmax(-1), counterfactual.softmax(-1)
     p_k, q_k = p.gather(-1, k), q.gather(-1, k)
     r_k = q_k / p_k  # (p_k = 0 only by underflow, below 1e-308: those rows get (0, 1) below)
-    tolerance = (2 * TIE_SPAN - p_k.log() - q_k.log().clamp(min=-TIE_SPAN)).mul_(2 * TIE_ULPS * _EPSILON)
+    log_p_k, log_q_k = p_k.log(), q_k.log()
+    tolerance = (2 * TIE_SPAN - log_p_k - log_q_k.clamp(min=-TIE_SPAN)).mul_(2 * TIE_ULPS * _EPSILON * r_k)
     difference = p - q
-    below = q < p * (r_k * (1 - tolerance))  # L: r_i < r_k (0 < 0 is false: tokens of neither side)
+    below = q < p * (r_k - tolerance)  # L: r_i < r_k (0 < 0 is false: tokens of neither side)
     shed = torch.where(below, difference, 0.0).sum(-1, keepdim=True)  # what leaves L
-    above = q > p * (r_k * (1 + tolerance))  # G: r_j > r_k (r_j = inf where only q_j > 0)
+    above = q > p * (r_k + tolerance)  # G: r_j > r_k (r_j = inf where only q_j > 0)
     absorbed = torch.where(above, difference, 0.0).sum(-1, keepdim=True).neg_()  # what enters G
-    log_high = torch.clamp(q_k.log() - p_k.log(), max=0.0)
+    log_high = torch.clamp(log_q_k - log_p_k, max=0.0)
     stable = torch.maximum(q_k - shed, p_k - absorbed).clamp_(min=0.0) / p_k
     frechet = (q_k - (1.0 - p_k)).clamp_(min=0.0) / p_k  # P(K != k) = 1 - p_k: absolute error eps
     log_stable = torch.minimum(stable.log(), log_high)
@@ -335,13 +336,16 @@ def observed_keep_bounds(
     log_q = log_q.double().cpu()
     steps = list(steps)
     gumbel = log_q
-    stable_low, any_low, high = log_q.clone(), log_q.clone(), log_q.clone()
+    stable_low, any_low, high = log_q, log_q, log_q
     if steps:
-        factual, counterfactual, observed = factual_logits[steps], counterfactual_logits[steps], tokens[steps]
+        factual, counterfactual, observed = factual_logits, counterfactual_logits, tokens
+        if steps != list(range(log_q.shape[-1])):  # (all steps, as a rule: no copy of the rows)
+            factual, counterfactual, observed = factual[steps], counterfactual[steps], observed[steps]
         if not isinstance(noise, GumbelMax):
-            gumbel = log_q.clone()
-            gumbel[steps] = stay_log_prob(factual, counterfactual, observed).cpu()
+            gumbel = log_q.index_put((torch.tensor(steps),), stay_log_prob(factual, counterfactual, observed).cpu())
         low, top = _log_keep_bounds(factual, counterfactual, observed)
-        stable_low[steps], any_low[steps], high[steps] = low["stable"].cpu(), low["any"].cpu(), top.cpu()
+        index = (torch.tensor(steps),)
+        stable_low, any_low = log_q.index_put(index, low["stable"].cpu()), log_q.index_put(index, low["any"].cpu())
+        high = log_q.index_put(index, top.cpu())
     log_keep = {"model": log_q, "gumbel": gumbel, "stable": (stable_low, high), "any": (any_low, high)}
     return CounterfactualBounds(tokens.cpu(), log_keep, repr(noise))
