@@ -169,6 +169,31 @@ def test_exact_probabilities_in_the_output(tiny_folder):
     assert "exact P(unchanged) = 1;" in table.stdout and "most probable counterfactual" in table.stdout
 
 
+def test_the_counterfactual_command_prints_the_bounds_over_mechanisms(tiny_folder):
+    """--json carries bounds() of the observation (the SCM's value inside the stable interval,
+    the stable one inside the other's); the table prints them; the null intervention gives 1
+    for every mechanism."""
+    args = ["counterfactual", "--model", tiny_folder, "--prompt", "the man", "--generate", "--max-new-tokens", "4",
+            "--samples", "2"]
+    null = json.loads(_run(*args, "--json").stdout)["exact"]["bounds"]
+    names = ("model", "gumbel", "stable_low", "any_low", "any_high")
+    assert {null[f"prob_unchanged_{name}"] for name in names} == {1.0}
+    changed = json.loads(_run(*args, "--intervention", "prompt=the woman", "--json").stdout)["exact"]
+    bounds = changed["bounds"]
+    for query in ("prob_unchanged", "expected_first_divergence"):
+        value, stable = bounds[f"{query}_model"], (bounds[f"{query}_stable_low"], bounds[f"{query}_stable_high"])
+        assert bounds[f"{query}_any_low"] <= stable[0] <= value <= stable[1] <= bounds[f"{query}_any_high"]
+    assert bounds["prob_unchanged_model"] == changed["prob_unchanged"]
+    assert bounds["prob_unchanged_stable_high"] < 1.0  # (the intervention matters)
+    table = " ".join(_run(*args, "--intervention", "prompt=the woman").stdout.split())
+    expected = (f"over mechanisms P(unchanged) {bounds['prob_unchanged_model']:.2g} (stable mechanisms "
+                f"{bounds['prob_unchanged_stable_low']:.2g}–{bounds['prob_unchanged_stable_high']:.2g}; any mechanism "
+                f"{bounds['prob_unchanged_any_low']:.2g}–{bounds['prob_unchanged_any_high']:.2g}); "
+                f"E[first divergence] {bounds['expected_first_divergence_model']:.2g} (stable")
+    assert expected in table, table
+    assert "P(unchanged) 1 (stable mechanisms 1–1; any mechanism 1–1)" in " ".join(_run(*args).stdout.split())
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_a_bf16_counterfactual_command_computes_in_compute_scope(tiny_folder, linear_calls, native):
     """All the model work of ``counterfactual --dtype bfloat16`` (the draws and the exact

@@ -18,6 +18,7 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
+from .bounds import CounterfactualBounds, keep_bounds
 from .compare import (
     AbductionComparison,
     ComparisonRow,
@@ -38,6 +39,8 @@ from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
     "DRAWS",
+    "CounterfactualBounds",
+    "keep_bounds",
     "ExactCounterfactual",
     "counterfactual_token_log_probs",
     "exact_counterfactual",

@@ -36,6 +36,7 @@ from ..models.incremental import MechanismBatch
 from ..models.teacher_forcing import decoded_steps
 from ..seeding import seeded
 from ..validation import as_int
+from .bounds import CounterfactualBounds, observed_keep_bounds
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -242,6 +243,25 @@ class ExactCounterfactual:
             model that reads token ids, such as ``InverseCDF(order="vocabulary")``, can tell).
         """
         return float(self._observed_log_q(self._relabel(relabel)).sum().exp())
+
+    def bounds(self) -> CounterfactualBounds:
+        """How much of :meth:`prob_unchanged` is the noise model: the keep probabilities of the
+        observed tokens, P(unchanged), E[first divergence] and the first-divergence CDF under
+        this SCM's noise model (``"model"``), under Gumbel-max (``"gumbel"``), and their exact
+        ranges over counterfactually stable mechanisms (``"stable"``) and over all mechanisms
+        (``"any"``) (:mod:`~pyro_lmscm.inference.bounds`); the same pass as :meth:`prob_unchanged`.
+
+        >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
+        >>> exact = exact_counterfactual(scm, torch.tensor([2, 3]), torch.tensor([7, 3, 9]), {})
+        >>> exact.bounds().prob_unchanged
+        {'model': 1.0, 'gumbel': 1.0, 'stable': (1.0, 1.0), 'any': (1.0, 1.0)}
+        """
+        observed = self.observed_ids.cpu()
+        n = observed.shape[-1]
+        logits = self._counterfactual_logits(observed[None], n).cpu()
+        log_q = self._observed_log_q(logits=logits)
+        steps = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]  # as _observed_log_q
+        return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, steps)
 
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
         if relabel is None:
