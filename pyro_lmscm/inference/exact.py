@@ -210,7 +210,7 @@ class ExactCounterfactual:
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu() if logits is None else logits
         log_q = self._observed_scores(logits, self._forced)
-        active = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]
+        active = self._noisy_steps()
         if active:
             factual, counterfactual, tokens = self._factual[active], logits[0, active], observed[0, active]
             if relabel is not None:
@@ -218,6 +218,11 @@ class ExactCounterfactual:
                 factual, counterfactual, tokens = factual[:, relabel], counterfactual[:, relabel], new_id[tokens]
             log_q[active] = self.scm.noise.stay_log_prob(factual, counterfactual, tokens)
         return log_q
+
+    def _noisy_steps(self) -> list[int]:
+        """The observed steps whose token the abducted noise decides: before the observed end
+        and not forced by ``do(w_t = x)``."""
+        return [t for t in range(self.observed_ids.shape[-1]) if bool(self._active[t]) and t not in self._forced]
 
     def _observed_scores(self, logits: torch.Tensor, forced: dict[int, int]) -> torch.Tensor:
         """``(n,)`` float64: the observation's per-token log-probabilities given decoded logits
@@ -260,8 +265,7 @@ class ExactCounterfactual:
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed[None], n).cpu()
         log_q = self._observed_log_q(logits=logits)
-        steps = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]  # as _observed_log_q
-        return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, steps)
+        return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, self._noisy_steps())
 
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
         if relabel is None:
