@@ -1,0 +1,120 @@
+r"""Several mechanisms at once: e.g. activation steering or MiMiC at several layers, one part each."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping, Sequence
+
+from ..errors import MechanismError
+from ..models.mechanism import WHOLE, Factual, Mechanism
+from .internals import restore_atomically, sigint_deferred
+
+if TYPE_CHECKING:
+    from ..lm import HFLanguageModel
+
+__all__ = ["Combined"]
+
+
+def _default_names(members: Sequence[Mechanism]) -> list[str]:
+    """``"layer L"`` for members with distinct ``layer`` attributes (steering), else ``"0"``, ``"1"``, ..."""
+    layers = [getattr(member, "layer", None) for member in members]
+    if all(isinstance(layer, int) for layer in layers) and len(set(layers)) == len(layers):
+        return [f"layer {layer}" for layer in layers]
+    return [str(i) for i in range(len(members))]
+
+
+class Combined(Mechanism):
+    r"""Several mechanisms active together, entered in order (each on the model the previous
+    one returns) and undone in reverse order:
+
+    .. math::
+
+        \ell_t = f_{\theta; m_1 \circ \dots \circ m_k}(\text{prompt}, w_{<t}),
+
+    e.g. :class:`~pyro_lmscm.interventions.ActivationSteering` at layers 2, 5 and 8, or weight
+    edits and steering together. Its parts are the members (named by ``members``' keys; a
+    member with several parts contributes ``"name/part"`` for each), so
+    :func:`~pyro_lmscm.inference.attribute` splits the effect per layer. Undoing a member
+    cannot be split by an interrupt, nor can the sequence of them
+    (:func:`~pyro_lmscm.interventions.internals.restore_atomically` on each member's exit).
+
+    :param members: name to mechanism, or a list (named ``"layer L"`` when every member has a
+        distinct ``layer``, as steering does, else by position).
+    :raises MechanismError: for no member, a member that is not a mechanism, a ``/`` in a name.
+
+    >>> from pyro_lmscm.interventions import ActivationSteering, Combined
+    >>> steer = Combined([ActivationSteering(torch.ones(32), layer=0), ActivationSteering(torch.ones(32), layer=1)])
+    >>> steer.parts(), steer.restricted(["layer 1"])
+    (['layer 0', 'layer 1'], ActivationSteering(layer=1, alpha=1.0, start=0, |v|=5.657))
+    """
+
+    def __init__(self, members: Mapping[str, Mechanism] | Sequence[Mechanism]) -> None:
+        if isinstance(members, Mapping):
+            named = dict(members)
+        elif isinstance(members, (list, tuple)):
+            named = dict(zip(_default_names(members), members))
+        else:
+            raise MechanismError(f"Combined: `members` must be a mapping or a list of mechanisms, got {members!r:.80}.")
+        if not named:
+            raise MechanismError("Combined: `members` is empty; give at least one mechanism.")
+        for name, member in named.items():
+            if not isinstance(name, str) or not name or "/" in name:
+                raise MechanismError(f"Combined: member names are non-empty strings without '/', got {name!r}.")
+            if not isinstance(member, Mechanism):
+                raise MechanismError(f"Combined: member {name!r} is {type(member).__name__}, not a Mechanism.")
+        self.members: dict[str, Mechanism] = named
+
+    def check(self, lm: HFLanguageModel) -> None:
+        for member in self.members.values():
+            member.check(lm)
+
+    def _member_parts(self) -> list[tuple[str, str, str]]:
+        """(part name, member name, the member's part)."""
+        out = []
+        for name, member in self.members.items():
+            parts = member.parts()
+            if parts == [WHOLE]:
+                out.append((name, name, WHOLE))
+            else:
+                out.extend((f"{name}/{part}", name, part) for part in parts)
+        return out
+
+    def parts(self) -> list[str]:
+        return [part for part, _, _ in self._member_parts()]
+
+    def _restricted(self, parts: list[str]) -> Mechanism:
+        chosen: dict[str, list[str]] = {}
+        for part, name, inner in self._member_parts():
+            if part in parts:
+                chosen.setdefault(name, []).append(inner)
+        members = {name: self.members[name].restricted(inner) for name, inner in chosen.items()}
+        members = {name: member for name, member in members.items() if not isinstance(member, Factual)}
+        if len(members) == 1:
+            return next(iter(members.values()))
+        return Combined(members)
+
+    def acting_from(self, position: int) -> Combined:
+        return Combined({name: member.acting_from(position) for name, member in self.members.items()})
+
+    def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
+        return self._entered(lm)
+
+    @contextmanager
+    def _entered(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
+        entered: list[ContextManager[Any]] = []
+        current = lm
+        try:
+            with sigint_deferred():
+                for member in self.members.values():
+                    context = member.activate(current)
+                    current = context.__enter__()
+                    entered.append(context)
+            yield current
+        finally:
+            # a member's exit is idempotent once it has run (a finished generator stops again),
+            # so restore_atomically may rerun an interrupted one
+            restore_atomically(*(partial(context.__exit__, None, None, None) for context in reversed(entered)))
+
+    def __repr__(self) -> str:
+        return f"Combined({self.members!r})"
