@@ -18,6 +18,7 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
+from .attribute import Attribution, StepAttribution, attribute
 from .compare import (
     AbductionComparison,
     ComparisonRow,
@@ -37,6 +38,9 @@ from .token_score_messenger import TokenScoreMessenger
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
+    "Attribution",
+    "StepAttribution",
+    "attribute",
     "DRAWS",
     "ExactCounterfactual",
     "counterfactual_token_log_probs",
