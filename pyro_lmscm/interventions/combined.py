@@ -2,13 +2,12 @@ r"""Several mechanisms at once: e.g. activation steering or MiMiC at several lay
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping, Sequence
 
 from ..errors import MechanismError
 from ..models.mechanism import WHOLE, Factual, Mechanism
-from .internals import restore_atomically, sigint_deferred
+from .internals import _decoder_layers, _ResidualStreamEdit, _resolve_layer, restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -35,9 +34,11 @@ class Combined(Mechanism):
     e.g. :class:`~pyro_lmscm.interventions.ActivationSteering` at layers 2, 5 and 8, or weight
     edits and steering together. Its parts are the members (named by ``members``' keys; a
     member with several parts contributes ``"name/part"`` for each), so
-    :func:`~pyro_lmscm.inference.attribute` splits the effect per layer. Undoing a member
-    cannot be split by an interrupt, nor can the sequence of them
-    (:func:`~pyro_lmscm.interventions.internals.restore_atomically` on each member's exit).
+    :func:`~pyro_lmscm.inference.attribute` splits the effect per layer. Steering and MiMiC
+    members (residual-stream edits) register their hooks together and remove them in one
+    restore that an interrupt cannot split; other members each undo their own change
+    atomically, in reverse order, through an ``ExitStack`` (which runs every exit even when one
+    raises).
 
     :param members: name to mechanism, or a list (named ``"layer L"`` when every member has a
         distinct ``layer``, as steering does, else by position).
@@ -98,23 +99,35 @@ class Combined(Mechanism):
         return Combined({name: member.acting_from(position) for name, member in self.members.items()})
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
+        if all(isinstance(member, _ResidualStreamEdit) for member in self.members.values()):
+            return self._hooked(lm)
         return self._entered(lm)
 
     @contextmanager
-    def _entered(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        entered: list[ContextManager[Any]] = []
-        current = lm
+    def _hooked(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
+        """Residual-stream edits (steering, MiMiC): every member's hook registered under one
+        deferral of Ctrl-C and removed in one :func:`restore_atomically` (``remove`` is idempotent)."""
+        handles: list[Any] = []
         try:
             with sigint_deferred():
                 for member in self.members.values():
-                    context = member.activate(current)
-                    current = context.__enter__()
-                    entered.append(context)
-            yield current
+                    layer = _decoder_layers(lm.model)[_resolve_layer(lm.model, member.layer, type(member).__name__)]
+                    handles.append(layer.register_forward_hook(member._hook, with_kwargs=True))
+            yield lm
         finally:
-            # a member's exit is idempotent once it has run (a finished generator stops again),
-            # so restore_atomically may rerun an interrupted one
-            restore_atomically(*(partial(context.__exit__, None, None, None) for context in reversed(entered)))
+            restore_atomically(*(handle.remove for handle in reversed(handles)))
+
+    @contextmanager
+    def _entered(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
+        """Other members: each entered in turn (Ctrl-C held meanwhile) and exited in reverse
+        order through an ``ExitStack``, which runs every exit even if one raises; each member
+        undoes its own change atomically."""
+        with ExitStack() as stack:
+            current = lm
+            with sigint_deferred():
+                for member in self.members.values():
+                    current = stack.enter_context(member.activate(current))
+            yield current
 
     def __repr__(self) -> str:
         return f"Combined({self.members!r})"
