@@ -128,3 +128,21 @@ def test_model_swap_as_weight_delta_reproduces_the_other_model():
         assert torch.equal(f.logits(IDS), other.logits(IDS))
     assert_restored(lm.model, state)
     assert "layer 0" in edit.parts() and "layer 1" in edit.parts()
+
+
+def test_spec_steering_at_several_layers_is_one_part_per_layer(monkeypatch):
+    from pyro_lmscm.interventions import spec
+
+    calls = []
+
+    def fake(lm, direction, layer=None, alpha=1.0):  # gender_steering needs SmolLM2's tokenizer
+        calls.append((direction, layer, alpha))
+        return ActivationSteering(torch.ones(32), layer=layer, alpha=alpha)
+
+    monkeypatch.setattr(spec, "gender_steering", fake)
+    parsed = spec.parse_intervention("steer=female:0.5:0,1", tiny_llama(seed=0))
+    steer = parsed.mechanisms["steer"]
+    assert isinstance(steer, Combined) and steer.parts() == ["layer 0", "layer 1"]
+    assert calls == [("female", 0, 0.5), ("female", 1, 0.5)] and parsed.intervention == {"mechanism": "steer"}
+    single = spec.parse_intervention("steer=female:0.5:1", tiny_llama(seed=0)).mechanisms["steer"]
+    assert isinstance(single, ActivationSteering) and single.layer == 1
