@@ -220,7 +220,7 @@ def edited_folder(tmp_path_factory):
     return str(path)
 
 
-def test_attribute_command(tiny_folder, edited_folder):
+def test_attribute_command(tiny_folder, edited_folder, tmp_path):
     import math
 
     from pyro_lmscm import LanguageModelSCM
@@ -239,8 +239,9 @@ def test_attribute_command(tiny_folder, edited_folder):
     scm = LanguageModelSCM(lm, 4, mechanisms={"model": ModelSwap(other)})
     exact = exact_counterfactual(scm, lm.encode("the man"), lm.encode("said he went home"), {"mechanism": "model"})
     assert abs(out["prob_unchanged"] - exact.prob_unchanged()) < 1e-6
-    table = _run(*args)
+    table = _run(*args, "--plot", str(tmp_path / "parts.png"))
     assert table.exit_code == 0, table.output
+    assert (tmp_path / "parts.png").read_bytes()[:4] == b"\x89PNG"
     assert "layer 1" in table.stdout and "Shapley values add up to" in table.stdout
     refused = _run(*args, "--by", "step")
     assert refused.exit_code == 2 and "acts on every position" in " ".join(refused.output.split())

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -41,6 +42,7 @@ def attribute_command(
     top_p: Optional[float] = typer.Option(None),
     dtype: str = typer.Option("float32"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    plot: Optional[Path] = typer.Option(None, help="Also save a bar chart (PNG) of the values per part or step."),
 ) -> None:
     """Exact attribution of an intervention's effect on the observed string: P(unchanged) with each
     part alone and without it, and Shapley values of log P(unchanged) and E[first divergence]
@@ -64,6 +66,9 @@ def attribute_command(
                     num_permutations=permutations, seed=seed,
                 )
         seconds = time.perf_counter() - start
+        if plot is not None:
+            result.plot().savefig(plot, dpi=120)
+            err_console.print(f"saved {plot}")
         if as_json:
             json.dump({"intervention": intervention, **result.to_dict(), "seconds": seconds}, sys.stdout, indent=2)
             sys.stdout.write("\n")

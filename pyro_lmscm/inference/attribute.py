@@ -65,6 +65,7 @@ from .exact import ExactCounterfactual, expected_first_divergence, first_diverge
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
     from ..interventions.ops import Intervention
 
@@ -139,6 +140,24 @@ class Attribution:
         """Plain values (JSON-ready; infinities as ``None``)."""
         return _plain(self.__dict__)
 
+    def plot(self) -> Figure:
+        """Bars of the Shapley values per part (log P(unchanged) left, E[first divergence]
+        right), with two standard errors when estimated; matplotlib's object API, no pyplot state."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(4 + 0.5 * len(self.parts), 3.5), layout="constrained")
+        axes = figure.subplots(1, 2)
+        for ax, values, errors, label in (
+            (axes[0], self.shapley, self.shapley_se, "Shapley value of log P(unchanged)"),
+            (axes[1], self.shapley_first_divergence, self.shapley_first_divergence_se, "Shapley value of E[D]"),
+        ):
+            heights = [values[p] if math.isfinite(values[p]) else 0.0 for p in self.parts]
+            ax.bar(self.parts, heights, yerr=None if self.exact else [2 * errors[p] for p in self.parts])
+            ax.axhline(0.0, color="black", linewidth=0.5)
+            ax.set_title(label, fontsize=9)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        return figure
+
 
 @dataclass
 class StepAttribution:
@@ -188,6 +207,21 @@ class StepAttribution:
     def to_dict(self) -> dict[str, Any]:
         """Plain values (JSON-ready; infinities as ``None``)."""
         return _plain(self.__dict__)
+
+    def plot(self) -> Figure:
+        """P(unchanged) when acting from step s on (left) and each step's effect on log P(unchanged)
+        (right); matplotlib's object API, no pyplot state."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(9, 3.5), layout="constrained")
+        left, right = figure.subplots(1, 2)
+        left.plot(list(self.prob_unchanged_from), list(self.prob_unchanged_from.values()), marker="o")
+        left.set_xlabel("acting from step s")
+        left.set_title("P(unchanged)", fontsize=9)
+        right.bar(self.steps, [v if math.isfinite(v) else 0.0 for v in self.effect.values()])
+        right.set_xlabel("step s")
+        right.set_title("log P(from s) - log P(from s + 1)", fontsize=9)
+        return figure
 
 
 def _plain(value: Any) -> Any:

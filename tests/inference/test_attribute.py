@@ -237,6 +237,8 @@ def test_acting_from_a_step_equals_a_hand_written_hook_from_that_position(lm, ob
     assert result.prob_unchanged_from[ended + 1] == 1.0
     assert result.last_step_that_matters == ended and result.first_step_that_matters == 0
     assert result.num_passes == 1 + T
+    assert result.to_pandas().loc[2, "prob_unchanged_from"] == result.prob_unchanged_from[2]
+    assert len(result.plot().axes) == 2
 
 
 def test_factual_logits_before_the_step_are_not_acting_from_it(lm, observed):
@@ -287,3 +289,4 @@ def test_to_pandas_and_json(lm, observed):
     assert list(frame.index) == result.parts
     assert frame.loc["layer 1", "shapley_log_prob_unchanged"] == result.shapley["layer 1"]
     assert json.loads(json.dumps(result.to_dict()))["shapley"] == result.shapley
+    assert [t.get_text() for t in result.plot().axes[0].get_xticklabels()] == result.parts
