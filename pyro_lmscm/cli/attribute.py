@@ -47,7 +47,7 @@ def attribute_command(
     """Exact attribution of an intervention's effect on the observed string: P(unchanged) with each
     part alone and without it, and Shapley values of log P(unchanged) and E[first divergence]
     (or, with --by step, the effect of acting from each step on)."""
-    from ..inference import attribute
+    from ..inference import StepAttribution, attribute
     from ..interventions.spec import parse_intervention
     from ..lm import compute_scope
     from ..loading import load_lm
@@ -73,7 +73,7 @@ def attribute_command(
             json.dump({"intervention": intervention, **result.to_dict(), "seconds": seconds}, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return
-        if by == "step":
+        if isinstance(result, StepAttribution):
             table = Table(title=f"{escape(intervention)}: acting from step s on ({result.num_passes} passes)")
             for column in ("step", "token", "P(unchanged) from s", "E[first div.] from s", "effect on log P"):
                 table.add_column(escape(column), justify="left" if column == "token" else "right")

@@ -384,7 +384,7 @@ def attribute(
     mechanism = scm.mechanisms[index]
     if isinstance(mechanism, ModelSwap):
         mechanism = mechanism.as_weight_delta(scm.lm)
-    rest = Action({key: value for key, value in action.items() if key != site}, action.messengers)
+    rest = Action({key: value for key, value in action.items() if key != site}, getattr(action, "messengers", ()))
     n = observed.shape[-1]
     factual_pass = raw_logits is None
     if raw_logits is None:  # as the abduction computes them (HindsightGumbelGuide.decoded_logits)
@@ -440,7 +440,11 @@ def _by_step(worlds: _Worlds, mechanism: Mechanism, prompt_length: int, tol: flo
     mechanism.acting_from(prompt_length)  # refuse a weight edit before any pass
     values = {0: worlds.value(("from", 0), lambda: mechanism)}
     for s in range(1, n):
-        values[s] = worlds.value(("from", s), lambda s=s: mechanism.acting_from(prompt_length + s - 1))
+
+        def acting(s: int = s) -> Mechanism:
+            return mechanism.acting_from(prompt_length + s - 1)
+
+        values[s] = worlds.value(("from", s), acting)
     values[n] = worlds.value(("from", n), Factual)
     effect = {s: _difference(values[s][0], values[s + 1][0]) for s in range(n)}
     mattering = [s for s in range(n) if not abs(effect[s]) <= tol]  # nan matters

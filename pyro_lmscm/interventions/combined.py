@@ -111,6 +111,7 @@ class Combined(Mechanism):
         try:
             with sigint_deferred():
                 for member in self.members.values():
+                    assert isinstance(member, _ResidualStreamEdit)  # activate() chose this path for these alone
                     layer = _decoder_layers(lm.model)[_resolve_layer(lm.model, member.layer, type(member).__name__)]
                     handles.append(layer.register_forward_hook(member._hook, with_kwargs=True))
             yield lm
