@@ -290,3 +290,33 @@ def test_to_pandas_and_json(lm, observed):
     assert frame.loc["layer 1", "shapley_log_prob_unchanged"] == result.shapley["layer 1"]
     assert json.loads(json.dumps(result.to_dict()))["shapley"] == result.shapley
     assert [t.get_text() for t in result.plot().axes[0].get_xticklabels()] == result.parts
+
+
+def test_the_rest_of_the_intervention_is_in_every_world(lm, observed):
+    """A Messenger besides the mechanism acts in every subset's world, the empty one included:
+    the Shapley values add up to log P(whole) - log P(Messenger alone), not to log P(whole)."""
+    from pyro.poutine.messenger import Messenger
+
+    from pyro_lmscm.models.ops import STEP_DECODED
+
+    class Boost(Messenger):  # a bonus for token 5 at every step of the intervened world
+        def _postprocess_message(self, msg):
+            if msg["type"] == STEP_DECODED:
+                boosted = msg["value"].clone()
+                boosted[..., 5] += 1.0
+                msg["value"] = boosted
+
+    boost = Boost()
+    deltas = layer_deltas(lm)
+    scm = LanguageModelSCM(lm, max_new_tokens=T, mechanisms={"edit": WeightDelta(deltas)})
+    result = attribute(scm, PROMPT, observed, [{"mechanism": "edit"}, boost])
+    empty = exact_counterfactual(scm, PROMPT, observed, boost).prob_unchanged()
+    assert abs(result.prob_unchanged_empty - empty) < TOL and empty < 1 - 1e-3
+    assert result.num_passes == 1 + 8  # the empty subset now takes a pass too
+    for i, part in enumerate(result.parts):
+        hand = LanguageModelSCM(lm, max_new_tokens=T, mechanisms={"m": hand_weight_delta(deltas, [i])})
+        alone = exact_counterfactual(hand, PROMPT, observed, [{"mechanism": "m"}, boost]).prob_unchanged()
+        assert abs(result.prob_unchanged_alone[part] - alone) < TOL
+    total = math.log(result.prob_unchanged) - math.log(empty)
+    assert abs(sum(result.shapley.values()) - total) < TOL
+    assert abs(total - math.log(result.prob_unchanged)) > 1e-3  # baseline: adding up to log P(whole) fails
