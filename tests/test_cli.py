@@ -226,3 +226,47 @@ def test_compare_mechanisms_command(tmp_path):
     assert all(r["strings"] == 2 and 0 <= r["prob_unchanged"] <= 1 for r in rows)
     bad = _run("compare-mechanisms", "--tiny", "--corpus", str(tmp_path / "missing.txt"))
     assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())
+
+
+@pytest.fixture(scope="module")
+def edited_folder(tmp_path_factory):
+    """The tiny model with small changes to the MLPs of both layers: a model swap split per layer."""
+    import torch
+
+    path = tmp_path_factory.mktemp("edited")
+    lm = tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(2):
+            weight = lm.model.get_parameter(f"model.layers.{i}.mlp.down_proj.weight")
+            weight.add_(0.05 * torch.randn(32, 64, generator=g))
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_attribute_command(tiny_folder, edited_folder, tmp_path):
+    import math
+
+    from pyro_lmscm import LanguageModelSCM
+    from pyro_lmscm.inference import exact_counterfactual
+    from pyro_lmscm.interventions import ModelSwap
+    from pyro_lmscm.loading import load_lm
+
+    args = ["attribute", "--model", tiny_folder, "--prompt", "the man", "--text", "said he went home",
+            "--intervention", f"model={edited_folder}"]
+    result = _run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["parts"] == ["layer 0", "layer 1"] and out["exact"] and out["num_passes"] == 4
+    assert abs(sum(out["shapley"].values()) - math.log(out["prob_unchanged"])) < 1e-9
+    lm, other = load_lm(tiny_folder), load_lm(edited_folder)  # the whole: P(unchanged) of the swap itself
+    scm = LanguageModelSCM(lm, 4, mechanisms={"model": ModelSwap(other)})
+    exact = exact_counterfactual(scm, lm.encode("the man"), lm.encode("said he went home"), {"mechanism": "model"})
+    assert abs(out["prob_unchanged"] - exact.prob_unchanged()) < 1e-6
+    table = _run(*args, "--plot", str(tmp_path / "parts.png"))
+    assert table.exit_code == 0, table.output
+    assert (tmp_path / "parts.png").read_bytes()[:4] == b"\x89PNG"
+    assert "layer 1" in table.stdout and "Shapley values add up to" in table.stdout
+    refused = _run(*args, "--by", "step")
+    assert refused.exit_code == 2 and "acts on every position" in " ".join(refused.output.split())

@@ -18,6 +18,7 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
+from .attribute import Attribution, StepAttribution, attribute
 from .bounds import CounterfactualBounds, keep_bounds
 from .compare import (
     AbductionComparison,
@@ -38,6 +39,9 @@ from .token_score_messenger import TokenScoreMessenger
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
+    "Attribution",
+    "StepAttribution",
+    "attribute",
     "DRAWS",
     "CounterfactualBounds",
     "keep_bounds",
