@@ -517,9 +517,19 @@ class HFLanguageModel:
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.
 
-        :raises TokenizationError: without a tokenizer, or if the ids do not round-trip.
+        :raises TokenizationError: without a tokenizer, for a non-string or a lone surrogate,
+            or if the ids do not round-trip.
         """
         tokenizer = self._require_tokenizer()
+        if not isinstance(text, str):
+            raise TokenizationError(f"`text` must be a str, got {type(text).__name__} {text!r:.80}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate, e.g. from a JSON "\\ud800" escape
+            raise TokenizationError(
+                f"text {text!r:.80} holds a lone surrogate {text[error.start]!r} at character {error.start}, "
+                "which is no Unicode character and has no token; remove it."
+            ) from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         decoded = tokenizer.decode(ids)
         if decoded != text:

@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from ..errors import StudyError
+from ..errors import DecodingError, StudyError
+from ..models.decoding import Decoding
 from ..validation import as_int, as_seed
 from .attribute import check_code_allowed
 
@@ -197,9 +198,17 @@ class StudyConfig:
             self.ray = True
         if self.device is not None and not isinstance(self.device, str):
             raise StudyError(f"StudyConfig: `device` must be a device name such as 'cuda', got {self.device!r}.")
-        for flag in ("allow_code", "force_recompute", "exact_only", "draw_scores"):
+        for text in ("model", "dtype", "ray_address"):
+            if not isinstance(getattr(self, text), str) and not (text == "ray_address" and self.ray_address is None):
+                raise StudyError(f"StudyConfig: `{text}` must be a string, got {getattr(self, text)!r:.80}.")
+        for flag in ("allow_code", "force_recompute", "exact_only", "draw_scores", "ray", "report", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise StudyError(f"StudyConfig: `{flag}` must be true or false, got {getattr(self, flag)!r}.")
+        top_k = None if self.top_k == 0 and not isinstance(self.top_k, bool) else self.top_k  # the CLI's "none"
+        try:  # the decoding settings, checked here rather than after the output folder is written
+            Decoding(self.temperature, top_k, self.top_p)
+        except DecodingError as error:
+            raise StudyError(f"StudyConfig: {error}") from None
         check_code_allowed(self.attribute, self.allow_code)
 
     # -- construction ------------------------------------------------------------------
@@ -229,9 +238,18 @@ class StudyConfig:
         :raises StudyError: if the file is missing or malformed.
         """
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise StudyError(f"study config file {str(path)!r} does not exist.")
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():
+            raise StudyError(f"study config file {str(path)!r} is not a file (a directory?).")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise StudyError(
+                f"study config {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+            ) from None
+        except OSError as error:
+            raise StudyError(f"study config {str(path)!r} cannot be read: {error.strerror or error}.") from None
         try:
             if path.suffix == ".json":
                 data = json.loads(text)
@@ -247,6 +265,11 @@ class StudyConfig:
             raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
         except Exception as error:  # yaml.YAMLError
             raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
+        if data is not None and not isinstance(data, Mapping):
+            raise StudyError(
+                f"study config {str(path)!r} must hold a mapping of settings (corpus: ..., model: ...), "
+                f"got {type(data).__name__} {data!r:.80}."
+            )
         data = dict(data or {})
         data.update({key: value for key, value in overrides.items() if value is not None})
         return cls.from_mapping(data, base_dir=path.resolve().parent)
