@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LMSCMError, StudyError
-from .app import app
+from .app import app, one_line
 
 __all__ = ["study_command"]
 
@@ -187,7 +187,7 @@ def study_command(
             study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None})
         result = run_study(study)
     except (LMSCMError, ValueError) as error:
-        _err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        _err.print(f"[bold red]error:[/] {one_line(error)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     _console.print(
         f"{result.computed} strings computed, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
