@@ -8,9 +8,12 @@ observation.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,6 +392,153 @@ def test_bad_input_raises_a_typed_error_naming_it(bad, call, error, fragment):
         call(bad)
     assert isinstance(info.value, LMSCMError)
     assert fragment in str(info.value), str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    LM.model.save_pretrained(folder)
+    LM.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("the man said he\n")
+    return path
+
+
+#: The command line: arguments (``{bad}``, ``{model}`` and ``{corpus}`` filled in) and the
+#: fragment its one-line error must hold.
+COUNTERFACTUAL = ["counterfactual", "--model", "{model}", "--prompt", "the man", "--max-new-tokens", "3"]
+STUDY = ["study", "--model", "{model}", "--no-progress", "--no-report", "--samples", "2", "--max-new-tokens", "3"]
+CLI_TABLE = [
+    ("--text ''", [*COUNTERFACTUAL, "--text", ""], "`--text` is empty"),
+    ("malformed JSON spec", [*COUNTERFACTUAL, "--text", "said he", "--intervention", "{bad}/bad.json"],
+     "bad.json' is not valid JSON"),
+    ("malformed YAML spec", [*COUNTERFACTUAL, "--text", "said he", "--intervention", "{bad}/bad.yaml"],
+     "bad.yaml' is not valid YAML"),
+    ("non-UTF-8 spec", [*COUNTERFACTUAL, "--text", "said he", "--intervention", "{bad}/latin1.json"],
+     "latin1.json' is not UTF-8"),
+    ("lone surrogate", ["counterfactual", "--model", "{model}", "--prompt", "the \udc80", "--text", "said he"],
+     "lone surrogate"),
+    ("rich markup in a message", [*COUNTERFACTUAL, "--text", "said he", "--intervention", "w_0=[/]"], "w_0='[/]'"),
+    ("missing model folder", ["counterfactual", "--model", "{bad}/nope", "--prompt", "the man", "--generate"],
+     "nope' does not exist"),
+    ("study: scalar config", ["study", "{bad}/scalar.yaml"], "scalar.yaml' must hold a mapping"),
+    ("study: config 'no' as a bool", ["study", "{bad}/report_no.yaml"], "`report` must be true or false"),
+    ("study: corpus folder", [*STUDY, "--corpus", "{bad}/folder.txt", "-o", "{bad}/out1"], "folder.txt' is not a file"),
+    ("study: non-UTF-8 corpus", [*STUDY, "--corpus", "{bad}/latin1.txt", "-o", "{bad}/out2"], "line 2: not UTF-8"),
+    ("study: --attribute JSON", [*STUDY, "--corpus", "{corpus}", "-o", "{bad}/out3", "--attribute", "{bad"],
+     "--attribute '{bad' is not a valid JSON mapping"),
+    ("study: report of a list study.json", ["study", "--report-only", "-o", "{bad}/meta_list"],
+     "study.json is not a study file"),
+    ("study: report of a bad record", ["study", "--report-only", "-o", "{bad}/record_no_index"],
+     "`index` must be a non-negative integer"),
+    ("compare-mechanisms: corpus folder", ["compare-mechanisms", "--tiny", "--corpus", "{bad}/folder.txt"],
+     "folder.txt' is not a file"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", [pytest.param(*row[1:], id=row[0]) for row in CLI_TABLE])
+def test_cli_bad_input_is_one_line(bad, tiny_folder, corpus, args, fragment):
+    from typer.testing import CliRunner
+
+    from pyro_lmscm.cli import app
+
+    filled = [arg.replace("{bad}", str(bad)).replace("{model}", str(tiny_folder)).replace("{corpus}", str(corpus))
+              for arg in args]
+    result = CliRunner().invoke(app, filled)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), result.output
+    assert fragment in lines[-1], result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, LMSCMError)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux's /proc/self/mem")
+@pytest.mark.parametrize(
+    "name, call, error",
+    [
+        ("corpus.txt", lambda path: __import__("pyro_lmscm.study.corpus", fromlist=["x"]).read_corpus(path),
+         StudyError),
+        ("config.yaml", lambda path: __import__("pyro_lmscm.study", fromlist=["x"]).StudyConfig.from_file(path),
+         StudyError),
+        ("spec.json", lambda path: parse_intervention(str(path), LM), InterventionError),
+    ],
+)
+def test_unreadable_files_are_named(tmp_path, name, call, error):
+    """A file whose reading fails (here a link to /proc/self/mem, whose read is an I/O error even
+    for root, for whom chmod 000 denies nothing)."""
+    path = tmp_path / name
+    path.symlink_to("/proc/self/mem")
+    with pytest.raises(OSError):  # the baseline: reading it fails
+        path.read_bytes()
+    with pytest.raises(error, match=f"{name}' cannot be read"):
+        call(path)
+
+
+def test_an_invalid_study_writes_nothing_and_the_corrected_rerun_works(tiny_folder, corpus, tmp_path):
+    from pyro_lmscm.study import StudyConfig, run_study
+
+    out = tmp_path / "out"
+    config = dict(corpus=str(corpus), output=str(out), model=str(tiny_folder), num_samples=2, max_new_tokens=3,
+                  attribute=None, report=False, progress=False)
+    for bad_fields, error, fragment in [
+        (dict(intervention="nope=1"), InterventionError, "unknown intervention key 'nope'"),
+        (dict(intervention="w_0=3", dtype="int7"), ModelLoadError, "int7"),
+        (dict(intervention="w_0=3", top_k=0), DecodingError, "top_k"),
+        (dict(intervention="w_0=3", attribute="colour"), StudyError, "colour"),
+    ]:
+        with pytest.raises(error, match=fragment):
+            run_study(StudyConfig(**{**config, **bad_fields}))
+        assert not out.exists(), bad_fields
+    # a folder that an older version left with only a study.json of the invalid config
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"result_settings": {"intervention": "nope=1"}, "inputs": {},
+                                                "config": {"corpus": str(corpus)}}))
+    result = run_study(StudyConfig(**config, intervention="w_0=3"))
+    assert result.computed == 1 and all(d["ids"][0] == 3 for d in result.records[0]["counterfactual"])
+    # the baseline: once records are stored, a changed config is still refused
+    with pytest.raises(StudyError, match="holds the results of another study"):
+        run_study(StudyConfig(**config, intervention="w_0=4"))
+
+
+def test_group_names_are_escaped_in_the_summary(tiny_folder, tmp_path):
+    from pyro_lmscm.study import StudyConfig, run_study
+
+    script = "<script>alert(1)</script> | [x](javascript:alert(2))"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": p, "group": g}) + "\n"
+                              for p, g in [("the man said he", script), ("the woman said she", "women")]))
+    result = run_study(StudyConfig(corpus=str(corpus), output=str(tmp_path / "out"), model=str(tiny_folder),
+                                   intervention="w_0=3", num_samples=2, max_new_tokens=3, attribute=None,
+                                   progress=False, bootstrap=20))
+    summary = result.summary_markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; \\| \\[x\\](javascript:alert(2))" in summary
+    assert "<script>" not in summary and not re.search(r"(?<!\\)\]\(javascript", summary)  # no live tag or link
+    assert "<script>alert(1)" not in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_corrupt_tokenizer_is_a_load_error(tiny_folder, tmp_path):
+    import shutil
+    import warnings
+
+    from pyro_lmscm.errors import LMSCMWarning
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_folder, folder)
+    (folder / "tokenizer.json").write_text("{corrupt", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="from its tokenizer.json"):
+        load_lm(str(folder), progress=False)
+    # the baseline: a folder with no tokenizer at all loads, with a warning, for token-id use
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = load_lm(str(folder), progress=False)
+    assert lm.tokenizer is None and any(issubclass(w.category, LMSCMWarning) for w in caught)
 
 
 # -- fuzz ---------------------------------------------------------------------------------------
