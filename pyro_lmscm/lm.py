@@ -542,7 +542,7 @@ class HFLanguageModel:
     def decode(self, ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of the ids up to (not including) the first end-of-sequence token."""
         tokenizer = self._require_tokenizer()
-        ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+        ids = self._id_list(ids)
         for i, token in enumerate(ids):
             if token in self.eos_token_ids:
                 ids = ids[:i]
@@ -566,7 +566,7 @@ class HFLanguageModel:
         ['the', ' man', ' said']
         """
         tokenizer = self._require_tokenizer()
-        ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+        ids = self._id_list(ids)
         pieces: list[str] = []
         done = ""  # text of the ids up to the last whole character
         start = 0  # index of the first id not yet in `done`
@@ -578,6 +578,15 @@ class HFLanguageModel:
             pieces.append(text[len(done) :] if text.startswith(done) else str(tokenizer.decode(ids[start:end])))
             done, start = text, end
         return pieces
+
+    def _id_list(self, ids: torch.Tensor | Sequence[int]) -> list[int]:
+        """``ids`` (any shape; empty is fine) as a flat list of checked token ids.
+
+        :raises ObservationError: as :meth:`check_ids`, naming ``ids``.
+        """
+        if (isinstance(ids, (list, tuple)) and not ids) or (isinstance(ids, torch.Tensor) and not ids.numel()):
+            return []
+        return [int(i) for i in self.check_ids(ids, "ids").flatten().tolist()]
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

@@ -38,6 +38,7 @@ from pyro_lmscm.inference.scoring import string_log_prob
 from pyro_lmscm.interventions.spec import parse_intervention
 from pyro_lmscm.loading import load_lm
 from pyro_lmscm.models import Decoding
+from pyro_lmscm.study import StudyConfig
 from pyro_lmscm.testing import tiny_llama
 
 LM = tiny_llama(seed=0)
@@ -198,6 +199,8 @@ BAD_FILES = {
     "no_prompt.csv": b"text\nthe man\n",
     "huge_field.csv": b'prompt\n"' + b"a" * 200_000 + b'"\n',
     "corpus.doc": b"the man\n",
+    "deep.jsonl": b"[" * 100_000 + b"\n",
+    "deep.json": b"[" * 100_000,
     "folder.txt/": b"",
     "folder.json/": b"",
     "folder.yaml/": b"",
@@ -213,6 +216,9 @@ BAD_STUDIES = {
     "record_negative_index": (None, b'{"index": -1}\n'),
     "record_bad_json": (None, b'{"index": 0}\n{"index": \n{"index": 2}\n'),
     "record_latin1": (None, b'{"index": 0, "prompt": "caf\xe9"}\n{"index": 1}\n'),
+    "record_deep": (None, b'{"index": 0}\n' + b"[" * 100_000 + b"\n"),
+    "record_incomplete": (None, b'{"index": 0, "prompt": "the man", "factual": {}, "counterfactual": "x"}\n'),
+    "record_error_number": (None, b'{"index": 0, "prompt": "the man", "error": 5}\n'),
     "meta_list": (b"[1, 2]", b""),
     "meta_bad_json": (b"{bad", b""),
     "meta_no_config": (b'{"fingerprint": "x"}', b""),
@@ -245,8 +251,6 @@ def _spec(name):
 
 
 def _config(name):
-    from pyro_lmscm.study import StudyConfig
-
     return lambda d: StudyConfig.from_file(d / name)
 
 
@@ -263,8 +267,6 @@ def _study(name):
 
 
 def _settings(**fields):
-    from pyro_lmscm.study import StudyConfig
-
     return lambda d: StudyConfig(**{"corpus": "demo", **fields})
 
 
@@ -292,6 +294,7 @@ TABLE = [
     ("spec: a list in a file", _spec("list.json"), InterventionError, "list.json' must hold a mapping"),
     ("spec: a folder named .json", _spec("folder.json"), InterventionError, "folder.json' is not a file"),
     ("spec: a missing file", _spec("missing.yaml"), InterventionError, "missing.yaml' does not exist"),
+    ("spec: JSON nested too deep", _spec("deep.json"), InterventionError, "deep.json' is not valid JSON"),
     ("spec: not a str", lambda d: parse_intervention(5, LM), InterventionError, "got int 5"),
     ("spec: no key=value", lambda d: parse_intervention("steer", LM), InterventionError, "'steer' is not key=value"),
     ("spec: unknown key", lambda d: parse_intervention("colour=red", LM), InterventionError, "key 'colour'"),
@@ -301,6 +304,21 @@ TABLE = [
     ("spec: rome parts", lambda d: parse_intervention("rome=a|b", LM), InterventionError, "rome='a|b'"),
     ("spec: lone surrogate prompt", lambda d: parse_intervention({"prompt": "a \udc80"}, LM), InterventionError,
      "lone surrogate"),
+    # the model, the SCM and the call
+    ("scm: no language model", lambda d: LanguageModelSCM(None, 5), MechanismError, "`lm` must be an HFLanguageModel"),
+    ("scm: a bare HF model", lambda d: LanguageModelSCM(LM.model, 5), MechanismError, "HFLanguageModel(model"),
+    ("scm: a dict as decoding", lambda d: LanguageModelSCM(LM, 5, decoding={"top_k": 5}), DecodingError,
+     "`decoding` must be a Decoding"),
+    ("scm: a list of mechanisms", lambda d: LanguageModelSCM(LM, 5, mechanisms=[STEER]), MechanismError,
+     "`mechanisms` must be a mapping"),
+    ("call: no SCM", lambda d: counterfactual(None, PROMPT, OBSERVED, {}), InferenceError, "`scm` must be"),
+    ("call: baseline 'no'", lambda d: counterfactual(_scm(), PROMPT, OBSERVED, {}, num_samples=2, baseline="no"),
+     InferenceError, "`baseline` must be True or False"),
+    ("call: scores 1", lambda d: counterfactual(_scm(), PROMPT, OBSERVED, {}, num_samples=2, scores=1),
+     InferenceError, "`scores` must be True or False"),
+    ("decode: text", lambda d: LM.decode("abc"), ObservationError, "`ids` is a str"),
+    ("decode: fractions", lambda d: LM.decode([1.5]), ObservationError, "`ids` must hold integer token ids"),
+    ("decode: out of the vocabulary", lambda d: LM.token_texts([3, 999]), ObservationError, "[999]"),
     # text
     ("encode: lone surrogate", lambda d: LM.encode("the \ud800 man"), TokenizationError, "lone surrogate '\\ud800'"),
     ("encode: not a str", lambda d: LM.encode(["the"]), TokenizationError, "`text` must be a str"),
@@ -330,6 +348,9 @@ TABLE = [
     ("settings: format xml", _settings(format="xml"), StudyError, "`format`"),
     ("settings: empty name", _settings(name=""), StudyError, "`name`"),
     ("settings: confidence 1", _settings(confidence=1.0), StudyError, "`confidence`"),
+    ("settings: output list", _settings(output=["a"]), StudyError, "`output` must be a folder path"),
+    ("settings: mixed-type keys", lambda d: StudyConfig.from_mapping({"corpus": "demo", 1: 2, "x": 3}), StudyError,
+     "unknown study config keys [1, 'x']"),
     ("settings: corpus list", _settings(corpus=["a"]), StudyError, "`corpus` must be a path"),
     # corpora
     ("corpus: a folder", _corpus("folder.txt"), StudyError, "folder.txt' is not a file"),
@@ -343,6 +364,7 @@ TABLE = [
     ("corpus: no prompts", _corpus("comments.txt"), StudyError, "comments.txt' holds no prompts"),
     ("corpus: no prompt column", _corpus("no_prompt.csv"), StudyError, "`prompt` column"),
     ("corpus: a CSV field over the limit", _corpus("huge_field.csv"), StudyError, "huge_field.csv' is not valid CSV"),
+    ("corpus: JSON nested too deep", _corpus("deep.jsonl"), StudyError, "deep.jsonl, line 1: not valid JSON"),
     ("corpus: unknown suffix", _corpus("corpus.doc"), StudyError, "corpus.doc': expected a .txt"),
     # records and study folders
     ("records: a line 42", _study("record_int"), StudyError, "line 1 of 1 is not a record"),
@@ -353,6 +375,9 @@ TABLE = [
     ("records: a negative index", _study("record_negative_index"), StudyError, "got -1"),
     ("records: a line of bad JSON", _study("record_bad_json"), StudyError, "line 2 of 3 is not valid JSON"),
     ("records: a non-UTF-8 line", _study("record_latin1"), StudyError, "line 1 is not UTF-8"),
+    ("records: JSON nested too deep", _study("record_deep"), StudyError, "line 2 of 2 is not valid JSON"),
+    ("records: draws not a list", _study("record_incomplete"), StudyError, "no valid `counterfactual`"),
+    ("records: a number as error", _study("record_error_number"), StudyError, "no valid `error`"),
     ("study.json: a list", _study("meta_list"), StudyError, "study.json is not a study file"),
     ("study.json: bad JSON", _study("meta_bad_json"), StudyError, "study.json is not a readable study file"),
     ("study.json: no config", _study("meta_no_config"), StudyError, "study.json is not a study file"),

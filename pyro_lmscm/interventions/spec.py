@@ -101,7 +101,7 @@ def _load_file(path: Path) -> Any:
         raise InterventionError(f"intervention file {str(path)!r} cannot be read: {error.strerror or error}.") from None
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as error:
+    except (ValueError, RecursionError, yaml.YAMLError) as error:
         kind = path.suffix[1:].upper()
         raise InterventionError(f"intervention file {str(path)!r} is not valid {kind}: {error}") from None
 

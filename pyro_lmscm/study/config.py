@@ -172,6 +172,8 @@ class StudyConfig:
             raise StudyError(f"StudyConfig: `corpus` must be a path or 'demo', got {self.corpus!r}.")
         self.corpus = str(self.corpus)
         if self.output is not None:
+            if not isinstance(self.output, (str, Path)) or not str(self.output):
+                raise StudyError(f"StudyConfig: `output` must be a folder path, got {self.output!r:.80}.")
             self.output = str(self.output)
         if self.batch_size == 0 and not isinstance(self.batch_size, bool):  # the default for the kind of study
             self.batch_size = DEFAULT_EXACT_BATCH_SIZE if self.exact_only is True else DEFAULT_BATCH_SIZE
@@ -223,7 +225,7 @@ class StudyConfig:
         if not isinstance(data, Mapping):
             raise StudyError(f"a study config must be a mapping, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise StudyError(f"unknown study config keys {unknown}; known keys: {sorted(known)}.")
         if "corpus" not in data:

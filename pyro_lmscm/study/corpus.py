@@ -101,8 +101,8 @@ def _read_jsonl(text: str, name: str) -> list[CorpusItem]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from error
+        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+            raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from None
         if not isinstance(row, Mapping):
             raise StudyError(f"{name}, line {number}: expected an object with a `prompt`, got {row!r}.")
         items.append(_item(len(items), row, f"{name}, line {number}"))
@@ -147,7 +147,7 @@ def read_corpus(path: str | Path) -> list[CorpusItem]:
     except OSError as error:
         raise StudyError(f"corpus file {str(path)!r} cannot be read: {error.strerror or error}.") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark (spreadsheet CSVs) is no part of the header
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise StudyError(

@@ -31,6 +31,7 @@ __all__ = [
     "JSONLStore",
     "ParquetStore",
     "RecordStore",
+    "check_complete",
     "open_store",
 ]
 
@@ -106,6 +107,32 @@ def _check_record(record: Any, where: str) -> None:
         )
 
 
+def check_complete(record: dict[str, Any], where: str) -> None:
+    """A record that a report can read: a ``prompt`` and either an ``error`` or the
+    ``factual`` string and lists of ``counterfactual`` and ``interventional`` draws.
+
+    :raises StudyError: naming ``where`` and the field.
+    """
+    def bad(field: str, expected: str) -> StudyError:
+        return StudyError(
+            f"{where}: record {record['index']} has no valid `{field}` ({expected}, got {record.get(field)!r:.60}); "
+            "the file was edited or corrupted, or it is not a study's."
+        )
+
+    if not isinstance(record.get("prompt"), str):
+        raise bad("prompt", "a string")
+    if record.get("error") is not None:
+        if not isinstance(record["error"], str):
+            raise bad("error", "a string")
+        return
+    if not isinstance(record.get("factual"), dict):
+        raise bad("factual", "an object")
+    for field in ("counterfactual", "interventional"):
+        draws = record.get(field)
+        if not isinstance(draws, list) or not all(isinstance(draw, dict) for draw in draws):
+            raise bad(field, "a list of draw objects")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -177,7 +204,7 @@ class JSONLStore(RecordStore):
         if tail.strip():  # a last line without its newline: check whether it is whole
             try:
                 json.loads(tail.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 return out  # cut short by a crash: ignore it
             out.append(tail.decode("utf-8"))
         return out
@@ -188,7 +215,7 @@ class JSONLStore(RecordStore):
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, RecursionError) as error:
                 raise StudyError(
                     f"{self.path}: line {number} of {len(lines)} is not valid JSON ({error}); the "
                     "file was edited or corrupted. Delete that line to resume."
@@ -208,7 +235,7 @@ class JSONLStore(RecordStore):
         tail = data[keep:]
         try:
             json.loads(tail.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)
                 handle.flush()

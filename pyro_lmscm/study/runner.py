@@ -23,7 +23,7 @@ from ..lm import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import record_fingerprint, study_inputs
-from .records import open_store
+from .records import check_complete, open_store
 from .worker import StudyWorker, torch_threads
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     """
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
         raise StudyError(f"{path} is not a readable study file ({type(error).__name__}: {error}).") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise StudyError(
@@ -312,6 +312,9 @@ def load_study(output_dir: str | Path) -> tuple[StudyConfig, list[dict[str, Any]
         raise StudyError(f"{path}: the stored config is not valid: {error}") from None
     store = open_store(output_dir, config.format)
     try:
-        return config, store.load()
+        records = store.load()
     finally:
         store.close()
+    for record in records:
+        check_complete(record, str(store.path))
+    return config, records
