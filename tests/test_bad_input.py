@@ -437,7 +437,8 @@ def corpus(tmp_path_factory):
 #: The command line: arguments (``{bad}``, ``{model}`` and ``{corpus}`` filled in) and the
 #: fragment its one-line error must hold.
 COUNTERFACTUAL = ["counterfactual", "--model", "{model}", "--prompt", "the man", "--max-new-tokens", "3"]
-STUDY = ["study", "--model", "{model}", "--no-progress", "--no-report", "--samples", "2", "--max-new-tokens", "3"]
+STUDY = ["study", "--model", "{model}", "--no-progress", "--no-report", "--samples", "2", "--max-new-tokens", "3",
+         "--intervention", "w_0=3", "--attribute", "none"]
 CLI_TABLE = [
     ("--text ''", [*COUNTERFACTUAL, "--text", ""], "`--text` is empty"),
     ("malformed JSON spec", [*COUNTERFACTUAL, "--text", "said he", "--intervention", "{bad}/bad.json"],
@@ -455,8 +456,11 @@ CLI_TABLE = [
     ("study: config 'no' as a bool", ["study", "{bad}/report_no.yaml"], "`report` must be true or false"),
     ("study: corpus folder", [*STUDY, "--corpus", "{bad}/folder.txt", "-o", "{bad}/out1"], "folder.txt' is not a file"),
     ("study: non-UTF-8 corpus", [*STUDY, "--corpus", "{bad}/latin1.txt", "-o", "{bad}/out2"], "line 2: not UTF-8"),
-    ("study: --attribute JSON", [*STUDY, "--corpus", "{corpus}", "-o", "{bad}/out3", "--attribute", "{bad"],
+    ("study: --attribute JSON", [*STUDY[:-2], "--corpus", "{corpus}", "-o", "{bad}/out3", "--attribute", "{bad"],
      "--attribute '{bad' is not a valid JSON mapping"),
+    ("study: output is a file", [*STUDY, "--corpus", "{corpus}", "-o", "{corpus}"], "corpus.txt' is a file"),
+    ("study: output under a file", [*STUDY, "--corpus", "{corpus}", "-o", "{corpus}/out"],
+     "cannot create the output folder"),
     ("study: report of a list study.json", ["study", "--report-only", "-o", "{bad}/meta_list"],
      "study.json is not a study file"),
     ("study: report of a bad record", ["study", "--report-only", "-o", "{bad}/record_no_index"],

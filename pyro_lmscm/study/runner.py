@@ -231,13 +231,18 @@ def run_study(
     corpus = read_corpus(config.corpus_path)
     items = corpus[: config.limit] if config.limit is not None else corpus
     output_dir = config.output_dir
+    if output_dir.exists() and not output_dir.is_dir():
+        raise StudyError(f"the output folder {str(output_dir)!r} is a file; choose another output folder.")
     worker = None
     if items and not config.ray and not _has_records(output_dir):
         # a new study: the model, dtype, device, intervention and attribute check are checked
         # (the worker built) before anything is written, so a bad config leaves nothing behind
         with torch_threads(config.threads):
             worker = StudyWorker(config, lm=lm)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission, a read-only disk
+        raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
     inputs = study_inputs(config)
     all_stale = _check_meta(output_dir, config, inputs)
     fingerprints = {item.index: record_fingerprint(item, config, inputs) for item in items}
