@@ -580,13 +580,25 @@ class HFLanguageModel:
         return pieces
 
     def _id_list(self, ids: torch.Tensor | Sequence[int]) -> list[int]:
-        """``ids`` (any shape; empty is fine) as a flat list of checked token ids.
+        """``ids`` (any shape; empty is fine) as a flat list of non-negative integers. Not
+        checked against the model's vocabulary: a tokenizer may know more ids than the model.
 
-        :raises ObservationError: as :meth:`check_ids`, naming ``ids``.
+        :raises ObservationError: naming ``ids``, for text, fractions or negative ids.
         """
-        if (isinstance(ids, (list, tuple)) and not ids) or (isinstance(ids, torch.Tensor) and not ids.numel()):
+        if isinstance(ids, str):
+            raise ObservationError("`ids` is a str; pass token ids (encode text with HFLanguageModel.encode).")
+        try:
+            tensor = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise ObservationError(f"`ids` must hold integer token ids, got {ids!r:.80}: {error}") from None
+        if not tensor.numel():
             return []
-        return [int(i) for i in self.check_ids(ids, "ids").flatten().tolist()]
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ObservationError(f"`ids` must hold integer token ids, got dtype {tensor.dtype}.")
+        values = [int(i) for i in tensor.flatten().tolist()]
+        if min(values) < 0:
+            raise ObservationError(f"`ids` must be non-negative token ids, got {[v for v in values if v < 0][:5]}.")
+        return values
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

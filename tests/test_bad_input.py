@@ -318,7 +318,7 @@ TABLE = [
      InferenceError, "`scores` must be True or False"),
     ("decode: text", lambda d: LM.decode("abc"), ObservationError, "`ids` is a str"),
     ("decode: fractions", lambda d: LM.decode([1.5]), ObservationError, "`ids` must hold integer token ids"),
-    ("decode: out of the vocabulary", lambda d: LM.token_texts([3, 999]), ObservationError, "[999]"),
+    ("decode: a negative id", lambda d: LM.token_texts([3, -1]), ObservationError, "non-negative token ids, got [-1]"),
     # text
     ("encode: lone surrogate", lambda d: LM.encode("the \ud800 man"), TokenizationError, "lone surrogate '\\ud800'"),
     ("encode: not a str", lambda d: LM.encode(["the"]), TokenizationError, "`text` must be a str"),
