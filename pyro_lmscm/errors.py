@@ -16,6 +16,7 @@ __all__ = [
     "MechanismError",
     "ModelLoadError",
     "ObservationError",
+    "RemoteCodeError",
     "StudyError",
     "TokenizationError",
     "UnsupportedVersionError",
@@ -28,6 +29,12 @@ class LMSCMError(Exception):
 
 class ModelLoadError(LMSCMError, RuntimeError):
     """A model or tokenizer could not be fetched, verified or loaded."""
+
+
+class RemoteCodeError(ModelLoadError):
+    """A model folder needs code of its own to load (``trust_remote_code``), which pyro-lmscm
+    never runs. Raised as itself wherever the folder was named (a model swap, a study config,
+    the explorer), never wrapped in another error."""
 
 
 class DecodingError(LMSCMError, ValueError):

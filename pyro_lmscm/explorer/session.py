@@ -21,7 +21,6 @@ import torch
 
 from ..errors import DecodingError, InferenceError, InterventionError, LMSCMError, ObservationError
 from ..metrics import first_divergence, trim_after_end
-from ..models.sites import MECHANISM
 from ..validation import as_int, as_seed
 
 if TYPE_CHECKING:
@@ -178,24 +177,14 @@ class Explorer:
     def _spec(self, intervention: Mapping[str, Any]):
         """:func:`parse_intervention` of ``intervention``, with mechanisms built once per
         setting (computing a steering vector or a ROME edit takes seconds)."""
-        from ..interventions.spec import MECHANISM_KEYS, InterventionSpec, parse_intervention
+        from ..interventions.spec import parse_intervention
 
-        spec = InterventionSpec()
-        for key, value in intervention.items():
-            if key in MECHANISM_KEYS:
-                cache_key = (key, repr(value))
-                if cache_key not in self._mechanisms:
-                    self._mechanisms[cache_key] = parse_intervention({key: value}, self.lm).mechanisms[key]
-                spec.mechanisms[key] = self._mechanisms[cache_key]
-                spec.intervention[MECHANISM] = key
-            else:
-                spec.intervention.update(parse_intervention({key: value}, self.lm).intervention)
-        return spec
+        return parse_intervention(intervention, self.lm, cache=self._mechanisms)
 
     def sample(self, prompt: str, max_new_tokens: int = 24, seed: int = 0, top_k: int | None = 50) -> list[int]:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
-        from ..inference.counterfactual import trim
+        from ..inference.counterfactual import sample_factual
         from ..lm import compute_scope
         from ..models import Decoding
         from ..seeding import seeded
@@ -203,7 +192,7 @@ class Explorer:
         prompt_ids = self._prompt(prompt)
         scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max_new_tokens", minimum=1), Decoding(top_k=top_k))
         with seeded(seed), compute_scope(self.lm):
-            return trim(scm, scm.model(prompt_ids)).tolist()
+            return sample_factual(scm, prompt_ids)[0].tolist()
 
     def _prompt(self, prompt: str) -> torch.Tensor:
         if not isinstance(prompt, str) or not prompt.strip():

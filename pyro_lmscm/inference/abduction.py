@@ -134,9 +134,9 @@ def abduct(
         method.check(scm)
     with seeded(seed):
         start = time.perf_counter()
-        guide = HindsightGumbelGuide(scm, observed)
-        logits = guide.decoded_logits(prompt)
-        anchor = guide.anchor(prompt)
+        anchor = HindsightGumbelGuide(scm, observed).anchor(prompt)  # one teacher-forced pass
+        guide = HindsightGumbelGuide(scm, observed, raw_logits=anchor.logits)  # runs on these logits
+        logits = guide.decoded_logits(anchor)
         problem = _Problem(scm, prompt, observed, logits[: active_steps(scm, observed)], guide)
         draws = method.draw(problem, num_samples)
         wall_time = time.perf_counter() - start

@@ -21,7 +21,7 @@ from .abduction import (
     kish_ess,
     make_method,
 )
-from .counterfactual import trim
+from .counterfactual import sample_factual
 from .distribution import CounterfactualDistribution
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def compare_abduction(
     if observed is None:
         check_intervention(scm, intervention)  # before a string is sampled
         with seeded(seed):
-            observed = trim(scm, scm.model(prompt))
+            observed, _ = sample_factual(scm, prompt)
     observed = scm.check_observed(observed, single=True)
     data = as_do_data(scm, intervention, observed)
 

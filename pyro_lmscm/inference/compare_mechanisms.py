@@ -20,7 +20,7 @@ from ..metrics import normalized_token_edit_distance
 from ..models.noise import GumbelMax, InverseCDF
 from ..seeding import seeded
 from ..validation import as_int
-from .counterfactual import counterfactual, trim
+from .counterfactual import counterfactual, sample_factual
 from .exact import exact_counterfactual, expected_first_divergence
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def compare_mechanisms(
         prompt = scm.check_prompt(prompt, single=True)
         if given is None:
             with seeded(seed + i):
-                given = trim(scm, scm.model(prompt))
+                given, _ = sample_factual(scm, prompt)
         strings.append((prompt, scm.check_observed(given, single=True)))
     per_model: list[list[tuple[float, float, float, float]]] = []
     usable = [True] * len(strings)

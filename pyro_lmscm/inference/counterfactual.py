@@ -12,7 +12,7 @@ import pyro
 import torch
 
 from ..errors import InferenceError
-from ..interventions.ops import Intervention, as_do_data, check_intervention, intervene
+from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
 from ..seeding import seeded
 from ..validation import as_int, as_real
@@ -27,6 +27,7 @@ from .token_score_messenger import TokenScoreMessenger
 if TYPE_CHECKING:
     from arviz import InferenceData
 
+    from ..models.anchor import FactualAnchor
     from ..models.scm import LanguageModelSCM
 
 __all__ = ["AUTO_CHUNK_BYTES", "CounterfactualResult", "auto_chunk_size", "counterfactual", "counterfactuals"]
@@ -137,9 +138,21 @@ def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
     return ids[: active_steps(scm, ids)]
 
 
+def sample_factual(scm: LanguageModelSCM, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prelude of every query on a sampled string: a string ``(n,)`` sampled from the
+    factual model after ``prompt`` ``(L,)`` (trimmed after its end of sequence), and the raw
+    logits ``(n, V)`` that sampled it, for the abduction (a teacher-forced pass rounds
+    otherwise, and under top-k can rank the sampled token outside the k)."""
+    with scm.record_logits() as steps:
+        observed = trim(scm, scm.model(prompt))
+    raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
+    return scm.check_observed(observed, single=True), raw_logits
+
+
 def _predict(
     scm: LanguageModelSCM,
     guide: HindsightGumbelGuide,
+    anchor: FactualAnchor,
     intervened: Callable[[torch.Tensor], torch.Tensor],
     prompt: torch.Tensor,
     size: int,
@@ -164,7 +177,7 @@ def _predict(
 
     def noise(start: int, stop: int) -> ContextManager[Any]:
         posterior_rows = max(0, min(stop, size) - start) if baseline is not None else None
-        handler = PosteriorNoiseMessenger(guide, prompt, posterior_rows, baseline_generator=baseline)
+        handler = PosteriorNoiseMessenger(guide, anchor, posterior_rows, baseline_generator=baseline)
         if start < size:
             handlers.append(handler)
         if scorer is None:
@@ -173,7 +186,7 @@ def _predict(
         return _entered(handler, scorers[-1])
 
     rows = 2 * size if baseline is not None else size
-    ids = predict(scm, intervened, prompt, rows, noise, anchor=guide.anchor(prompt), deterministic=deterministic)
+    ids = predict(scm, intervened, prompt, rows, noise, anchor=anchor, deterministic=deterministic)
     parts = [h.noise_statistics() for h in handlers]
     stats = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts and parts[0] else {}
     scores = None
@@ -371,21 +384,20 @@ def counterfactual(
     with seeded(seed):
         raw_logits = None
         if observed is None:
-            with scm.record_logits() as steps:
-                observed = trim(scm, scm.model(prompt))
-            # abduct on the logits that sampled the string, not on a teacher-forced pass
-            raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
-            observed = scm.check_observed(observed, single=True)
+            observed, raw_logits = sample_factual(scm, prompt)
             data = as_do_data(scm, intervention, observed)
         guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
         intervened = intervene(scm, data)
+        anchor = guide.anchor(prompt)  # the factual logits of the abduction, computed once
         generator = _baseline_generator(seed, scm.lm.device) if baseline else None
         exact = None
         if scores:
-            exact = ExactCounterfactual(scm, prompt, observed, data, raw_logits=guide.anchor(prompt).logits)
+            exact = ExactCounterfactual(scm, prompt, observed, data, raw_logits=anchor.logits)
         scorer = _scorer(scm, data, None if exact is None else [exact])
         chunks = [
-            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, deterministic, scorer)
+            _predict(
+                scm, guide, anchor, intervened, prompt, min(size, num_samples - start), generator, deterministic, scorer
+            )
             for start in range(0, num_samples, size)
         ]
         counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
@@ -400,7 +412,7 @@ def counterfactual(
         counterfactual_ids=counterfactual_ids,  # (num_samples, T): each chunk is (size, T)
         interventional_ids=interventional_ids,
         intervention=data,
-        log_prob_factual=float(guide.log_prob_observed(prompt)),
+        log_prob_factual=float(guide.log_prob_observed(anchor)),
         noise_stats=noise_stats,
         factual_logits=raw_logits,
         exact=exact,
@@ -443,10 +455,8 @@ STRINGS = "__strings"
 
 
 def _same_data(datas: Sequence[dict[str, torch.Tensor]]) -> bool:
-    first = datas[0]
-    return all(
-        d.keys() == first.keys() and all(torch.equal(d[key], first[key]) for key in first) for d in datas[1:]
-    )
+    first = datas[0] if isinstance(datas[0], Action) else Action(datas[0])
+    return all(first.same(d) for d in datas[1:])
 
 
 def counterfactuals(
@@ -530,6 +540,7 @@ def counterfactuals(
             )
         guide = HindsightGumbelGuide(scm, rows[:, None], margin=margin, raw_logits=raw_logits)
         prompt = batch[:, None]  # (S, 1, L): the draws are the last batch dim
+        anchor = guide.anchor(prompt)  # the factual logits of the abduction, computed once
         # the strings are a plate (dim -2) outside the plate of draws: an intervened prompt
         # shared by the strings still gives every string its own rows
         intervened = pyro.plate(STRINGS, S, dim=-2)(intervene(scm, datas[0]))
@@ -537,21 +548,21 @@ def counterfactuals(
         size = max(1, auto_chunk_size(scm, batch.shape[-1], baseline) // S)
         exacts = None
         if scores:
-            raw = guide.anchor(prompt).logits  # (S, 1, n, V): the logits the abduction used
+            raw = anchor.logits  # (S, 1, n, V): the logits the abduction used
             exacts = [
                 ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, 0, : lengths[i]])
                 for i in range(S)
             ]
         scorer = _scorer(scm, datas[0], exacts)
         chunks = [
-            _predict(scm, guide, intervened, prompt, min(size, num_samples - start), generator, False, scorer)
+            _predict(scm, guide, anchor, intervened, prompt, min(size, num_samples - start), generator, False, scorer)
             for start in range(0, num_samples, size)
         ]
         empty = torch.zeros(S, 0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
         counterfactual_ids = torch.cat([empty, *[chunk[0] for chunk in chunks]], dim=-2)  # (S, num_samples, T)
         baselines = [c[1] for c in chunks if c[1] is not None]
         interventional_ids = torch.cat([empty, *baselines], dim=-2) if baseline else None
-        log_prob = guide.log_prob_observed(prompt).reshape(S)
+        log_prob = guide.log_prob_observed(anchor).reshape(S)
         scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
     return [
         CounterfactualResult(

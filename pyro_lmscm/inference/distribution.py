@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Mapping, Union
 import torch
 
 from ..errors import InferenceError, ObservationError
+from ..interventions.ops import Action
 from ..metrics import (
     NO_DIVERGENCE,
     char_edit_distance,
@@ -159,10 +160,8 @@ class CounterfactualDistribution:
         if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ObservationError(f"`ids` must have shape (N, T) with N, T >= 1, got {tuple(ids.shape)}.")
         n = self.num_samples = ids.shape[0]
-        ended = scm.finished_after(ids)
-        after_end = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
-        self.ids = ids.masked_fill(after_end, scm.lm.pad_token_id)
-        self.intervention = dict(intervention or {})
+        self.ids = ids.masked_fill(scm.ended_before(ids), scm.lm.pad_token_id)
+        self.intervention = intervention if isinstance(intervention, Action) else Action(intervention)
         self.kind = kind
         self.method = method
         if not is_integer(num_chains) or num_chains < 1 or n % num_chains:

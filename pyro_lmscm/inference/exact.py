@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from ..errors import AbductionError, InferenceError, ObservationError
-from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..interventions.ops import Action, as_do_data, excluded_tokens, forced_tokens, world, world_inputs
 from ..lm import left_pad
-from ..models.exclude_tokens_messenger import exclude_token
 from ..models.incremental import MechanismBatch
-from ..models.sites import MECHANISM, PROMPT
+from ..models.teacher_forcing import decoded_steps
 from ..seeding import seeded
 from ..validation import as_int
 from .hindsight_guide import HindsightGumbelGuide
@@ -94,16 +93,14 @@ class ExactCounterfactual:
         self.scm = scm
         self.prompt_ids = prompt
         self.observed_ids = observed
-        self.intervention = data
+        self.intervention = data if isinstance(data, Action) else Action(data)
         guide = HindsightGumbelGuide(scm, observed, raw_logits=raw_logits)
-        self._factual = guide.decoded_logits(prompt).double()  # (n, V)
+        self._anchor = guide.anchor(prompt)  # the abduction's raw factual logits on the observed path
+        self._factual = guide.decoded_logits(self._anchor).double()  # (n, V)
         self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
-        self._prompt = data.get(scm.site(PROMPT), prompt)
-        self._mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
+        self._prompt, self._mechanism = world_inputs(scm, data, prompt)
         self._forced = forced_tokens(scm, data)
         self._excluded = excluded_tokens(scm, data)
-        eos = scm.lm.eos_token_ids
-        self._eos = torch.tensor(eos, dtype=torch.long) if eos else torch.empty(0, dtype=torch.long)
 
     # -- the chain q(s_t | s_<t) ------------------------------------------------------------
 
@@ -118,30 +115,25 @@ class ExactCounterfactual:
 
     def _decoded(self, prefixes: torch.Tensor, raw: torch.Tensor, start: int = 0) -> torch.Tensor:
         """The raw intervened logits ``(B, m, V)`` at steps ``start .. start + m - 1`` of the
-        candidates ``prefixes`` (``(B, >= start + m - 1)``) made what the SCM evaluates:
-        decoded (float64), then anchored and with exclusions as in the SCM."""
-        logits = self.scm.decoding(raw).double()
-        # the factual anchor, as in the SCM: the factual mechanism on the observed prefix gives
-        # the abduction's own logits, whatever the rounding of another batch
-        steps = range(start, start + logits.shape[1])
-        for i, t in enumerate(steps):
-            if self._anchored(t):
-                observed = self.observed_ids.to(prefixes.device)
-                on_path = (prefixes[:, :t] == observed[:t]).all(-1).to(logits.device)
-                logits[on_path, i] = self._factual[t].to(logits.device)
-        for i, t in enumerate(steps):  # "anything but x_t", after the decoding, as in the SCM
-            if t in self._excluded:
-                logits[:, i] = exclude_token(logits[:, i], self._excluded[t], t)
-        return logits
+        candidates ``prefixes`` (``(B, >= start + m - 1)``) made what the SCM evaluates
+        (float64): the teacher-forced steps through the SCM's effectful operations
+        (:func:`~pyro_lmscm.models.teacher_forcing.decoded_steps`) inside the factual anchor
+        of the abduction and the handlers of the intervened world
+        (:func:`~pyro_lmscm.interventions.ops.world`), as a decoding run has them."""
+        with self.scm.anchored(self._anchor), world(self.scm, self.intervention):
+            decoded = decoded_steps(self.scm, raw, self._prompt, self._mechanism, prefixes.to(raw.device), start)
+        return decoded.double()
 
     def _anchored(self, t: int) -> bool:
-        """Whether :meth:`_decoded` puts the abduction's logits on the observed prefix at step
-        ``t``: the factual mechanism and prompt (a token intervention), an observed step."""
+        """Whether the factual anchor can act at step ``t``: the factual mechanism and prompt
+        (a token intervention), an observed step."""
         return self._mechanism == 0 and t < self.observed_ids.shape[-1] and torch.equal(self._prompt, self.prompt_ids)
 
     def _decodes_alone(self, t: int) -> bool:
-        """Whether :meth:`_decoded` at step ``t`` is the decoding alone (no anchor, no exclusion)."""
-        return not self._anchored(t) and t not in self._excluded
+        """Whether no handler of this query can act at step ``t`` (no anchor, no exclusion, no
+        Messenger of the intervention), so that the decoding alone gives the logits: a fast
+        path of beam search, never another meaning."""
+        return not self._anchored(t) and t not in self._excluded and not self.intervention.messengers
 
     def _abducted(self, t: int) -> bool:
         """Whether step ``t``'s noise is abducted (an observed step before the observed end)."""
@@ -167,10 +159,7 @@ class ExactCounterfactual:
 
     def _ended_before(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)``: the candidate emitted an end of sequence before step ``t``."""
-        if self._eos.numel() == 0:
-            return torch.zeros(candidates.shape, dtype=torch.bool)
-        hit = torch.isin(candidates.cpu(), self._eos).cummax(-1).values
-        return torch.cat([torch.zeros_like(hit[:, :1]), hit[:, :-1]], -1)
+        return self.scm.ended_before(candidates.cpu())
 
     def token_log_probs(self, candidates: torch.Tensor) -> torch.Tensor:
         """``(B, m)`` float64: :math:`\\log q(s_t \\mid s_{<t})` of each candidate's tokens;
@@ -692,7 +681,6 @@ def most_probable(
     S = len(exacts)
     beams = [torch.zeros(1, 0, dtype=torch.long) for _ in exacts]
     scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]
-    eos = exacts[0]._eos
     for t in range(max(steps)):
         raw = batch.logits().reshape(-1, scm.vocab_size)
         parents: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S
@@ -717,10 +705,7 @@ def most_probable(
             parents[i], tokens[i] = parent + first, token
         if t + 1 < max(steps):
             batch.select(torch.cat(parents))
-            done = torch.cat([
-                torch.isin(b, eos).any(-1) | (t + 1 >= n) if eos.numel() else torch.full((b.shape[0],), t + 1 >= n)
-                for b, n in zip(beams, steps)
-            ])
+            done = torch.cat([scm.is_end(b).any(-1) | (t + 1 >= n) for b, n in zip(beams, steps)])
             active = ~done
             if bool(active.any()):
                 batch.advance(torch.cat(tokens).to(device), active.to(device))

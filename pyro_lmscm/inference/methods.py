@@ -36,7 +36,7 @@ class _Problem:
     prompt: torch.Tensor
     observed: torch.Tensor  # (n,)
     logits: torch.Tensor  # (n_a, V)
-    guide: HindsightGumbelGuide  # margin 0, its teacher-forced pass cached
+    guide: HindsightGumbelGuide  # margin 0, on the raw factual logits of the teacher-forced pass
 
     @property
     def num_active(self) -> int:
@@ -92,7 +92,7 @@ class Exact(AbductionMethod):
     def draw(self, problem: _Problem, num_samples: int) -> _Draws:
         guide = problem.guide
         if self.margin != guide.margin:
-            guide = HindsightGumbelGuide(problem.scm, problem.observed, margin=self.margin)
+            guide = HindsightGumbelGuide(problem.scm, problem.observed, margin=self.margin, raw_logits=guide.raw_logits)
         sites = [noise_site(t) for t in range(problem.num_active)]
         names = {problem.scm.site(name): name for name in sites}  # the SCM's name prefix
         with pyro.plate(DRAWS, num_samples, dim=-1):

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import ObservationError
-from ..interventions.ops import as_do_data, excluded_tokens, forced_tokens
+from ..interventions.ops import as_do_data, forced_tokens, world, world_inputs
 from ..lm import left_pad
-from ..models.exclude_tokens_messenger import exclude_token
-from ..models.sites import MECHANISM, PROMPT
+from ..models.sites import PROMPT
+from ..models.teacher_forcing import decoded_steps
 from ..validation import as_int
 
 if TYPE_CHECKING:
@@ -70,8 +70,11 @@ def token_log_probs(
 
     Per batch of ``batch_size`` strings, one pass of the mechanism's distinct prompts
     (``with mechanism.activate(lm) as f: f.prefill(...)``) and one teacher-forced pass of the
-    strings on their prompts' cache (``f.extend(...)``), then the decoding transform, one
-    string at a time.
+    strings on their prompts' cache (``f.extend(...)``); then each string's steps go through
+    the SCM's effectful operations in the intervention's world
+    (:func:`~pyro_lmscm.models.teacher_forcing.decoded_steps` inside
+    :func:`~pyro_lmscm.interventions.ops.world`), so an exclusion or a Messenger of the
+    intervention acts as it does when the strings are decoded, one string at a time.
 
     :param scm: the SCM.
     :param prompt: prompt ids ``(L,)`` of every string, or ``(B, L)``: one prompt per string
@@ -105,14 +108,12 @@ def token_log_probs(
     scm.check_prompt(prompt, num_steps=n)
     flat = ids.reshape(-1, n)
     if lengths is None:
-        ended = scm.finished_after(flat)
-        counted = ~torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
+        counted = ~scm.ended_before(flat)
     else:
         counted = torch.arange(n, device=flat.device) < torch.as_tensor(lengths, device=flat.device).reshape(-1, 1)
-    mechanism = int(data.get(scm.site(MECHANISM), torch.tensor(0)))
-    excluded = {t: token for t, token in excluded_tokens(scm, data).items() if t < n}
+    _, mechanism = world_inputs(scm, data, prompt)
     chunks = []
-    with scm.mechanisms[mechanism].activate(scm.lm) as f:
+    with scm.mechanisms[mechanism].activate(scm.lm) as f, world(scm, data):
         for start in range(0, flat.shape[0], batch_size):
             rows = flat[start : start + batch_size]
             heads = prompt.expand(rows.shape[0], -1) if prompt.dim() == 1 else prompt[start : start + batch_size]
@@ -123,9 +124,7 @@ def token_log_probs(
                 rest, _ = f.extend(rows[:, :-1], cache, float32=False)
                 raw = torch.cat([first.to(rest.dtype)[:, None], rest], 1)  # (bfloat16 -> float32 -> back: exact)
             for i in range(rows.shape[0]):  # decoded one string at a time: (n, V) in float32, not (batch, n, V)
-                decoded = scm.decoding(raw[i])
-                for t, token in excluded.items():  # as the SCM does, after the decoding
-                    decoded[t] = exclude_token(decoded[t], token, t)
+                decoded = decoded_steps(scm, raw[i], heads[i], mechanism, rows[i])
                 chunks.append(gathered_log_probs(decoded, rows[i]))
     log_p = torch.stack(chunks)
     for t, token in forced_tokens(scm, data).items():

@@ -73,8 +73,6 @@ class TokenScoreMessenger(Messenger):
         self.exacts = None if exacts is None else list(exacts)
         self.posterior_rows = posterior_rows
         self.sites = {scm.site(token_site(t)): t for t in range(scm.max_new_tokens)}
-        eos = scm.lm.eos_token_ids
-        self._eos = torch.tensor(eos, dtype=torch.long) if eos else None
         self._decoded: torch.Tensor | None = None
         self._tokens: list[torch.Tensor] = []
         self._finished: torch.Tensor | None = None  # has the row emitted an end of sequence
@@ -115,8 +113,7 @@ class TokenScoreMessenger(Messenger):
         log_p = torch.zeros(shape, device=w.device) if t in self.forced else gathered_log_probs(logits, w)
         self.log_probs.append(torch.where(ended, 0.0, log_p).float())
         self._tokens.append(w)
-        if self._eos is not None:
-            self._finished = ended | torch.isin(w, self._eos.to(w.device))
+        self._finished = ended | self.scm.is_end(w)
         if self.exacts is not None:
             self.log_q.append(self._chain(t, logits, ended))
 

@@ -4,13 +4,14 @@ from .adapter import LoRAAdapter
 from .affine_steering import AffineSteering
 from .memit import EditRequest, MemitEdit, memit_edit
 from .model_swap import ModelSwap
-from .ops import Intervention, InterventionValue, TextOrIds, as_do_data
+from .ops import Action, Intervention, InterventionValue, TextOrIds, as_do_data, world
 from .rome import GENERIC_SENTENCES, RankOneEdit, rome_edit
 from .steering import ActivationSteering
 from .weight_edit import WeightDelta
 
 __all__ = [
     "GENERIC_SENTENCES",
+    "Action",
     "ActivationSteering",
     "AffineSteering",
     "EditRequest",
@@ -25,4 +26,5 @@ __all__ = [
     "as_do_data",
     "memit_edit",
     "rome_edit",
+    "world",
 ]

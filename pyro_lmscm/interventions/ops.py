@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
 
 from ..errors import InterventionError, MechanismError, ObservationError
 from ..models.exclude_tokens_messenger import ExcludeTokensMessenger
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FACTUAL_TOKEN",
+    "Action",
     "Intervention",
     "InterventionValue",
     "TextOrIds",
@@ -25,6 +28,7 @@ __all__ = [
     "excluded_tokens",
     "forced_tokens",
     "intervene",
+    "world",
 ]
 
 #: A prompt given as text (encoded with :meth:`HFLanguageModel.encode`) or as token ids ``(L,)``.
@@ -34,8 +38,73 @@ TextOrIds = Union[str, torch.Tensor, Sequence[int]]
 InterventionValue = Union[str, int, Sequence[int], torch.Tensor]
 #: Site name -> value, e.g. ``{"mechanism": "steer"}``, ``{"prompt": ids}``, ``{"w_3": 42}``,
 #: ``{"exclude_3": "factual"}`` (anything but the observed token at step 3; or a token id);
-#: ``{}`` is the null intervention.
-Intervention = Mapping[str, InterventionValue]
+#: ``{}`` is the null intervention. Or a Pyro ``Messenger`` that acts on the intervened world
+#: (e.g. on the effectful ``step_decoded``), or a list mixing mappings and Messengers.
+Intervention = Union[
+    Mapping[str, InterventionValue], Messenger, Sequence[Union[Mapping[str, InterventionValue], Messenger]]
+]
+
+
+class Action(dict):
+    r"""An intervention, translated (Pearl's *action*): the ``poutine.do`` data on the SCM's
+    sites (site name -> tensor, plus ``exclude_<t>`` entries) and the user's own
+    :class:`~pyro.poutine.messenger.Messenger` instances, in order.
+
+    It is a ``dict`` of the data, so it goes wherever ``poutine.do`` data goes; the
+    Messengers ride along in :attr:`messengers`. :func:`world` enters the handlers of the
+    intervened world (the exclusions and the Messengers) around a decoding run or a
+    teacher-forced pass alike; the factual world never sees them.
+
+    :ivar messengers: the user's Messengers, applied innermost-last in this order.
+    """
+
+    def __init__(self, data: Mapping[str, torch.Tensor] | None = None, messengers: Iterable[Messenger] = ()) -> None:
+        super().__init__(data or {})
+        self.messengers: tuple[Messenger, ...] = tuple(messengers)
+
+    def same(self, other: Mapping[str, torch.Tensor]) -> bool:
+        """The same data (tensors equal) and the very same Messenger instances."""
+        return (
+            self.keys() == other.keys()
+            and all(torch.equal(self[key], other[key]) for key in self)
+            and self.messengers == getattr(other, "messengers", ())
+        )
+
+    def __repr__(self) -> str:
+        extra = f", messengers={list(self.messengers)!r}" if self.messengers else ""
+        return f"Action({dict(self)!r}{extra})"
+
+
+def _parts(intervention: Any) -> tuple[list[Mapping[str, Any]], list[Messenger]]:
+    """The mappings and the Messengers of an :data:`Intervention`, in order."""
+    if intervention is None:
+        return [], []
+    if isinstance(intervention, Messenger):
+        return [], [intervention]
+    if isinstance(intervention, Mapping):
+        return [intervention], list(getattr(intervention, "messengers", ()))
+    if isinstance(intervention, (list, tuple)):
+        mappings: list[Mapping[str, Any]] = []
+        messengers: list[Messenger] = []
+        for i, part in enumerate(intervention):
+            if isinstance(part, Messenger):
+                messengers.append(part)
+            elif isinstance(part, Mapping):
+                mappings.append(part)
+                messengers.extend(getattr(part, "messengers", ()))
+            else:
+                raise InterventionError(
+                    f"intervention[{i}] must be a mapping of sites to values or a Pyro Messenger, "
+                    f"got {type(part).__name__} {part!r:.80}."
+                )
+        if len(set(map(id, messengers))) != len(messengers):
+            raise InterventionError("the same Messenger instance is given twice in one intervention.")
+        return mappings, messengers
+    raise InterventionError(
+        f"an intervention is a mapping from site names to values, e.g. {{'mechanism': 'steer'}} "
+        f"or {{'w_3': 42}}, a Pyro Messenger, or a list of those; got {type(intervention).__name__} "
+        f"{intervention!r:.80}."
+    )
 
 #: The value of ``exclude_<t>`` that names the observed token at step ``t``.
 FACTUAL_TOKEN = "factual"
@@ -50,18 +119,15 @@ def as_do_data(
     Keys may omit the SCM's name prefix; the returned keys carry it (:meth:`LanguageModelSCM.site`).
 
     :param observed: the observation ``(n,)``, which ``exclude_<t>="factual"`` refers to.
-    :raises InterventionError: for an unknown site, a noise site, or a bad value.
+    :returns: an :class:`Action`: the data, and the intervention's Messengers.
+    :raises InterventionError: for an unknown site, a noise site, a bad value, a site given
+        twice, or a part that is neither a mapping nor a Messenger.
     """
-    if intervention is None:
-        intervention = {}
-    if not isinstance(intervention, Mapping):
-        raise InterventionError(
-            f"an intervention is a mapping from site names to values, e.g. {{'mechanism': 'steer'}} "
-            f"or {{'w_3': 42}}; got {type(intervention).__name__} {intervention!r:.80}."
-        )
+    mappings, messengers = _parts(intervention)
+    items: list[tuple[Any, Any]] = [item for mapping in mappings for item in mapping.items()]
     data: dict[str, torch.Tensor] = {}
     device = scm.lm.device
-    for name, value in intervention.items():
+    for name, value in items:
         if not isinstance(name, str):
             raise InterventionError(f"intervention site names are strings, got {name!r}.")
         if scm.name and name.startswith(scm.site("")):
@@ -106,11 +172,14 @@ def as_do_data(
             else:
                 token = as_token_id(value, scm.vocab_size, f"do({name}={value!r})", InterventionError)
                 data[token_site(t)] = torch.tensor(token, device=device)
+    if len(items) != len(data):
+        raise InterventionError("a site is given twice across the parts of the intervention; give each once.")
     both = {t for t in _step_values(data, TOKEN_PREFIX)} & {t for t in _step_values(data, EXCLUDE_PREFIX)}
     if both:
         t = min(both)
         raise InterventionError(f"step {t} is both forced (w_{t}) and excluded (exclude_{t}); give one.")
-    return {scm.site(name): value for name, value in data.items()}
+    return Action({scm.site(name): value for name, value in data.items()}, messengers)
+
 
 
 def check_intervention(scm: LanguageModelSCM, intervention: Intervention | None) -> None:
@@ -158,12 +227,43 @@ def excluded_tokens(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> 
     return _step_values(data, EXCLUDE_PREFIX, scm.site(""))
 
 
+@contextmanager
+def world(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The handlers of the intervened world of ``data`` (an :class:`Action` from
+    :func:`as_do_data`), entered for the scope: an
+    :class:`~pyro_lmscm.models.ExcludeTokensMessenger` for its ``exclude_<t>`` entries
+    (outermost), then the intervention's Messengers in order. The decoding run of
+    :func:`intervene` and every teacher-forced pass of the intervened world (exact
+    probabilities, the scorer, beam search) run inside it, so each handler acts the same on
+    all of them. The site data (``poutine.do``) is not entered here: a decoding run reads it
+    at the sites, a teacher-forced pass from :func:`world_inputs`."""
+    excluded = excluded_tokens(scm, data)
+    with ExitStack() as stack:
+        if excluded:
+            stack.enter_context(ExcludeTokensMessenger(scm, excluded))
+        for messenger in getattr(data, "messengers", ()):
+            stack.enter_context(messenger)
+        yield
+
+
+def world_inputs(
+    scm: LanguageModelSCM, data: Mapping[str, torch.Tensor], prompt: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The prompt and the mechanism index that the intervened world of ``data`` runs on,
+    given the factual ``prompt``: what ``poutine.do`` makes the sites ``prompt`` and
+    ``mechanism`` of :meth:`~pyro_lmscm.models.LanguageModelSCM.model` evaluate to."""
+    return data.get(scm.site(PROMPT), prompt), int(data.get(scm.site(MECHANISM), torch.tensor(0)))
+
+
 def intervene(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> Callable[..., Any]:
     """``scm.model`` under the intervention ``data`` (from :func:`as_do_data`):
-    ``poutine.do`` on its sites, inside :class:`~pyro_lmscm.models.ExcludeTokensMessenger`
-    for its ``exclude_<t>`` entries."""
-    excluded = excluded_tokens(scm, data)
-    exclude_keys = {scm.site(exclude_key(t)) for t in excluded}
+    ``poutine.do`` on its sites, inside :func:`world` (its exclusions and Messengers)."""
+    exclude_keys = {scm.site(exclude_key(t)) for t in excluded_tokens(scm, data)}
     sites = {name: value for name, value in data.items() if name not in exclude_keys}
     model = poutine.do(scm.model, data=sites)  # type: ignore[arg-type]  # tensors are values
-    return ExcludeTokensMessenger(scm, excluded)(model) if excluded else model
+
+    def intervened(*args: Any, **kwargs: Any) -> Any:
+        with world(scm, data):
+            return model(*args, **kwargs)
+
+    return intervened

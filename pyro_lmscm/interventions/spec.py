@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..errors import InterventionError, LMSCMError
+from ..errors import InterventionError, LMSCMError, RemoteCodeError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
 from ..validation import as_int
 from .gender import gender_steering
@@ -253,19 +253,33 @@ MECHANISM_KEYS: dict[str, Callable[[HFLanguageModel, Any], Mechanism]] = {
 }
 
 
-def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel) -> InterventionSpec:
-    """Parse an intervention spec for ``lm``.
+def parse_intervention(
+    spec: str | Mapping[str, Any] | None,
+    lm: HFLanguageModel,
+    cache: dict[tuple[str, str], Mechanism] | None = None,
+) -> InterventionSpec:
+    """Parse an intervention spec for ``lm``: the one parser of the spec syntax (the CLI,
+    study configs and the explorer all call it).
 
     :param spec: ``None`` or ``""`` (null intervention), a spec string, a path to a JSON or
         YAML file, or a mapping.
+    :param cache: mechanisms already built, by ``(key, repr(value))``; the ones built here are
+        added (the explorer keeps one, since a steering vector or a ROME edit takes seconds).
     :raises InterventionError: on an unknown key or a bad value.
+    :raises RemoteCodeError: for a ``model`` folder that needs code of its own.
     """
     data = spec if isinstance(spec, Mapping) else read_spec("" if spec is None else spec)
     result = InterventionSpec()
     for key, value in data.items():
         try:
             if key in MECHANISM_KEYS:  # a mechanism named as its key, selected
-                result.mechanisms[key] = MECHANISM_KEYS[key](lm, value)
+                cache_key = (key, repr(value))
+                if cache is not None and cache_key in cache:
+                    result.mechanisms[key] = cache[cache_key]
+                else:
+                    result.mechanisms[key] = MECHANISM_KEYS[key](lm, value)
+                    if cache is not None:
+                        cache[cache_key] = result.mechanisms[key]
                 result.intervention[MECHANISM] = key
             elif key == PROMPT:
                 result.intervention[PROMPT] = lm.encode(str(value)) if isinstance(value, str) else value
@@ -280,7 +294,7 @@ def parse_intervention(spec: str | Mapping[str, Any] | None, lm: HFLanguageModel
                     f"unknown intervention key {key!r}; use steer, mimic, rome, memit, finetune, model, prompt, "
                     "w_<t>, exclude or exclude_<t>."
                 )
-        except InterventionError:
+        except (InterventionError, RemoteCodeError):  # a refused model folder keeps its type
             raise
         except (LMSCMError, ValueError, TypeError) as error:
             raise InterventionError(f"intervention {key}={value!r}: {error}") from error

@@ -214,22 +214,31 @@ class LanguageModelSCM:
             raise ObservationError(
                 f"the observation has {n} tokens but the SCM has max_new_tokens={self.max_new_tokens}."
             )
-        ended = self.finished_after(observed_ids)
-        after_end = torch.cat([torch.zeros_like(ended[..., :1]), ended[..., :-1]], dim=-1)
-        if bool((after_end & (observed_ids != self.lm.pad_token_id)).any()):
+        if bool((self.ended_before(observed_ids) & (observed_ids != self.lm.pad_token_id)).any()):
             raise ObservationError(
                 "the observation has tokens other than the pad id "
                 f"{self.lm.pad_token_id} after an end-of-sequence token; the model cannot emit those."
             )
         return observed_ids
 
-    def finished_after(self, ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask of shape ``ids.shape``: has an end-of-sequence token occurred at or before ``t``."""
+    def is_end(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of shape ``ids.shape``: is the token an end-of-sequence token. The one
+        definition of the end of a string; :meth:`finished_after` and :meth:`ended_before`
+        build on it, and a step-by-step run updates ``finished | is_end(w_t)``."""
         eos = self.lm.eos_token_ids
         if not eos:
             return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-        hit = ids == eos[0] if len(eos) == 1 else torch.isin(ids, torch.tensor(eos, device=ids.device))
-        return hit.cummax(dim=-1).values
+        return ids == eos[0] if len(eos) == 1 else torch.isin(ids, torch.tensor(eos, device=ids.device))
+
+    def finished_after(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of shape ``ids.shape``: has an end-of-sequence token occurred at or before ``t``."""
+        return self.is_end(ids).cummax(dim=-1).values
+
+    def ended_before(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of shape ``ids.shape``: has an end-of-sequence token occurred before ``t``
+        (the model only pads there; its steps are no longer generated)."""
+        ended = self.finished_after(ids)
+        return torch.cat([torch.zeros_like(ended[..., :1]), ended[..., :-1]], dim=-1)
 
     def observations(self, observed_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The data dict ``{"w_t": observed_ids[..., t]}`` for ``pyro.condition``.
@@ -259,7 +268,6 @@ class LanguageModelSCM:
 
         batch = MechanismBatch(self.lm, self.mechanisms, prompt, mechanism)
         pad = torch.tensor(self.lm.pad_token_id, device=device)
-        eos = torch.tensor(self.lm.eos_token_ids, dtype=torch.long, device=device)
         vocab = self.vocab_size
         noise = self.noise.prior(vocab, device)
         expanded = noise  # noise.expand(batch shape), rebuilt only when the batch grows
@@ -281,7 +289,7 @@ class LanguageModelSCM:
                 w = pyro.sample(self.site(token_site(t)), IntegerDelta(w))
             w = self._check_token(w, t, device)
             tokens.append(w)
-            finished = finished | torch.isin(w, eos)
+            finished = finished | self.is_end(w)
             if t + 1 < self.max_new_tokens:
                 if bool(finished.all()):
                     continue

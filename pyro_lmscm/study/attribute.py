@@ -167,8 +167,8 @@ def check_code_allowed(spec: Any, allow_code: bool) -> None:
     if isinstance(spec, Mapping) and "function" in spec and not allow_code:
         raise StudyError(
             f"attribute {spec.get('name', 'attribute')!r} names the function {spec['function']!r}, which "
-            "would be imported and run on every generated text. Code in a config is opt-in: pass "
-            "--allow-code, or set allow_code: true (StudyConfig(allow_code=True)), if you trust this config."
+            "would be imported and run on every generated text. Code in a config is opt-in: pass --allow-code "
+            "(or allow_code=True in Python; a config cannot set it) if you trust this config."
         )
 
 
@@ -177,7 +177,7 @@ def make_attribute(spec: str | Mapping[str, Any] | None, allow_code: bool = Fals
 
     A config reads as data (it is parsed with ``yaml.safe_load``), so a mapping that names a
     function to import and run on every generated text is refused unless ``allow_code`` is
-    true (``--allow-code`` or ``allow_code: true`` in a study config).
+    true (``--allow-code``, or ``allow_code=True`` in Python; never a key of the config).
 
     * ``None``: no check;
     * ``"gender"`` (male to female words) or ``"gender:male"`` (female to male);

@@ -12,6 +12,12 @@ A study is fully described by a :class:`StudyConfig`. Its fields are of two kind
 
 In a YAML or JSON file, relative paths (``corpus``) are read from the file's folder; the
 output folder is relative to the working directory (default ``studies/<name>``).
+
+A config is data: no key of a file or mapping switches code on. ``allow_code`` (an attribute
+that names a function to import and run) is set only by a caller, ``--allow-code`` on the
+command line or ``allow_code=True`` in Python, and is never written to ``study.json``. A
+config file cannot name a Ray cluster either (``ray_address``: the cluster runs code in this
+process); ``--ray-address`` or a Python caller does.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -100,7 +107,9 @@ class StudyConfig:
         ``"gender:male"`` (the reverse), a mapping (see
         :func:`~pyro_lmscm.study.attribute.make_attribute`) or ``None``.
     :param allow_code: allow an ``attribute`` that names a function to import and run on
-        every text (off: a config is data, and such a config is refused).
+        every text (off: a config is data, and such a config is refused). Only a caller sets
+        it (``StudyConfig(allow_code=True)``, ``from_file(..., allow_code=True)``,
+        ``--allow-code``); a config file or mapping that holds the key is refused.
     :param force_recompute: on resume, recompute the records whose inputs changed (see
         :func:`~pyro_lmscm.study.runner.run_study`) instead of refusing.
     :param format: ``"jsonl"`` or ``"parquet"`` (needs ``pyarrow``).
@@ -194,8 +203,9 @@ class StudyConfig:
             )
         if isinstance(self.intervention, Mapping):
             self.intervention = dict(self.intervention)
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise StudyError(f"StudyConfig: `name` must be a non-empty string without '/', got {self.name!r}.")
+        _check_name(self.name)
+        if self.output is not None and "\0" in self.output:
+            raise StudyError(f"StudyConfig: `output` must be a folder path, got {self.output!r} (it holds a NUL).")
         if self.ray_address is not None:
             self.ray = True
         if self.device is not None and not isinstance(self.device, str):
@@ -216,28 +226,47 @@ class StudyConfig:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], base_dir: str | Path | None = None) -> StudyConfig:
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        base_dir: str | Path | None = None,
+        *,
+        allow_code: bool = False,
+        source: str | Path | None = None,
+    ) -> StudyConfig:
         """Build from a mapping (a parsed YAML / JSON file); relative ``corpus`` paths are
         read from ``base_dir``.
 
-        :raises StudyError: on an unknown key (the message lists the known ones).
+        :param allow_code: see :class:`StudyConfig`; the caller's choice, never a key of ``data``.
+        :param source: the file ``data`` was read from, for the messages.
+        :raises StudyError: on an unknown key (the message lists the known ones), or an
+            ``allow_code`` key.
         """
         if not isinstance(data, Mapping):
             raise StudyError(f"a study config must be a mapping, got {type(data).__name__}.")
+        if "allow_code" in data:
+            where = f"study config {str(source)!r}" if source is not None else "a study config"
+            raise StudyError(
+                f"{where} sets `allow_code` ({data['allow_code']!r}): a config is data and cannot switch code on. "
+                "Remove the key; to run the function an attribute names, pass --allow-code on the command "
+                "line (or allow_code=True in Python) if you trust this config."
+            )
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise StudyError(f"unknown study config keys {unknown}; known keys: {sorted(known)}.")
         if "corpus" not in data:
             raise StudyError("the study config has no `corpus` (a .txt/.jsonl/.csv file or 'demo').")
-        return cls(**dict(data), _base_dir=str(base_dir) if base_dir is not None else None)
+        return cls(**dict(data), allow_code=allow_code, _base_dir=str(base_dir) if base_dir is not None else None)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> StudyConfig:
+    def from_file(cls, path: str | Path, *, allow_code: bool = False, **overrides: Any) -> StudyConfig:
         """Load a YAML (``.yaml``, ``.yml``) or JSON (``.json``) config; ``overrides`` that are
         not ``None`` replace its values.
 
-        :raises StudyError: if the file is missing or malformed.
+        :param allow_code: see :class:`StudyConfig`; the file cannot set it.
+        :raises StudyError: if the file is missing or malformed, or sets ``allow_code`` or
+            ``ray_address`` (a Ray cluster is trusted with the process: only an override sets it).
         """
         path = Path(path)
         if not path.exists():
@@ -273,8 +302,14 @@ class StudyConfig:
                 f"got {type(data).__name__} {data!r:.80}."
             )
         data = dict(data or {})
+        if data.get("ray_address") is not None:
+            raise StudyError(
+                f"study config {str(path)!r} sets `ray_address` ({data['ray_address']!r}): joining a Ray cluster "
+                "trusts it with this process (Ray passes pickled objects, which run code), so a config file "
+                "cannot choose one. Remove the key and pass --ray-address (or ray_address= in Python)."
+            )
         data.update({key: value for key, value in overrides.items() if value is not None})
-        return cls.from_mapping(data, base_dir=path.resolve().parent)
+        return cls.from_mapping(data, base_dir=path.resolve().parent, allow_code=allow_code, source=path)
 
     @classmethod
     def coerce(cls, config: StudyConfig | Mapping[str, Any] | str | Path) -> StudyConfig:
@@ -309,8 +344,13 @@ class StudyConfig:
         return Path(self.output).expanduser() if self.output is not None else Path("studies") / self.name
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as plain JSON-able values (``corpus`` as an absolute path)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        """The fields as plain JSON-able values (``corpus`` as an absolute path), without
+        ``allow_code``: :meth:`from_mapping` takes that from its caller, not from data."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.name.startswith("_") and f.name != "allow_code"
+        }
         out["corpus"] = "demo" if self.corpus == "demo" else str(self.corpus_path.resolve())
         return out
 
@@ -331,6 +371,25 @@ class StudyConfig:
         """A short hash of :meth:`result_settings`."""
         text = json.dumps(self.result_settings(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_name(name: Any) -> None:
+    """Refuse a study name that is no plain folder name (the default output is ``studies/<name>``).
+
+    :raises StudyError: for ``'.'``, ``'..'``, a path separator, a drive colon, a NUL or
+        another control character, or an empty name.
+    """
+    bad = isinstance(name, str) and (
+        name.strip() in ("", ".", "..")
+        or any(c in name for c in "/\\:")
+        or (os.altsep is not None and os.altsep in name)
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+    if not isinstance(name, str) or bad:
+        raise StudyError(
+            f"StudyConfig: `name` must be a plain folder name (no '/', '\\', ':', control characters, "
+            f"'.' or '..'), got {name!r}; it names the output folder studies/<name>."
+        )
 
 
 def demo_config(**overrides: Any) -> StudyConfig:

@@ -1,10 +1,21 @@
 """What a study record was computed from, as hashes: the resume check compares them.
 
 A record depends on its prompt and given continuation, on the study's result settings
-(intervention, decoding, seed, ...) and on the *content* of the models: a folder whose weights
-were saved anew at the same path is another model. :func:`model_content` hashes a local
-folder's files once and caches each file's sha256 by path, size and modification time, so a
-resume rereads nothing that did not change.
+(intervention, decoding, seed, ...), on the *content* of the models (a folder whose weights
+were saved anew at the same path is another model) and on its **batch-mates**: the strings
+of a batch (``batch_size`` consecutive corpus indices) draw their noise from one generator,
+so a record changes when another string of its batch changes, joins or leaves it (the
+corpus grew into its last batch). Each record therefore carries two hashes:
+
+* ``fingerprint`` (:func:`record_fingerprint`): its own inputs and the study's settings and
+  model contents; when it changed, the corpus was edited at that string;
+* ``batch_fingerprint`` (:func:`batch_fingerprints`): everything the record depends on, the
+  items of its whole batch (index, prompt, continuation, id, group), the batch size, the
+  result settings, the model contents and the seed policy
+  (:data:`~pyro_lmscm.study.worker.SEED_POLICY`). The resume check compares it.
+
+:func:`model_content` hashes a local folder's files once and caches each file's sha256 by
+path, size and modification time, so a resume rereads nothing that did not change.
 """
 
 from __future__ import annotations
@@ -13,15 +24,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..errors import InterventionError
 from ..interventions.spec import read_spec
 from ..loading import EMBEDDED_MODELS, cache_dir
 from .config import StudyConfig
 from .corpus import CorpusItem
+from .worker import SEED_POLICY
 
-__all__ = ["model_content", "record_fingerprint", "study_inputs"]
+__all__ = ["batch_fingerprints", "model_content", "record_fingerprint", "study_inputs"]
 
 _HASH_CACHE = "file-sha256.json"
 
@@ -87,7 +99,8 @@ def study_inputs(config: StudyConfig) -> dict[str, str]:
 
 
 def record_fingerprint(item: CorpusItem, config: StudyConfig, inputs: Mapping[str, str]) -> str:
-    """The sha256 of everything that decides ``item``'s record."""
+    """The sha256 of ``item``'s own inputs (its prompt and continuation) with the study's
+    result settings and model contents (not its batch-mates: see :func:`batch_fingerprints`)."""
     data = {
         "prompt": item.prompt,
         "continuation": item.continuation,
@@ -95,3 +108,32 @@ def record_fingerprint(item: CorpusItem, config: StudyConfig, inputs: Mapping[st
         "inputs": dict(inputs),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def batch_fingerprints(
+    corpus: Sequence[CorpusItem], config: StudyConfig, inputs: Mapping[str, str]
+) -> dict[int, str]:
+    """The resume fingerprint of every record of ``corpus``, by index: the sha256 of its index
+    and of everything its batch depends on. The batches are the blocks of
+    ``config.batch_size`` consecutive indices of the *whole* corpus (as the runner and the
+    worker cut them, a ``limit`` aside); each block's hash covers its items (all fields), the
+    batch size, :meth:`~pyro_lmscm.study.config.StudyConfig.result_settings`, the model
+    contents ``inputs`` (:func:`study_inputs`) and the seed policy.
+
+    :param corpus: the whole corpus, in index order.
+    """
+    size = config.batch_size
+    common = {
+        "settings": config.result_settings(),
+        "batch_size": size,
+        "inputs": dict(inputs),
+        "seed_policy": SEED_POLICY,
+    }
+    out: dict[int, str] = {}
+    for start in range(0, len(corpus), size):
+        block = corpus[start : start + size]
+        data = {**common, "batch": [item.to_dict() for item in block]}
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+        for item in block:
+            out[item.index] = hashlib.sha256(f"{digest}:{item.index}".encode()).hexdigest()
+    return out

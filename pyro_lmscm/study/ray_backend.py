@@ -33,11 +33,11 @@ __all__ = ["run_on_ray"]
 class _RayWorker:
     """The actor: one model, many shards."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], allow_code: bool = False) -> None:
         import torch
 
         torch.set_num_threads(int(config["threads"]))
-        self.worker = StudyWorker(config)
+        self.worker = StudyWorker(config, allow_code=allow_code)
 
     def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.worker.process_many(items)
@@ -70,7 +70,9 @@ def run_on_ray(
         started = True
     actor_class: Any = ray.remote(num_cpus=config.threads)(_RayWorker)
     plain = config.to_dict()
-    actors: list[Any] = [actor_class.remote(plain) for _ in range(min(config.num_workers, len(items)) or 1)]
+    actors: list[Any] = [
+        actor_class.remote(plain, config.allow_code) for _ in range(min(config.num_workers, len(items)) or 1)
+    ]
     # shards of whole batches (blocks of batch_size consecutive indices), so that a record
     # equals the local run's whatever the shard size
     blocks = [list(block) for _, block in itertools.groupby(items, key=lambda item: item.index // config.batch_size)]

@@ -64,6 +64,9 @@ continuation_given bool   an observed continuation was given (else sampled)
 truncated        bool     the given continuation was cut to max_new_tokens
 seed             int      the string's seed, from (study seed, index); with batch_size > 1
                           the seed of its batch, from (study seed, first index, batch_size)
+fingerprint      str      sha256 of its own inputs, the result settings and the models
+batch_fingerprint str     sha256 of everything the record depends on, its batch-mates
+                          included (the resume check; see pyro_lmscm.study.fingerprint)
 error            str?     why the string was skipped (then the fields below are absent)
 log_prob_observed float   log p(factual | prompt) from the abduction guide
 exact            {prob_unchanged, first_divergence, expected_first_divergence,
@@ -328,6 +331,7 @@ def _parquet_schema() -> Any:
             ("truncated", pa.bool_()),
             ("seed", pa.int64()),
             ("fingerprint", pa.string()),
+            ("batch_fingerprint", pa.string()),
             ("error", pa.string()),
             ("log_prob_observed", pa.float64()),
             ("exact", exact),

@@ -1,12 +1,20 @@
 """Run a study: every string of a corpus through abduction, action and prediction, resumably.
 
 :func:`run_study` reads the corpus, skips the strings whose records are already stored in
-the output folder, processes the others (here with one :class:`~pyro_lmscm.study.worker.StudyWorker`,
+the output folder and still match it, processes the others (here with one :class:`~pyro_lmscm.study.worker.StudyWorker`,
 or on Ray with :mod:`~pyro_lmscm.study.ray_backend`), stores each record as soon as it is
 done, and finally writes the report (:func:`~pyro_lmscm.study.report.write_report`).
 
 The output folder holds ``study.json`` (the config and its result fingerprint), the records
 (``records.jsonl`` or ``records.parquet/``) and the report files.
+
+A record depends on the other strings of its batch (:mod:`~pyro_lmscm.study.worker`), and
+its resume fingerprint covers them (:mod:`~pyro_lmscm.study.fingerprint`): a resume keeps a
+stored record only if its whole batch is unchanged, and recomputes a changed batch whole, so
+a resumed study equals a fresh run of its final corpus and config. A batch changed by an
+edit of a stored string (its prompt, continuation, id or group) is refused unless
+``force_recompute`` is set; one changed only by its other strings (the corpus grew into
+the last batch) is recomputed.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from ..lm import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
-from .fingerprint import record_fingerprint, study_inputs
+from .fingerprint import batch_fingerprints, record_fingerprint, study_inputs
 from .records import check_complete, open_store
-from .worker import StudyWorker, torch_threads
+from .worker import MessengerFactory, StudyWorker, check_messengers, torch_threads
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -45,6 +53,8 @@ class StudyResult:
     :ivar skipped: strings found already stored (resumed).
     :ivar elapsed_s: wall-clock seconds of this call.
     :ivar files: report files by name (``"summary_md"``, ``"html"``, ...).
+    :ivar recomputed: stored records dropped and computed again (among ``computed``): the
+        records of a batch that changed (see :func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`).
     """
 
     config: StudyConfig
@@ -54,6 +64,7 @@ class StudyResult:
     skipped: int
     elapsed_s: float
     files: dict[str, Path] = field(default_factory=dict)
+    recomputed: int = 0
 
     @property
     def summary_markdown(self) -> str | None:
@@ -120,38 +131,68 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
     return stale
 
 
-def _stale_records(
-    records: list[dict[str, Any]], items: list[CorpusItem], fingerprints: dict[int, str], config: StudyConfig
-) -> list[int]:
-    """The indices of stored records made from other inputs than the corpus now gives.
+def _shown(indices: list[int]) -> str:
+    return ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
 
-    :raises StudyError: listing them, without ``force_recompute``.
+
+def _stale_records(
+    records: list[dict[str, Any]],
+    items: list[CorpusItem],
+    fingerprints: dict[int, str],
+    batch_fingerprints: dict[int, str],
+    config: StudyConfig,
+) -> list[int]:
+    """The indices of the stored records to recompute: every record of each batch that holds
+    a record whose resume fingerprint (:func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`)
+    no longer matches. A batch whose own records are unchanged but whose other strings
+    changed, joined or left (the corpus grew into its last batch) is recomputed silently.
+
+    :raises StudyError: without ``force_recompute``, if a stored record was made from other
+        inputs than the corpus now gives (its prompt, continuation, id or group), or if a
+        record in a batch of several strings was stored by an older version, whose
+        fingerprint did not cover its batch-mates (records of ``batch_size`` 1 are checked by
+        their own fingerprint).
     """
-    stale = []
+    size = config.batch_size
+    changed, unchecked, moved = [], [], []
     for record in records:
         index = record["index"]
         if index >= len(items):
-            continue
+            continue  # beyond the limit: checked when a run reaches it
         item = items[index]
         if record.get("fingerprint") is not None:
-            changed = record["fingerprint"] != fingerprints[index]
+            own = record["fingerprint"] != fingerprints[index]
         else:  # records of an older version carry no fingerprint
-            changed = (
+            own = (
                 record.get("prompt") != item.prompt
                 or record.get("continuation_given") != (item.continuation is not None)
             )
-        if changed:
-            stale.append(index)
-    if stale and not config.force_recompute:
-        first = items[stale[0]]
-        shown = ", ".join(map(str, stale[:10])) + (" ..." if len(stale) > 10 else "")
+        if own or record.get("id") != item.id or record.get("group") != item.group:
+            changed.append(index)
+        elif record.get("batch_fingerprint") is None:
+            if size > 1:  # stored by an older version: its batch-mates cannot be checked
+                unchecked.append(index)
+        elif record["batch_fingerprint"] != batch_fingerprints[index]:
+            moved.append(index)
+    if changed and not config.force_recompute:
+        first = items[changed[0]]
         raise StudyError(
-            f"{config.output_dir}: {len(stale)} stored records were made from other inputs than the corpus "
-            f"now gives (records {shown}; record {stale[0]} now has prompt {first.prompt!r} and continuation "
-            f"{first.continuation!r}); the corpus changed. Use another output folder, or pass "
-            "--force-recompute (force_recompute=True) to recompute them."
+            f"{config.output_dir}: {len(changed)} stored records were made from other inputs than the corpus "
+            f"now gives (records {_shown(changed)}; record {changed[0]} now has prompt {first.prompt!r} and "
+            f"continuation {first.continuation!r} (id {first.id!r}, group {first.group!r})); the corpus changed. "
+            "Use another output folder, or pass --force-recompute (force_recompute=True) to recompute them with "
+            f"their batches (batch_size={size}: the strings of a batch draw their noise together)."
         )
-    return stale
+    if unchecked and not config.force_recompute:
+        raise StudyError(
+            f"{config.output_dir}: {len(unchecked)} stored records (records {_shown(unchecked)}) were stored by an "
+            "older pyro-lmscm, whose record fingerprints do not cover a record's batch-mates; with "
+            f"batch_size={size} a record depends on the other strings of its batch, so these cannot be checked "
+            "against the corpus. Pass --force-recompute (force_recompute=True) to recompute them, or use another "
+            "output folder."
+        )
+    blocks = {index // size for index in (*changed, *unchecked, *moved)}
+    return [record["index"] for record in records if record["index"] // size in blocks]
 
 
 class _Progress:
@@ -206,6 +247,7 @@ def run_study(
     *,
     lm: HFLanguageModel | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    messengers: Mapping[str, MessengerFactory] | None = None,
 ) -> StudyResult:
     """Run (or resume) a counterfactual study and write its report.
 
@@ -213,6 +255,10 @@ def run_study(
     :param lm: an already loaded factual model (local runs only; Ray workers load
         ``config.model`` themselves).
     :param on_record: called with each new record after it is stored.
+    :param messengers: the user's own Pyro Messengers, added to the config's intervention
+        (local runs only): by name, a factory ``factory(scm)`` that builds the Messenger for
+        the study's SCM. The names (not the code) enter the resume fingerprints: rename one
+        when you change what it does.
     :returns: a :class:`StudyResult`.
     :raises StudyError: for a bad config or corpus, or an output folder of another study.
 
@@ -228,6 +274,7 @@ def run_study(
     """
     start = time.perf_counter()
     config = StudyConfig.coerce(config)
+    messengers = check_messengers(messengers, config)
     corpus = read_corpus(config.corpus_path)
     items = corpus[: config.limit] if config.limit is not None else corpus
     output_dir = config.output_dir
@@ -238,21 +285,28 @@ def run_study(
         # a new study: the model, dtype, device, intervention and attribute check are checked
         # (the worker built) before anything is written, so a bad config leaves nothing behind
         with torch_threads(config.threads):
-            worker = StudyWorker(config, lm=lm)
+            worker = StudyWorker(config, lm=lm, messengers=messengers)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on the way, no permission, a read-only disk
         raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
     inputs = study_inputs(config)
+    if messengers:
+        inputs["messengers"] = json.dumps(sorted(messengers))
     all_stale = _check_meta(output_dir, config, inputs)
     fingerprints = {item.index: record_fingerprint(item, config, inputs) for item in items}
+    by_batch = batch_fingerprints(corpus, config, inputs)
     store = open_store(output_dir, config.format)
     try:
         stored = store.load()
-        stale = [r["index"] for r in stored] if all_stale else _stale_records(stored, items, fingerprints, config)
+        if all_stale:
+            stale = [r["index"] for r in stored]
+        else:
+            stale = _stale_records(stored, items, fingerprints, by_batch, config)
         if stale:
             store.remove(stale)
             stored = store.load()
+        recomputed = sum(index < len(items) for index in stale)
         done = {record["index"] for record in stored}
         missing = {item.index for item in items if item.index not in done}
         # whole batches of the corpus only: a batch of which some records are stored (or
@@ -270,6 +324,7 @@ def run_study(
                     return  # a stored string of a batch that ran again
                 missing.discard(record["index"])
                 record["fingerprint"] = fingerprints[record["index"]]
+                record["batch_fingerprint"] = by_batch[record["index"]]
                 store.append(record)
                 bar.advance()
                 if on_record is not None:
@@ -281,7 +336,7 @@ def run_study(
                 run_on_ray(config, todo, store_record)
             elif todo:
                 with torch_threads(config.threads):
-                    worker = worker if worker is not None else StudyWorker(config, lm=lm)
+                    worker = worker if worker is not None else StudyWorker(config, lm=lm, messengers=messengers)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):
@@ -291,7 +346,7 @@ def run_study(
         records = [record for record in store.load() if record["index"] < len(items)]
     finally:
         store.close()
-    result = StudyResult(config, output_dir, records, computed, skipped, 0.0)
+    result = StudyResult(config, output_dir, records, computed, skipped, 0.0, recomputed=recomputed)
     if config.report:
         from .report import write_report
 
@@ -310,6 +365,7 @@ def load_study(output_dir: str | Path) -> tuple[StudyConfig, list[dict[str, Any]
     if not path.is_file():
         raise StudyError(f"{output_dir} holds no study ({META_FILE} is missing).")
     data = dict(_read_meta(path)["config"])
+    data.pop("allow_code", None)  # older versions stored it; a study folder never switches code on
     data["output"] = str(output_dir)
     try:
         config = StudyConfig.from_mapping(data)

@@ -41,9 +41,10 @@ import contextlib
 import hashlib
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from pyro.poutine.messenger import Messenger
 
 from ..errors import LMSCMError
 from ..inference.scoring import ragged_token_log_probs
@@ -58,13 +59,14 @@ from ..metrics import (
     trim_after_end,
 )
 from .attribute import make_attribute
-from .config import StudyConfig
+from .config import StudyConfig, StudyError
 from .corpus import CorpusItem
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
+    from ..models.scm import LanguageModelSCM
 
-__all__ = ["EOS_MARK", "MODE_BEAMS", "StudyWorker", "batch_seed", "string_seed", "torch_threads"]
+__all__ = ["EOS_MARK", "MODE_BEAMS", "SEED_POLICY", "StudyWorker", "batch_seed", "string_seed", "torch_threads"]
 
 #: How an end-of-sequence token is shown among a record's ``tokens``.
 EOS_MARK = "⏎"
@@ -72,6 +74,11 @@ EOS_MARK = "⏎"
 
 #: Beams of the search for the most probable counterfactual of an ``exact_only`` study.
 MODE_BEAMS = 4
+
+#: The name of how records are seeded (:func:`string_seed`, :func:`batch_seed`, the seeds of
+#: the parts of a batch and of a string run alone); a record's resume fingerprint covers it
+#: (:func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`). Change it with any of them.
+SEED_POLICY = "sha256-string-and-batch-seeds/1"
 
 
 def batch_seed(seed: int, start: int, batch_size: int) -> int:
@@ -143,20 +150,72 @@ def _stay_fields(log_stay: torch.Tensor) -> dict[str, Any]:
     }
 
 
+#: Builds one of the user's Messengers for the study's SCM (see :func:`~pyro_lmscm.study.run_study`).
+MessengerFactory = Callable[["LanguageModelSCM"], Messenger]
+
+
+def check_messengers(messengers: Any, config: StudyConfig) -> dict[str, MessengerFactory]:
+    """``messengers`` of :func:`~pyro_lmscm.study.run_study` checked: a mapping of names to
+    callables, for a local run.
+
+    :raises StudyError: naming the bad entry, or for a study on Ray.
+    """
+    if messengers is None:
+        return {}
+    if not isinstance(messengers, Mapping):
+        raise StudyError(
+            f"`messengers` must map names to factories factory(scm) -> Messenger, got {type(messengers).__name__}."
+        )
+    for name, factory in messengers.items():
+        if not isinstance(name, str) or not name or not callable(factory):
+            raise StudyError(f"`messengers`: {name!r} must be a non-empty name mapped to a callable factory(scm).")
+    if messengers and config.ray:
+        raise StudyError("`messengers` run in this process only; they cannot be sent to Ray workers (ray=False).")
+    return dict(messengers)
+
+
+def build_messengers(messengers: Mapping[str, MessengerFactory], scm: LanguageModelSCM) -> list[Messenger]:
+    """Each factory called on ``scm``.
+
+    :raises StudyError: for a factory that does not return a Pyro Messenger.
+    """
+    built = []
+    for name, factory in messengers.items():
+        messenger = factory(scm)
+        if not isinstance(messenger, Messenger):
+            raise StudyError(f"`messengers`: {name!r} returned {type(messenger).__name__}, not a Pyro Messenger.")
+        built.append(messenger)
+    return built
+
+
 class StudyWorker:
     """Holds one model and processes corpus items into records.
 
     :param config: the study config (a :class:`StudyConfig` or its :meth:`~StudyConfig.to_dict`;
         a dict keeps Ray actors free of anything but plain data).
     :param lm: an already loaded model to use instead of loading ``config.model``.
+    :param messengers: factories of the user's own Messengers, added to the intervention
+        (see :func:`~pyro_lmscm.study.run_study`).
+    :param allow_code: with a dict ``config``, the :attr:`StudyConfig.allow_code` of the
+        caller (a dict, like a config file, cannot set it).
     """
 
-    def __init__(self, config: StudyConfig | Mapping[str, Any], lm: HFLanguageModel | None = None) -> None:
+    def __init__(
+        self,
+        config: StudyConfig | Mapping[str, Any],
+        lm: HFLanguageModel | None = None,
+        messengers: Mapping[str, MessengerFactory] | None = None,
+        *,
+        allow_code: bool = False,
+    ) -> None:
         from ..interventions.ops import check_intervention
         from ..interventions.spec import parse_intervention
         from ..models import Decoding, LanguageModelSCM
 
-        self.config = config if isinstance(config, StudyConfig) else StudyConfig.from_mapping(config)
+        if isinstance(config, StudyConfig):
+            self.config = config
+        else:
+            self.config = StudyConfig.from_mapping(config, allow_code=allow_code)
         if lm is None:
             from ..loading import load_lm
 
@@ -165,8 +224,10 @@ class StudyWorker:
         spec = parse_intervention(self.config.intervention, lm)
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
-        self.intervention = spec.intervention
-        check_intervention(self.scm, spec.intervention)  # now, not per string
+        self.intervention: Any = spec.intervention
+        if messengers:
+            self.intervention = [spec.intervention, *build_messengers(messengers, self.scm)]
+        check_intervention(self.scm, self.intervention)  # now, not per string
         self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 from contextlib import nullcontext
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -14,8 +15,8 @@ from pyro_lmscm import (
     ModelSwap,
     counterfactual,
 )
-from pyro_lmscm.errors import AbductionError, InterventionError, ObservationError
-from pyro_lmscm.inference import noise_trace
+from pyro_lmscm.errors import AbductionError, InferenceError, InterventionError, ObservationError
+from pyro_lmscm.inference import GumbelMaxPosterior, noise_trace
 from pyro_lmscm.interventions.ops import as_do_data
 from pyro_lmscm.models import Decoding, noise_site
 from pyro_lmscm.testing import tiny_llama
@@ -69,13 +70,18 @@ def test_null_intervention_replay_reproduces_observation(dtype, decoding, source
         assert bool((result.counterfactual_ids[:, n:] == lm.pad_token_id).all()) or n == 12
 
 
-def _rejection_counterfactuals(scm, prompt, observed, num_draws):
-    """Brute force: prior noise, keep draws whose factual string is `observed`, replay them."""
+def _rejection_noise(scm, prompt, observed, num_draws):
+    """Brute force posterior: prior noise of the draws whose factual string is `observed`."""
     with pyro.plate("draws", num_draws, dim=-1):
         trace = poutine.trace(scm.model).get_trace(prompt)
     factual = trace.nodes["_RETURN"]["value"]
     keep = (factual == observed).all(-1)
-    noise = {noise_site(t): trace.nodes[noise_site(t)]["value"][keep] for t in range(len(observed))}
+    return {noise_site(t): trace.nodes[noise_site(t)]["value"][keep] for t in range(len(observed))}
+
+
+def _rejection_counterfactuals(scm, prompt, observed, num_draws):
+    """Brute force: prior noise, keep draws whose factual string is `observed`, replay them."""
+    noise = _rejection_noise(scm, prompt, observed, num_draws)
     intervened = poutine.do(scm.model, data={"mechanism": torch.tensor(1)})
     return poutine.condition(intervened, data=noise)(prompt)
 
@@ -100,31 +106,133 @@ def _traced_guide_counterfactuals(scm, prompt, observed, num_draws, margin):
         return poutine.replay(intervened, trace=guide_trace)(prompt)
 
 
-@pytest.mark.parametrize("path", ["counterfactual", "traced-guide"])
-@pytest.mark.parametrize("margin", [0.0, 1e-3], ids=["exact", "small-margin"])
-def test_counterfactual_distribution_matches_brute_force(margin, path):
+def _guide_messenger_counterfactuals(scm, prompt, observed, num_draws, margin):
+    """The guide as Pyro's GuideMessenger around the intervened model, the plate outside it:
+    each u_t drawn from the posterior when the model reaches it."""
+    guide = HindsightGumbelGuide(scm, observed, margin=margin)
+    intervened = poutine.do(scm.model, data=as_do_data(scm, {"mechanism": "other"}))
+    with pyro.plate("draws", num_draws, dim=-1), guide:
+        return intervened(prompt)
+
+
+def _vocab6_problem():
+    """A vocabulary of 6, 3 steps, a model swap, and the most likely string of 3 ordinary
+    tokens as the observation (so that rejection sampling is efficient)."""
     lm = tiny_llama(vocab_size=6, seed=5, logit_scale=15.0, with_tokenizer=False)
     other = tiny_llama(vocab_size=6, seed=6, logit_scale=15.0, with_tokenizer=False)
     scm = LanguageModelSCM(lm, max_new_tokens=3, mechanisms={"other": ModelSwap(other)})
     prompt = torch.tensor([2, 3])
-    # the most likely string of 3 ordinary tokens, so that rejection sampling is efficient
     candidates = torch.cartesian_prod(*[torch.arange(2, 6)] * 3)
     log_probs = [log_prob_by_hand(lm, scm.decoding, prompt, c) for c in candidates]
-    observed = candidates[int(torch.tensor(log_probs).argmax())]
+    return scm, prompt, candidates[int(torch.tensor(log_probs).argmax())]
+
+
+@pytest.mark.parametrize("path", ["counterfactual", "traced-guide", "guide-messenger"])
+@pytest.mark.parametrize("margin", [0.0, 1e-3], ids=["exact", "small-margin"])
+def test_counterfactual_distribution_matches_brute_force(margin, path):
+    scm, prompt, observed = _vocab6_problem()
     reference = _rejection_counterfactuals(scm, prompt, observed, 150_000)
     assert len(reference) > 5000
     result = counterfactual(
         scm, prompt, observed, {"mechanism": "other"}, num_samples=len(reference), seed=1, margin=margin, baseline=True
     )
-    if path == "counterfactual":  # HindsightGumbelGuide.sample_noise, one vectorised draw
+    if path == "counterfactual":  # PosteriorNoiseMessenger, each step drawn when decoded
         draws = result.counterfactual_ids
     else:
         pyro.set_rng_seed(2)
-        draws = _traced_guide_counterfactuals(scm, prompt, observed, len(reference), margin)
+        paths = {"traced-guide": _traced_guide_counterfactuals, "guide-messenger": _guide_messenger_counterfactuals}
+        draws = paths[path](scm, prompt, observed, len(reference), margin)
     p_guide = _chi2_pvalue(draws, reference)
     p_baseline = _chi2_pvalue(result.interventional_ids, reference)
     assert p_guide > 1e-3, p_guide
     assert p_baseline < 1e-6, p_baseline  # fresh noise is not the counterfactual
+
+
+def test_guide_messenger_draws_the_exact_posterior_noise():
+    """`with guide: scm.model(prompt)` (Pyro's GuideMessenger, the plate inside it): the noise
+    it draws has the law of rejection sampling (prior noise of the draws whose factual string
+    is the observation), two-sample KS per step and token, p > 1e-3; prior noise, the
+    baseline, fails at each observed token (p < 1e-6). The same draws come back from
+    `guide.get_traces()`, with the prior in the model trace, and `guide(prompt)` returns
+    samples of the same law."""
+    scm, prompt, observed = _vocab6_problem()
+    reference = _rejection_noise(scm, prompt, observed, 150_000)
+    num_draws = len(reference["u_0"])
+    assert num_draws > 5000
+    guide = HindsightGumbelGuide(scm, observed)
+    anchor = guide.anchor(prompt)
+    pyro.set_rng_seed(3)
+    with guide.anchored(anchor), guide, pyro.plate("draws", num_draws, dim=-1):
+        tokens = scm.model(prompt)
+    assert torch.equal(tokens, observed.expand(num_draws, 3))
+    model_trace, guide_trace = guide.get_traces()
+    assert isinstance(guide_trace.nodes["u_0"]["fn"], GumbelMaxPosterior)
+    assert not isinstance(model_trace.nodes["u_0"]["fn"], GumbelMaxPosterior)  # the prior
+    with pyro.plate("draws", num_draws, dim=-1):
+        called = guide(prompt)  # the Pyro way: the guide runs its model (the noise) under itself
+    assert sorted(called) == ["u_0", "u_1", "u_2"]
+    prior = torch.distributions.Gumbel(0.0, 1.0).sample((num_draws, scm.vocab_size))
+    for t in range(3):
+        for v in range(scm.vocab_size):
+            expected = reference[f"u_{t}"][:, v].numpy()
+            for draws in (guide_trace.nodes[f"u_{t}"]["value"], called[f"u_{t}"]):
+                assert draws.shape == (num_draws, scm.vocab_size)
+                assert stats.ks_2samp(draws[:, v].numpy(), expected).pvalue > 1e-3, (t, v)
+            if v == int(observed[t]):
+                assert stats.ks_2samp(prior[:, v].numpy(), expected).pvalue < 1e-6, (t, v)
+
+
+def _tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_tensors_in(v) for v in value)
+    if isinstance(value, dict):
+        return any(_tensors_in(v) for v in value.values())
+    return False
+
+
+def test_each_run_abducts_for_its_own_prompt_and_leaves_no_logits(lm):
+    """No memo: runs for two prompts each draw the posterior of their own prompt (the replay
+    through that prompt's anchor gives the observation back; the other prompt's noise, the
+    baseline, does not), and after the runs the guide holds no tensor but its observation
+    (and Pyro's trace of the last run)."""
+    scm = LanguageModelSCM(lm, max_new_tokens=4)
+    observed = torch.tensor([5, 9, 14, 7])
+    guide = HindsightGumbelGuide(scm, observed)
+    prompts = torch.tensor([2, 3, 4]), torch.tensor([6, 2, 8])
+    traces = []
+    for prompt in prompts:
+        with pyro.plate("draws", 50, dim=-1):
+            traces.append(poutine.trace(guide).get_trace(prompt))
+    with pyro.plate("draws", 50, dim=-1), guide:
+        scm.model(prompts[1])
+    runs = [guide.trace.nodes[noise_site(t)]["value"] for t in range(4)]
+    held = {name for name, value in vars(guide).items() if name != "trace" and _tensors_in(value)}
+    assert held == {"observed_ids"}
+    for i, prompt in enumerate(prompts):
+        with pyro.plate("draws", 50, dim=-1), guide.anchored(prompt):
+            own = poutine.replay(scm.model, trace=traces[i])(prompt)
+            other = poutine.replay(scm.model, trace=traces[1 - i])(prompt)
+        assert torch.equal(own, observed.expand(50, 4))
+        assert not bool((other == observed).all(-1).all())
+    with pyro.plate("draws", 50, dim=-1), guide.anchored(prompts[1]):
+        replayed = poutine.condition(scm.model, data={noise_site(t): runs[t] for t in range(4)})(prompts[1])
+    assert torch.equal(replayed, observed.expand(50, 4))
+
+
+def test_anchor_is_checked_and_reused(lm):
+    scm = LanguageModelSCM(lm, max_new_tokens=4)
+    guide = HindsightGumbelGuide(scm, torch.tensor([5, 9]))
+    anchor = guide.anchor(PROMPT)
+    assert guide.anchor(anchor) is anchor
+    assert torch.equal(guide.decoded_logits(anchor), guide.decoded_logits(PROMPT))
+    assert torch.equal(guide.log_prob_observed(anchor), guide.log_prob_observed(PROMPT))
+    with pytest.raises(InferenceError, match="another observation"):
+        HindsightGumbelGuide(scm, torch.tensor([5, 8])).decoded_logits(anchor)
+    with pytest.raises(InferenceError, match="no prompt"):
+        with guide:  # a model without the SCM's prompt site
+            pyro.sample("u_0", dist.Gumbel(torch.zeros(28), 1.0).to_event(1))
 
 
 @pytest.mark.parametrize("decoding", list(DECODINGS), ids=list(DECODINGS))

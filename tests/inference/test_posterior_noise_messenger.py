@@ -103,3 +103,68 @@ def test_factual_sampling_does_not_depend_on_an_earlier_abduction(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=5)
     counterfactual(scm, PROMPT, OBSERVED, {}, num_samples=2, seed=0)
     assert torch.equal(counterfactual(scm, PROMPT, None, {}, seed=3).factual_ids, fresh)
+
+
+def test_baseline_rows_draw_prior_noise_from_their_generator_with_plates_inside_or_outside(lm):
+    """`num_posterior_rows=3` of 5: the first rows get the posterior (the same draws as a run
+    without baseline rows), the others the prior from the baseline generator (the same
+    draws whatever the seed of torch's generator); the plate may be inside or outside the
+    handler. The traced sites' log densities are the posterior's on the first rows and the
+    prior's on the others."""
+    scm = LanguageModelSCM(lm, max_new_tokens=4)
+    guide = HindsightGumbelGuide(scm, OBSERVED)
+    anchor = guide.anchor(PROMPT)
+
+    def run(rows, seed, generator_seed, outside):
+        pyro.set_rng_seed(seed)
+        generator = torch.Generator().manual_seed(generator_seed)
+        posterior_rows = 3 if rows > 3 else None
+        handler = PosteriorNoiseMessenger(guide, anchor, posterior_rows, baseline_generator=generator)
+        plate = pyro.plate("rows", rows, dim=-1)
+        with (plate if outside else handler), (handler if outside else plate):
+            return poutine.trace(scm.model).get_trace(PROMPT), handler
+
+    for outside in (False, True):
+        (trace, handler), (alone, _) = run(5, 0, 7, outside), run(3, 0, 7, outside)
+        (reseeded, _) = run(5, 1, 7, outside)
+        for t in range(4):
+            u = trace.nodes[f"u_{t}"]["value"]
+            assert u.shape == (5, lm.vocab_size)
+            assert torch.equal(u[:3], alone.nodes[f"u_{t}"]["value"])  # the posterior rows
+            assert torch.equal(u[3:], reseeded.nodes[f"u_{t}"]["value"][3:])  # the baseline generator's
+            assert not torch.equal(u[:3], reseeded.nodes[f"u_{t}"]["value"][:3])  # torch's generator
+        assert handler.noise_statistics()["observed_noise"].shape == (3, 3)
+        trace.compute_log_prob()
+        logits = guide.decoded_logits(anchor)
+        for t in range(3):
+            u, log_prob = trace.nodes[f"u_{t}"]["value"], trace.nodes[f"u_{t}"]["log_prob"]
+            posterior = GumbelMaxPosterior(logits[t], OBSERVED[t])
+            torch.testing.assert_close(log_prob[:3], posterior.log_prob(u[:3]))
+            torch.testing.assert_close(log_prob[3:], scm.noise.log_density(u[3:]))
+            assert bool((posterior.log_prob(u[3:]) == float("-inf")).any())  # baseline rows are not posterior draws
+
+
+def test_a_prompt_or_its_anchor_give_the_same_draws(lm):
+    scm = LanguageModelSCM(lm, max_new_tokens=4)
+    guide = HindsightGumbelGuide(scm, OBSERVED)
+    draws = []
+    for source in (PROMPT, guide.anchor(PROMPT)):
+        pyro.set_rng_seed(0)
+        with PosteriorNoiseMessenger(guide, source), pyro.plate("rows", 6, dim=-1):
+            draws.append(scm.model(PROMPT))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_no_private_pyro_stack_in_the_package():
+    """Handlers supply values through the message (``msg["fn"]``, Pyro's GuideMessenger
+    protocol), never by reading Pyro's private handler stack or calling another
+    Messenger's hooks."""
+    import pathlib
+
+    import pyro_lmscm
+
+    root = pathlib.Path(pyro_lmscm.__file__).parent
+    sources = {path: path.read_text(encoding="utf-8") for path in root.rglob("*.py")}
+    assert len(sources) > 20
+    for forbidden in ("_PYRO_STACK", "BroadcastMessenger._pyro_sample", "Messenger._process_message"):
+        assert [str(path) for path, text in sources.items() if forbidden in text] == [], forbidden

@@ -76,7 +76,7 @@ def test_code_in_a_config_is_opt_in(tmp_path):
         StudyConfig(corpus="demo", attribute=spec)
     config = tmp_path / "study.yaml"
     config.write_text("corpus: demo\nattribute: {name: shell, function: 'os:system', target: '0'}\n")
-    with pytest.raises(StudyError, match="allow_code: true"):
+    with pytest.raises(StudyError, match="pass --allow-code"):
         StudyConfig.from_file(config)
     assert StudyConfig.from_file(config, allow_code=True).allow_code is True
     assert isinstance(make_attribute(spec, allow_code=True), CallableAttribute)

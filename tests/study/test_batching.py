@@ -126,6 +126,7 @@ def test_draws_not_scored_are_the_same_draws_with_null_scores(make_config, tmp_p
     for scored, record in zip(full, lean.records):
         expected, record = json.loads(json.dumps(scored)), dict(record)
         assert expected.pop("fingerprint") != record.pop("fingerprint")  # records of another result
+        assert expected.pop("batch_fingerprint") != record.pop("batch_fingerprint")
         if "factual" in expected:  # scored in a batch of other rows: equal up to float32 rounding
             expected["factual"], record["factual"] = dict(expected["factual"]), dict(record["factual"])
             for field in SCORE_FIELDS:

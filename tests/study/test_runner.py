@@ -125,20 +125,19 @@ def test_records_are_written_one_by_one(make_config, monkeypatch):
     assert runner_module.META_FILE in os.listdir(config.output_dir)
 
 
-def test_an_edited_continuation_is_refused_and_force_recompute_recomputes(make_config, corpus_file):
-    first = run_study(make_config())
+def test_an_edited_continuation_is_refused_and_force_recompute_recomputes(make_config, corpus_file, tmp_path):
+    run_study(make_config())
     text = corpus_file.read_text()
     assert "the story\tday night was" in text
     corpus_file.write_text(text.replace("the story\tday night was", "the story\tday was"))
     with pytest.raises(StudyError, match=r"1 stored records were made from other inputs .*continuation 'day was'"):
         run_study(make_config())
     again = run_study(make_config(force_recompute=True))
-    assert again.computed == 1 and again.skipped == 8
+    # its whole batch: with the default batch_size (16) the 9 strings are one batch
+    assert again.computed == 9 and again.recomputed == 9 and again.skipped == 0
     changed = [r for r in again.records if r["prompt"] == "the story"]
     assert changed[0]["factual"]["text"] == "day was"
-    assert [r for r in again.records if r["prompt"] != "the story"] == [
-        r for r in first.records if r["prompt"] != "the story"
-    ]
+    assert again.records == run_study(make_config(output=str(tmp_path / "fresh"))).records
     assert run_study(make_config()).computed == 0  # now consistent: a plain resume
 
 
