@@ -98,7 +98,7 @@ def test_study_cli_refuses_a_non_canonical_site(tmp_path):
     [
         (dict(prompt="the man"), ObservationError, "is a str"),
         (dict(intervention={"w_3": 10**30}), InterventionError, "one token id"),
-        (dict(intervention=[("w_3", 4)]), InterventionError, r"intervention\[0\] must be a mapping of sites"),
+        (dict(intervention=[("w_3", 4)]), InterventionError, r"intervention\[0\] must be a mapping"),
         (dict(intervention={3: 4}), InterventionError, "site names are strings"),
         (dict(seed=2**70), InferenceError, "`seed`"),
         (dict(seed=-1), InferenceError, "`seed`"),

@@ -46,3 +46,22 @@ def test_quick_study_benchmark_prints_every_rate(tmp_path):
     assert set(rates) == names, result.stdout
     assert all(float(rate) > 0 for rate in rates.values())
     assert "exact-only study, 500 strings x 25 tokens:" in result.stdout
+
+
+def test_quick_bounds_benchmark_prints_its_ratios(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_bounds.py"), "--tokens", "6", "--reps", "3"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = r"^\| bounds / prob_unchanged(?:, CPU time)? \(≤ 1.2\) \| ([0-9.]+) \|$"
+    ratios = re.findall(row, result.stdout, flags=re.M)
+    assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), result.stdout
+
+
+def test_quick_attribute_benchmark_prints_every_row(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_attribute.py"), "--quick", "--tokens", "6"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| layer \| 3 \| 8 \| ([0-9.]+) \|", result.stdout, flags=re.M)
+    assert [row[0] for row in rows] == ["0", "1"] and all(float(s) > 0 for _, s in rows), result.stdout

@@ -169,6 +169,31 @@ def test_exact_probabilities_in_the_output(tiny_folder):
     assert "exact P(unchanged) = 1;" in table.stdout and "most probable counterfactual" in table.stdout
 
 
+def test_the_counterfactual_command_prints_the_bounds_over_mechanisms(tiny_folder):
+    """--json carries bounds() of the observation (the SCM's value inside the stable interval,
+    the stable one inside the other's); the table prints them; the null intervention gives 1
+    for every mechanism."""
+    args = ["counterfactual", "--model", tiny_folder, "--prompt", "the man", "--generate", "--max-new-tokens", "4",
+            "--samples", "2"]
+    null = json.loads(_run(*args, "--json").stdout)["exact"]["bounds"]
+    names = ("model", "gumbel", "stable_low", "any_low", "any_high")
+    assert {null[f"prob_unchanged_{name}"] for name in names} == {1.0}
+    changed = json.loads(_run(*args, "--intervention", "prompt=the woman", "--json").stdout)["exact"]
+    bounds = changed["bounds"]
+    for query in ("prob_unchanged", "expected_first_divergence"):
+        value, stable = bounds[f"{query}_model"], (bounds[f"{query}_stable_low"], bounds[f"{query}_stable_high"])
+        assert bounds[f"{query}_any_low"] <= stable[0] <= value <= stable[1] <= bounds[f"{query}_any_high"]
+    assert bounds["prob_unchanged_model"] == changed["prob_unchanged"]
+    assert bounds["prob_unchanged_stable_high"] < 1.0  # (the intervention matters)
+    table = " ".join(_run(*args, "--intervention", "prompt=the woman").stdout.split())
+    expected = (f"over mechanisms P(unchanged) {bounds['prob_unchanged_model']:.2g} (stable mechanisms "
+                f"{bounds['prob_unchanged_stable_low']:.2g}–{bounds['prob_unchanged_stable_high']:.2g}; any mechanism "
+                f"{bounds['prob_unchanged_any_low']:.2g}–{bounds['prob_unchanged_any_high']:.2g}); "
+                f"E[first divergence] {bounds['expected_first_divergence_model']:.2g} (stable")
+    assert expected in table, table
+    assert "P(unchanged) 1 (stable mechanisms 1–1; any mechanism 1–1)" in " ".join(_run(*args).stdout.split())
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_a_bf16_counterfactual_command_computes_in_compute_scope(tiny_folder, linear_calls, native):
     """All the model work of ``counterfactual --dtype bfloat16`` (the draws and the exact
@@ -201,3 +226,47 @@ def test_compare_mechanisms_command(tmp_path):
     assert all(r["strings"] == 2 and 0 <= r["prob_unchanged"] <= 1 for r in rows)
     bad = _run("compare-mechanisms", "--tiny", "--corpus", str(tmp_path / "missing.txt"))
     assert bad.exit_code == 2 and "does not exist" in " ".join(bad.output.split())
+
+
+@pytest.fixture(scope="module")
+def edited_folder(tmp_path_factory):
+    """The tiny model with small changes to the MLPs of both layers: a model swap split per layer."""
+    import torch
+
+    path = tmp_path_factory.mktemp("edited")
+    lm = tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(2):
+            weight = lm.model.get_parameter(f"model.layers.{i}.mlp.down_proj.weight")
+            weight.add_(0.05 * torch.randn(32, 64, generator=g))
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_attribute_command(tiny_folder, edited_folder, tmp_path):
+    import math
+
+    from pyro_lmscm import LanguageModelSCM
+    from pyro_lmscm.inference import exact_counterfactual
+    from pyro_lmscm.interventions import ModelSwap
+    from pyro_lmscm.loading import load_lm
+
+    args = ["attribute", "--model", tiny_folder, "--prompt", "the man", "--text", "said he went home",
+            "--intervention", f"model={edited_folder}"]
+    result = _run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["parts"] == ["layer 0", "layer 1"] and out["exact"] and out["num_passes"] == 4
+    assert abs(sum(out["shapley"].values()) - math.log(out["prob_unchanged"])) < 1e-9
+    lm, other = load_lm(tiny_folder), load_lm(edited_folder)  # the whole: P(unchanged) of the swap itself
+    scm = LanguageModelSCM(lm, 4, mechanisms={"model": ModelSwap(other)})
+    exact = exact_counterfactual(scm, lm.encode("the man"), lm.encode("said he went home"), {"mechanism": "model"})
+    assert abs(out["prob_unchanged"] - exact.prob_unchanged()) < 1e-6
+    table = _run(*args, "--plot", str(tmp_path / "parts.png"))
+    assert table.exit_code == 0, table.output
+    assert (tmp_path / "parts.png").read_bytes()[:4] == b"\x89PNG"
+    assert "layer 1" in table.stdout and "Shapley values add up to" in table.stdout
+    refused = _run(*args, "--by", "step")
+    assert refused.exit_code == 2 and "acts on every position" in " ".join(refused.output.split())

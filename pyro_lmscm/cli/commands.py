@@ -100,27 +100,45 @@ def _print_result(result, title: str) -> None:
         f"[bold]exact[/] P(unchanged) = {exact['prob_unchanged']:.4g}; P(first divergence at token t): "
         + ", ".join(f"t={t}: {divergence[t]:.3g}" for t in sorted(top))
     )
+    console.print(_bounds_line(exact["bounds"]))
     console.print(
         f"[bold]most probable counterfactual[/] (p = {math.exp(exact['mode_log_prob']):.3g}): ",
         _highlight(lm, result.factual_ids, torch.tensor(exact["mode_ids"])),
     )
 
 
+def _bounds_line(bounds: dict) -> str:
+    """P(unchanged) and E[first divergence] with their ranges over counterfactually stable
+    mechanisms and over all mechanisms (:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`)."""
+    parts = []
+    for query, label in (("prob_unchanged", "P(unchanged)"), ("expected_first_divergence", r"E\[first divergence]")):
+        def ends(name: str) -> str:
+            return f"{bounds[f'{query}_{name}_low']:.2g}–{bounds[f'{query}_{name}_high']:.2g}"
+
+        parts.append(f"{label} {bounds[f'{query}_model']:.2g} (stable mechanisms {ends('stable')}; "
+                     f"any mechanism {ends('any')})")
+    return "[bold]over mechanisms[/] " + "; ".join(parts)
+
+
 def _exact(result, num_beams: int = 4) -> dict:
     """Exact P(unchanged), first-divergence distribution and most probable counterfactual of
-    ``result``'s observation and intervention; ``{"error": ...}`` when the observation is
-    outside the teacher-forced decoding support (a top-k / top-p boundary token)."""
+    ``result``'s observation and intervention, and their bounds over mechanisms
+    (``"bounds"``: :meth:`~pyro_lmscm.inference.CounterfactualBounds.summary`); ``{"error": ...}``
+    when the observation is outside the teacher-forced decoding support (a top-k / top-p
+    boundary token)."""
     from ..errors import LMSCMError
     from ..inference import exact_counterfactual
 
     try:
         exact = exact_counterfactual(result.scm, result.prompt_ids, result.factual_ids, result.intervention)
         mode_ids, mode_log_prob = exact.mode(num_beams=num_beams)
+        bounds = exact.bounds()
     except LMSCMError as error:
         return {"error": str(error)}
     return {
-        "prob_unchanged": exact.prob_unchanged(),
+        "prob_unchanged": bounds.prob_unchanged["model"],  # (the same pass as exact.prob_unchanged())
         "first_divergence": exact.first_divergence().tolist(),
+        "bounds": bounds.summary(),
         "mode_ids": mode_ids.tolist(),
         "mode_text": result.scm.lm.decode(mode_ids),
         "mode_log_prob": mode_log_prob,

@@ -18,6 +18,8 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
+from .attribute import Attribution, StepAttribution, attribute
+from .bounds import CounterfactualBounds, keep_bounds
 from .compare import (
     AbductionComparison,
     ComparisonRow,
@@ -37,7 +39,12 @@ from .token_score_messenger import TokenScoreMessenger
 from .upstream import UpstreamHindsightGuide, upstream_marginals
 
 __all__ = [
+    "Attribution",
+    "StepAttribution",
+    "attribute",
     "DRAWS",
+    "CounterfactualBounds",
+    "keep_bounds",
     "ExactCounterfactual",
     "counterfactual_token_log_probs",
     "exact_counterfactual",

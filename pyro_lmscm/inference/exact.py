@@ -36,6 +36,7 @@ from ..models.incremental import MechanismBatch
 from ..models.teacher_forcing import decoded_steps
 from ..seeding import seeded
 from ..validation import as_int
+from .bounds import CounterfactualBounds, observed_keep_bounds
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -209,7 +210,7 @@ class ExactCounterfactual:
         n = observed.shape[-1]
         logits = self._counterfactual_logits(observed, n).cpu() if logits is None else logits
         log_q = self._observed_scores(logits, self._forced)
-        active = [t for t in range(n) if bool(self._active[t]) and t not in self._forced]
+        active = self._noisy_steps()
         if active:
             factual, counterfactual, tokens = self._factual[active], logits[0, active], observed[0, active]
             if relabel is not None:
@@ -217,6 +218,11 @@ class ExactCounterfactual:
                 factual, counterfactual, tokens = factual[:, relabel], counterfactual[:, relabel], new_id[tokens]
             log_q[active] = self.scm.noise.stay_log_prob(factual, counterfactual, tokens)
         return log_q
+
+    def _noisy_steps(self) -> list[int]:
+        """The observed steps whose token the abducted noise decides: before the observed end
+        and not forced by ``do(w_t = x)``."""
+        return [t for t in range(self.observed_ids.shape[-1]) if bool(self._active[t]) and t not in self._forced]
 
     def _observed_scores(self, logits: torch.Tensor, forced: dict[int, int]) -> torch.Tensor:
         """``(n,)`` float64: the observation's per-token log-probabilities given decoded logits
@@ -242,6 +248,24 @@ class ExactCounterfactual:
             model that reads token ids, such as ``InverseCDF(order="vocabulary")``, can tell).
         """
         return float(self._observed_log_q(self._relabel(relabel)).sum().exp())
+
+    def bounds(self) -> CounterfactualBounds:
+        """How much of :meth:`prob_unchanged` is the noise model: the keep probabilities of the
+        observed tokens, P(unchanged), E[first divergence] and the first-divergence CDF under
+        this SCM's noise model (``"model"``), under Gumbel-max (``"gumbel"``), and their exact
+        ranges over counterfactually stable mechanisms (``"stable"``) and over all mechanisms
+        (``"any"``) (:mod:`~pyro_lmscm.inference.bounds`); the same pass as :meth:`prob_unchanged`.
+
+        >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
+        >>> exact = exact_counterfactual(scm, torch.tensor([2, 3]), torch.tensor([7, 3, 9]), {})
+        >>> exact.bounds().prob_unchanged
+        {'model': 1.0, 'gumbel': 1.0, 'stable': (1.0, 1.0), 'any': (1.0, 1.0)}
+        """
+        observed = self.observed_ids.cpu()
+        n = observed.shape[-1]
+        logits = self._counterfactual_logits(observed[None], n).cpu()
+        log_q = self._observed_log_q(logits=logits)
+        return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, self._noisy_steps())
 
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
         if relabel is None:

@@ -2,6 +2,7 @@
 
 from .adapter import LoRAAdapter
 from .affine_steering import AffineSteering
+from .combined import Combined
 from .memit import EditRequest, MemitEdit, memit_edit
 from .model_swap import ModelSwap
 from .ops import Action, Intervention, InterventionValue, TextOrIds, as_do_data, world
@@ -14,6 +15,7 @@ __all__ = [
     "Action",
     "ActivationSteering",
     "AffineSteering",
+    "Combined",
     "EditRequest",
     "Intervention",
     "InterventionValue",

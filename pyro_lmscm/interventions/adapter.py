@@ -31,6 +31,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
@@ -40,6 +41,7 @@ import torch
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
 from .internals import restore_atomically, sigint_deferred
+from .weight_edit import part_of
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -143,6 +145,9 @@ class LoRAAdapter(Mechanism):
         self.model = model
         self.adapter_name = adapter_name
         self._layers = [layer for layer in layers if adapter_name in _adapters_of(layer)]
+        names = {id(module): name for name, module in model.named_modules()}
+        #: the module name of each adapted layer, as in ``model.named_modules()``
+        self._names = [names[id(layer)] for layer in self._layers]
         self._check_not_merged(layers)
         for layer in layers:
             layer.enable_adapters(False)
@@ -225,6 +230,19 @@ class LoRAAdapter(Mechanism):
                 "factual mechanism would not be the base model; disable them "
                 "(peft_model.base_model.disable_adapter_layers() or model.disable_adapters())."
             )
+
+    def parts(self) -> list[str]:
+        """One part per adapted decoder layer (``"layer 3"``: every adapted module in it), and
+        one per adapted module outside the decoder layers (its name)."""
+        return list(dict.fromkeys(part_of(name) for name in self._names))
+
+    def _restricted(self, parts: list[str]) -> LoRAAdapter:
+        """The adapter switched on in the modules of ``parts`` alone (the others stay off)."""
+        keep = [i for i, name in enumerate(self._names) if part_of(name) in parts]
+        adapter = copy.copy(self)
+        adapter._layers = [self._layers[i] for i in keep]
+        adapter._names = [self._names[i] for i in keep]
+        return adapter
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
         return self._enabled(lm)

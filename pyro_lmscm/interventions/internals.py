@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import _signal  # the C module: signal.signal is Python code, which could itself be interrupted
+import copy
 import signal
 import threading
 from contextlib import contextmanager
@@ -275,6 +276,14 @@ class _ResidualStreamEdit(Mechanism):
             positions = _absolute_positions(kwargs, type(self).__name__).to(hidden.device)
             edited = torch.where((positions >= self.start)[..., None], edited, hidden)
         return rebuild(edited)
+
+    def acting_from(self, position: int) -> _ResidualStreamEdit:
+        """The same edit at absolute positions ``>= max(start, position)`` alone: a copy with
+        that ``start`` (the edit itself is shared)."""
+        position = _check_int(position, "position", type(self).__name__, minimum=0)
+        edit = copy.copy(self)
+        edit.start = max(self.start, position)
+        return edit
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
         layer = _decoder_layers(lm.model)[_resolve_layer(lm.model, self.layer, type(self).__name__)]

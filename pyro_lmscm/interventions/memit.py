@@ -23,7 +23,7 @@ from ..errors import MechanismError
 from .internals import _check_int, _check_real, _decoder_layers, _layer_hidden_states, _resolve_layer
 from .ops import TextOrIds
 from .rome import _edit_texts, _key_moment, _Projection, _value_delta
-from .weight_edit import WeightDelta
+from .weight_edit import WeightDelta, part_of
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -74,6 +74,14 @@ class MemitEdit(WeightDelta):
         self.requests = list(requests)
         self.losses: list[list[float]] = []
         self.targets: torch.Tensor | None = None
+
+    def _with_deltas(self, deltas: dict[str, torch.Tensor]) -> MemitEdit:
+        """The edit of some of its layers: their deltas as computed for the whole edit (so the
+        layers together are this edit again), not a MEMIT solved for those layers alone."""
+        kept = {part_of(name) for name in deltas}
+        edit = MemitEdit(deltas, [layer for layer in self.layers if f"layer {layer}" in kept], self.requests)
+        edit.losses, edit.targets = self.losses, self.targets
+        return edit
 
     def __repr__(self) -> str:
         return f"MemitEdit(layers={self.layers}, {len(self.requests)} requests)"

@@ -4,6 +4,8 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
 
 * ``steer=female`` (or ``male``), optionally ``steer=female:ALPHA:LAYER`` -- a mechanism
   named ``"steer"`` from :func:`~pyro_lmscm.interventions.gender.gender_steering`, selected;
+  ``LAYER`` may list several layers, ``steer=female:1.0:4,8,12``: a
+  :class:`~pyro_lmscm.interventions.Combined` of one steering per layer (one part each);
 * ``mimic=female`` (or ``male``, optionally ``:ALPHA:LAYER``) -- MiMiC,
   :func:`~pyro_lmscm.interventions.gender.gender_mimic` (mean and covariance), named
   ``"mimic"``, selected;
@@ -141,18 +143,29 @@ def _gender_options(value: Any) -> dict[str, Any]:
     if rest:
         options["alpha"] = float(rest[0])
     if len(rest) > 1:
-        options["layer"] = int(rest[1])
+        layers = [int(layer) for layer in rest[1].split(",")]
+        options["layer"] = layers[0] if len(layers) == 1 else layers
     return options
 
 
+def _by_layer(build: Callable[..., Mechanism], lm: HFLanguageModel, options: dict[str, Any]) -> Mechanism:
+    """``build(lm, **options)``, or a :class:`Combined` of one per layer when ``layer`` is a list."""
+    layers = options.get("layer")
+    if not isinstance(layers, (list, tuple)):
+        return build(lm, **options)
+    from .combined import Combined
+
+    return Combined([build(lm, **{**options, "layer": layer}) for layer in layers])
+
+
 def _steer(lm: HFLanguageModel, value: Any) -> Mechanism:
-    return gender_steering(lm, **_gender_options(value))
+    return _by_layer(gender_steering, lm, _gender_options(value))
 
 
 def _mimic(lm: HFLanguageModel, value: Any) -> Mechanism:
     from .gender import gender_mimic
 
-    return gender_mimic(lm, **_gender_options(value))
+    return _by_layer(gender_mimic, lm, _gender_options(value))
 
 
 def _finetune(lm: HFLanguageModel, value: Any) -> Mechanism:

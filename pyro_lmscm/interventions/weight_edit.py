@@ -2,6 +2,7 @@ r"""Weight edits: parameter deltas applied in place while the mechanism is activ
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, ContextManager, Iterator, Mapping
 
@@ -14,7 +15,17 @@ from .internals import restore_atomically, sigint_deferred
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
 
-__all__ = ["WeightDelta"]
+__all__ = ["WeightDelta", "part_of"]
+
+#: The decoder-layer index in a parameter or module name (Llama ``model.layers.3.``, GPT-2 ``transformer.h.3.``).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
+
+
+def part_of(name: str) -> str:
+    """The part a parameter or module belongs to: ``"layer 3"`` for anything inside decoder
+    layer 3, else its own name (``"lm_head.weight"``, ``"model.norm.weight"``)."""
+    match = _LAYER.search(name)
+    return f"layer {match.group(1)}" if match else name
 
 
 def _parameter(lm: HFLanguageModel, name: str, owner: str) -> torch.nn.Parameter:
@@ -97,6 +108,18 @@ class WeightDelta(Mechanism):
                     "give its delta once."
                 )
             seen[id(parameter)] = name
+
+    def parts(self) -> list[str]:
+        """One part per edited decoder layer (``"layer 3"``: all its deltas), and one per
+        other parameter (its name), in the order of ``deltas``."""
+        return list(dict.fromkeys(part_of(name) for name in self.deltas))
+
+    def _restricted(self, parts: list[str]) -> WeightDelta:
+        return self._with_deltas({name: d for name, d in self.deltas.items() if part_of(name) in parts})
+
+    def _with_deltas(self, deltas: dict[str, torch.Tensor]) -> WeightDelta:
+        """A weight edit of ``deltas`` (a subset of this one's), as :meth:`restricted` builds it."""
+        return WeightDelta(deltas)
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
         return self._applied(lm)

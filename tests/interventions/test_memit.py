@@ -1,6 +1,7 @@
 """MEMIT: several facts at once over several layers, on the tiny model (the SmolLM2
 acceptance is in tests/test_smollm2_interventions.py)."""
 
+import math
 import random
 
 import pytest
@@ -111,3 +112,24 @@ def test_bad_spec(lm):
     for bad in ("memit=a|b", "memit=&", {"memit": {"layers": [0]}}):
         with pytest.raises(InterventionError):
             parse_intervention(bad, lm)
+
+
+def test_attribution_over_the_edited_layers(lm, edit):
+    """One part per edited layer; each alone is the hand-built weight edit of that layer's delta."""
+    from pyro_lmscm import LanguageModelSCM
+    from pyro_lmscm.inference import attribute, exact_counterfactual
+    from pyro_lmscm.interventions import WeightDelta
+
+    assert edit.parts() == ["layer 0", "layer 1"]
+    sub = edit.restricted(["layer 1"])
+    assert isinstance(sub, MemitEdit) and sub.layers == [1] and sub.requests == edit.requests
+    prompt, observed = lm.encode("she walked to the doctor"), lm.encode("home and the nurse")
+    scm = LanguageModelSCM(lm, 4, mechanisms={"memit": edit})
+    result = attribute(scm, prompt, observed, {"mechanism": "memit"})
+    for i, part in enumerate(result.parts):
+        name = f"model.layers.{i}.mlp.down_proj.weight"
+        hand = LanguageModelSCM(lm, 4, mechanisms={"m": WeightDelta({name: edit.deltas[name]})})
+        alone = exact_counterfactual(hand, prompt, observed, {"mechanism": "m"}).prob_unchanged()
+        assert abs(result.prob_unchanged_alone[part] - alone) < 1e-9
+    assert 0.01 < result.prob_unchanged < 0.99  # the edit can change this string (0.56)
+    assert abs(sum(result.shapley.values()) - math.log(result.prob_unchanged)) < 1e-9

@@ -25,6 +25,7 @@ import torch
 from pyro_lmscm.interventions import (
     ActivationSteering,
     AffineSteering,
+    Combined,
     LoRAAdapter,
     WeightDelta,
     internals,
@@ -141,6 +142,21 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
             rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1, cov_texts=texts, num_steps=2), lm
         )
 
+    def combined():  # steering at two layers and MiMiC at a third, undone as one
+        lm = tiny_llama(seed=0, num_hidden_layers=3)
+        eye = torch.eye(32, dtype=torch.float64)
+        zeros, ones = torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+        members = [ActivationSteering(torch.ones(32), layer=1, alpha=0.5), ActivationSteering(torch.ones(32), layer=0),
+                   AffineSteering(2, zeros, ones, eye, 2 * eye)]
+        mechanism = Combined(members)
+        return lm, lambda: _forward(mechanism, lm)
+
+    def sub_adapter():  # a LoRA adapter switched on in one of its layers (LoRAAdapter.restricted)
+        lm = tiny_llama(seed=0)
+        config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        adapter = LoRAAdapter.from_config(lm, config).restricted(["layer 1"])
+        return lm, lambda: _forward(adapter, lm)
+
     def float32_gemms():  # not a mechanism, but a scope that sets `forward` on the model's linears
         lm = tiny_llama(seed=0, dtype=torch.bfloat16)
 
@@ -151,7 +167,8 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
         return lm, scenario
 
     return {"WeightDelta": weight_delta, "ActivationSteering": steering, "AffineSteering": affine,
-            "LoRAAdapter": lora, "rome_edit": rome, "bf16_linears_in_float32": float32_gemms}
+            "LoRAAdapter": lora, "rome_edit": rome, "bf16_linears_in_float32": float32_gemms,
+            "Combined": combined, "LoRAAdapter.restricted": sub_adapter}
 
 
 def _forward(mechanism, lm) -> None:
