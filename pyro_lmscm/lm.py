@@ -517,9 +517,19 @@ class HFLanguageModel:
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.
 
-        :raises TokenizationError: without a tokenizer, or if the ids do not round-trip.
+        :raises TokenizationError: without a tokenizer, for a non-string or a lone surrogate,
+            or if the ids do not round-trip.
         """
         tokenizer = self._require_tokenizer()
+        if not isinstance(text, str):
+            raise TokenizationError(f"`text` must be a str, got {type(text).__name__} {text!r:.80}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate, e.g. from a JSON "\\ud800" escape
+            raise TokenizationError(
+                f"text {text!r:.80} holds a lone surrogate {text[error.start]!r} at character {error.start}, "
+                "which is no Unicode character and has no token; remove it."
+            ) from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         decoded = tokenizer.decode(ids)
         if decoded != text:
@@ -532,7 +542,7 @@ class HFLanguageModel:
     def decode(self, ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of the ids up to (not including) the first end-of-sequence token."""
         tokenizer = self._require_tokenizer()
-        ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+        ids = self._id_list(ids)
         for i, token in enumerate(ids):
             if token in self.eos_token_ids:
                 ids = ids[:i]
@@ -556,7 +566,7 @@ class HFLanguageModel:
         ['the', ' man', ' said']
         """
         tokenizer = self._require_tokenizer()
-        ids = [int(i) for i in torch.as_tensor(ids).flatten().tolist()]
+        ids = self._id_list(ids)
         pieces: list[str] = []
         done = ""  # text of the ids up to the last whole character
         start = 0  # index of the first id not yet in `done`
@@ -568,6 +578,27 @@ class HFLanguageModel:
             pieces.append(text[len(done) :] if text.startswith(done) else str(tokenizer.decode(ids[start:end])))
             done, start = text, end
         return pieces
+
+    def _id_list(self, ids: torch.Tensor | Sequence[int]) -> list[int]:
+        """``ids`` (any shape; empty is fine) as a flat list of non-negative integers. Not
+        checked against the model's vocabulary: a tokenizer may know more ids than the model.
+
+        :raises ObservationError: naming ``ids``, for text, fractions or negative ids.
+        """
+        if isinstance(ids, str):
+            raise ObservationError("`ids` is a str; pass token ids (encode text with HFLanguageModel.encode).")
+        try:
+            tensor = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise ObservationError(f"`ids` must hold integer token ids, got {ids!r:.80}: {error}") from None
+        if not tensor.numel():
+            return []
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ObservationError(f"`ids` must hold integer token ids, got dtype {tensor.dtype}.")
+        values = [int(i) for i in tensor.flatten().tolist()]
+        if min(values) < 0:
+            raise ObservationError(f"`ids` must be non-negative token ids, got {[v for v in values if v < 0][:5]}.")
+        return values
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

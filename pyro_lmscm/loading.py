@@ -473,6 +473,11 @@ def _hub_cache_folder(repo_id: str) -> Path | None:
     return Path(path).parent if isinstance(path, str) else None
 
 
+#: The files of a saved tokenizer: a folder with one of them whose tokenizer fails to load
+#: raises :class:`ModelLoadError` (without any, the model loads with ``tokenizer=None``).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
 def load_model_and_tokenizer(
     name_or_path: str = _DEFAULT_MODEL,
     *,
@@ -493,6 +498,11 @@ def load_model_and_tokenizer(
         (with a warning) when the checkpoint has none.
     :raises ModelLoadError: for a bad ``dtype``, or when the model cannot be fetched or loaded.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ModelLoadError(
+            f"`name_or_path` must be a model name or folder, got {type(name_or_path).__name__} {name_or_path!r:.80}."
+        )
+    name_or_path = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
     target = _resolve_device(device)
     hub_id = False
@@ -544,10 +554,18 @@ def load_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(
                 source, local_files_only=local_files_only, trust_remote_code=False
             )
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # the tokenizers library raises plain Exceptions too
             refused = _remote_code_error(name_or_path, exc)
             if refused is not None:
                 raise refused from exc
+            files = [name for name in _TOKENIZER_FILES if (Path(source) / name).is_file()]
+            if files or not isinstance(exc, (OSError, ValueError, TypeError, KeyError)):
+                # the folder has a tokenizer, and it is broken: not the same as none
+                raise ModelLoadError(
+                    f"Could not load the tokenizer of {name_or_path!r} from its {', '.join(files) or 'files'} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt or of another tokenizer. "
+                    "Replace it, or delete the tokenizer files to work with token ids only."
+                ) from exc
             warnings.warn(
                 f"No usable tokenizer for {name_or_path!r} ({type(exc).__name__}); returning "
                 "tokenizer=None. Token-id level use still works.",

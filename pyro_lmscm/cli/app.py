@@ -9,10 +9,11 @@ from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import LMSCMError, LMSCMWarning
 
-__all__ = ["app", "console", "err_console", "one_line_errors", "quiet_third_party"]
+__all__ = ["app", "console", "err_console", "one_line", "one_line_errors", "quiet_third_party"]
 
 app = typer.Typer(
     help="Language models as structural causal models: what would this very string have been?",
@@ -68,11 +69,17 @@ def _main(
         ctx.with_resource(quiet_third_party())
 
 
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a YAML parser's message spans several), its
+    brackets escaped so that rich prints them instead of reading markup."""
+    return escape(" ".join(str(error).split()))
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Library errors become one red line and exit status 2, not a traceback."""
     try:
         yield
     except (LMSCMError, ValueError) as error:
-        err_console.print(f"[bold red]error:[/] {error}")
+        err_console.print(f"[bold red]error:[/] {one_line(error)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import ObservationError
 from .app import app, console, err_console, one_line_errors
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -151,7 +152,12 @@ MAX_NEW_TOKENS_HELP = (
 
 
 def _steps(max_new_tokens: int | None, observed, default: int) -> int:
-    """The SCM's ``max_new_tokens``: as given, else the observed length, else ``default``."""
+    """The SCM's ``max_new_tokens``: as given, else the observed length, else ``default``.
+
+    :raises ObservationError: for an empty ``--text`` (rather than a zero length).
+    """
+    if observed is not None and not observed.numel():
+        raise ObservationError("`--text` is empty: give an observed continuation, or --generate to sample one.")
     if max_new_tokens is not None:
         return max_new_tokens
     return int(observed.shape[-1]) if observed is not None else default

@@ -18,8 +18,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import LMSCMError
-from .app import app
+from ..errors import LMSCMError, StudyError
+from .app import app, one_line
 
 __all__ = ["study_command"]
 
@@ -33,7 +33,10 @@ def _attribute(value: str | None) -> Any:
     if value.lower() == "none":
         return "none"
     if value.lstrip().startswith("{"):
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except ValueError as error:
+            raise StudyError(f"--attribute {value!r:.80} is not a valid JSON mapping: {error}.") from None
     return value
 
 
@@ -113,7 +116,7 @@ def study_command(
     device: Optional[str] = typer.Option(None, "--device", help="The model's device: cpu, cuda, cuda:1, ..."),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
-    from ..study.config import StudyConfig, StudyError, demo_config
+    from ..study.config import StudyConfig, demo_config
     from ..study.report import write_report
     from ..study.runner import load_study, run_study
 
@@ -184,7 +187,7 @@ def study_command(
             study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None}, allow_code=allow_code)
         result = run_study(study)
     except (LMSCMError, ValueError) as error:
-        _err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        _err.print(f"[bold red]error:[/] {one_line(error)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     recomputed = f" ({result.recomputed} of them again, with their changed batch)" if result.recomputed else ""
     _console.print(

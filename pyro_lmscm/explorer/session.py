@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
-from ..errors import LMSCMError, ObservationError
+from ..errors import DecodingError, InferenceError, InterventionError, LMSCMError, ObservationError
 from ..metrics import first_divergence, trim_after_end
-from ..validation import as_int
+from ..validation import as_int, as_seed
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
     from ..models.mechanism import Mechanism
 
 __all__ = ["ExploreRequest", "Exploration", "Explorer", "WorldRow"]
+
+#: The most posterior draws one request may ask for.
+MAX_DRAWS = 256
 
 #: progress callback: (fraction done, what is running)
 Progress = Callable[[float, str], None]
@@ -62,6 +65,32 @@ class ExploreRequest:
     top_k: int | None = 50
     baseline: bool = False
     num_beams: int = 4
+
+    def __post_init__(self) -> None:
+        owner = "ExploreRequest"
+        if not isinstance(self.prompt, str):
+            raise ObservationError(
+                f"{owner}: `prompt` must be a str, got {type(self.prompt).__name__} {self.prompt!r:.80}."
+            )
+        if self.observed is not None and not isinstance(self.observed, str):
+            raise ObservationError(
+                f"{owner}: `observed` must be a str or None, got {type(self.observed).__name__} {self.observed!r:.80}."
+            )
+        if not isinstance(self.intervention, Mapping):
+            raise InterventionError(
+                f"{owner}: `intervention` must be a spec mapping such as {{'steer': 'female:1.0'}} or {{'w_0': 3}}, "
+                f"got {type(self.intervention).__name__} {self.intervention!r:.80}; a spec string parses with "
+                "pyro_lmscm.interventions.spec.read_spec."
+            )
+        as_int(self.num_samples, "num_samples", minimum=1, maximum=MAX_DRAWS, error=InferenceError, owner=owner)
+        as_seed(self.seed, error=InferenceError)
+        if self.max_new_tokens is not None:  # None: the observation's length; 0 is no length
+            as_int(self.max_new_tokens, "max_new_tokens", minimum=1, error=InferenceError, owner=owner)
+        if self.top_k is not None:
+            as_int(self.top_k, "top_k", minimum=1, error=DecodingError, owner=owner)
+        if not isinstance(self.baseline, bool):
+            raise InferenceError(f"{owner}: `baseline` must be True or False, got {self.baseline!r:.80}.")
+        as_int(self.num_beams, "num_beams", minimum=1, error=InferenceError, owner=owner)
 
 
 @dataclass
@@ -161,7 +190,7 @@ class Explorer:
         from ..seeding import seeded
 
         prompt_ids = self._prompt(prompt)
-        scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max new tokens", minimum=1), Decoding(top_k=top_k))
+        scm = LanguageModelSCM(self.lm, as_int(max_new_tokens, "max_new_tokens", minimum=1), Decoding(top_k=top_k))
         with seeded(seed), compute_scope(self.lm):
             return sample_factual(scm, prompt_ids)[0].tolist()
 
@@ -195,16 +224,27 @@ class Explorer:
         from ..models import Decoding
 
         report = progress or (lambda fraction, what: None)
+        if not isinstance(request, ExploreRequest):
+            raise ObservationError(f"Explorer.run takes an ExploreRequest, got {type(request).__name__}.")
+        request = replace(request)  # checked again: its fields may have been set since
         prompt_ids = self._prompt(request.prompt)
-        if request.observed_ids:
-            observed: torch.Tensor | None = self.lm.check_ids(torch.tensor(request.observed_ids), "observed")
+        given = request.observed_ids
+        observed: torch.Tensor | None
+        if given is not None and not (isinstance(given, (list, tuple)) and not given):
+            observed = self.lm.check_ids(given, "observed_ids")
+            if observed.dim() != 1 or not observed.numel():
+                raise ObservationError(
+                    f"`observed_ids` must be one non-empty sequence of token ids, got shape {tuple(observed.shape)}."
+                )
         elif request.observed and request.observed.strip():
             observed = self.lm.encode(request.observed)
         else:
             observed = None
-        num_samples = as_int(request.num_samples, "draws", minimum=1, maximum=256, error=ObservationError)
-        num_beams = as_int(request.num_beams, "beams", minimum=1, error=ObservationError)
-        steps = request.max_new_tokens or (int(observed.shape[-1]) if observed is not None else 24)
+        num_samples, num_beams = int(request.num_samples), int(request.num_beams)  # checked by ExploreRequest
+        if request.max_new_tokens is not None:
+            steps = int(request.max_new_tokens)
+        else:
+            steps = int(observed.shape[-1]) if observed is not None else 24
         # each computing block in compute_scope, left before each snapshot is yielded (the
         # generator may wait there for the page, and the model's linears are patched inside)
         with compute_scope(self.lm):

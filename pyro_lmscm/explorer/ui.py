@@ -12,9 +12,11 @@ plot and the most probable counterfactual. A bad input shows its message in the 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LMSCMError
+from ..errors import InferenceError, LMSCMError
+from ..validation import as_int, as_real
 from .render import first_divergence_figure, render_summary, render_worlds
 from .session import Explorer, ExploreRequest
 
@@ -52,7 +54,7 @@ def intervention_spec(
     from ..errors import InterventionError
 
     if kind == STEER:
-        return {"steer": {"direction": direction, "alpha": float(alpha)}}
+        return {"steer": {"direction": direction, "alpha": as_real(alpha, "alpha", error=InterventionError)}}
     if kind == ROME:
         return {"rome": {"subject": subject, "prompt": rome_prompt, "target": target}}
     if kind == PROMPT:
@@ -60,7 +62,7 @@ def intervention_spec(
             raise InterventionError("prompt edit: type the new prompt.")
         return {"prompt": new_prompt}
     if kind == TOKEN:
-        if step is None or step != int(step) or step < 0:
+        if not isinstance(step, (int, float)) or not math.isfinite(step) or step != int(step) or step < 0:
             raise InterventionError("click a token of the factual string (or type a step) to force or exclude it.")
         if action == EXCLUDE:
             return {f"exclude_{int(step)}": "factual"}
@@ -102,6 +104,16 @@ def serve(explorer: Explorer, model_name: str = "", host: str = "127.0.0.1", por
     )
 
 
+def _whole(value: Any, name: str) -> int:
+    """A number field of the page (a float from ``gr.Number``) as an ``int``.
+
+    :raises InferenceError: naming the field, for an empty field or a fraction.
+    """
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return as_int(value, name, error=InferenceError)
+
+
 def _message(error: BaseException) -> str:
     return f"⚠️ **{type(error).__name__}:** {error}"
 
@@ -127,7 +139,8 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
 
     def sample(prompt, seed, top_k, max_new_tokens):
         try:
-            ids = explorer.sample(prompt, int(max_new_tokens) or 24, int(seed), int(top_k) or None)
+            ids = explorer.sample(prompt, _whole(max_new_tokens, "tokens") or 24, _whole(seed, "seed"),
+                                 _whole(top_k, "top-k") or None)
         except LMSCMError as error:
             return gr.skip(), gr.skip(), gr.skip(), _message(error)
         state = _state(prompt, ids)
@@ -147,10 +160,10 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                 observed=observed,
                 observed_ids=state["ids"] if same else None,
                 intervention=spec,
-                num_samples=int(num_samples),
-                seed=int(seed),
-                max_new_tokens=int(max_new_tokens) or None,
-                top_k=int(top_k) or None,
+                num_samples=_whole(num_samples, "draws"),
+                seed=_whole(seed, "seed"),
+                max_new_tokens=_whole(max_new_tokens, "tokens") or None,
+                top_k=_whole(top_k, "top-k") or None,
                 baseline=bool(baseline),
             )
             snapshots = explorer.stream(request, progress=lambda fraction, what: progress(fraction, desc=what))

@@ -285,6 +285,20 @@ def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_len
     )
 
 
+def _check_call(scm: Any, **flags: Any) -> None:
+    """The SCM and the on/off switches of a call: real bools, not ``"no"`` (which is true).
+
+    :raises InferenceError: naming the argument.
+    """
+    from ..models.scm import LanguageModelSCM
+
+    if not isinstance(scm, LanguageModelSCM):
+        raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise InferenceError(f"`{name}` must be True or False, got {value!r:.80}.")
+
+
 def counterfactual(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,
@@ -352,12 +366,11 @@ def counterfactual(
     >>> bool((result.counterfactual_ids[:, : len(result.factual_ids)] == result.factual_ids).all())
     True
     """
+    _check_call(scm, baseline=baseline, deterministic=deterministic, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     margin = as_real(margin, "margin", minimum=0.0)
-    if not isinstance(deterministic, bool):
-        raise InferenceError(f"`deterministic` must be True or False, got {deterministic!r}.")
     prompt = scm.check_prompt(prompt, single=True)
     if chunk_size is None:
         chunk_size = auto_chunk_size(scm, prompt.shape[-1], baseline)
@@ -489,6 +502,7 @@ def counterfactuals(
     >>> [tuple(r.counterfactual_ids.shape) for r in results]
     [(2, 4), (2, 4)]
     """
+    _check_call(scm, baseline=baseline, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=0)
     margin = as_real(margin, "margin", minimum=0.0)
     if isinstance(prompts, torch.Tensor) or not len(prompts):

@@ -12,7 +12,7 @@ from pyro.poutine.messenger import Messenger
 from ..errors import InterventionError, MechanismError, ObservationError
 from ..models.exclude_tokens_messenger import ExcludeTokensMessenger
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site, token_site
-from ..validation import as_token_id
+from ..validation import as_token_id, is_integer
 
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
@@ -133,14 +133,20 @@ def as_do_data(
         if scm.name and name.startswith(scm.site("")):
             name = name[len(scm.site("")) :]
         if name == MECHANISM:
+            if isinstance(value, torch.Tensor) or (is_integer(value) and not isinstance(value, int)):
+                if not is_integer(value):  # a tensor of several values, or of floats
+                    raise InterventionError(
+                        f"do({name}=...): give a mechanism name or one integer index, got {value!r:.80}."
+                    )
+                value = int(value.item())  # a one-element integer tensor or a NumPy integer
             try:
-                index = scm.mechanism_index(value.item() if isinstance(value, torch.Tensor) else value)  # type: ignore[arg-type]
+                index = scm.mechanism_index(value)
             except MechanismError as error:
                 raise InterventionError(f"do({name}={value!r}): {error}") from error
             data[name] = torch.tensor(index, device=device)
         elif name == PROMPT:
             try:
-                data[name] = scm.check_prompt(torch.as_tensor(value))
+                data[name] = scm.check_prompt(value)  # ids; a str is refused, naming `prompt`
             except ObservationError as error:
                 raise InterventionError(f"do(prompt=...): {error}") from error
         else:

@@ -63,17 +63,18 @@ class InterventionSpec:
 
 def read_spec(spec: str) -> Mapping[str, Any]:
     """The mapping of a spec string or of a JSON / YAML spec file (see the module docstring)."""
+    if not isinstance(spec, str):
+        raise InterventionError(
+            f"an intervention spec is a str ('steer=female', a .json/.yaml file) or a mapping, "
+            f"got {type(spec).__name__} {spec!r:.80}."
+        )
     path = Path(spec)
     if spec.endswith((".json", ".yaml", ".yml")):
-        if not path.is_file():
+        if not path.exists():
             raise InterventionError(f"intervention file {spec!r} does not exist.")
-        text = path.read_text()
-        if spec.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        if not path.is_file():
+            raise InterventionError(f"intervention file {spec!r} is not a file (a directory?).")
+        data = _load_file(path)
         if not isinstance(data, Mapping):
             raise InterventionError(f"intervention file {spec!r} must hold a mapping, got {type(data).__name__}.")
         return data
@@ -86,6 +87,25 @@ def read_spec(spec: str) -> Mapping[str, Any]:
             )
         items[key.strip()] = value.strip()
     return items
+
+
+def _load_file(path: Path) -> Any:
+    """The parsed content of a JSON or YAML file; every failure names the file."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InterventionError(
+            f"intervention file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+        ) from None
+    except OSError as error:
+        raise InterventionError(f"intervention file {str(path)!r} cannot be read: {error.strerror or error}.") from None
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as error:
+        kind = path.suffix[1:].upper()
+        raise InterventionError(f"intervention file {str(path)!r} is not valid {kind}: {error}") from None
 
 
 def _token(lm: HFLanguageModel, name: str, value: Any) -> int:
@@ -261,7 +281,7 @@ def parse_intervention(
     :raises InterventionError: on an unknown key or a bad value.
     :raises RemoteCodeError: for a ``model`` folder that needs code of its own.
     """
-    data = spec if isinstance(spec, Mapping) else read_spec(spec or "")
+    data = spec if isinstance(spec, Mapping) else read_spec("" if spec is None else spec)
     result = InterventionSpec()
     for key, value in data.items():
         try:

@@ -93,10 +93,24 @@ class LanguageModelSCM:
         collapsed: bool = False,
         noise: NoiseModel | None = None,
     ) -> None:
+        from ..lm import HFLanguageModel
+
+        if not isinstance(lm, HFLanguageModel):
+            hint = " (wrap it: HFLanguageModel(model, tokenizer))" if hasattr(lm, "forward") else ""
+            raise MechanismError(f"`lm` must be an HFLanguageModel{hint}, got {type(lm).__name__}.")
         max_new_tokens = as_int(max_new_tokens, "max_new_tokens", minimum=1, error=DecodingError)
         self.lm = lm
         self.max_new_tokens = max_new_tokens
+        if decoding is not None and not isinstance(decoding, Decoding):
+            raise DecodingError(
+                f"`decoding` must be a Decoding, e.g. Decoding(top_k=50), got {type(decoding).__name__} "
+                f"{decoding!r:.80}."
+            )
         self.decoding = decoding if decoding is not None else Decoding()
+        if mechanisms is not None and not isinstance(mechanisms, Mapping):
+            raise MechanismError(
+                f"`mechanisms` must be a mapping from names to Mechanisms, got {type(mechanisms).__name__}."
+            )
         mechanisms = dict(mechanisms or {})
         if FACTUAL in mechanisms:
             raise MechanismError(f"the mechanism name {FACTUAL!r} is reserved for index 0.")

@@ -31,7 +31,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from ..errors import StudyError
+from ..errors import DecodingError, StudyError
+from ..models.decoding import Decoding
 from ..validation import as_int, as_seed
 from .attribute import check_code_allowed
 
@@ -180,6 +181,8 @@ class StudyConfig:
             raise StudyError(f"StudyConfig: `corpus` must be a path or 'demo', got {self.corpus!r}.")
         self.corpus = str(self.corpus)
         if self.output is not None:
+            if not isinstance(self.output, (str, Path)) or not str(self.output):
+                raise StudyError(f"StudyConfig: `output` must be a folder path, got {self.output!r:.80}.")
             self.output = str(self.output)
         if self.batch_size == 0 and not isinstance(self.batch_size, bool):  # the default for the kind of study
             self.batch_size = DEFAULT_EXACT_BATCH_SIZE if self.exact_only is True else DEFAULT_BATCH_SIZE
@@ -207,9 +210,17 @@ class StudyConfig:
             self.ray = True
         if self.device is not None and not isinstance(self.device, str):
             raise StudyError(f"StudyConfig: `device` must be a device name such as 'cuda', got {self.device!r}.")
-        for flag in ("allow_code", "force_recompute", "exact_only", "draw_scores"):
+        for text in ("model", "dtype", "ray_address"):
+            if not isinstance(getattr(self, text), str) and not (text == "ray_address" and self.ray_address is None):
+                raise StudyError(f"StudyConfig: `{text}` must be a string, got {getattr(self, text)!r:.80}.")
+        for flag in ("allow_code", "force_recompute", "exact_only", "draw_scores", "ray", "report", "progress"):
             if not isinstance(getattr(self, flag), bool):
                 raise StudyError(f"StudyConfig: `{flag}` must be true or false, got {getattr(self, flag)!r}.")
+        top_k = None if self.top_k == 0 and not isinstance(self.top_k, bool) else self.top_k  # the CLI's "none"
+        try:  # the decoding settings, checked here rather than after the output folder is written
+            Decoding(self.temperature, top_k, self.top_p)
+        except DecodingError as error:
+            raise StudyError(f"StudyConfig: {error}") from None
         check_code_allowed(self.attribute, self.allow_code)
 
     # -- construction ------------------------------------------------------------------
@@ -241,7 +252,7 @@ class StudyConfig:
                 "line (or allow_code=True in Python) if you trust this config."
             )
         known = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise StudyError(f"unknown study config keys {unknown}; known keys: {sorted(known)}.")
         if "corpus" not in data:
@@ -258,9 +269,18 @@ class StudyConfig:
             ``ray_address`` (a Ray cluster is trusted with the process: only an override sets it).
         """
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise StudyError(f"study config file {str(path)!r} does not exist.")
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():
+            raise StudyError(f"study config file {str(path)!r} is not a file (a directory?).")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise StudyError(
+                f"study config {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+            ) from None
+        except OSError as error:
+            raise StudyError(f"study config {str(path)!r} cannot be read: {error.strerror or error}.") from None
         try:
             if path.suffix == ".json":
                 data = json.loads(text)
@@ -276,6 +296,11 @@ class StudyConfig:
             raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
         except Exception as error:  # yaml.YAMLError
             raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
+        if data is not None and not isinstance(data, Mapping):
+            raise StudyError(
+                f"study config {str(path)!r} must hold a mapping of settings (corpus: ..., model: ...), "
+                f"got {type(data).__name__} {data!r:.80}."
+            )
         data = dict(data or {})
         if data.get("ray_address") is not None:
             raise StudyError(

@@ -61,6 +61,15 @@ def _item(index: int, row: Mapping[str, Any], where: str) -> CorpusItem:
     if continuation == "":
         continuation = None
     ident, group = row.get("id"), row.get("group")
+    for key, value in (("prompt", prompt), ("continuation", continuation), ("id", ident), ("group", group)):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:  # a JSON "\ud800" escape: no character, no token
+                raise StudyError(
+                    f"{where}: `{key}` holds a lone surrogate {value[error.start]!r} at character {error.start}, "
+                    "which is no Unicode character; remove it."
+                ) from None
     return CorpusItem(
         index=index,
         prompt=prompt,
@@ -92,8 +101,8 @@ def _read_jsonl(text: str, name: str) -> list[CorpusItem]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from error
+        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+            raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from None
         if not isinstance(row, Mapping):
             raise StudyError(f"{name}, line {number}: expected an object with a `prompt`, got {row!r}.")
         items.append(_item(len(items), row, f"{name}, line {number}"))
@@ -125,13 +134,30 @@ def read_corpus(path: str | Path) -> list[CorpusItem]:
     [(0, 'The man said that he', None, 'men'), (1, 'The cat', ' sat down.', 'men')]
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise StudyError(f"corpus file {str(path)!r} does not exist.")
+    if not path.is_file():
+        raise StudyError(f"corpus file {str(path)!r} is not a file (a directory?); give a .txt, .jsonl or .csv file.")
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise StudyError(f"corpus file {str(path)!r}: expected a .txt, .jsonl or .csv file.")
-    items = reader(path.read_text(encoding="utf-8"), path.name)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise StudyError(f"corpus file {str(path)!r} cannot be read: {error.strerror or error}.") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte order mark (spreadsheet CSVs) is no part of the header
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise StudyError(
+            f"corpus file {str(path)!r}, line {line}: not UTF-8 text (byte {error.start}: {error.reason}); "
+            "save the file as UTF-8."
+        ) from None
+    try:
+        items = reader(text, path.name)
+    except csv.Error as error:
+        raise StudyError(f"corpus file {str(path)!r} is not valid CSV: {error}.") from None
     if not items:
         raise StudyError(f"corpus file {str(path)!r} holds no prompts.")
     return items

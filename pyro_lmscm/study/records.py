@@ -31,6 +31,7 @@ __all__ = [
     "JSONLStore",
     "ParquetStore",
     "RecordStore",
+    "check_complete",
     "open_store",
 ]
 
@@ -91,6 +92,50 @@ draw             {ids, text, tokens, token_log_prob_factual, token_log_prob_inte
 """
 
 
+def _check_record(record: Any, where: str) -> None:
+    """A stored record is an object with a non-negative integer ``index``.
+
+    :raises StudyError: naming ``where`` (the file and line), for anything else.
+    """
+    if not isinstance(record, dict):
+        raise StudyError(
+            f"{where} is not a record: expected an object with an `index`, got {record!r:.80}; the file was "
+            "edited or corrupted. Delete that line to resume."
+        )
+    index = record.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise StudyError(
+            f"{where}: the record's `index` must be a non-negative integer, got {index!r:.80}; the file was "
+            "edited or corrupted. Delete that line to resume."
+        )
+
+
+def check_complete(record: dict[str, Any], where: str) -> None:
+    """A record that a report can read: a ``prompt`` and either an ``error`` or the
+    ``factual`` string and lists of ``counterfactual`` and ``interventional`` draws.
+
+    :raises StudyError: naming ``where`` and the field.
+    """
+    def bad(field: str, expected: str) -> StudyError:
+        return StudyError(
+            f"{where}: record {record['index']} has no valid `{field}` ({expected}, got {record.get(field)!r:.60}); "
+            "the file was edited or corrupted, or it is not a study's."
+        )
+
+    if not isinstance(record.get("prompt"), str):
+        raise bad("prompt", "a string")
+    if record.get("error") is not None:
+        if not isinstance(record["error"], str):
+            raise bad("error", "a string")
+        return
+    if not isinstance(record.get("factual"), dict):
+        raise bad("factual", "an object")
+    for field in ("counterfactual", "interventional"):
+        draws = record.get(field)
+        if not isinstance(draws, list) or not all(isinstance(draw, dict) for draw in draws):
+            raise bad(field, "a list of draw objects")
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -149,11 +194,20 @@ class JSONLStore(RecordStore):
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline
-        out = [line.decode("utf-8") for line in complete if line.strip()]
+        out = []
+        for number, line in enumerate(complete, start=1):
+            if line.strip():
+                try:
+                    out.append(line.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    raise StudyError(
+                        f"{self.path}: line {number} is not UTF-8 text (byte {error.start}: {error.reason}); the file "
+                        "was edited or corrupted. Delete that line to resume."
+                    ) from None
         if tail.strip():  # a last line without its newline: check whether it is whole
             try:
                 json.loads(tail.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 return out  # cut short by a crash: ignore it
             out.append(tail.decode("utf-8"))
         return out
@@ -163,12 +217,14 @@ class JSONLStore(RecordStore):
         lines = self._lines()
         for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as error:
                 raise StudyError(
                     f"{self.path}: line {number} of {len(lines)} is not valid JSON ({error}); the "
                     "file was edited or corrupted. Delete that line to resume."
                 ) from error
+            _check_record(record, f"{self.path}: line {number} of {len(lines)}")
+            records.append(record)
         return self._unique_sorted(records)
 
     def _repair(self) -> None:
@@ -182,7 +238,7 @@ class JSONLStore(RecordStore):
         tail = data[keep:]
         try:
             json.loads(tail.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)
                 handle.flush()
@@ -213,7 +269,13 @@ class JSONLStore(RecordStore):
         if not drop or not self.path.is_file():
             return
         self.close()
-        keep = [line for line in self._lines() if int(json.loads(line)["index"]) not in drop]
+        lines = self._lines()
+        keep = []
+        for number, line in enumerate(lines, start=1):
+            record = json.loads(line)
+            _check_record(record, f"{self.path}: line {number} of {len(lines)}")
+            if record["index"] not in drop:
+                keep.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "wb") as handle:  # written aside and renamed: a crash keeps one whole file
             handle.write("".join(line + "\n" for line in keep).encode("utf-8"))
@@ -297,14 +359,29 @@ class ParquetStore(RecordStore):
         return sorted(self.path.glob("part-*.parquet")) if self.path.is_dir() else []
 
     def done(self) -> set[int]:
-        return {int(part.stem.split("-")[1]) for part in self._parts()}
+        indices = set()
+        for part in self._parts():
+            index = part.stem.split("-", 1)[1]
+            if not (index.isascii() and index.isdigit()):
+                raise StudyError(f"{part}: not a record part (part-<index>.parquet); remove it to resume.")
+            indices.add(int(index))
+        return indices
 
     def load(self) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         records = []
         for part in self._parts():
-            records.extend(pq.read_table(part, schema=self._schema).to_pylist())
+            try:
+                rows = pq.read_table(part, schema=self._schema).to_pylist()
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+                raise StudyError(
+                    f"{part}: not a readable record part ({type(error).__name__}: {error}); the file was edited or "
+                    "corrupted. Delete it to resume."
+                ) from None
+            for row in rows:
+                _check_record(row, str(part))
+            records.extend(rows)
         return self._unique_sorted(_drop_absent(r) for r in records)
 
     def append(self, record: dict[str, Any]) -> None:

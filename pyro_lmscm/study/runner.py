@@ -31,7 +31,7 @@ from ..lm import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import batch_fingerprints, record_fingerprint, study_inputs
-from .records import open_store
+from .records import check_complete, open_store
 from .worker import MessengerFactory, StudyWorker, check_messengers, torch_threads
 
 if TYPE_CHECKING:
@@ -72,6 +72,31 @@ class StudyResult:
         return path.read_text(encoding="utf-8") if path is not None else None
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The content of a ``study.json``: an object whose ``config`` is an object.
+
+    :raises StudyError: naming the file, for anything else.
+    """
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        raise StudyError(f"{path} is not a readable study file ({type(error).__name__}: {error}).") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise StudyError(
+            f"{path} is not a study file: expected an object with a `config` object, got {meta!r:.80}."
+        )
+    for key in ("result_settings", "inputs"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise StudyError(f"{path}: `{key}` must be an object, got {meta[key]!r:.80}.")
+    return meta
+
+
+def _has_records(output_dir: Path) -> bool:
+    """Whether the folder holds any stored record, in either format."""
+    jsonl, parquet = output_dir / "records.jsonl", output_dir / "records.parquet"
+    return (jsonl.is_file() and jsonl.stat().st_size > 0) or (parquet.is_dir() and any(parquet.glob("part-*")))
+
+
 def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -> bool:
     """Write ``study.json``, or check that an existing one describes the same study: the same
     result settings and the same model contents.
@@ -82,8 +107,8 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
     path = output_dir / META_FILE
     settings = json.loads(json.dumps(config.result_settings(), default=str))
     stale = False
-    if path.is_file():
-        meta = json.loads(path.read_text(encoding="utf-8"))
+    if path.is_file() and _has_records(output_dir):  # without records it describes no results yet
+        meta = _read_meta(path)
         old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
         new = {**settings, **inputs}
         diff = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value]
@@ -138,7 +163,10 @@ def _stale_records(
         if record.get("fingerprint") is not None:
             own = record["fingerprint"] != fingerprints[index]
         else:  # records of an older version carry no fingerprint
-            own = record["prompt"] != item.prompt or record["continuation_given"] != (item.continuation is not None)
+            own = (
+                record.get("prompt") != item.prompt
+                or record.get("continuation_given") != (item.continuation is not None)
+            )
         if own or record.get("id") != item.id or record.get("group") != item.group:
             changed.append(index)
         elif record.get("batch_fingerprint") is None:
@@ -250,7 +278,18 @@ def run_study(
     corpus = read_corpus(config.corpus_path)
     items = corpus[: config.limit] if config.limit is not None else corpus
     output_dir = config.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise StudyError(f"the output folder {str(output_dir)!r} is a file; choose another output folder.")
+    worker = None
+    if items and not config.ray and not _has_records(output_dir):
+        # a new study: the model, dtype, device, intervention and attribute check are checked
+        # (the worker built) before anything is written, so a bad config leaves nothing behind
+        with torch_threads(config.threads):
+            worker = StudyWorker(config, lm=lm, messengers=messengers)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission, a read-only disk
+        raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
     inputs = study_inputs(config)
     if messengers:
         inputs["messengers"] = json.dumps(sorted(messengers))
@@ -297,7 +336,7 @@ def run_study(
                 run_on_ray(config, todo, store_record)
             elif todo:
                 with torch_threads(config.threads):
-                    worker = StudyWorker(config, lm=lm, messengers=messengers)
+                    worker = worker if worker is not None else StudyWorker(config, lm=lm, messengers=messengers)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):
@@ -325,12 +364,18 @@ def load_study(output_dir: str | Path) -> tuple[StudyConfig, list[dict[str, Any]
     path = output_dir / META_FILE
     if not path.is_file():
         raise StudyError(f"{output_dir} holds no study ({META_FILE} is missing).")
-    data = json.loads(path.read_text(encoding="utf-8"))["config"]
+    data = dict(_read_meta(path)["config"])
     data.pop("allow_code", None)  # older versions stored it; a study folder never switches code on
     data["output"] = str(output_dir)
-    config = StudyConfig.from_mapping(data)
+    try:
+        config = StudyConfig.from_mapping(data)
+    except StudyError as error:
+        raise StudyError(f"{path}: the stored config is not valid: {error}") from None
     store = open_store(output_dir, config.format)
     try:
-        return config, store.load()
+        records = store.load()
     finally:
         store.close()
+    for record in records:
+        check_complete(record, str(store.path))
+    return config, records

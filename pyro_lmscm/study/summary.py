@@ -4,6 +4,7 @@ HTML report (:mod:`~pyro_lmscm.study.report`, :mod:`~pyro_lmscm.study.html`) bui
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -13,7 +14,17 @@ import numpy as np
 if TYPE_CHECKING:
     pass
 
-__all__ = ["EXACT", "EXACT_METRICS", "KINDS", "METRICS", "Metric", "SummaryRow", "summarize", "summary_markdown"]
+__all__ = [
+    "EXACT",
+    "EXACT_METRICS",
+    "KINDS",
+    "METRICS",
+    "Metric",
+    "SummaryRow",
+    "markdown_text",
+    "summarize",
+    "summary_markdown",
+]
 
 #: The two kinds of draws.
 KINDS = ("counterfactual", "interventional")
@@ -198,6 +209,18 @@ def _cell(row: SummaryRow) -> str:
     return f"{_fmt(row.mean)} [{_fmt(row.low)}, {_fmt(row.high)}]"
 
 
+def markdown_text(text: str) -> str:
+    r"""``text`` (a corpus group name) as inert text in a markdown table cell: HTML tags
+    (``<script>``) and entities escaped, ``|``, ``[`` and ``]`` backslash-escaped, line breaks
+    as spaces.
+
+    >>> markdown_text("<script>alert(1)</script> | [x](javascript:y)")
+    '&lt;script&gt;alert(1)&lt;/script&gt; \\| \\[x\\](javascript:y)'
+    """
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
+
+
 def _labels(metrics: Iterable[Metric]) -> dict[str, str]:
     return {m.key: m.label for m in metrics}
 
@@ -223,7 +246,7 @@ def summary_markdown(
         cells = [labels.get(metric, metric), _cell(kinds["counterfactual"]), _cell(kinds["interventional"])]
         cells += [_cell(kinds["difference"]), f"{kinds['counterfactual'].n} / {kinds['interventional'].n}"]
         if head.startswith("| group"):
-            cells.insert(0, group)
+            cells.insert(0, markdown_text(group))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Means over draws with {level} cluster-bootstrap intervals (strings resampled).")
@@ -234,6 +257,6 @@ def summary_markdown(
         lines.append("|---" * (4 if with_group else 3) + "|")
         for row in exact:
             cells = [exact_labels.get(row.metric, row.metric), _cell(row), str(row.n)]
-            lines.append("| " + " | ".join(([row.group] if with_group else []) + cells) + " |")
+            lines.append("| " + " | ".join(([markdown_text(row.group)] if with_group else []) + cells) + " |")
         lines += ["", f"Exact metrics (exact_counterfactual): means over strings, {level} bootstrap intervals."]
     return "\n".join(lines) + "\n"
