@@ -167,8 +167,8 @@ class Explorer:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
         from ..inference.counterfactual import trim
-        from ..lm import compute_scope
         from ..models import Decoding
+        from ..runtime import compute_scope
         from ..seeding import seeded
 
         prompt_ids = self._prompt(prompt)
@@ -202,8 +202,8 @@ class Explorer:
         from .. import LanguageModelSCM, counterfactual
         from ..inference import exact_counterfactual
         from ..inference.exact import expected_first_divergence
-        from ..lm import compute_scope
         from ..models import Decoding
+        from ..runtime import compute_scope
 
         report = progress or (lambda fraction, what: None)
         prompt_ids = self._prompt(request.prompt)

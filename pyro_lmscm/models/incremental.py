@@ -19,11 +19,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import MechanismError
-from ..lm import release_freed_memory
-
-#: decoding steps between two :func:`~pyro_lmscm.lm.release_freed_memory` on the CPU (a
-#: trim costs a fraction of a millisecond; trimmed every step, the peak was no lower)
-TRIM_EVERY = 8
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -68,7 +63,6 @@ class MechanismBatch:
         prompts = prompt.expand(*self.batch_shape, length).reshape(-1, length)
         self.mechanism = mechanism.expand(self.batch_shape).reshape(-1).to(self.device)
         self.groups: list[_Group] = []
-        self._steps = 0
         for m in torch.unique(self.mechanism).tolist():
             if not 0 <= m < len(mechanisms):
                 raise MechanismError(
@@ -122,9 +116,6 @@ class MechanismBatch:
                 group.cache.reorder_cache(keep)
             with self.mechanisms[group.index].activate(self.lm) as f:
                 group.logits, group.cache = f.step(tokens[group.rows], group.cache)
-        self._steps += 1
-        if self._steps % TRIM_EVERY == 0 and self.device.type == "cpu":
-            release_freed_memory()
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the rows ``index`` of the flattened batch, in that order (a row may repeat):
