@@ -31,7 +31,7 @@ from .errors import ObservationError, TokenizationError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LEFT_PAD", "HFLanguageModel", "PaddedCache", "cache_keyword", "left_pad"]
+__all__ = ["LEFT_PAD", "HFLanguageModel", "PaddedCache", "cache_keyword", "left_pad", "preallocate"]
 
 #: The id that left-pads a batch of prompts of different lengths (not a token).
 LEFT_PAD = -1
@@ -76,6 +76,94 @@ class PaddedCache:
     def reorder_cache(self, index: torch.Tensor) -> None:
         self.cache.reorder_cache(index)
         self.mask = self.mask[index.to(self.mask.device)]
+
+
+@functools.cache
+def _preallocated_layer() -> type:
+    """The class of :func:`preallocate`'s layers (made on first use: transformers loads late)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):  # type: ignore[misc, valid-type]
+        """A ``DynamicLayer`` whose keys and values are views ``[:, :, :length]`` of buffers
+        ``(batch, heads, capacity, head_dim)`` allocated once: :meth:`update` writes the new
+        positions in place instead of concatenating. Everything else in transformers reads
+        ``keys``/``values`` as it reads a ``DynamicLayer``'s (the length is their dim -2)."""
+
+        def _buffers(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            self.key_buffer, self.value_buffer = keys, values
+            length = 0 if self.keys is None else self.keys.shape[-2]
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+        def update(  # type: ignore[override]
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            length = self.keys.shape[-2]
+            end = length + key_states.shape[-2]
+            if end > self.key_buffer.shape[-2]:  # more than announced: grow (twice, to stay amortised)
+                capacity = max(end, 2 * self.key_buffer.shape[-2])
+                self._buffers(_with_capacity(self.key_buffer, capacity), _with_capacity(self.value_buffer, capacity))
+            self.key_buffer[:, :, length:end] = key_states
+            self.value_buffer[:, :, length:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+            index = beam_idx.to(self.key_buffer.device)
+            self._buffers(self.key_buffer.index_select(0, index), self.value_buffer.index_select(0, index))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._buffers(self.key_buffer[indices], self.value_buffer[indices])
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            keys, values = self.key_buffer, self.value_buffer
+            self._buffers(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
+
+        def reset(self) -> None:
+            self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+
+    return PreallocatedLayer
+
+
+def _with_capacity(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A buffer ``(..., capacity, d)`` whose first positions are ``tensor`` ``(..., n, d)``."""
+    buffer = tensor.new_empty((*tensor.shape[:-2], capacity, tensor.shape[-1]))
+    buffer[..., : tensor.shape[-2], :] = tensor
+    return buffer
+
+
+def preallocate(cache: Any, max_length: int) -> Any:
+    r"""Give each full-attention layer of a transformers ``DynamicCache`` buffers of
+    ``max_length`` positions, allocated once, and return the cache.
+
+    A ``DynamicCache`` grows by one ``torch.cat`` per layer and token: each step allocates
+    the whole cache anew and frees the old one, a block a little larger each time, which
+    the C allocator cannot reuse and so keeps resident. Here each layer's keys and values
+    become views ``[:, :, :length]`` of buffers ``(batch, heads, max_length, head_dim)``;
+    a step writes its position in place, and attention reads the same ``length`` positions
+    as before. Reordering the rows (``reorder_cache``: rows that finish, a batch that
+    grows) copies the buffers once. A layer of any other kind (a sliding window, a linear
+    attention state) is left as it is, and a layer asked for more than ``max_length``
+    positions grows, so this only ever changes where the cache lives.
+
+    :param cache: what the model returned under ``use_cache=True``.
+    :param max_length: the positions the cache will hold: its prefix and every token
+        appended later.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return cache
+    layer_class = _preallocated_layer()
+    for i, layer in enumerate(layers):
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4:
+            continue
+        new = layer_class.__new__(layer_class)
+        new.__dict__.update(layer.__dict__)
+        capacity = max(max_length, layer.keys.shape[-2])
+        new._buffers(_with_capacity(layer.keys, capacity), _with_capacity(layer.values, capacity))
+        layers[i] = new
+    return cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,12 +316,15 @@ class HFLanguageModel:
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def prefill(self, input_ids: torch.Tensor, max_length: int | None = None) -> tuple[torch.Tensor, Any]:
         """Run the prompts ``input_ids`` of shape ``(n, L)`` and open a KV cache; each distinct
         prompt runs once (a study's draws of one string share its prompt), its logits and cache
         repeated for its rows.
 
         :param input_ids: prompt ids, possibly left-padded (:data:`LEFT_PAD`).
+        :param max_length: the positions the cache will hold (``L`` and the tokens that
+            :meth:`step` will append): its memory is then allocated here, once
+            (:func:`preallocate`); ``None`` lets it grow with each step.
         :returns: the next-token logits ``(n, V)`` (float32) and the cache (a
             :class:`PaddedCache` for padded prompts).
         """
@@ -241,6 +332,8 @@ class HFLanguageModel:
         ids, padding = _padding(unique, self.pad_token_id)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
         cache = out[self._cache_keyword]
+        if max_length is not None:
+            cache = preallocate(cache, max_length)
         if padding:
             cache = PaddedCache(cache, padding["attention_mask"])
         logits = out.logits[:, -1].float()

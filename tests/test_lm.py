@@ -110,3 +110,61 @@ def test_token_texts_cut_at_character_boundaries(byte_level_lm, text):
             assert tokenizer.decode(ids[:end]) == "".join(pieces[:end])
     if not text.isascii():  # baseline: decoding one token at a time breaks these characters
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+
+
+# -- preallocate: a KV cache whose memory is allocated once ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_length", [16, 9], ids=["enough", "too short: grows"])
+def test_a_preallocated_cache_decodes_bit_for_bit_as_a_growing_one(lm, lm_bf16, dtype, max_length):
+    """Left-padded prompts (one repeated, so ``prefill`` reorders its cache), rows that leave
+    (``reorder_cache``) and rows repeated (a beam search's ``select``): every step's logits equal
+    those of the growing ``DynamicCache`` (the independent path) bit for bit. With ``max_length``
+    too short for the 9 + 7 positions the buffers grow and the logits still agree."""
+    from pyro_lmscm.lm import left_pad
+
+    model = lm if dtype == torch.float32 else lm_bf16
+    generator = torch.Generator().manual_seed(5)
+    prompts = left_pad([torch.randint(2, model.vocab_size, (n,), generator=generator) for n in (9, 4)] * 2)
+    tokens = torch.randint(2, model.vocab_size, (7, 4), generator=generator)
+    keep = [torch.arange(4)] * 3 + [torch.tensor([0, 2, 3])] + [torch.tensor([2, 0, 0, 1])] + [torch.arange(4)] * 2
+
+    def decode(length):
+        logits, cache = model.prefill(prompts, length)
+        out = [logits]
+        rows = torch.arange(4)
+        for t in range(7):
+            if t:
+                cache.reorder_cache(keep[t])
+                rows = rows[keep[t]]
+            logits, cache = model.step(tokens[t, : rows.numel()], cache)
+            out.append(logits)
+        return out, cache
+
+    grown, grown_cache = decode(None)
+    preallocated, cache = decode(max_length)
+    assert all(torch.equal(a, b) for a, b in zip(grown, preallocated))
+    layer = cache.cache.layers[0]
+    assert type(layer).__name__ == "PreallocatedLayer" and type(grown_cache.cache.layers[0]).__name__ == "DynamicLayer"
+    assert layer.keys.shape[-2] == 16 and layer.key_buffer.shape[-2] == (16 if max_length == 16 else 18)
+
+
+def test_a_preallocated_cache_writes_each_step_in_place(lm):
+    """Memory by design: between two reorders a step allocates no cache memory (every layer's
+    keys stay a view of the buffer allocated at ``prefill``). Baseline: the growing cache,
+    whose keys move to a new allocation at every step."""
+    ids = torch.randint(2, lm.vocab_size, (3, 5))
+
+    def addresses(max_length):
+        _, cache = lm.prefill(ids, max_length)
+        seen = []
+        for t in range(4):
+            _, cache = lm.step(ids[:, t], cache)
+            seen.append([layer.keys.untyped_storage().data_ptr() for layer in cache.layers])
+        return seen
+
+    preallocated = addresses(9)
+    assert all(step == preallocated[0] for step in preallocated) and len(preallocated[0]) == len(lm.model.model.layers)
+    grown = addresses(None)  # (torch.cat writes each layer's new keys while the old ones live)
+    assert all(a != b for before, after in zip(grown, grown[1:]) for a, b in zip(before, after))

@@ -45,6 +45,10 @@ class MechanismBatch:
     :param mechanisms: the SCM's mechanisms; ``mechanisms[m]`` is mechanism ``m``.
     :param prompt: prompt ids of shape ``(..., L)``.
     :param mechanism: mechanism indices, any shape broadcastable with ``prompt.shape[:-1]``.
+    :param max_tokens: the most tokens :meth:`advance` will append: each group's KV cache
+        then holds ``L + max_tokens`` positions, allocated once when it opens
+        (:func:`~pyro_lmscm.lm.preallocate`), so decoding allocates no cache memory step by
+        step; ``None`` lets the caches grow.
     :raises MechanismError: for an index outside ``[0, len(mechanisms))``.
     """
 
@@ -54,6 +58,7 @@ class MechanismBatch:
         mechanisms: Sequence[Mechanism],
         prompt: torch.Tensor,
         mechanism: torch.Tensor,
+        max_tokens: int | None = None,
     ) -> None:
         self.lm = lm
         self.mechanisms = mechanisms
@@ -71,7 +76,7 @@ class MechanismBatch:
                 )
             rows = torch.nonzero(self.mechanism == m).flatten()
             with mechanisms[m].activate(lm) as f:  # (each distinct prompt runs once)
-                logits, cache = f.prefill(prompts[rows])
+                logits, cache = f.prefill(prompts[rows], None if max_tokens is None else length + max_tokens)
             self.groups.append(_Group(m, rows, logits, cache))
 
     def logits(self) -> torch.Tensor:
