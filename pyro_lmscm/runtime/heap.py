@@ -79,14 +79,12 @@ def heap_allocations() -> Iterator[None]:
 
 def release_freed_memory() -> None:
     """Give the pages of freed CPU memory back to the operating system (glibc's
-    ``malloc_trim(0)``; a no-op elsewhere).
+    ``malloc_trim(0)``; a no-op elsewhere), for an entry point between two large pieces of work.
 
-    A KV cache that grows by one token per step frees a block of every size on its way;
-    glibc keeps such blocks resident, so without this the peak resident memory of a long
-    decoding run wanders between one and two times what it holds (measured on SmolLM2,
-    64 draws of 64 tokens: 102 to 217 MB above the model; trimmed every 8 steps, 85 to
-    96 MB). Nothing is moved and nothing live is touched. Inside :func:`heap_allocations`,
-    which keeps freed memory for the next blocks, a no-op: that scope's exit trims.
+    Nothing is moved and nothing live is touched. The decoding loop does not call it: its KV
+    cache is allocated once per run (:func:`pyro_lmscm.lm.preallocate`). Inside
+    :func:`heap_allocations`, which keeps freed memory for the next blocks, a no-op: that
+    scope's exit trims.
     """
     libc = _glibc()
     if libc is not None and not _HEAP_SCOPES[0]:  # (a heap_allocations() scope keeps them until its exit)
