@@ -79,7 +79,7 @@ class PaddedCache:
 
 
 @functools.cache
-def _preallocated_layer() -> type:
+def _preallocated_layer() -> Any:
     """The class of :func:`preallocate`'s layers (made on first use: transformers loads late)."""
     from transformers.cache_utils import DynamicLayer
 
@@ -97,7 +97,7 @@ def _preallocated_layer() -> type:
         def update(  # type: ignore[override]
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            length = self.keys.shape[-2]
+            length = 0 if self.keys is None else self.keys.shape[-2]
             end = length + key_states.shape[-2]
             if end > self.key_buffer.shape[-2]:  # more than announced: grow (twice, to stay amortised)
                 capacity = max(end, 2 * self.key_buffer.shape[-2])
@@ -156,12 +156,13 @@ def preallocate(cache: Any, max_length: int) -> Any:
         return cache
     layer_class = _preallocated_layer()
     for i, layer in enumerate(layers):
-        if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4:
+        keys, values = layer.keys, layer.values
+        if type(layer) is not DynamicLayer or keys is None or values is None or keys.dim() != 4:
             continue
         new = layer_class.__new__(layer_class)
         new.__dict__.update(layer.__dict__)
-        capacity = max(max_length, layer.keys.shape[-2])
-        new._buffers(_with_capacity(layer.keys, capacity), _with_capacity(layer.values, capacity))
+        capacity = max(max_length, keys.shape[-2])
+        new._buffers(_with_capacity(keys, capacity), _with_capacity(values, capacity))
         layers[i] = new
     return cache
 
