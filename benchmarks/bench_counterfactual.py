@@ -35,13 +35,15 @@ step runs the intervened model.
 Also: ``--profile`` (pyinstrument) splits the time of ``counterfactual`` into Pyro's
 handlers, this package's Python, and torch / transformers; ``--memory`` reports the peak
 resident memory of ``counterfactual(num_samples=64)`` with and without ``chunk_size``,
-each in a fresh subprocess.
+each in a fresh subprocess (``--memory-only``: nothing else; ``--memory-runs null`` only the
+first, the null intervention without chunks).
 
 Usage::
 
     python benchmarks/bench_counterfactual.py --quick          # tiny model, < 1 minute
     python benchmarks/bench_counterfactual.py                  # SmolLM2 fp32 + bf16 + tiny
     python benchmarks/bench_counterfactual.py --models smollm2-fp32 --profile --memory
+    python benchmarks/bench_counterfactual.py --memory-only --memory-runs null  # the memory target
 
 It prints measured ratios and asserts nothing.
 """
@@ -57,7 +59,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,61 +301,85 @@ def _shares(root: Any) -> dict[str, float]:
     return shares
 
 
-def memory_child(name: str, tokens: int, draws: int, chunk_size: int | None, baseline: bool) -> None:
-    """Peak RSS above the settled baseline while one ``counterfactual`` runs (subprocess)."""
-    import psutil
+def _status_mb(key: str) -> float:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in MiB."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def memory_child(name: str, tokens: int, draws: int, chunk_size: int | None, baseline: bool, case: str) -> None:
+    """Peak resident memory above the model while one ``counterfactual`` runs (a fresh process).
+
+    ``case`` "null": ``counterfactual(scm, prompt, None, {}, num_samples=draws, seed=0)`` on the
+    SCM as loaded (it samples the factual string, then replays it); "prompt": the observed
+    T-token string under another prompt, on the SCM that never stops early. A warm-up call
+    with 2 draws first pages in the weights and builds every lazy buffer; the model's memory
+    is the resident set after it. The peak is the kernel's high-water mark (``ru_maxrss``),
+    reset to the current resident set after the warm-up (``/proc/self/clear_refs``), so it is
+    the measured call's own peak."""
+    import resource
 
     setup = build(name, tokens)
-    scm = setup.scm
-    kwargs: dict[str, Any] = {"baseline": baseline}
+    if case == "null":
+        from pyro_lmscm import LanguageModelSCM
+
+        scm, observed, intervention = LanguageModelSCM(setup.lm, max_new_tokens=tokens), None, {}
+    else:
+        scm, observed, intervention = setup.scm, setup.observed, {"prompt": setup.alt_prompt}
+    kwargs: dict[str, Any] = {"baseline": baseline, "seed": 0}
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
-    counterfactual(scm, setup.prompt, setup.observed, {"prompt": setup.alt_prompt}, num_samples=2, **kwargs)
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    peak = baseline
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
+    counterfactual(scm, setup.prompt, observed, intervention, num_samples=2, **kwargs)
+    model = _status_mb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")  # the high-water mark starts again from the resident set
+        reset = True
+    except OSError:
+        reset = False
     start = time.perf_counter()
-    counterfactual(scm, setup.prompt, setup.observed, {"prompt": setup.alt_prompt}, num_samples=draws, **kwargs)
+    result = counterfactual(scm, setup.prompt, observed, intervention, num_samples=draws, **kwargs)
     seconds = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    peak = max(peak, process.memory_info().rss)
-    print(json.dumps({"baseline_mb": baseline / 2**20, "peak_mb": (peak - baseline) / 2**20, "seconds": seconds}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "model_mb": model, "peak_mb": peak - model, "after_mb": _status_mb("VmRSS") - model, "reset": reset,
+        "steps": int(result.counterfactual_ids.shape[-1]), "factual_length": int(result.factual_ids.shape[-1]),
+        "seconds": seconds,
+    }))
 
 
-def memory(name: str, tokens: int, draws: int, runs: list[tuple[int | None, bool]], threads: int) -> str:
+def memory(name: str, tokens: int, draws: int, runs: list[tuple[str, int | None, bool]], threads: int) -> str:
     vocab = load(name).vocab_size if name == "tiny" else 49152
     noise_mb = draws * tokens * vocab * 4 / 2**20
     lines = [
         (
-            f"peak resident memory above the loaded model, `counterfactual(num_samples={draws})`, "
-            f"T = {tokens}, V = {vocab}; posterior noise N·T·V·4 B = {noise_mb:,.0f} MB"
+            f"peak resident memory above the model (ru_maxrss, after a warm-up call), "
+            f"`counterfactual(num_samples={draws})`, T = {tokens}, V = {vocab}; posterior noise N·T·V·4 B = "
+            f"{noise_mb:,.0f} MB. null: `counterfactual(scm, prompt, None, {{}}, num_samples={draws}, seed=0)`; "
+            "prompt: the observed string under another prompt"
         ),
         "",
-        "| chunk_size | baseline | peak RSS increase (MB) | time (s) |",
-        "|---|---|---:|---:|",
+        "| case | chunk_size | baseline | factual tokens | peak RSS increase (MB) | left after (MB) | time (s) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for chunk, baseline in runs:
+    for case, chunk, baseline in runs:
         command = [
             sys.executable, __file__, "--memory-child", name, str(tokens), str(draws), str(chunk), str(baseline),
-            "--threads", str(threads),
+            case, "--threads", str(threads),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode != 0:
-            lines.append(f"| {chunk} | {baseline} | failed: {out.stderr.strip().splitlines()[-1:]} | |")
+            lines.append(f"| {case} | {chunk} | {baseline} | failed: {out.stderr.strip().splitlines()[-1:]} | | | |")
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        lines.append(f"| {chunk} | {baseline} | {result['peak_mb']:,.0f} | {result['seconds']:.1f} |")
+        mark = "" if result["reset"] else " (high-water mark not reset)"
+        lines.append(
+            f"| {case} | {chunk} | {baseline} | {result['factual_length']} | {result['peak_mb']:,.0f}{mark} | "
+            f"{result['after_mb']:,.0f} | {result['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -395,12 +420,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile", action="store_true", help="pyinstrument: Pyro's share of the time")
     parser.add_argument("--memory", action="store_true", help="peak memory of num_samples=64 per chunk_size")
-    parser.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-only", action="store_true",
+        help="only the memory runs: the null intervention without chunks (the target: at most 150 MB on SmolLM2 "
+        "fp32 at T = 64), then the other cases",
+    )
+    parser.add_argument(
+        "--memory-runs", default="null,prompt,prompt:16,prompt:4,prompt+baseline,prompt:16+baseline",
+        help="the memory runs, comma-separated: case (null or prompt), then :chunk_size, then +baseline",
+    )
+    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        name, tokens, draws, chunk, baseline = args.memory_child
-        memory_child(name, int(tokens), int(draws), None if chunk == "None" else int(chunk), baseline == "True")
+        name, tokens, draws, chunk, baseline, case = args.memory_child
+        memory_child(name, int(tokens), int(draws), None if chunk == "None" else int(chunk), baseline == "True", case)
+        return
+    memory_runs: list[tuple[str, int | None, bool]] = []
+    for run in args.memory_runs.split(","):
+        case, _, chunk = run.removesuffix("+baseline").partition(":")
+        memory_runs.append((case, int(chunk) if chunk else None, run.endswith("+baseline")))
+    if args.memory_only:
+        name = "tiny" if args.quick else (args.models or "smollm2-fp32").split(",")[0]
+        print(f"Machine: {machine(args.threads)}\n")
+        print(memory(name, args.tokens, 64, memory_runs, args.threads))
         return
 
     models = args.models.split(",") if args.models else (["tiny"] if args.quick else list(MODELS))
@@ -426,8 +469,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         name = "tiny" if args.quick else "smollm2-fp32"
         print()
-        runs: list[tuple[int | None, bool]] = [(None, False), (16, False), (4, False), (None, True), (16, True)]
-        print(memory(name, args.tokens, 64, runs, args.threads))
+        print(memory(name, args.tokens, 64, memory_runs, args.threads))
 
 
 if __name__ == "__main__":

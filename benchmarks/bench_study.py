@@ -36,7 +36,7 @@ bf16 kernels           with torch's own (reference) bf16 kernels instead of the
                        float32 GEMMs of ``bf16_kernels``, for their gain in this run
 =====================  =============================================================  =======
 
-Every case runs in :func:`~pyro_lmscm.lm.compute_scope`, as a study does (the reference and
+Every case runs in :func:`~pyro_lmscm.runtime.compute_scope`, as a study does (the reference and
 the draws-only case too): where the CPU has no native bfloat16 GEMM (AVX2 alone), bfloat16
 linears of 8 rows or more multiply in float32 (a decoding step of one string keeps the native
 kernel), and large tensors reuse freed heap memory instead of faulting in fresh pages.
@@ -73,8 +73,8 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, unless on PYTHONPATH
 
-from pyro_lmscm import lm as lm_module
-from pyro_lmscm.lm import HFLanguageModel, compute_scope, native_bf16_gemm
+from pyro_lmscm.lm import HFLanguageModel
+from pyro_lmscm.runtime import compute_scope, kernels, native_bf16_gemm
 from pyro_lmscm.study import StudyConfig, run_study
 from pyro_lmscm.study.config import DEFAULT_BATCH_SIZE, DEFAULT_EXACT_BATCH_SIZE
 
@@ -99,7 +99,7 @@ def study_case(
     lm: HFLanguageModel, folder: Path, corpus: str, settings: dict[str, Any], name: str, native: bool = False
 ) -> Callable[[], int]:
     """A study into a fresh folder per call; returns the strings processed. ``native``: with
-    torch's own bfloat16 kernels, not the float32 GEMMs of :func:`~pyro_lmscm.lm.bf16_kernels`."""
+    torch's own bfloat16 kernels, not the float32 GEMMs of :func:`~pyro_lmscm.runtime.bf16_kernels`."""
     runs = [0]
 
     def run() -> int:
@@ -109,7 +109,7 @@ def study_case(
             **settings,
         )
         # native: bf16_kernels (the runner's and the worker's) is told the CPU has bf16 kernels
-        with mock.patch.object(lm_module, "native_bf16_gemm", lambda: True) if native else contextlib.nullcontext():
+        with mock.patch.object(kernels, "native_bf16_gemm", lambda: True) if native else contextlib.nullcontext():
             result = run_study(config, lm=lm)
         assert all(r.get("error") is None for r in result.records), [r["error"] for r in result.records if r["error"]]
         return result.computed

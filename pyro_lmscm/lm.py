@@ -20,11 +20,9 @@ Logits are returned in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import threading
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -33,19 +31,7 @@ from .errors import ObservationError, TokenizationError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = [
-    "FLOAT32_COPY_BUDGET",
-    "LEFT_PAD",
-    "HFLanguageModel",
-    "PaddedCache",
-    "bf16_kernels",
-    "bf16_linears_in_float32",
-    "compute_scope",
-    "heap_allocations",
-    "left_pad",
-    "native_bf16_gemm",
-    "release_freed_memory",
-]
+__all__ = ["LEFT_PAD", "HFLanguageModel", "PaddedCache", "cache_keyword", "left_pad", "preallocate"]
 
 #: The id that left-pads a batch of prompts of different lengths (not a token).
 LEFT_PAD = -1
@@ -93,218 +79,92 @@ class PaddedCache:
 
 
 @functools.cache
-def _glibc() -> Any:
-    """glibc, for ``malloc_trim`` and ``mallopt``, or ``None`` (another C library, another
-    platform)."""
-    import ctypes
-    import ctypes.util
-    import sys
+def _preallocated_layer() -> Any:
+    """The class of :func:`preallocate`'s layers (made on first use: transformers loads late)."""
+    from transformers.cache_utils import DynamicLayer
 
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim, libc.mallopt  # musl and others have neither
-    except (OSError, AttributeError):
-        return None
-    return libc
+    class PreallocatedLayer(DynamicLayer):  # type: ignore[misc, valid-type]
+        """A ``DynamicLayer`` whose keys and values are views ``[:, :, :length]`` of buffers
+        ``(batch, heads, capacity, head_dim)`` allocated once: :meth:`update` writes the new
+        positions in place instead of concatenating. Everything else in transformers reads
+        ``keys``/``values`` as it reads a ``DynamicLayer``'s (the length is their dim -2)."""
 
+        def _buffers(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            self.key_buffer, self.value_buffer = keys, values
+            length = 0 if self.keys is None else self.keys.shape[-2]
+            self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
-# glibc's mallopt() parameters and their defaults (malloc.h, malloc/malloc.c)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_HEAP_SCOPES = [0]  # heap_allocations() scopes open in this process
-_HEAP_LOCK = threading.Lock()
+        def update(  # type: ignore[override]
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            length = 0 if self.keys is None else self.keys.shape[-2]
+            end = length + key_states.shape[-2]
+            if end > self.key_buffer.shape[-2]:  # more than announced: grow (twice, to stay amortised)
+                capacity = max(end, 2 * self.key_buffer.shape[-2])
+                self._buffers(_with_capacity(self.key_buffer, capacity), _with_capacity(self.value_buffer, capacity))
+            self.key_buffer[:, :, length:end] = key_states
+            self.value_buffer[:, :, length:end] = value_states
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+            return self.keys, self.values
 
+        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+            index = beam_idx.to(self.key_buffer.device)
+            self._buffers(self.key_buffer.index_select(0, index), self.value_buffer.index_select(0, index))
 
-@contextlib.contextmanager
-def heap_allocations() -> Iterator[None]:
-    """A scope in which glibc serves every CPU allocation from its heap and keeps the freed
-    blocks there for the next ones (``mallopt(M_MMAP_MAX, 0)``, a trim threshold of 2 GiB);
-    on exit the defaults come back and the freed memory is given back (``malloc_trim``). A
-    no-op without glibc.
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._buffers(self.key_buffer[indices], self.value_buffer[indices])
 
-    By default glibc maps each block above its mmap threshold (which adapts to the blocks
-    freed, up to 32 MiB; 256 rows of SmolLM2's 49,152 logits are 50 MB in float32) from the
-    operating system and unmaps it when freed, so every new tensor of that size first faults
-    in and zeroes all its pages: a float32 -> float64 copy of 256 rows of V took 38 ms that
-    way and 12 ms from the heap, and the exact-only study ran 20% faster (SmolLM2 bf16, 64
-    strings, in-process A/B: 0.43 -> 0.34 s per string; 192 strings: 0.41 -> 0.34 s, at a
-    peak 500 MB higher, 2.6 GB; the MC study 1.60 -> 1.44 s per string, peak 1.7 GB both).
-    :func:`release_freed_memory` does nothing inside. Scopes nest (the outermost one
-    restores); the setting is the process's, so it also holds for other threads while open.
-    glibc keeps its mmap threshold fixed after a ``mallopt``: it no longer adapts to the sizes
-    freed."""
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _HEAP_LOCK:
-        _HEAP_SCOPES[0] += 1
-        if _HEAP_SCOPES[0] == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        with _HEAP_LOCK:
-            _HEAP_SCOPES[0] -= 1
-            if _HEAP_SCOPES[0] == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            keys, values = self.key_buffer, self.value_buffer
+            self._buffers(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
+
+        def reset(self) -> None:
+            self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+
+    return PreallocatedLayer
 
 
-def release_freed_memory() -> None:
-    """Give the pages of freed CPU memory back to the operating system (glibc's
-    ``malloc_trim(0)``; a no-op elsewhere).
+def _with_capacity(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A buffer ``(..., capacity, d)`` whose first positions are ``tensor`` ``(..., n, d)``."""
+    buffer = tensor.new_empty((*tensor.shape[:-2], capacity, tensor.shape[-1]))
+    buffer[..., : tensor.shape[-2], :] = tensor
+    return buffer
 
-    A KV cache that grows by one token per step frees a block of every size on its way;
-    glibc keeps such blocks resident, so without this the peak resident memory of a long
-    decoding run wanders between one and two times what it holds (measured on SmolLM2,
-    64 draws of 64 tokens: 102 to 217 MB above the model; trimmed every 8 steps, 85 to
-    96 MB). Nothing is moved and nothing live is touched. Inside :func:`heap_allocations`,
-    which keeps freed memory for the next blocks, a no-op: that scope's exit trims.
+
+def preallocate(cache: Any, max_length: int) -> Any:
+    r"""Give each full-attention layer of a transformers ``DynamicCache`` buffers of
+    ``max_length`` positions, allocated once, and return the cache.
+
+    A ``DynamicCache`` grows by one ``torch.cat`` per layer and token: each step allocates
+    the whole cache anew and frees the old one, a block a little larger each time, which
+    the C allocator cannot reuse and so keeps resident. Here each layer's keys and values
+    become views ``[:, :, :length]`` of buffers ``(batch, heads, max_length, head_dim)``;
+    a step writes its position in place, and attention reads the same ``length`` positions
+    as before. Reordering the rows (``reorder_cache``: rows that finish, a batch that
+    grows) copies the buffers once. A layer of any other kind (a sliding window, a linear
+    attention state) is left as it is, and a layer asked for more than ``max_length``
+    positions grows, so this only ever changes where the cache lives.
+
+    :param cache: what the model returned under ``use_cache=True``.
+    :param max_length: the positions the cache will hold: its prefix and every token
+        appended later.
     """
-    libc = _glibc()
-    if libc is not None and not _HEAP_SCOPES[0]:  # (a heap_allocations() scope keeps them until its exit)
-        libc.malloc_trim(0)
+    from transformers.cache_utils import DynamicLayer
 
-
-#: Bytes of float32 weight copies that :func:`bf16_linears_in_float32` keeps (1 GiB).
-FLOAT32_COPY_BUDGET = 1 << 30
-
-
-def native_bf16_gemm() -> bool:
-    """Whether torch multiplies bfloat16 matrices on this CPU with oneDNN's kernels (AVX-512,
-    AVX512-BF16, AMX, or Arm's BF16), rather than with its reference kernel.
-
-    On an x86 CPU with AVX2 alone (``torch.__config__.show()``: "CPU capability usage: AVX2")
-    the reference kernel runs a bfloat16 ``linear`` at about 15 GFLOP/s, its cost linear in
-    the rows (measured on a 2-core AMD EPYC: 446 ms for 128 rows of one SmolLM2 layer plus its
-    head, against 80 ms in float32); :func:`bf16_linears_in_float32` works around it.
-    """
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return True if probe is None else bool(probe())
-
-
-@contextlib.contextmanager
-def bf16_linears_in_float32(
-    model: "torch.nn.Module", min_rows: int = 8, copy_budget: int = FLOAT32_COPY_BUDGET
-) -> Iterator[None]:
-    """Within the scope, each bfloat16 ``nn.Linear`` of ``model`` called on the CPU with at
-    least ``min_rows`` rows runs as a float32 GEMM on exact float32 copies of its input,
-    weight and bias, and rounds its output back to bfloat16.
-
-    For CPUs without native bfloat16 GEMM kernels (:func:`native_bf16_gemm` is false), where it
-    is 2-7x faster from 16 rows on. The arithmetic is the reference kernel's: products of
-    bfloat16 numbers summed in float32, the output rounded to bfloat16; only the order of the
-    sums differs, as between batch sizes on CPUs whose kernels round with the batch. Rows
-    fewer than ``min_rows`` (a decoding step of one string) keep the native kernel: there,
-    reading float32 weights (twice the bytes) costs more than the reference kernel's
-    arithmetic (measured on 1 and 4 rows: 3.6 and 15 ms native, 10.6 and 23 ms in float32).
-
-    The scope sets ``forward`` on each such module (only where the class's is
-    ``nn.Linear.forward``; hooks run as before) and removes it on exit, atomically. A module
-    whose ``forward`` is already set (by an enclosing scope, or by accelerate's hooks) is left
-    alone, so a nested scope changes nothing and the enclosing one keeps its copies. The float32
-    copy of a weight is made on first use and kept while the weight's version counter stands
-    still: every in-place edit through torch (``copy_``, ``add_``, as the weight-edit
-    mechanisms make) bumps it, and the next call copies the edited weight. An edit through
-    ``.data`` bumps nothing; make none inside the scope. The copies are kept up to
-    ``copy_budget`` bytes (:data:`FLOAT32_COPY_BUDGET`; SmolLM2-135M needs 540 MB, twice its
-    bfloat16 weights) and go with the scope; a weight beyond the budget is copied for each
-    call and freed after it, so a large model takes one weight's copy at a time, not twice its
-    memory. Calls that need a gradient keep the native kernel.
-
-    >>> layer = torch.nn.Linear(8, 4, dtype=torch.bfloat16)
-    >>> x = torch.randn(16, 8).bfloat16()
-    >>> with torch.no_grad(), bf16_linears_in_float32(layer):
-    ...     y = layer(x)
-    >>> in_float32 = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
-    >>> y.dtype, bool((y == in_float32.bfloat16()).all())
-    (torch.bfloat16, True)
-    >>> "forward" in vars(layer)
-    False
-    """
-    import weakref
-
-    from .interventions.internals import restore_atomically
-
-    copies: dict[int, tuple[Any, int, torch.Tensor]] = {}
-    kept = [0]  # bytes of the copies kept
-
-    def float32(weight: torch.Tensor) -> torch.Tensor:
-        entry = copies.get(id(weight))
-        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
-            return entry[2]
-        copy = weight.detach().float()
-        if entry is not None:  # a stale copy (an edited weight, or another tensor at a reused id)
-            kept[0] -= entry[2].nbytes
-            del copies[id(weight)]
-        if kept[0] + copy.nbytes <= copy_budget:
-            copies[id(weight)] = (weakref.ref(weight), weight._version, copy)
-            kept[0] += copy.nbytes
-        return copy
-
-    def patched(module: torch.nn.Linear) -> Any:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            weight, bias = module.weight, module.bias
-            if (
-                x.dtype == torch.bfloat16
-                and weight.dtype == torch.bfloat16
-                and x.device.type == "cpu"
-                and x.numel() >= min_rows * max(x.shape[-1], 1)
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            ):
-                bias32 = None if bias is None else bias.detach().float()
-                return torch.nn.functional.linear(x.float(), float32(weight), bias32).to(torch.bfloat16)
-            return torch.nn.functional.linear(x, weight, bias)
-
-        return forward
-
-    linears = [
-        module
-        for module in model.modules()
-        if isinstance(module, torch.nn.Linear)
-        and type(module).forward is torch.nn.Linear.forward
-        and "forward" not in vars(module)
-        and module.weight.dtype == torch.bfloat16
-    ]
-
-    def restore() -> None:  # idempotent
-        for module in linears:
-            vars(module).pop("forward", None)
-
-    try:
-        for module in linears:
-            module.forward = patched(module)  # type: ignore[method-assign]
-        yield
-    finally:
-        restore_atomically(restore)
-        copies.clear()
-
-
-def bf16_kernels(lm: "HFLanguageModel") -> ContextManager[None]:
-    """The scope in which ``lm`` runs fastest on this CPU: :func:`bf16_linears_in_float32` for a
-    bfloat16 model on a CPU without native bfloat16 GEMM kernels, else a no-op. The study
-    worker runs its batches in it."""
-    if lm.dtype == torch.bfloat16 and lm.device.type == "cpu" and not native_bf16_gemm():
-        return bf16_linears_in_float32(lm.model)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
-    """The scope in which every entry point runs its work on ``lm`` (the study worker and
-    runner, each command of the command line, the explorer, the benchmarks):
-    :func:`bf16_kernels` (float32 GEMMs for a bfloat16 model on a CPU without native bfloat16
-    kernels) and :func:`heap_allocations` (large tensors reuse freed heap memory). Both nest, so
-    a caller's scope around many calls keeps one set of float32 weight copies and one heap. Hold
-    it only while computing: inside it, the model's linears are patched and glibc's setting is
-    the process's (the explorer leaves it at each snapshot it yields)."""
-    with bf16_kernels(lm), heap_allocations():
-        yield
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return cache
+    layer_class = _preallocated_layer()
+    for i, layer in enumerate(layers):
+        keys, values = layer.keys, layer.values
+        if type(layer) is not DynamicLayer or keys is None or values is None or keys.dim() != 4:
+            continue
+        new = layer_class.__new__(layer_class)
+        new.__dict__.update(layer.__dict__)
+        capacity = max(max_length, keys.shape[-2])
+        new._buffers(_with_capacity(keys, capacity), _with_capacity(values, capacity))
+        layers[i] = new
+    return cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,12 +317,15 @@ class HFLanguageModel:
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def prefill(self, input_ids: torch.Tensor, max_length: int | None = None) -> tuple[torch.Tensor, Any]:
         """Run the prompts ``input_ids`` of shape ``(n, L)`` and open a KV cache; each distinct
         prompt runs once (a study's draws of one string share its prompt), its logits and cache
         repeated for its rows.
 
         :param input_ids: prompt ids, possibly left-padded (:data:`LEFT_PAD`).
+        :param max_length: the positions the cache will hold (``L`` and the tokens that
+            :meth:`step` will append): its memory is then allocated here, once
+            (:func:`preallocate`); ``None`` lets it grow with each step.
         :returns: the next-token logits ``(n, V)`` (float32) and the cache (a
             :class:`PaddedCache` for padded prompts).
         """
@@ -470,6 +333,8 @@ class HFLanguageModel:
         ids, padding = _padding(unique, self.pad_token_id)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
         cache = out[self._cache_keyword]
+        if max_length is not None:
+            cache = preallocate(cache, max_length)
         if padding:
             cache = PaddedCache(cache, padding["attention_mask"])
         logits = out.logits[:, -1].float()

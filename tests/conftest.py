@@ -118,22 +118,22 @@ def linear_calls(monkeypatch):
     work in ``compute_scope``."""
     import torch
 
-    from pyro_lmscm import lm as lm_module
+    from pyro_lmscm.runtime import heap, kernels
 
     class Calls(list):
         def native(self, flag: bool) -> None:
-            monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: flag)
+            monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: flag)
 
         def all_in_heap_scope(self) -> bool:
             """Every call ran in a heap_allocations scope (vacuously without glibc, where the
             scope is a no-op)."""
-            return lm_module._glibc() is None or all(heap for _, _, heap in self)
+            return heap._glibc() is None or all(heap for _, _, heap in self)
 
     calls = Calls()
     linear = torch.nn.functional.linear
 
     def spy(x, *args, **kwargs):
-        calls.append((x.shape[:-1].numel(), x.dtype, lm_module._HEAP_SCOPES[0] > 0))
+        calls.append((x.shape[:-1].numel(), x.dtype, heap._HEAP_SCOPES[0] > 0))
         return linear(x, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)

@@ -98,7 +98,7 @@ def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapsho
     bfloat16 GEMM and in bfloat16 where it has one (the baseline: the scope then changes no
     kernel), and in a heap_allocations scope. At each snapshot the stream yields, the scope is
     closed: no linear is left patched and glibc has its defaults back."""
-    from pyro_lmscm import lm as lm_module
+    from pyro_lmscm.runtime import heap
 
     linear_calls.native(native)
     explorer = Explorer(tiny_llama(seed=0, dtype=torch.bfloat16))
@@ -108,7 +108,7 @@ def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapsho
     for _ in explorer.stream(request):
         snapshots += 1
         assert not any("forward" in vars(m) for m in explorer.lm.model.modules())
-        assert lm_module._HEAP_SCOPES[0] == 0
+        assert heap._HEAP_SCOPES[0] == 0
     assert snapshots == 3
     wide = {dtype for rows, dtype, _ in linear_calls if rows >= 8}
     narrow = {dtype for rows, dtype, _ in linear_calls if rows < 8}

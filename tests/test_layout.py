@@ -1,5 +1,15 @@
-"""The layout: no import cycle between the package's modules, and the rungs of the ladder
-(models < interventions < inference) never import upward."""
+"""The layout: no import cycle between the package's modules, no import from a lower level to a
+higher one, and the process policy (:mod:`pyro_lmscm.runtime`) entered by entry points only.
+
+Levels, low to high: the base modules (``errors``, ``lm``, ``loading``, ``metrics``, ``seeding``,
+``validation``) < ``models`` (rung 1) < ``interventions`` (rung 2) < ``inference`` (rung 3) <
+the entry points (``study``, ``explorer``, ``cli``), the test harness ``testing`` and the package's
+own ``__init__`` (the public API, from which entry points take names). ``runtime`` stands apart: it
+may import base modules, and only the entry points may import it.
+
+An import of ``a.b.c`` also runs the ``__init__`` of its package ``a.b``; the graph has that edge
+too (an import loop through a package ``__init__`` is a loop all the same).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +19,15 @@ from pathlib import Path
 import pyro_lmscm
 
 PACKAGE = Path(pyro_lmscm.__file__).resolve().parent
-RUNGS = {"models": 1, "interventions": 2, "inference": 3}
+ROOT = PACKAGE.name
+BASE = {"errors", "lm", "loading", "metrics", "seeding", "validation"}
+LEVELS = {**dict.fromkeys(BASE, 0), "models": 1, "interventions": 2, "inference": 3,
+          "study": 4, "explorer": 4, "cli": 4, "testing": 4}
+ENTRY_POINTS = {"study", "explorer", "cli"}
+RUNTIME = "runtime"
+# runtime.kernels takes restore_atomically from interventions.internals until the restore helpers
+# move to a base module (issue 34, item 5)
+ALLOWED = {(f"{ROOT}.runtime.kernels", f"{ROOT}.interventions.internals")}
 
 
 def _module_name(path: Path) -> str:
@@ -38,18 +56,23 @@ def _imports(path: Path) -> set[str]:
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
-                if target.startswith("pyro_lmscm"):
+                if target.split(".")[0] == ROOT:
                     for alias in node.names:  # `from . import commands` names a module
                         candidate = f"{target}.{alias.name}"
                         found.add(candidate if _exists(candidate) else target)
             elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("pyro_lmscm"))
+                found.update(a.name for a in node.names if a.name.split(".")[0] == ROOT)
             elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
                 handlers = [h for handler in getattr(node, "handlers", []) for h in handler.body]
                 visit(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []) + handlers)
 
     visit(ast.parse(path.read_text()).body)
+    for target in list(found):  # importing a.b.c runs a.b's __init__ (the root's is the public API)
+        parts = target.split(".")
+        found.update(".".join(parts[:i]) for i in range(2, len(parts)))
     found.discard(module)
+    if path.name != "__init__.py":  # a module's own package is already being imported
+        found.discard(package)
     return found
 
 
@@ -60,6 +83,23 @@ def _exists(module: str) -> bool:
 
 def _graph() -> dict[str, set[str]]:
     return {_module_name(path): _imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def _top(module: str) -> str | None:
+    """The top-level module or subpackage of ``module``; ``None`` for the root package."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _level(module: str) -> int:
+    top = _top(module)
+    return LEVELS["study"] if top is None else LEVELS[top]
+
+
+def test_every_module_has_a_place():
+    """A new top-level module or subpackage must be given its level here."""
+    unplaced = sorted({_top(m) for m in _graph()} - set(LEVELS) - {RUNTIME, None})
+    assert not unplaced, unplaced
 
 
 def test_no_import_cycle():
@@ -81,18 +121,40 @@ def test_no_import_cycle():
     assert not cycles, cycles
 
 
-def test_lower_rungs_do_not_import_higher_ones():
-    def rung(module: str) -> int:
-        parts = module.split(".")
-        return RUNGS.get(parts[1], 0) if len(parts) > 1 else 0
-
-    upward = [(a, b) for a, targets in _graph().items() for b in targets if rung(a) and rung(b) > rung(a)]
+def test_no_module_imports_a_higher_level():
+    """Base modules import no rung, and a rung no higher rung nor an entry point; package
+    ``__init__`` edges included."""
+    upward = [
+        (a, b) for a, targets in _graph().items() for b in targets
+        if RUNTIME not in (_top(a), _top(b)) and _level(b) > _level(a)
+    ]
     assert not upward, upward
+
+
+def test_only_entry_points_import_the_runtime_and_it_imports_only_base_modules():
+    graph = _graph()
+    importers = [
+        (a, b) for a, targets in graph.items() for b in targets
+        if _top(b) == RUNTIME and _top(a) not in ENTRY_POINTS | {RUNTIME}
+    ]
+    assert not importers, importers
+    reaches = [
+        (a, b) for a, targets in graph.items() if _top(a) == RUNTIME for b in targets
+        if _top(b) != RUNTIME and _level(b) > 0 and (a, b) not in ALLOWED
+        and not any(b == allowed.rsplit(".", 1)[0] for source, allowed in ALLOWED if source == a)
+    ]
+    assert not reaches, reaches
 
 
 def test_the_check_sees_imports():
     """Baseline: the graph has the edges it must have (a check that sees nothing passes anything)."""
     graph = _graph()
-    assert "pyro_lmscm.inference.prediction" in graph["pyro_lmscm.inference.counterfactual"]
-    assert "pyro_lmscm.errors" in graph["pyro_lmscm.models.scm"]
-    assert "pyro_lmscm.cli.commands" in graph["pyro_lmscm.cli"]
+    assert f"{ROOT}.inference.prediction" in graph[f"{ROOT}.inference.counterfactual"]
+    assert f"{ROOT}.errors" in graph[f"{ROOT}.models.scm"]
+    assert f"{ROOT}.cli.commands" in graph[f"{ROOT}.cli"]
+    assert f"{ROOT}.runtime" in graph[f"{ROOT}.study.worker"]  # an entry point enters the runtime
+    assert f"{ROOT}.lm" in graph[f"{ROOT}.loading"]  # a deferred import between base modules
+    # the implicit edge to a package's __init__: runtime.kernels -> interventions.internals runs it
+    assert f"{ROOT}.interventions" in graph[f"{ROOT}.runtime.kernels"]
+    levels = {_level(m) for m in graph if _top(m) != RUNTIME}
+    assert levels == {0, 1, 2, 3, 4}

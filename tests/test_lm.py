@@ -112,176 +112,59 @@ def test_token_texts_cut_at_character_boundaries(byte_level_lm, text):
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
 
 
-# -- bf16_linears_in_float32: float32 GEMMs for bfloat16 linears on CPUs without bf16 kernels ----
+# -- preallocate: a KV cache whose memory is allocated once ------------------------------------
 
 
-def _float32_gemm(x, weight, bias=None):
-    """The independent computation: the exact float32 images of the bf16 operands, one float32
-    GEMM, rounded to bfloat16."""
-    out = x.double().float() @ weight.double().float().T
-    return (out if bias is None else out + bias.float()).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_length", [16, 9], ids=["enough", "too short: grows"])
+def test_a_preallocated_cache_decodes_bit_for_bit_as_a_growing_one(lm, lm_bf16, dtype, max_length):
+    """Left-padded prompts (one repeated, so ``prefill`` reorders its cache), rows that leave
+    (``reorder_cache``) and rows repeated (a beam search's ``select``): every step's logits equal
+    those of the growing ``DynamicCache`` (the independent path) bit for bit. With ``max_length``
+    too short for the 9 + 7 positions the buffers grow and the logits still agree."""
+    from pyro_lmscm.lm import left_pad
+
+    model = lm if dtype == torch.float32 else lm_bf16
+    generator = torch.Generator().manual_seed(5)
+    prompts = left_pad([torch.randint(2, model.vocab_size, (n,), generator=generator) for n in (9, 4)] * 2)
+    tokens = torch.randint(2, model.vocab_size, (7, 4), generator=generator)
+    keep = [torch.arange(4)] * 3 + [torch.tensor([0, 2, 3])] + [torch.tensor([2, 0, 0, 1])] + [torch.arange(4)] * 2
+
+    def decode(length):
+        logits, cache = model.prefill(prompts, length)
+        out = [logits]
+        rows = torch.arange(4)
+        for t in range(7):
+            if t:
+                cache.reorder_cache(keep[t])
+                rows = rows[keep[t]]
+            logits, cache = model.step(tokens[t, : rows.numel()], cache)
+            out.append(logits)
+        return out, cache
+
+    grown, grown_cache = decode(None)
+    preallocated, cache = decode(max_length)
+    assert all(torch.equal(a, b) for a, b in zip(grown, preallocated))
+    layer = cache.cache.layers[0]
+    assert type(layer).__name__ == "PreallocatedLayer" and type(grown_cache.cache.layers[0]).__name__ == "DynamicLayer"
+    assert layer.keys.shape[-2] == 16 and layer.key_buffer.shape[-2] == (16 if max_length == 16 else 18)
 
 
-def test_bf16_linears_run_as_float32_gemms_from_min_rows_and_natively_below(monkeypatch):
-    """Which kernel runs is seen by the dtype ``F.linear`` receives (the native kernel and the
-    float32 GEMM may agree bit for bit on some CPUs); the baseline is the call outside the
-    scope, which receives bfloat16 whatever the rows."""
-    from pyro_lmscm.lm import bf16_linears_in_float32
+def test_a_preallocated_cache_writes_each_step_in_place(lm):
+    """Memory by design: between two reorders a step allocates no cache memory (every layer's
+    keys stay a view of the buffer allocated at ``prefill``). Baseline: the growing cache,
+    whose keys move to a new allocation at every step."""
+    ids = torch.randint(2, lm.vocab_size, (3, 5))
 
-    seen: list[torch.dtype] = []
-    linear = torch.nn.functional.linear
+    def addresses(max_length):
+        _, cache = lm.prefill(ids, max_length)
+        seen = []
+        for t in range(4):
+            _, cache = lm.step(ids[:, t], cache)
+            seen.append([layer.keys.untyped_storage().data_ptr() for layer in cache.layers])
+        return seen
 
-    def spy(x, *args):
-        seen.append(x.dtype)
-        return linear(x, *args)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", spy)
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
-    for rows in (1, 7, 8, 40):
-        x = torch.randn(rows, 64).bfloat16()
-        seen.clear()
-        native = layer(x)
-        assert seen == [torch.bfloat16]
-        seen.clear()
-        with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
-            inside = layer(x)
-        assert inside.dtype == torch.bfloat16
-        if rows >= 8:  # one float32 GEMM, bit for bit the independent float32 computation
-            assert seen == [torch.float32]
-            assert torch.equal(inside, _float32_gemm(x, layer.weight, layer.bias))
-        else:  # the native kernel, bit for bit
-            assert seen == [torch.bfloat16]
-            assert torch.equal(inside, native)
-    assert "forward" not in vars(layer)
-    # nested in another scope it patches nothing; the enclosing one stays in force after it
-    with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
-        outer = vars(layer)["forward"]
-        with bf16_linears_in_float32(layer, min_rows=1000):
-            assert vars(layer)["forward"] is outer
-        seen.clear()
-        layer(torch.randn(8, 64).bfloat16())
-        assert seen == [torch.float32]
-    # a leading batch shape counts its rows: (2, 4) rows of 64 reach min_rows = 8
-    x = torch.randn(2, 4, 64).bfloat16()
-    with torch.no_grad(), bf16_linears_in_float32(layer, min_rows=8):
-        assert torch.equal(layer(x), _float32_gemm(x, layer.weight, layer.bias))
-
-
-@pytest.mark.parametrize("copy_budget", [1 << 30, 1000], ids=["kept", "over the budget: copied per call"])
-def test_an_in_place_weight_edit_inside_the_scope_is_seen(copy_budget):
-    """The float32 copy follows the weight's version: after ``copy_`` under no_grad (what
-    WeightDelta and ROME do) the next call uses the edited weight. Baseline: the output of
-    before the edit, which a copy kept regardless of the version would give again. A weight
-    over the budget (16 x 32 x 4 bytes > 1000) gives the same bits, copied for each call."""
-    from pyro_lmscm.lm import bf16_linears_in_float32
-
-    torch.manual_seed(1)
-    layer = torch.nn.Linear(32, 16, bias=False, dtype=torch.bfloat16)
-    x = torch.randn(12, 32).bfloat16()
-    with torch.no_grad(), bf16_linears_in_float32(layer, copy_budget=copy_budget):
-        before = layer(x)
-        layer.weight.copy_(layer.weight * -2)
-        after = layer(x)
-    assert torch.equal(after, _float32_gemm(x, layer.weight))
-    assert not torch.equal(after, before)
-
-
-def test_calls_needing_a_gradient_keep_the_native_kernel():
-    from pyro_lmscm.lm import bf16_linears_in_float32
-
-    torch.manual_seed(2)
-    layer = torch.nn.Linear(32, 16, dtype=torch.bfloat16)
-    x = torch.randn(12, 32).bfloat16()
-    with bf16_linears_in_float32(layer):
-        out = layer(x)
-    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
-    out.float().sum().backward()
-    assert layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0)
-
-
-def test_the_scope_leaves_the_model_as_it_was_even_on_error(lm_bf16):
-    from pyro_lmscm.lm import bf16_linears_in_float32
-
-    ids = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10]])
-    before = lm_bf16.logits(ids)
-    with pytest.raises(RuntimeError, match="inside"):
-        with bf16_linears_in_float32(lm_bf16.model):
-            assert sum("forward" in vars(m) for m in lm_bf16.model.modules()) == 15  # 2 x 7 + the head
-            raise RuntimeError("inside")
-    assert not any("forward" in vars(m) for m in lm_bf16.model.modules())
-    assert torch.equal(lm_bf16.logits(ids), before)
-
-
-def test_bf16_kernels_choose_float32_gemms_only_for_bf16_on_a_cpu_without_native_kernels(lm, lm_bf16, monkeypatch):
-    import contextlib
-
-    from pyro_lmscm import lm as lm_module
-
-    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: False)
-    assert not isinstance(lm_module.bf16_kernels(lm_bf16), contextlib.nullcontext)
-    assert isinstance(lm_module.bf16_kernels(lm), contextlib.nullcontext)  # float32
-    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: True)
-    assert isinstance(lm_module.bf16_kernels(lm_bf16), contextlib.nullcontext)
-
-
-_HEAP_PROBE = """
-import json, resource, torch
-from pyro_lmscm.lm import heap_allocations, release_freed_memory
-
-def faults(repeats=12):  # minor page faults of each allocation of a 64 MiB tensor, written then freed
-    out = []
-    for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = torch.empty(16 * 2**20).fill_(1.0)
-        del block
-        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return out
-
-def resident():  # MiB
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 2**20
-
-outside = faults()
-base = resident()
-with heap_allocations():
-    inside = faults()
-    with heap_allocations():
-        pass
-    nested = faults()
-    blocks = [torch.empty(16 * 2**20).fill_(1.0) for _ in range(4)]
-    del blocks
-    release_freed_memory()  # (a decoding run's periodic trim: the scope keeps the memory)
-    kept = resident() - base
-print(json.dumps([outside, inside, nested, kept, resident() - base]))
-"""
-
-
-@pytest.mark.skipif(__import__("sys").platform != "linux", reason="glibc's allocator")
-def test_heap_allocations_reuse_freed_memory_inside_the_scope_and_give_it_back_on_exit():
-    """In a fresh process (whose heap no earlier test has grown): a 64 MiB tensor is 16,384
-    pages. Outside the scope (the baseline) glibc maps each allocation afresh, so every one
-    faults in all its pages; inside, the blocks come from the heap and a freed one is reused:
-    after the first few (measured: one to three, while the heap grows), none faults, also after
-    a nested scope's exit. Inside,
-    256 MiB freed stays resident (kept for reuse, also through ``release_freed_memory``, which
-    the decoding runs call); the outermost exit gives it back."""
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, check=True)
-    outside, inside, nested, kept, after = json.loads(out.stdout)
-    pages = 16 * 2**20 * 4 // 4096
-    assert all(f > pages // 2 for f in outside)
-    assert all(f < pages // 100 for f in inside[4:]) and all(f < pages // 100 for f in nested)
-    assert kept > 200 and after < 50
-
-
-def test_heap_allocations_without_glibc_do_nothing(monkeypatch):
-    from pyro_lmscm import lm as lm_module
-
-    monkeypatch.setattr(lm_module, "_glibc", lambda: None)
-    with lm_module.heap_allocations():
-        assert lm_module._HEAP_SCOPES == [0]
-    assert lm_module.release_freed_memory() is None
+    preallocated = addresses(9)
+    assert all(step == preallocated[0] for step in preallocated) and len(preallocated[0]) == len(lm.model.model.layers)
+    grown = addresses(None)  # (torch.cat writes each layer's new keys while the old ones live)
+    assert all(a != b for before, after in zip(grown, grown[1:]) for a, b in zip(before, after))

@@ -49,7 +49,7 @@ def attribute_command(
     (or, with --by step, the effect of acting from each step on)."""
     from ..inference import StepAttribution, attribute
     from ..interventions.spec import parse_intervention
-    from ..lm import compute_scope
+    from ..runtime import compute_scope
     from ..loading import load_lm
     from ..models import Decoding, LanguageModelSCM
 

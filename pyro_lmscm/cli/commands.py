@@ -179,8 +179,8 @@ def demo(
     """Steer SmolLM2 toward "female": how would the man's story have read?"""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.gender import gender_steering
-    from ..lm import compute_scope
     from ..models import Decoding
+    from ..runtime import compute_scope
 
     with one_line_errors():
         start = time.perf_counter()
@@ -224,8 +224,8 @@ def counterfactual_command(
     """Counterfactual continuations of an observed (or sampled) string under an intervention."""
     from .. import LanguageModelSCM, counterfactual
     from ..interventions.spec import parse_intervention
-    from ..lm import compute_scope
     from ..models import Decoding
+    from ..runtime import compute_scope
 
     with one_line_errors():
         if (text is None) == (not generate):

@@ -24,8 +24,8 @@ from ..inference import (
     compare_abduction,
     plot_comparison,
 )
-from ..lm import compute_scope
 from ..models import LanguageModelSCM
+from ..runtime import compute_scope
 from .app import app, console, one_line_errors
 
 __all__ = ["compare_inference"]

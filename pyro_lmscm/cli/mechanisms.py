@@ -34,8 +34,8 @@ def compare_mechanisms_command(
     shift of the expected first divergence when the vocabulary is relabelled."""
     from ..inference import compare_mechanisms
     from ..interventions.spec import parse_intervention
-    from ..lm import compute_scope
     from ..models import LanguageModelSCM
+    from ..runtime import compute_scope
     from ..study.config import StudyConfig
     from ..study.corpus import read_corpus
 

@@ -185,8 +185,8 @@ class Explorer:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
         from ..inference.counterfactual import sample_factual
-        from ..lm import compute_scope
         from ..models import Decoding
+        from ..runtime import compute_scope
         from ..seeding import seeded
 
         prompt_ids = self._prompt(prompt)
@@ -220,8 +220,8 @@ class Explorer:
         from .. import LanguageModelSCM, counterfactual
         from ..inference import exact_counterfactual
         from ..inference.exact import expected_first_divergence
-        from ..lm import compute_scope
         from ..models import Decoding
+        from ..runtime import compute_scope
 
         report = progress or (lambda fraction, what: None)
         if not isinstance(request, ExploreRequest):

@@ -701,7 +701,7 @@ def most_probable(
         raise InferenceError(f"most_probable(): `lengths` needs one length in 1..{T} per string, got {lengths!r}.")
     device = scm.lm.device
     prompts = left_pad([e._prompt.cpu() for e in exacts]).to(device)
-    batch = MechanismBatch(scm.lm, scm.mechanisms, prompts, torch.tensor(mechanism, device=device))
+    batch = MechanismBatch(scm.lm, scm.mechanisms, prompts, torch.tensor(mechanism, device=device), max(steps) - 1)
     S = len(exacts)
     beams = [torch.zeros(1, 0, dtype=torch.long) for _ in exacts]
     scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]

@@ -19,11 +19,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import MechanismError
-from ..lm import release_freed_memory
-
-#: decoding steps between two :func:`~pyro_lmscm.lm.release_freed_memory` on the CPU (a
-#: trim costs a fraction of a millisecond; trimmed every step, the peak was no lower)
-TRIM_EVERY = 8
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -50,6 +45,10 @@ class MechanismBatch:
     :param mechanisms: the SCM's mechanisms; ``mechanisms[m]`` is mechanism ``m``.
     :param prompt: prompt ids of shape ``(..., L)``.
     :param mechanism: mechanism indices, any shape broadcastable with ``prompt.shape[:-1]``.
+    :param max_tokens: the most tokens :meth:`advance` will append: each group's KV cache
+        then holds ``L + max_tokens`` positions, allocated once when it opens
+        (:func:`~pyro_lmscm.lm.preallocate`), so decoding allocates no cache memory step by
+        step; ``None`` lets the caches grow.
     :raises MechanismError: for an index outside ``[0, len(mechanisms))``.
     """
 
@@ -59,6 +58,7 @@ class MechanismBatch:
         mechanisms: Sequence[Mechanism],
         prompt: torch.Tensor,
         mechanism: torch.Tensor,
+        max_tokens: int | None = None,
     ) -> None:
         self.lm = lm
         self.mechanisms = mechanisms
@@ -68,7 +68,6 @@ class MechanismBatch:
         prompts = prompt.expand(*self.batch_shape, length).reshape(-1, length)
         self.mechanism = mechanism.expand(self.batch_shape).reshape(-1).to(self.device)
         self.groups: list[_Group] = []
-        self._steps = 0
         for m in torch.unique(self.mechanism).tolist():
             if not 0 <= m < len(mechanisms):
                 raise MechanismError(
@@ -77,7 +76,7 @@ class MechanismBatch:
                 )
             rows = torch.nonzero(self.mechanism == m).flatten()
             with mechanisms[m].activate(lm) as f:  # (each distinct prompt runs once)
-                logits, cache = f.prefill(prompts[rows])
+                logits, cache = f.prefill(prompts[rows], None if max_tokens is None else length + max_tokens)
             self.groups.append(_Group(m, rows, logits, cache))
 
     def logits(self) -> torch.Tensor:
@@ -122,9 +121,6 @@ class MechanismBatch:
                 group.cache.reorder_cache(keep)
             with self.mechanisms[group.index].activate(self.lm) as f:
                 group.logits, group.cache = f.step(tokens[group.rows], group.cache)
-        self._steps += 1
-        if self._steps % TRIM_EVERY == 0 and self.device.type == "cpu":
-            release_freed_memory()
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the rows ``index`` of the flattened batch, in that order (a row may repeat):

@@ -266,7 +266,8 @@ class LanguageModelSCM:
         prompt = self.check_prompt(prompt)
         mechanism = torch.as_tensor(mechanism, device=device).long()
 
-        batch = MechanismBatch(self.lm, self.mechanisms, prompt, mechanism)
+        # (the last token is emitted, never appended: T - 1 positions after the prompt)
+        batch = MechanismBatch(self.lm, self.mechanisms, prompt, mechanism, max_tokens=self.max_new_tokens - 1)
         pad = torch.tensor(self.lm.pad_token_id, device=device)
         vocab = self.vocab_size
         noise = self.noise.prior(vocab, device)

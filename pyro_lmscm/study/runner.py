@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from ..lm import compute_scope
+from ..runtime import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import batch_fingerprints, record_fingerprint, study_inputs

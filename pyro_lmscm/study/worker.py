@@ -48,7 +48,6 @@ from pyro.poutine.messenger import Messenger
 
 from ..errors import LMSCMError
 from ..inference.scoring import ragged_token_log_probs
-from ..lm import compute_scope
 from ..metrics import (
     char_edit_distance,
     common_prefix_length,
@@ -58,6 +57,7 @@ from ..metrics import (
     token_edit_distance,
     trim_after_end,
 )
+from ..runtime import compute_scope
 from .attribute import make_attribute
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem
@@ -547,7 +547,7 @@ class StudyWorker:
         """The records of ``items`` in order: :meth:`process` each with ``batch_size=1``,
         else :meth:`process_group` per block of ``batch_size`` consecutive indices (the
         caller passes whole blocks, so a record does not depend on sharding or resuming).
-        They run in :func:`~pyro_lmscm.lm.compute_scope`: a bfloat16 model on a CPU without
+        They run in :func:`~pyro_lmscm.runtime.compute_scope`: a bfloat16 model on a CPU without
         native bfloat16 GEMM kernels multiplies in float32 from 8 rows on, and large tensors
         reuse freed memory instead of faulting in fresh pages."""
         corpus_items = [item if isinstance(item, CorpusItem) else CorpusItem(**item) for item in items]

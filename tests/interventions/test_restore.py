@@ -31,7 +31,7 @@ from pyro_lmscm.interventions import (
     internals,
     rome_edit,
 )
-from pyro_lmscm.lm import bf16_linears_in_float32
+from pyro_lmscm.runtime import bf16_linears_in_float32
 from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])

@@ -161,7 +161,7 @@ def test_inside_float32_gemms_the_edit_and_its_restore_are_both_seen():
     logits and then give back those of before, bit for bit, as a hand-edited copy does. The
     baseline: the edited logits differ from the unedited ones, which copies kept regardless
     of the weights' versions would return for both."""
-    from pyro_lmscm.lm import bf16_linears_in_float32
+    from pyro_lmscm.runtime import bf16_linears_in_float32
 
     lm = tiny_llama(seed=0, dtype=torch.bfloat16)
     deltas = random_deltas(lm, 0.05)

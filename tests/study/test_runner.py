@@ -164,17 +164,17 @@ def test_a_bf16_study_makes_its_float32_copies_once_not_per_block(make_config, m
     without the runner's scope, where each of the 3 blocks patches (and copies) anew."""
     import contextlib
 
-    from pyro_lmscm import lm as lm_module
+    from pyro_lmscm.runtime import kernels
 
-    monkeypatch.setattr(lm_module, "native_bf16_gemm", lambda: False)
+    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: False)
     fresh_scopes: list[bool] = []
-    scope = lm_module.bf16_linears_in_float32
+    scope = kernels.bf16_linears_in_float32
 
     def counting(model, *args, **kwargs):
         fresh_scopes.append(not any("forward" in vars(m) for m in model.modules()))
         return scope(model, *args, **kwargs)
 
-    monkeypatch.setattr(lm_module, "bf16_linears_in_float32", counting)
+    monkeypatch.setattr(kernels, "bf16_linears_in_float32", counting)
     config = make_config(dtype="bfloat16", batch_size=2, limit=6)
     assert run_study(config).computed == 6
     assert fresh_scopes.count(True) == 1 and len(fresh_scopes) == 4  # the runner's + 3 nested

@@ -65,14 +65,14 @@ def test_the_worker_runs_its_batches_with_heap_allocations(make_config, corpus_f
     """``process_many`` runs in ``compute_scope``, hence in ``heap_allocations`` (large tensors
     reuse freed memory): every model call happens inside a heap scope, and the scope is closed
     afterwards (glibc has its defaults back)."""
-    from pyro_lmscm import lm as lm_module
+    from pyro_lmscm.runtime import heap
 
-    if lm_module._glibc() is None:
+    if heap._glibc() is None:
         pytest.skip("no glibc: heap_allocations is a no-op")
     worker = StudyWorker(make_config(batch_size=2))
     records = worker.process_many(read_corpus(corpus_file)[:2])
     assert all(record["error"] is None for record in records)
-    assert linear_calls and linear_calls.all_in_heap_scope() and lm_module._HEAP_SCOPES[0] == 0
+    assert linear_calls and linear_calls.all_in_heap_scope() and heap._HEAP_SCOPES[0] == 0
 
 
 @pytest.mark.parametrize("native", [False, True])
