@@ -2,6 +2,7 @@
 
 from .adapter import LoRAAdapter
 from .affine_steering import AffineSteering
+from .context import ContextMechanism, HookMechanism, steering_vector_mechanism
 from .memit import EditRequest, MemitEdit, memit_edit
 from .model_swap import ModelSwap
 from .ops import Intervention, InterventionValue, TextOrIds, as_do_data
@@ -13,7 +14,9 @@ __all__ = [
     "GENERIC_SENTENCES",
     "ActivationSteering",
     "AffineSteering",
+    "ContextMechanism",
     "EditRequest",
+    "HookMechanism",
     "Intervention",
     "InterventionValue",
     "LoRAAdapter",
@@ -25,4 +28,5 @@ __all__ = [
     "as_do_data",
     "memit_edit",
     "rome_edit",
+    "steering_vector_mechanism",
 ]
