@@ -114,7 +114,7 @@ def _digest(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1).contiguous()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+    data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
     return hashlib.blake2b(data, digest_size=20).digest()
 
 

@@ -30,7 +30,8 @@ __all__ = [
 #: A prompt given as text (encoded with :meth:`HFLanguageModel.encode`) or as token ids ``(L,)``.
 TextOrIds = Union[str, torch.Tensor, Sequence[int]]
 
-#: A value for one site: a mechanism name or index, prompt ids, or a token id.
+#: A value for one site: a mechanism name or index, prompt ids (or chat messages, encoded
+#: with :meth:`HFLanguageModel.encode`), or a token id.
 InterventionValue = Union[str, int, Sequence[int], torch.Tensor]
 #: Site name -> value, e.g. ``{"mechanism": "steer"}``, ``{"prompt": ids}``, ``{"w_3": 42}``,
 #: ``{"exclude_3": "factual"}`` (anything but the observed token at step 3; or a token id);
@@ -73,9 +74,13 @@ def as_do_data(
                 raise InterventionError(f"do({name}={value!r}): {error}") from error
             data[name] = torch.tensor(index, device=device)
         elif name == PROMPT:
-            try:
-                data[name] = scm.check_prompt(torch.as_tensor(value))
-            except ObservationError as error:
+            from ..errors import TokenizationError
+            from ..lm import is_messages
+
+            try:  # chat messages: the conversation with the assistant's turn opened
+                ids = scm.lm.encode(value) if is_messages(value) else value  # type: ignore[arg-type]
+                data[name] = scm.check_prompt(torch.as_tensor(ids))
+            except (ObservationError, TokenizationError) as error:
                 raise InterventionError(f"do(prompt=...): {error}") from error
         else:
             parsed = parse_step_site(name)
