@@ -280,3 +280,21 @@ def test_a_steering_vector_equals_activation_steering(lm):
         steering_vector_mechanism(vector, min_token_index=3)
     with pytest.raises(MechanismError, match="SteeringVector"):
         steering_vector_mechanism(SHIFT)
+
+
+def test_train_steering_vector_is_the_difference_of_means(lm):
+    """steering-vectors' mean of pairwise differences at the last token equals the
+    hand-written difference of means (ActivationSteering.from_contrastive) on the same
+    prompts and layer; the baseline, another layer's vector, does not."""
+    steering_vectors = pytest.importorskip("steering_vectors")
+    from pyro_lmscm.interventions import ActivationSteering
+
+    female = ["the woman said she", "her nurse smiled", "the old woman walked home"]
+    male = ["the man said he", "his doctor smiled", "the old man walked home"]
+    trained = steering_vectors.train_steering_vector(lm.model, lm.tokenizer, list(zip(female, male)), layers=[0, 1])
+    for layer in (0, 1):
+        ours = ActivationSteering.from_contrastive(lm, female, male, layer=layer).vector.double()
+        theirs = trained.layer_activations[layer].double()
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    other = ActivationSteering.from_contrastive(lm, female, male, layer=0).vector.double()
+    assert not torch.allclose(trained.layer_activations[1].double(), other, atol=1e-3)
