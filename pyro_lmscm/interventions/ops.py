@@ -75,10 +75,11 @@ def as_do_data(
             data[name] = torch.tensor(index, device=device)
         elif name == PROMPT:
             from ..errors import TokenizationError
-            from ..lm import is_messages
 
-            try:  # chat messages: the conversation with the assistant's turn opened
-                ids = scm.lm.encode(value) if is_messages(value) else value  # type: ignore[arg-type]
+            # chat messages (a list of dicts): the conversation with the assistant's turn opened
+            chat = isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], Mapping)
+            try:
+                ids = scm.lm.encode(value) if chat else value  # type: ignore[arg-type]
                 data[name] = scm.check_prompt(torch.as_tensor(ids))
             except (ObservationError, TokenizationError) as error:
                 raise InterventionError(f"do(prompt=...): {error}") from error
