@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -273,10 +274,13 @@ class ContextMechanism(Mechanism):
             raise MechanismError(f"ContextMechanism: `name` must be a str, got {type(name).__name__}.")
         self.factory = factory
         self.name = name or getattr(factory, "__qualname__", type(factory).__name__)
-        # per model (by id): a digest of every parameter and buffer with the version
-        # counter it was taken at, and the names of the tensors this context edits in place
-        self._digests: dict[int, dict[str, tuple[int, int, bytes]]] = {}
-        self._guarded: dict[int, set[str]] = {}
+        # per model (weakly held): a digest of every parameter and buffer with the version
+        # counter and storage it was taken at, and the names of the tensors this context
+        # edits in place
+        self._digests: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[int, int, bytes]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._guarded: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
     def check(self, lm: HFLanguageModel) -> None:
         """Run the context once on ``lm.model`` (entered and left, no forward pass) and
@@ -287,7 +291,7 @@ class ContextMechanism(Mechanism):
             context leaves the model changed.
         """
         model = lm.model
-        self._digests.pop(id(model), None)  # a full comparison, from fresh digests
+        self._digests.pop(model, None)  # a full comparison, from fresh digests
         with self._applied(model, full=True):
             pass
 
@@ -296,7 +300,7 @@ class ContextMechanism(Mechanism):
 
     @contextmanager
     def _activated(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        with self._applied(lm.model, full=id(lm.model) not in self._digests):
+        with self._applied(lm.model, full=lm.model not in self._digests):
             yield lm
 
     def _fresh_digests(
@@ -304,7 +308,7 @@ class ContextMechanism(Mechanism):
     ) -> dict[str, tuple[int, int, bytes]]:
         """Digests of the tensors not guarded by a copy, retaken for those changed (version
         moved, storage replaced) since they were taken."""
-        digests = self._digests.setdefault(id(model), {})
+        digests = self._digests.setdefault(model, {})
         for slot in slots:
             if slot.name in guarded:
                 continue
@@ -316,7 +320,7 @@ class ContextMechanism(Mechanism):
     @contextmanager
     def _applied(self, model: nn.Module, full: bool) -> Iterator[None]:
         state = _record(model)
-        guarded = self._guarded.setdefault(id(model), set())
+        guarded = self._guarded.setdefault(model, set())
         digests = self._fresh_digests(model, state.slots, guarded)
         state.guarded = {s.name: s.tensor.detach().clone() for s in state.slots if s.name in guarded}
         problems: list[str] = []
