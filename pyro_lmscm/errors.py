@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AbductionError",
+    "ChatError",
     "DecodingError",
     "InferenceError",
     "InterventionError",
@@ -62,6 +63,11 @@ class InterventionError(LMSCMError, ValueError):
 
 class TokenizationError(LMSCMError, ValueError):
     """Text could not be encoded to token ids that decode back to the same text."""
+
+
+class ChatError(TokenizationError):
+    """Chat messages are malformed (not a list of ``{"role", "content"}`` dicts with a known
+    role and text content), or the model's tokenizer has no chat template."""
 
 
 class InferenceError(LMSCMError, ValueError):

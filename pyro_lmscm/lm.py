@@ -22,19 +22,85 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from .errors import ObservationError, TokenizationError
+from .errors import ChatError, ObservationError, TokenizationError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["LEFT_PAD", "HFLanguageModel", "PaddedCache", "cache_keyword", "left_pad", "preallocate"]
+__all__ = [
+    "CHAT_ROLES",
+    "LEFT_PAD",
+    "HFLanguageModel",
+    "PaddedCache",
+    "cache_keyword",
+    "check_messages",
+    "is_messages",
+    "left_pad",
+    "preallocate",
+]
 
 #: The id that left-pads a batch of prompts of different lengths (not a token).
 LEFT_PAD = -1
+
+
+#: The roles a chat message may have.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` is meant as chat messages: a list or tuple whose first item is a
+    mapping (not yet checked: :func:`check_messages`)."""
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], Mapping)
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` checked as a conversation: a non-empty list of mappings, each with a
+    ``role`` in :data:`CHAT_ROLES` and a ``content`` string (other keys are kept for the
+    template), the last one not the assistant's.
+
+    :returns: the messages as a list of dicts.
+    :raises ChatError: naming the bad message index and field.
+
+    >>> check_messages([{"role": "user", "content": "Hi"}])
+    [{'role': 'user', 'content': 'Hi'}]
+    >>> check_messages([{"role": "usr", "content": "Hi"}])
+    Traceback (most recent call last):
+    ...
+    pyro_lmscm.errors.ChatError: messages[0]["role"] is 'usr'; expected one of system, user, assistant, tool, developer.
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ChatError(
+            f"chat messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+            f"{type(messages).__name__} {messages!r:.80}."
+        )
+    if not messages:
+        raise ChatError("chat messages must not be empty; give at least one {'role': 'user', 'content': ...}.")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ChatError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}.")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ChatError(f"messages[{i}] has no {key!r}; each message needs 'role' and 'content'.")
+            if not isinstance(message[key], str):
+                raise ChatError(
+                    f"messages[{i}][{key!r}] must be a str, got {type(message[key]).__name__} {message[key]!r:.60}."
+                )
+        if message["role"] not in CHAT_ROLES:
+            raise ChatError(
+                f"messages[{i}][\"role\"] is {message['role']!r}; expected one of {', '.join(CHAT_ROLES)}."
+            )
+        out.append(dict(message))
+    if out[-1]["role"] == "assistant":
+        raise ChatError(
+            f"messages[{len(out) - 1}] is the assistant's, but the prompt ends where the assistant's reply "
+            "begins: pass that reply as the observation (HFLanguageModel.encode_reply), not as a message."
+        )
+    return out
 
 
 def left_pad(rows: Sequence[torch.Tensor | Sequence[int]]) -> torch.Tensor:
@@ -379,15 +445,27 @@ class HFLanguageModel:
             cache = PaddedCache(cache, padding["attention_mask"])
         return (out.logits.float() if float32 else out.logits), cache
 
-    def encode(self, text: str) -> torch.Tensor:
-        """Token ids of ``text`` (no special tokens), checked to decode back to ``text``.
+    def encode(self, text: str | Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """Token ids of ``text`` (no special tokens), checked to decode back to ``text``; or,
+        for a list of chat messages ``[{"role": ..., "content": ...}, ...]``, the ids of the
+        conversation in the tokenizer's chat template with the assistant's turn opened
+        (``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``), the
+        prompt of an assistant reply (:meth:`encode_reply`).
 
-        :raises TokenizationError: without a tokenizer, for a non-string or a lone surrogate,
-            or if the ids do not round-trip.
+        Roles are those of :data:`CHAT_ROLES`; the last message may not be the
+        assistant's (its reply is the observation).
+
+        :raises TokenizationError: without a tokenizer, for a lone surrogate, or if the ids do
+            not round-trip.
+        :raises ChatError: for anything but text that is not well-formed messages (naming the
+            message and field), or a tokenizer without a chat template.
+
+        >>> tiny_lm.encode("the man said").tolist()
+        [3, 4, 10]
         """
-        tokenizer = self._require_tokenizer()
         if not isinstance(text, str):
-            raise TokenizationError(f"`text` must be a str, got {type(text).__name__} {text!r:.80}.")
+            return self._encode_chat(text)
+        tokenizer = self._require_tokenizer()
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:  # a lone surrogate, e.g. from a JSON "\\ud800" escape
@@ -403,6 +481,40 @@ class HFLanguageModel:
                 "pass token ids instead of text."
             )
         return torch.tensor(ids, dtype=torch.long)
+
+    def encode_reply(self, text: str) -> torch.Tensor:
+        """An assistant's reply as an observation: the ids of ``text`` followed by the
+        end-of-turn token (the tokenizer's end of sequence, e.g. SmolLM2's ``<|im_end|>``,
+        when it is one of :attr:`eos_token_ids`, else the first of them), so that the
+        observed string ends where the turn ends.
+
+        :raises TokenizationError: as :meth:`encode`, or when the model has no end of sequence.
+        """
+        ids = self.encode(text)
+        if not self.eos_token_ids:
+            raise TokenizationError("the model has no end-of-sequence token to end a reply with.")
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        end = tokenizer_eos if tokenizer_eos in self.eos_token_ids else self.eos_token_ids[0]
+        return torch.cat([ids, torch.tensor([end], dtype=torch.long)])
+
+    def _encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        tokenizer = self._require_tokenizer()
+        checked = check_messages(messages)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ChatError(
+                f"the tokenizer of {type(self.model).__name__} has no chat template, so chat messages cannot "
+                "be encoded; pass the prompt as text, or set `tokenizer.chat_template` (a Jinja template)."
+            )
+        try:  # transformers 4.x returns a list of ids; 5.x a BatchEncoding unless return_dict=False
+            out = tokenizer.apply_chat_template(checked, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as error:  # the template's own checks (jinja2 errors, raise_exception)
+            raise ChatError(f"the chat template refused the messages: {type(error).__name__}: {error}") from error
+        if isinstance(out, Mapping):
+            out = out["input_ids"]
+        ids = torch.as_tensor(out, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ChatError("the chat template made an empty prompt of the messages.")
+        return ids
 
     def decode(self, ids: torch.Tensor | Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of the ids up to (not including) the first end-of-sequence token."""

@@ -49,9 +49,9 @@ def attribute_command(
     (or, with --by step, the effect of acting from each step on)."""
     from ..inference import StepAttribution, attribute
     from ..interventions.spec import parse_intervention
-    from ..runtime import compute_scope
     from ..loading import load_lm
     from ..models import Decoding, LanguageModelSCM
+    from ..runtime import compute_scope
 
     with one_line_errors():
         start = time.perf_counter()

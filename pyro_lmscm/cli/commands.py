@@ -201,16 +201,57 @@ def demo(
         console.print(f"[dim]{time.perf_counter() - start:.1f} s[/]")
 
 
+def _chat_messages(system: str | None, user: str | None, messages_file: str | None) -> list | None:
+    """The chat messages of ``--system``/``--user`` or of ``--messages FILE.json`` (``None``
+    without either), checked."""
+    from pathlib import Path
+
+    from ..errors import ChatError
+    from ..lm import check_messages
+
+    if messages_file is not None:
+        if user is not None or system is not None:
+            raise typer.BadParameter("give --messages FILE.json or --system/--user, not both.")
+        path = Path(messages_file)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as error:
+            raise ChatError(f"--messages {messages_file}: cannot read the file ({error.strerror}).") from error
+        except json.JSONDecodeError as error:
+            raise ChatError(f"--messages {messages_file}: not JSON ({error}).") from error
+        try:
+            return check_messages(data)
+        except ChatError as error:
+            raise ChatError(f"--messages {messages_file}: {error}") from error
+    if user is None:
+        if system is not None:
+            raise typer.BadParameter("--system needs --user (the user's turn).")
+        return None
+    return check_messages(([{"role": "system", "content": system}] if system is not None else [])
+                          + [{"role": "user", "content": user}])
+
+
 @app.command("counterfactual")
 def counterfactual_command(
-    prompt: str = typer.Option(..., help="Prompt text."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (or a chat: --user, --system, --messages)."),
+    system: Optional[str] = typer.Option(
+        None, help="Chat: the system prompt (with --user; default: the chat template's own, if any)."
+    ),
+    user: Optional[str] = typer.Option(
+        None, help="Chat: the user's turn. The prompt is the chat template with the assistant's turn opened, "
+        "--text is the assistant's reply (its end-of-turn token is appended), and the intervention "
+        "'system=TEXT' or 'user=TEXT' asks what the assistant would have said to another system prompt or turn."
+    ),
+    messages: Optional[str] = typer.Option(
+        None, "--messages", help="Chat: a JSON file holding the messages [{\"role\": ..., \"content\": ...}, ...]."
+    ),
     model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, HF folder or hub id."),
-    text: Optional[str] = typer.Option(None, help="Observed continuation text."),
+    text: Optional[str] = typer.Option(None, help="Observed continuation text (a chat: the assistant's reply)."),
     generate: bool = typer.Option(False, "--generate", help="Sample the observed continuation from the model."),
     intervention: str = typer.Option(
         "",
         help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'exclude=3' (anything but the observed token 3), "
-        "'prompt=...', 'model=PATH') or a JSON/YAML file.",
+        "'prompt=...', 'model=PATH'; for a chat 'system=TEXT', 'user=TEXT') or a JSON/YAML file.",
     ),
     samples: int = typer.Option(4, min=1),
     seed: int = typer.Option(0),
@@ -230,19 +271,26 @@ def counterfactual_command(
     with one_line_errors():
         if (text is None) == (not generate):
             raise typer.BadParameter("give exactly one of --text TEXT or --generate.")
+        chat = _chat_messages(system, user, messages)
+        if (prompt is None) == (chat is None):
+            raise typer.BadParameter("give exactly one of --prompt TEXT or a chat (--user, --messages).")
         decoding = Decoding(temperature, top_k, top_p)
         lm = _load(model, dtype)
         with compute_scope(lm):  # building the intervention, the draws and the exact queries
-            spec = parse_intervention(intervention, lm)
-            observed = lm.encode(text) if text is not None else None
+            spec = parse_intervention(intervention, lm, messages=chat)
+            prompt_ids = lm.encode(chat if chat is not None else prompt)  # type: ignore[arg-type]
+            if text is None:
+                observed = None
+            else:  # a chat's observation is the assistant's whole turn, ended by its end-of-turn token
+                observed = lm.encode_reply(text) if chat is not None else lm.encode(text)
             steps = _steps(max_new_tokens, observed, default=32)
             scm = LanguageModelSCM(lm, steps, decoding, mechanisms=spec.mechanisms)
             result = counterfactual(
-                scm, lm.encode(prompt), observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
+                scm, prompt_ids, observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
             )
             if as_json:
                 out = {
-                    "prompt": prompt,
+                    "prompt": prompt if chat is None else chat,
                     "intervention": intervention,
                     "factual_ids": result.factual_ids.tolist(),
                     "factual_text": result.factual_text,

@@ -3,6 +3,7 @@
 from .adapter import LoRAAdapter
 from .affine_steering import AffineSteering
 from .combined import Combined
+from .context import ContextMechanism, HookMechanism, steering_vector_mechanism
 from .memit import EditRequest, MemitEdit, memit_edit
 from .model_swap import ModelSwap
 from .ops import Action, Intervention, InterventionValue, TextOrIds, as_do_data, world
@@ -16,7 +17,9 @@ __all__ = [
     "ActivationSteering",
     "AffineSteering",
     "Combined",
+    "ContextMechanism",
     "EditRequest",
+    "HookMechanism",
     "Intervention",
     "InterventionValue",
     "LoRAAdapter",
@@ -29,4 +32,5 @@ __all__ = [
     "memit_edit",
     "rome_edit",
     "world",
+    "steering_vector_mechanism",
 ]

@@ -34,7 +34,8 @@ __all__ = [
 #: A prompt given as text (encoded with :meth:`HFLanguageModel.encode`) or as token ids ``(L,)``.
 TextOrIds = Union[str, torch.Tensor, Sequence[int]]
 
-#: A value for one site: a mechanism name or index, prompt ids, or a token id.
+#: A value for one site: a mechanism name or index, prompt ids (or chat messages, encoded
+#: with :meth:`HFLanguageModel.encode`), or a token id.
 InterventionValue = Union[str, int, Sequence[int], torch.Tensor]
 #: Site name -> value, e.g. ``{"mechanism": "steer"}``, ``{"prompt": ids}``, ``{"w_3": 42}``,
 #: ``{"exclude_3": "factual"}`` (anything but the observed token at step 3; or a token id);
@@ -145,9 +146,14 @@ def as_do_data(
                 raise InterventionError(f"do({name}={value!r}): {error}") from error
             data[name] = torch.tensor(index, device=device)
         elif name == PROMPT:
+            from ..errors import TokenizationError
+
+            # chat messages (a list of dicts): the conversation with the assistant's turn opened
+            chat = isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], Mapping)
             try:
-                data[name] = scm.check_prompt(value)  # ids; a str is refused, naming `prompt`
-            except ObservationError as error:
+                ids = scm.lm.encode(value) if chat else value  # type: ignore[arg-type]
+                data[name] = scm.check_prompt(ids)  # ids; a str is refused, naming `prompt`
+            except (ObservationError, TokenizationError) as error:
                 raise InterventionError(f"do(prompt=...): {error}") from error
         else:
             parsed = parse_step_site(name)

@@ -22,7 +22,12 @@ A spec is a ``;``-separated list of ``key=value`` items, or a file holding a map
   :func:`~pyro_lmscm.interventions.rome.rome_edit` named ``"rome"``, selected: the model
   completes ``PROMPT`` (which mentions ``SUBJECT``) with ``TARGET``; the layer defaults to a
   fifth of the depth (layer 6 of SmolLM2's 30);
-* ``prompt=TEXT`` -- replace the prompt;
+* ``prompt=TEXT`` -- replace the prompt (in a file also a list of chat messages,
+  ``[{"role": "system", "content": ...}, {"role": "user", "content": ...}]``);
+* ``system=TEXT`` -- for a chat prompt (``messages=`` of :func:`parse_intervention`): the
+  same conversation with another system prompt (replacing the system message, or put
+  first when there is none; ``system=`` with nothing after it removes it);
+* ``user=TEXT`` -- for a chat prompt: the same conversation with another last user turn;
 * ``w_T=ID`` or ``w_T="TEXT"`` -- force token ``T`` (a text must be exactly one token);
 * ``exclude=T`` (or ``exclude=T1,T2``) -- anything but the observed token at step ``T``;
   ``exclude_T=ID`` or ``exclude_T="TEXT"`` excludes another token there.
@@ -50,7 +55,7 @@ if TYPE_CHECKING:
     from ..lm import HFLanguageModel
     from ..models.mechanism import Mechanism
 
-__all__ = ["MECHANISM_KEYS", "InterventionSpec", "parse_intervention", "read_spec"]
+__all__ = ["CHAT_KEYS", "MECHANISM_KEYS", "InterventionSpec", "parse_intervention", "read_spec"]
 
 
 @dataclass
@@ -266,9 +271,41 @@ MECHANISM_KEYS: dict[str, Callable[[HFLanguageModel, Any], Mechanism]] = {
 }
 
 
+#: The spec keys that edit one turn of a chat prompt.
+CHAT_KEYS = ("system", "user")
+
+
+def _edited_messages(messages: Any, edits: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``messages`` with the system prompt and / or the last user turn replaced."""
+    from ..lm import check_messages
+
+    if messages is None:
+        raise InterventionError(
+            f"{'/'.join(sorted(edits))}= edits a chat prompt, but the prompt is text; give the prompt as chat "
+            "messages (--user/--system or --messages on the command line)."
+        )
+    out = [dict(m) for m in check_messages(messages)]
+    if "system" in edits:
+        text = edits["system"]
+        if not isinstance(text, str):
+            raise InterventionError(f"system={text!r}: the system prompt must be text.")
+        rest = [m for m in out if m["role"] != "system"]
+        out = ([{"role": "system", "content": text}] if text else []) + rest
+    if "user" in edits:
+        text = edits["user"]
+        users = [i for i, m in enumerate(out) if m["role"] == "user"]
+        if not isinstance(text, str) or not users:
+            raise InterventionError(
+                f"user={text!r}: needs text and a conversation with a user turn (it replaces the last one)."
+            )
+        out[users[-1]] = {**out[users[-1]], "content": text}
+    return out
+
+
 def parse_intervention(
     spec: str | Mapping[str, Any] | None,
     lm: HFLanguageModel,
+    messages: Any = None,
     cache: dict[tuple[str, str], Mechanism] | None = None,
 ) -> InterventionSpec:
     """Parse an intervention spec for ``lm``: the one parser of the spec syntax (the CLI,
@@ -276,15 +313,37 @@ def parse_intervention(
 
     :param spec: ``None`` or ``""`` (null intervention), a spec string, a path to a JSON or
         YAML file, or a mapping.
+    :param messages: the factual prompt as chat messages, which ``system=`` and ``user=``
+        edit (``None``: the prompt is text).
     :param cache: mechanisms already built, by ``(key, repr(value))``; the ones built here are
         added (the explorer keeps one, since a steering vector or a ROME edit takes seconds).
     :raises InterventionError: on an unknown key or a bad value.
     :raises RemoteCodeError: for a ``model`` folder that needs code of its own.
+
+    >>> parse_intervention("system=", tiny_lm).intervention  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pyro_lmscm.errors.InterventionError: system= edits a chat prompt, but the prompt is text; ...
     """
+    from ..lm import is_messages
+
     data = spec if isinstance(spec, Mapping) else read_spec("" if spec is None else spec)
     result = InterventionSpec()
+    edits = {key: data[key] for key in CHAT_KEYS if key in data}
+    if edits:
+        if PROMPT in data:
+            raise InterventionError("give either prompt= or system= / user=, not both.")
+        try:
+            result.intervention[PROMPT] = lm.encode(_edited_messages(messages, edits))
+        except InterventionError:
+            raise
+        except (LMSCMError, ValueError, TypeError) as error:
+            items = ", ".join(f"{k}={v!r}" for k, v in edits.items())
+            raise InterventionError(f"intervention {items}: {error}") from error
     for key, value in data.items():
         try:
+            if key in CHAT_KEYS:
+                continue
             if key in MECHANISM_KEYS:  # a mechanism named as its key, selected
                 cache_key = (key, repr(value))
                 if cache is not None and cache_key in cache:
@@ -295,7 +354,8 @@ def parse_intervention(
                         cache[cache_key] = result.mechanisms[key]
                 result.intervention[MECHANISM] = key
             elif key == PROMPT:
-                result.intervention[PROMPT] = lm.encode(str(value)) if isinstance(value, str) else value
+                encoded = isinstance(value, str) or is_messages(value)
+                result.intervention[PROMPT] = lm.encode(value) if encoded else value
             elif key == EXCLUDE_PREFIX:
                 for step in _steps(value):
                     result.intervention[exclude_key(step)] = FACTUAL_TOKEN
@@ -305,7 +365,7 @@ def parse_intervention(
             else:
                 raise InterventionError(
                     f"unknown intervention key {key!r}; use steer, mimic, rome, memit, finetune, model, prompt, "
-                    "w_<t>, exclude or exclude_<t>."
+                    "system, user, w_<t>, exclude or exclude_<t>."
                 )
         except (InterventionError, RemoteCodeError):  # a refused model folder keeps its type
             raise

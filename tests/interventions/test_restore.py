@@ -16,6 +16,7 @@ a plain loop) finds corrupted states.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Callable
 
@@ -26,6 +27,8 @@ from pyro_lmscm.interventions import (
     ActivationSteering,
     AffineSteering,
     Combined,
+    ContextMechanism,
+    HookMechanism,
     LoRAAdapter,
     WeightDelta,
     internals,
@@ -157,6 +160,25 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
         adapter = LoRAAdapter.from_config(lm, config).restricted(["layer 1"])
         return lm, lambda: _forward(adapter, lm)
 
+    def context():  # a user's context: two hooks, removed in its own `finally`
+        lm = tiny_llama(seed=0)
+
+        @contextlib.contextmanager
+        def hooked(model):
+            handles = [model.model.layers[i].register_forward_hook(lambda m, a, out: out) for i in (0, 1)]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        return lm, lambda: _forward(ContextMechanism(hooked), lm)
+
+    def hooks():
+        lm = tiny_llama(seed=0)
+        hooks = {"model.layers.0": lambda m, a, out: out, "lm_head": lambda m, a, out: out}
+        return lm, lambda: _forward(HookMechanism(hooks), lm)
+
     def float32_gemms():  # not a mechanism, but a scope that sets `forward` on the model's linears
         lm = tiny_llama(seed=0, dtype=torch.bfloat16)
 
@@ -168,7 +190,8 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
 
     return {"WeightDelta": weight_delta, "ActivationSteering": steering, "AffineSteering": affine,
             "LoRAAdapter": lora, "rome_edit": rome, "bf16_linears_in_float32": float32_gemms,
-            "Combined": combined, "LoRAAdapter.restricted": sub_adapter}
+            "Combined": combined, "LoRAAdapter.restricted": sub_adapter,
+            "ContextMechanism": context, "HookMechanism": hooks}
 
 
 def _forward(mechanism, lm) -> None:
