@@ -229,7 +229,7 @@ def bf16_linears_in_float32(
     """
     import weakref
 
-    from .interventions.internals import restore_atomically
+    from .atomic import restore_atomically
 
     copies: dict[int, tuple[Any, int, torch.Tensor]] = {}
     kept = [0]  # bytes of the copies kept

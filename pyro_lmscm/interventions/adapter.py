@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
 
 import torch
 
+from ..atomic import restore_atomically, sigint_deferred
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
-from .internals import restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from peft import LoraConfig

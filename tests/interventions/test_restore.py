@@ -22,19 +22,19 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from pyro_lmscm import atomic
 from pyro_lmscm.interventions import (
     ActivationSteering,
     AffineSteering,
     LoRAAdapter,
     WeightDelta,
-    internals,
     rome_edit,
 )
 from pyro_lmscm.lm import bf16_linears_in_float32
 from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])
-WRAPPER = internals.restore_atomically.__code__
+WRAPPER = atomic.restore_atomically.__code__
 
 
 def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None) -> int:
