@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Sequence
 
 import torch
 
+from .atomic import COMPUTE_LOCK
 from .errors import ObservationError, TokenizationError
 
 if TYPE_CHECKING:
@@ -188,10 +189,9 @@ def native_bf16_gemm() -> bool:
     return True if probe is None else bool(probe())
 
 
-@contextlib.contextmanager
 def bf16_linears_in_float32(
     model: "torch.nn.Module", min_rows: int = 8, copy_budget: int = FLOAT32_COPY_BUDGET
-) -> Iterator[None]:
+) -> ContextManager[None]:
     """Within the scope, each bfloat16 ``nn.Linear`` of ``model`` called on the CPU with at
     least ``min_rows`` rows runs as a float32 GEMM on exact float32 copies of its input,
     weight and bias, and rounds its output back to bfloat16.
@@ -229,7 +229,7 @@ def bf16_linears_in_float32(
     """
     import weakref
 
-    from .atomic import restore_atomically
+    from .atomic import reversible
 
     copies: dict[int, tuple[Any, int, torch.Tensor]] = {}
     kept = [0]  # bytes of the copies kept
@@ -276,13 +276,11 @@ def bf16_linears_in_float32(
         for module in linears:
             vars(module).pop("forward", None)
 
-    try:
+    def apply() -> None:
         for module in linears:
             module.forward = patched(module)  # type: ignore[method-assign]
-        yield
-    finally:
-        restore_atomically(restore)
-        copies.clear()
+
+    return reversible(apply, restore, copies.clear)  # the forwards removed atomically, then the copies freed
 
 
 def bf16_kernels(lm: "HFLanguageModel") -> ContextManager[None]:
@@ -302,8 +300,9 @@ def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
     kernels) and :func:`heap_allocations` (large tensors reuse freed heap memory). Both nest, so
     a caller's scope around many calls keeps one set of float32 weight copies and one heap. Hold
     it only while computing: inside it, the model's linears are patched and glibc's setting is
-    the process's (the explorer leaves it at each snapshot it yields)."""
-    with bf16_kernels(lm), heap_allocations():
+    the process's (the explorer leaves it at each snapshot it yields). It holds the process's
+    compute lock (:data:`pyro_lmscm.atomic.COMPUTE_LOCK`), so other threads wait meanwhile."""
+    with COMPUTE_LOCK, bf16_kernels(lm), heap_allocations():
         yield
 
 
@@ -380,6 +379,14 @@ class HFLanguageModel:
         self._text_config = text_config
 
     @property
+    def lock(self) -> Any:
+        """The lock that every computation on this model holds (mechanism activations, forward
+        calls, seeded regions such as ``counterfactual()``): :data:`pyro_lmscm.atomic.COMPUTE_LOCK`,
+        one for the process, since Pyro's handler stack and torch's global generator are the
+        process's too. ``with lm.lock:`` makes a block of several calls one turn."""
+        return COMPUTE_LOCK
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -452,7 +459,8 @@ class HFLanguageModel:
         """
         batch_shape, length = input_ids.shape[:-1], input_ids.shape[-1]
         flat, padding = _padding(input_ids.reshape(-1, length).to(self.device), self.pad_token_id)
-        out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
+        with COMPUTE_LOCK:  # no other thread's mechanism is on meanwhile
+            out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
         logits = out.logits.float() if float32 else out.logits
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
@@ -468,7 +476,8 @@ class HFLanguageModel:
         """
         unique, inverse = torch.unique(input_ids.to(self.device), dim=0, return_inverse=True)
         ids, padding = _padding(unique, self.pad_token_id)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
+        with COMPUTE_LOCK:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
         cache = out[self._cache_keyword]
         if padding:
             cache = PaddedCache(cache, padding["attention_mask"])
@@ -503,12 +512,13 @@ class HFLanguageModel:
             positions = mask.sum(-1, keepdim=True) - k + torch.arange(k, device=mask.device)
             padding = {"attention_mask": mask, "position_ids": positions}
             past_key_values = padded.cache
-        out = self.model(
-            input_ids=tokens.to(self.device),
-            use_cache=True,
-            **{self._cache_keyword: past_key_values},
-            **padding,
-        )
+        with COMPUTE_LOCK:
+            out = self.model(
+                input_ids=tokens.to(self.device),
+                use_cache=True,
+                **{self._cache_keyword: past_key_values},
+                **padding,
+            )
         cache = out[self._cache_keyword]
         if padded is not None:
             cache = PaddedCache(cache, padding["attention_mask"])

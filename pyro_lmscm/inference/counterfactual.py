@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Seque
 import pyro
 import torch
 
+from ..atomic import locked
 from ..errors import InferenceError
 from ..interventions.ops import Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
@@ -272,6 +273,7 @@ def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_len
     )
 
 
+@locked
 def counterfactual(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,
@@ -436,6 +438,7 @@ def _same_data(datas: Sequence[dict[str, torch.Tensor]]) -> bool:
     )
 
 
+@locked
 def counterfactuals(
     scm: LanguageModelSCM,
     prompts: Sequence[torch.Tensor],

@@ -4,8 +4,7 @@ restores they all use live in :mod:`pyro_lmscm.atomic`."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -113,12 +112,10 @@ def _absolute_positions(kwargs: dict[str, Any], owner: str) -> torch.Tensor:
     )
 
 
-@contextmanager
-def _layer_output_hook(layer: nn.Module, hook: Callable[..., Any], value: Any = None) -> Iterator[Any]:
+def _layer_output_hook(layer: nn.Module, hook: Callable[..., Any], value: Any = None) -> ContextManager[Any]:
     """Register ``hook(module, args, kwargs, output)`` on ``layer`` while the context is open
     (removed also on an exception); the context yields ``value``."""
-    with forward_hook(layer, hook, with_kwargs=True):
-        yield value
+    return forward_hook(layer, hook, with_kwargs=True, value=value)
 
 
 class _StopForward(Exception):

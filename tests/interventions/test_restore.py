@@ -16,6 +16,7 @@ a plain loop) finds corrupted states.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, Callable
 
@@ -31,10 +32,11 @@ from pyro_lmscm.interventions import (
     rome_edit,
 )
 from pyro_lmscm.lm import bf16_linears_in_float32
-from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
+from pyro_lmscm.testing import TINY_WORDS, hooks, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])
 WRAPPER = atomic.restore_atomically.__code__
+KERNEL = vars(atomic)
 
 
 def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None) -> int:
@@ -64,7 +66,8 @@ def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None
         if frame.f_code is wrapper:
             inside += 1
             return leave
-        return local if inside else None
+        # the frames of pyro_lmscm.atomic are the primitive (as C code is): not interrupted here
+        return local if inside and frame.f_globals is not KERNEL else None
 
     sys.settrace(tracer)
     try:
@@ -198,3 +201,198 @@ def test_the_harness_finds_the_old_restore_loop_unsafe():
 
     total, corrupted = _harness(lm, scenario, wrapper=run_once.__code__)
     assert total >= 3 and corrupted >= 2  # interrupted after the first and after the second copy
+
+
+# --- KeyboardInterrupt at random bytecodes of activation, restore and counterfactual() ------
+#
+# The harness below traces every frame with `frame.f_trace_opcodes` and raises
+# KeyboardInterrupt at the k-th opcode event, for k drawn at random over the events of a clean
+# run: inside a mechanism's activation and restore (hook registration, weight deltas, ROME and
+# MEMIT edits, LoRA adapters, steering, MiMiC, the float32-copy scope) and anywhere inside a
+# `counterfactual()` call (Pyro's handlers and plates, the SCM, transformers' forward). The
+# frames of `pyro_lmscm.atomic` are the primitive (as C code is) and are not interrupted. After
+# every point: the weights are bit-identical, no hook is left, the SIGINT handler, torch's grad
+# mode, Pyro's handler stack and dim allocator, the compute lock and the journal of pending
+# restores are as before, and a following `counterfactual()` equals the clean run.
+
+ORIGINAL_SIGINT = signal.getsignal(signal.SIGINT)
+
+
+def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int, str | None]:
+    """Run ``scenario`` tracing every opcode outside pyro_lmscm.atomic; raise KeyboardInterrupt
+    at opcode event ``inject_at``. Returns (events seen, where it was raised or None)."""
+    seen = 0
+    where: list[str] = []
+
+    def local(frame, event, arg):
+        nonlocal seen
+        if where:
+            return None
+        if event == "opcode":
+            if seen == inject_at:
+                where.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                sys.settrace(None)
+                raise KeyboardInterrupt(f"injected at {where[0]}")
+            seen += 1
+        return local
+
+    def tracer(frame, event, arg):
+        if where or frame.f_globals is KERNEL:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(tracer)
+    try:
+        scenario()
+    finally:
+        sys.settrace(None)
+    return seen, (where[0] if where else None)
+
+
+def _clean_state(lm) -> dict[str, Any]:
+    """Everything an interrupt could leave behind, as comparable values."""
+    from pyro.poutine import runtime
+
+    return {
+        "weights": {k: v.clone() for k, v in lm.model.state_dict().items()},
+        "hooks": hooks(lm.model),
+        "forwards": [name for name, m in lm.model.named_modules() if "forward" in vars(m)],
+        "flags": [p.requires_grad for p in lm.model.parameters()],
+        "sigint": signal.getsignal(signal.SIGINT),
+        "grad": torch.is_grad_enabled(),
+        "pyro_stack": list(runtime._PYRO_STACK),
+        "dims": [d for d in runtime._DIM_ALLOCATOR._stack if d is not None],
+        "lock_owned": atomic.COMPUTE_LOCK._lock._is_owned(),
+        "pending": len(atomic._pending()),
+    }
+
+
+def _differences(lm, before: dict[str, Any]) -> list[str]:
+    after = _clean_state(lm)
+    bad = [key for key in before if key != "weights" and after[key] != before[key]]
+    weights_a, weights_b = after["weights"], before["weights"]
+    if weights_a.keys() != weights_b.keys() or not all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a):
+        bad.append("weights")
+    return bad
+
+
+def _interrupt_scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any], Callable[[], Any] | None]]]:
+    """name -> () -> (lm, scenario, following call whose result must equal a clean run's)."""
+    from peft import LoraConfig
+
+    from pyro_lmscm import LanguageModelSCM, counterfactual
+    from pyro_lmscm.interventions import ModelSwap, memit_edit
+
+    texts = [" ".join(TINY_WORDS[i : i + 6]) for i in range(0, 18, 3)]
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
+
+    def mechanisms(lm):
+        eye = torch.eye(32, dtype=torch.float64)
+        zeros, ones = torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+        config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return {
+            "WeightDelta": WeightDelta({n: torch.randn_like(lm.model.get_parameter(n)) for n in names}),
+            "ActivationSteering": ActivationSteering(torch.ones(32), layer=1, alpha=2.0),
+            "AffineSteering": AffineSteering(1, zeros, ones, eye, 4 * eye),
+            "LoRAAdapter": LoRAAdapter.from_config(lm, config),
+            "rome_edit": rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1,
+                                   cov_texts=texts, num_steps=2),
+            "memit_edit": memit_edit(lm, [("she walked to the doctor", "the doctor", "home")], layers=[0, 1],
+                                     cov_texts=texts, num_steps=2),
+            "ModelSwap": ModelSwap(tiny_llama(seed=1)),
+        }
+
+    def activation(name):
+        def make():
+            torch.manual_seed(0)
+            lm = tiny_llama(seed=0)
+            mechanism = mechanisms(lm)[name]
+
+            def scenario():  # activation and restore only: the forward pass is counterfactual()'s
+                with mechanism.activate(lm):
+                    pass
+
+            return lm, scenario, None
+
+        return make
+
+    def float32_scope():
+        lm = tiny_llama(seed=0, dtype=torch.bfloat16)
+
+        def scenario():
+            with torch.no_grad(), bf16_linears_in_float32(lm.model, min_rows=1):
+                lm.logits(IDS[:, :2])
+
+        return lm, scenario, None
+
+    def computing_rome():  # the edit's own computation: hooks on the model while it optimises
+        lm = tiny_llama(seed=0)
+        return lm, lambda: rome_edit(lm, "she walked", "she", "home", layer=1, cov_texts=texts[:2],
+                                     num_steps=1), None
+
+    def counterfactual_of(name):
+        def make():
+            torch.manual_seed(0)
+            lm = tiny_llama(seed=0)
+            scm = LanguageModelSCM(lm, max_new_tokens=3, mechanisms={name: mechanisms(lm)[name]})
+
+            def call():
+                result = counterfactual(scm, torch.tensor([2, 3]), None, {"mechanism": name}, num_samples=2, seed=7)
+                return result.factual_ids.tolist(), result.counterfactual_ids.tolist()
+
+            return lm, call, call
+
+        return make
+
+    scenarios: dict[str, Any] = {f"activate {n}": activation(n) for n in
+                                 ["WeightDelta", "ActivationSteering", "AffineSteering", "LoRAAdapter",
+                                  "rome_edit", "memit_edit", "ModelSwap"]}
+    scenarios["bf16_linears_in_float32"] = float32_scope
+    scenarios["computing rome_edit"] = computing_rome
+    for n in ["WeightDelta", "ActivationSteering", "AffineSteering", "LoRAAdapter", "rome_edit", "ModelSwap"]:
+        scenarios[f"counterfactual {n}"] = counterfactual_of(n)
+    return scenarios
+
+
+def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
+    """Inject ``points`` KeyboardInterrupts at random opcodes of scenario ``name``; returns the
+    counts (points, corrupted states and their kinds, failed or wrong following calls)."""
+    import random
+
+    lm, scenario, follow = _interrupt_scenarios()[name]()
+    clean = follow() if follow is not None else None
+    before = _clean_state(lm)
+    total, _ = _opcode_run(scenario, None)
+    assert not _differences(lm, before), _differences(lm, before)
+    rng = random.Random(seed)
+    corrupted, kinds, wrong, not_raised = 0, {}, 0, 0
+    for i in range(points):
+        k = rng.randrange(total)
+        try:
+            _opcode_run(scenario, k)
+            not_raised += 1  # caught inside (a library may catch it): the state must still be clean
+        except KeyboardInterrupt:
+            pass
+        bad = _differences(lm, before)
+        if bad:
+            corrupted += 1
+            for key in bad:
+                kinds[key] = kinds.get(key, 0) + 1
+            lm.model.load_state_dict(before["weights"])  # repair, so later points are tried cleanly
+        if follow is not None and (i % check_every == 0 or i == points - 1):
+            try:
+                wrong += follow() != clean
+            except Exception:  # noqa: BLE001 - counted
+                wrong += 1
+    return {"scenario": name, "opcodes": total, "points": points, "corrupted": corrupted, "kinds": kinds,
+            "wrong_following_calls": wrong, "not_raised": not_raised}
+
+
+@pytest.mark.parametrize("name", list(_interrupt_scenarios()))
+def test_random_interrupt_points_leave_no_trace(name):
+    """A few random bytecode-level interrupt points per scenario in the fast suite; the
+    thousands run in the slow test below (and `benchmarks/interrupts.py`)."""
+    report = random_interrupt_points(name, points=4 if name.startswith("counterfactual") else 8, check_every=2)
+    print(report)
+    assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
