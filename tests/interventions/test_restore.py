@@ -16,8 +16,11 @@ a plain loop) finds corrupted states.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+import time
 from typing import Any, Callable
 
 import pytest
@@ -396,3 +399,72 @@ def test_random_interrupt_points_leave_no_trace(name):
     report = random_interrupt_points(name, points=4 if name.startswith("counterfactual") else 8, check_every=2)
     print(report)
     assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
+
+
+def real_sigint_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
+    """Send ``points`` real SIGINTs (``os.kill`` from a timer thread) at random times within a
+    run of scenario ``name``; counts as :func:`random_interrupt_points`."""
+    import random
+
+    lm, scenario, follow = _interrupt_scenarios()[name]()
+    clean = follow() if follow is not None else None
+    before = _clean_state(lm)
+    start = time.perf_counter()
+    scenario()
+    duration = time.perf_counter() - start
+    rng = random.Random(seed)
+    corrupted, kinds, wrong, interrupted = 0, {}, 0, 0
+    for i in range(points):
+        timer = threading.Timer(rng.uniform(0.0, 1.1 * duration), os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            try:
+                scenario()
+            finally:
+                timer.join()
+            time.sleep(0.005)  # a SIGINT that came after the scenario is handled here
+        except KeyboardInterrupt:
+            interrupted += 1
+        bad = _differences(lm, before)
+        if bad:
+            corrupted += 1
+            for key in bad:
+                kinds[key] = kinds.get(key, 0) + 1
+            lm.model.load_state_dict(before["weights"])
+            signal.signal(signal.SIGINT, ORIGINAL_SIGINT)
+        if follow is not None and (i % check_every == 0 or i == points - 1):
+            try:
+                wrong += follow() != clean
+            except Exception:  # noqa: BLE001 - counted
+                wrong += 1
+    return {"scenario": name, "points": points, "interrupted": interrupted, "corrupted": corrupted,
+            "kinds": kinds, "wrong_following_calls": wrong}
+
+
+@pytest.mark.parametrize("name", ["activate WeightDelta", "counterfactual ActivationSteering"])
+def test_real_sigints_leave_no_trace(name):
+    report = real_sigint_points(name, points=6, check_every=2)
+    print(report)
+    assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
+
+
+#: Random interrupt points per scenario in the slow test: 9 activation scenarios x 300 and
+#: 6 counterfactual() scenarios x 350 bytecode points, plus real SIGINTs: 5,400 in all.
+SLOW_POINTS = {"activate": 300, "bf16": 300, "computing": 300, "counterfactual": 350}
+SLOW_SIGINTS = {"activate WeightDelta": 100, "activate LoRAAdapter": 100, "counterfactual WeightDelta": 100,
+                "counterfactual ActivationSteering": 100}
+
+
+@pytest.mark.slow
+def test_thousands_of_random_interrupt_points():
+    reports = []
+    for name in _interrupt_scenarios():
+        reports.append(random_interrupt_points(name, SLOW_POINTS[name.split()[0].split("_")[0]], seed=1))
+    for name, points in SLOW_SIGINTS.items():
+        reports.append(real_sigint_points(name, points, seed=1))
+    for report in reports:
+        print(report)
+    total = sum(report["points"] for report in reports)
+    print(f"{total} interrupt points")
+    assert total >= 5000
+    assert all(r["corrupted"] == 0 and r["wrong_following_calls"] == 0 for r in reports), reports
