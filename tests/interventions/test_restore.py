@@ -221,9 +221,18 @@ def test_the_harness_finds_the_old_restore_loop_unsafe():
 ORIGINAL_SIGINT = signal.getsignal(signal.SIGINT)
 
 
+#: Files whose frames are traced opcode by opcode (the code that changes shared state: ours,
+#: Pyro's handlers and plates, contextlib, torch's hooks, grad mode and generators, peft's
+#: layers); other frames (transformers' and torch's forward code) line by line, which is
+#: what makes thousands of points affordable.
+OPCODE_FILES = ("pyro_lmscm", "/pyro/", "contextlib", "torch/nn/modules/module.py", "torch/utils/hooks.py",
+                "torch/autograd/grad_mode.py", "torch/random.py", "torch/utils/_contextlib.py", "/peft/")
+
+
 def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int, str | None]:
-    """Run ``scenario`` tracing every opcode outside pyro_lmscm.atomic; raise KeyboardInterrupt
-    at opcode event ``inject_at``. Returns (events seen, where it was raised or None)."""
+    """Run ``scenario`` tracing every frame outside pyro_lmscm.atomic (opcode events in
+    :data:`OPCODE_FILES`, line events elsewhere); raise KeyboardInterrupt at event
+    ``inject_at``. Returns (events seen, where it was raised or None)."""
     seen = 0
     where: list[str] = []
 
@@ -231,7 +240,7 @@ def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int
         nonlocal seen
         if where:
             return None
-        if event == "opcode":
+        if event == "opcode" or (event == "line" and not frame.f_trace_opcodes):
             if seen == inject_at:
                 where.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
                 sys.settrace(None)
@@ -242,7 +251,8 @@ def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int
     def tracer(frame, event, arg):
         if where or frame.f_globals is KERNEL:
             return None
-        frame.f_trace_opcodes = True
+        filename = frame.f_code.co_filename
+        frame.f_trace_opcodes = any(part in filename for part in OPCODE_FILES)
         return local
 
     sys.settrace(tracer)
@@ -290,27 +300,29 @@ def _interrupt_scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any
     texts = [" ".join(TINY_WORDS[i : i + 6]) for i in range(0, 18, 3)]
     names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
 
-    def mechanisms(lm):
+    def mechanism_of(lm, name):
         eye = torch.eye(32, dtype=torch.float64)
         zeros, ones = torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
-        config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        return {
-            "WeightDelta": WeightDelta({n: torch.randn_like(lm.model.get_parameter(n)) for n in names}),
-            "ActivationSteering": ActivationSteering(torch.ones(32), layer=1, alpha=2.0),
-            "AffineSteering": AffineSteering(1, zeros, ones, eye, 4 * eye),
-            "LoRAAdapter": LoRAAdapter.from_config(lm, config),
-            "rome_edit": rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1,
-                                   cov_texts=texts, num_steps=2),
-            "memit_edit": memit_edit(lm, [("she walked to the doctor", "the doctor", "home")], layers=[0, 1],
-                                     cov_texts=texts, num_steps=2),
-            "ModelSwap": ModelSwap(tiny_llama(seed=1)),
+        factories = {
+            "WeightDelta": lambda: WeightDelta({n: torch.randn_like(lm.model.get_parameter(n)) for n in names}),
+            "ActivationSteering": lambda: ActivationSteering(torch.ones(32), layer=1, alpha=2.0),
+            "AffineSteering": lambda: AffineSteering(1, zeros, ones, eye, 4 * eye),
+            "LoRAAdapter": lambda: LoRAAdapter.from_config(
+                lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            ),
+            "rome_edit": lambda: rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1,
+                                           cov_texts=texts, num_steps=2),
+            "memit_edit": lambda: memit_edit(lm, [("she walked to the doctor", "the doctor", "home")],
+                                             layers=[0, 1], cov_texts=texts, num_steps=2),
+            "ModelSwap": lambda: ModelSwap(tiny_llama(seed=1)),
         }
+        return factories[name]()
 
     def activation(name):
         def make():
             torch.manual_seed(0)
             lm = tiny_llama(seed=0)
-            mechanism = mechanisms(lm)[name]
+            mechanism = mechanism_of(lm, name)
 
             def scenario():  # activation and restore only: the forward pass is counterfactual()'s
                 with mechanism.activate(lm):
@@ -338,7 +350,7 @@ def _interrupt_scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any
         def make():
             torch.manual_seed(0)
             lm = tiny_llama(seed=0)
-            scm = LanguageModelSCM(lm, max_new_tokens=3, mechanisms={name: mechanisms(lm)[name]})
+            scm = LanguageModelSCM(lm, max_new_tokens=2, mechanisms={name: mechanism_of(lm, name)})
 
             def call():
                 result = counterfactual(scm, torch.tensor([2, 3]), None, {"mechanism": name}, num_samples=2, seed=7)
@@ -448,9 +460,9 @@ def test_real_sigints_leave_no_trace(name):
     assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
 
 
-#: Random interrupt points per scenario in the slow test: 9 activation scenarios x 300 and
-#: 6 counterfactual() scenarios x 350 bytecode points, plus real SIGINTs: 5,400 in all.
-SLOW_POINTS = {"activate": 300, "bf16": 300, "computing": 300, "counterfactual": 350}
+#: Random interrupt points per scenario in the slow test: 9 activation scenarios x 400 and
+#: 6 counterfactual() scenarios x 250 bytecode points, plus 400 real SIGINTs: 5,500 in all.
+SLOW_POINTS = {"activate": 400, "bf16": 400, "computing": 400, "counterfactual": 250}
 SLOW_SIGINTS = {"activate WeightDelta": 100, "activate LoRAAdapter": 100, "counterfactual WeightDelta": 100,
                 "counterfactual ActivationSteering": 100}
 
