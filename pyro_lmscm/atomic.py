@@ -22,7 +22,6 @@ __all__ = [
     "ComputeLock",
     "forward_hook",
     "locked",
-    "protected",
     "release_plate",
     "restore_atomically",
     "reversible",
@@ -32,19 +31,6 @@ __all__ = [
 #: How often a restore step is retried after a KeyboardInterrupt raised inside it.
 _RESTORE_ATTEMPTS = 100
 _MAIN_THREAD = threading.main_thread().ident
-
-#: Code objects (besides this module's) in which a SIGINT is held by the scope's handler.
-_PROTECTED: set[Any] = set()
-
-
-def protected(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Mark ``function`` (a context manager's ``__enter__`` or ``__exit__`` that takes or
-    releases :data:`COMPUTE_LOCK`) as one that a SIGINT may not interrupt inside a compute
-    scope: the scope's handler holds the signal there, and it is delivered when the scope (or
-    the next :class:`reversible`) ends. Every function of this module is protected so."""
-    _PROTECTED.add(function.__code__)
-    return function
-
 
 class _Deferring:
     """The SIGINT handler of a deferring region outside a compute scope: it records the signal;
@@ -63,7 +49,7 @@ class _Deferring:
 class _ScopeHandler:
     """The SIGINT handler of an outermost compute scope (main thread). It acts as the handler
     it replaced (``previous``; the default one raises KeyboardInterrupt) except inside a
-    deferring region or a protected frame (this module's functions, :func:`protected` ones),
+    deferring region or a frame of this module's functions,
     where it holds the signal until the region ends, the next :func:`_flush` or the scope's
     end: no restore is skipped at a function's entry."""
 
@@ -75,7 +61,7 @@ class _ScopeHandler:
         self.deferring = 0
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.deferring or (frame is not None and (frame.f_globals is _GLOBALS or frame.f_code in _PROTECTED)):
+        if self.deferring or (frame is not None and (frame.f_globals is _GLOBALS)):
             self.held.append((signum, frame))
             return
         _forward(self.previous, signum, frame)
@@ -123,7 +109,7 @@ def _undefer(token: Any) -> tuple[Any, int, Any] | None:
 
 
 def _flush() -> None:
-    """Deliver a SIGINT that the scope's handler holds for a protected frame."""
+    """Deliver a SIGINT that the scope's handler holds (received in a frame of this module)."""
     current = _signal.getsignal(_signal.SIGINT) if threading.get_ident() == _MAIN_THREAD else None
     if isinstance(current, _ScopeHandler) and current.held and not current.deferring:
         signum, frame = current.held[0]
@@ -344,14 +330,14 @@ class ComputeLock:
                         break
                 else:
                     entered = True
-                    if scope.depth == 0:
+                    scope.depth += 1  # first: __exit__ undoes exactly this
+                    if scope.depth == 1:
                         from pyro.poutine.messenger import Messenger
 
                         outer = Messenger()
                         base = token.previous if isinstance(token, _Deferring) else None
                         scope.saved = (len(_pending()), torch.is_grad_enabled(), base, outer)
-                        outer.__enter__()
-                    scope.depth += 1
+                        restore_atomically(outer.__enter__)  # pushes it once, whatever interrupts it
             finally:
                 if entered and scope.depth == 1 and isinstance(token, _Deferring):
                     # the scope's handler replaces the deferring one; it holds what that one got
@@ -372,7 +358,11 @@ class ComputeLock:
         scope = _scope()
         try:
             if scope.depth == 1 and scope.saved is not None:
-                restore_atomically(lambda: _clean_up(scope.saved, exc))
+                try:
+                    restore_atomically(lambda: _clean_up(scope.saved, exc))
+                finally:
+                    if exc[0] is not None:  # after restore_atomically, which sets back the mode it found
+                        torch._C._set_grad_enabled(scope.saved[1])
         finally:
             scope.depth -= 1
             self._lock.release()
@@ -392,13 +382,11 @@ class ComputeLock:
 
 def _clean_up(saved: tuple[int, bool, Any, Any], exc: tuple[Any, ...]) -> None:
     """What the outermost scope's exit puts back (idempotent: it may run again if interrupted)."""
-    mark, grad, _, outer = saved
+    mark, _, _, outer = saved
     pending = _pending()
     while len(pending) > mark:
         pending[-1].run()  # removes itself
     outer.__exit__(*(exc if exc[0] is not None else (KeyboardInterrupt, None, None)))  # pops what leaked
-    if exc[0] is not None:
-        torch._C._set_grad_enabled(grad)
 
 
 def _leave_scope(scope: _Scope) -> None:

@@ -213,7 +213,8 @@ def test_the_harness_finds_the_old_restore_loop_unsafe():
 # run: inside a mechanism's activation and restore (hook registration, weight deltas, ROME and
 # MEMIT edits, LoRA adapters, steering, MiMiC, the float32-copy scope) and anywhere inside a
 # `counterfactual()` call (Pyro's handlers and plates, the SCM, transformers' forward). The
-# frames of `pyro_lmscm.atomic` are the primitive (as C code is) and are not interrupted. After
+# frames of `pyro_lmscm.atomic` are the primitive (as C code is) and are not interrupted, nor
+# is the scenario's own frame (the caller's `with` statement). After
 # every point: the weights are bit-identical, no hook is left, the SIGINT handler, torch's grad
 # mode, Pyro's handler stack and dim allocator, the compute lock and the journal of pending
 # restores are as before, and a following `counterfactual()` equals the clean run.
@@ -249,7 +250,9 @@ def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int
         return local
 
     def tracer(frame, event, arg):
-        if where or frame.f_globals is KERNEL:
+        # the scenario's own frame is the caller's: CPython checks no signal between a `with`
+        # body's last opcode and the call of `__exit__`, so only a tracer could raise there
+        if where or frame.f_globals is KERNEL or frame.f_code is scenario.__code__:
             return None
         filename = frame.f_code.co_filename
         frame.f_trace_opcodes = any(part in filename for part in OPCODE_FILES)
@@ -277,6 +280,7 @@ def _clean_state(lm) -> dict[str, Any]:
         "pyro_stack": list(runtime._PYRO_STACK),
         "dims": [d for d in runtime._DIM_ALLOCATOR._stack if d is not None],
         "lock_owned": atomic.COMPUTE_LOCK._lock._is_owned(),
+        "scope_depth": atomic._scope().depth,
         "pending": len(atomic._pending()),
     }
 
@@ -370,6 +374,21 @@ def _interrupt_scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any
     return scenarios
 
 
+def _repair(lm, before: dict[str, Any]) -> None:
+    """Put everything back after a corrupted point, so that each point is tried cleanly."""
+    from pyro.poutine import runtime
+
+    lm.model.load_state_dict(before["weights"])
+    torch.set_grad_enabled(before["grad"])
+    signal.signal(signal.SIGINT, ORIGINAL_SIGINT)
+    del runtime._PYRO_STACK[:]
+    runtime._DIM_ALLOCATOR._stack.clear()
+    while atomic.COMPUTE_LOCK._lock._is_owned():
+        atomic.COMPUTE_LOCK._lock.release()
+    atomic._scope().depth, atomic._scope().saved = 0, None
+    atomic._pending().clear()
+
+
 def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
     """Inject ``points`` KeyboardInterrupts at random opcodes of scenario ``name``; returns the
     counts (points, corrupted states and their kinds, failed or wrong following calls)."""
@@ -394,7 +413,7 @@ def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: 
             corrupted += 1
             for key in bad:
                 kinds[key] = kinds.get(key, 0) + 1
-            lm.model.load_state_dict(before["weights"])  # repair, so later points are tried cleanly
+            _repair(lm, before)
         if follow is not None and (i % check_every == 0 or i == points - 1):
             try:
                 wrong += follow() != clean
@@ -442,8 +461,7 @@ def real_sigint_points(name: str, points: int, seed: int = 0, check_every: int =
             corrupted += 1
             for key in bad:
                 kinds[key] = kinds.get(key, 0) + 1
-            lm.model.load_state_dict(before["weights"])
-            signal.signal(signal.SIGINT, ORIGINAL_SIGINT)
+            _repair(lm, before)
         if follow is not None and (i % check_every == 0 or i == points - 1):
             try:
                 wrong += follow() != clean
