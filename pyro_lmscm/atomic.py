@@ -32,6 +32,7 @@ __all__ = [
 _RESTORE_ATTEMPTS = 100
 _MAIN_THREAD = threading.main_thread().ident
 
+
 class _Deferring:
     """The SIGINT handler of a deferring region outside a compute scope: it records the signal;
     ``previous`` is the handler it replaced."""
@@ -49,9 +50,9 @@ class _Deferring:
 class _ScopeHandler:
     """The SIGINT handler of an outermost compute scope (main thread). It acts as the handler
     it replaced (``previous``; the default one raises KeyboardInterrupt) except inside a
-    deferring region or a frame of this module's functions,
-    where it holds the signal until the region ends, the next :func:`_flush` or the scope's
-    end: no restore is skipped at a function's entry."""
+    deferring region or a frame of this module's functions, where it holds the signal until
+    the region ends, the next :func:`_flush` or the scope's end: so no restore is skipped at
+    a function's entry, where Python checks for signals."""
 
     __slots__ = ("previous", "held", "deferring")
 
@@ -61,7 +62,7 @@ class _ScopeHandler:
         self.deferring = 0
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.deferring or (frame is not None and (frame.f_globals is _GLOBALS)):
+        if self.deferring or (frame is not None and frame.f_globals is _GLOBALS):
             self.held.append((signum, frame))
             return
         _forward(self.previous, signum, frame)
@@ -131,7 +132,7 @@ class sigint_deferred:  # noqa: N801 - used as a function, like contextlib's hel
 
     def __exit__(self, *exc: Any) -> None:
         held = _undefer(self._token)
-        if held is not None and exc[0] is None:
+        if held is not None:
             _forward(*held)
 
 
