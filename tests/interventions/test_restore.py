@@ -4,14 +4,18 @@ Every mechanism that changes the HF module (weight deltas, ROME, LoRA flags, ste
 ROME's forward hooks) undoes its change through ``restore_atomically``, and so does the
 ``bf16_linears_in_float32`` scope (the ``forward`` it sets on each linear). The harness below
 runs each scenario once to list the line events inside those restore steps (our code, and
-torch's and peft's Python code they call), then reruns it once per event with a
-``sys.settrace`` tracer that raises ``KeyboardInterrupt`` exactly there. After each run the
+torch's and peft's Python code they call), then reruns it once per event (at most
+:data:`MAX_RESTORE_POINTS`, evenly spaced) with a ``sys.settrace`` tracer that raises
+``KeyboardInterrupt`` exactly there. After each run the
 parameters, buffers and ``requires_grad`` flags must be bit-identical, no hook may be left,
 every peft layer must be as it was, torch's grad mode must be the caller's, and the
 interrupt must still reach the caller.
 
 The baseline: the same harness on the restore loop of before (one ``copy_`` per parameter in
 a plain loop) finds corrupted states.
+
+The second harness (below) interrupts at random *bytecodes* of activation, restore and whole
+``counterfactual()`` calls, and with real SIGINTs; its slow test drives 5,500 points.
 """
 
 from __future__ import annotations
@@ -99,19 +103,25 @@ def _equal(a, b) -> bool:
     return same and hooks_a == hooks_b and flags_a == flags_b and layers_a == layers_b
 
 
+#: At most this many restore points per scenario in the fast suite (LoRA's restore runs 1,544
+#: lines of peft: every 6th is tried; the slow test draws random points among all of them).
+MAX_RESTORE_POINTS = 300
+
+
 def _harness(lm, scenario: Callable[[], Any], wrapper: Any = WRAPPER) -> tuple[int, int]:
     """(restore points tried, corrupted states) for ``scenario``."""
     before = _state(lm)
     total = _run_traced(scenario, wrapper, inject_at=None)
     assert _equal(_state(lm), before)
     corrupted = 0
-    for k in range(total):
+    points = range(0, total, -(-total // MAX_RESTORE_POINTS))
+    for k in points:
         with pytest.raises(KeyboardInterrupt, match="injected at"):
             _run_traced(scenario, wrapper, inject_at=k)
         if not _equal(_state(lm), before):
             corrupted += 1
             lm.model.load_state_dict(before[0][0])  # repair, so later points are tried cleanly
-    return total, corrupted
+    return len(points), corrupted
 
 
 def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
