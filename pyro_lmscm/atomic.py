@@ -358,12 +358,13 @@ class ComputeLock:
     def __exit__(self, *exc: Any) -> None:
         scope = _scope()
         try:
-            if scope.depth == 1 and scope.saved is not None:
+            saved = scope.saved
+            if scope.depth == 1 and saved is not None:
                 try:
-                    restore_atomically(lambda: _clean_up(scope.saved, exc))
+                    restore_atomically(lambda: _clean_up(saved, exc))
                 finally:
                     if exc[0] is not None:  # after restore_atomically, which sets back the mode it found
-                        torch._C._set_grad_enabled(scope.saved[1])
+                        torch._C._set_grad_enabled(saved[1])
         finally:
             scope.depth -= 1
             self._lock.release()

@@ -9,6 +9,7 @@ method). ``counterfactual()`` and :class:`~pyro_lmscm.inference.AbductionResult`
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
@@ -65,7 +66,7 @@ def predict(
         for start, stop in spans:
             plate = pyro.plate(DRAWS, stop - start, dim=-1)
             # the plate's dimension is freed even if an interrupt splits its __enter__
-            with noise(start, stop), reversible(lambda: None, lambda plate=plate: release_plate(plate)):
+            with noise(start, stop), reversible(lambda: None, functools.partial(release_plate, plate)):
                 ids = plate(model)(prompt)
             out.append(ids.expand(*prompt.shape[:-2], stop - start, scm.max_new_tokens))
     return torch.cat(out, dim=-2) if len(out) > 1 else out[0]

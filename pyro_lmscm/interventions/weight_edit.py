@@ -98,7 +98,7 @@ class WeightDelta(Mechanism):
             seen[id(parameter)] = name
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
-        parameters = [_parameter(lm, name, "WeightDelta") for name in self.deltas]
+        parameters: list[torch.Tensor] = [_parameter(lm, name, "WeightDelta") for name in self.deltas]
         saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # one entry: appended at once
 
         def apply() -> None:
