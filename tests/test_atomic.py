@@ -208,9 +208,9 @@ class _NoLock:
 
 
 def test_two_threads_on_one_model_give_the_single_threaded_results():
-    report = run_threads(2, 12)
+    report = run_threads(2, 8)
     print(report)
-    assert report == {"threads": 2, "iterations": 12, "wrong": 0, "errors": {}, "corrupted_weights": 0,
+    assert report == {"threads": 2, "iterations": 8, "wrong": 0, "errors": {}, "corrupted_weights": 0,
                       "hooks_left": 0}
 
 

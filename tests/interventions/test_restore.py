@@ -437,7 +437,7 @@ def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: 
 def test_random_interrupt_points_leave_no_trace(name):
     """A few random bytecode-level interrupt points per scenario in the fast suite; the
     thousands run in the slow test below (and `benchmarks/interrupts.py`)."""
-    report = random_interrupt_points(name, points=4 if name.startswith("counterfactual") else 8, check_every=2)
+    report = random_interrupt_points(name, points=2 if name.startswith("counterfactual") else 5, check_every=2)
     print(report)
     assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
 
@@ -483,7 +483,7 @@ def real_sigint_points(name: str, points: int, seed: int = 0, check_every: int =
 
 @pytest.mark.parametrize("name", ["activate WeightDelta", "counterfactual ActivationSteering"])
 def test_real_sigints_leave_no_trace(name):
-    report = real_sigint_points(name, points=6, check_every=2)
+    report = real_sigint_points(name, points=4, check_every=2)
     print(report)
     assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
 
