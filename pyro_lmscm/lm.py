@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
+from .atomic import COMPUTE_LOCK
 from .errors import ChatError, ObservationError, TokenizationError
 
 if TYPE_CHECKING:
@@ -310,6 +311,14 @@ class HFLanguageModel:
         return next(self.model.parameters()).device
 
     @property
+    def lock(self) -> Any:
+        """The lock that every computation on this model holds (mechanism activations, forward
+        calls, seeded regions such as ``counterfactual()``): :data:`pyro_lmscm.atomic.COMPUTE_LOCK`,
+        one for the process, since Pyro's handler stack and torch's global generator are the
+        process's too. ``with lm.lock:`` makes a block of several calls one turn."""
+        return COMPUTE_LOCK
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -378,7 +387,8 @@ class HFLanguageModel:
         """
         batch_shape, length = input_ids.shape[:-1], input_ids.shape[-1]
         flat, padding = _padding(input_ids.reshape(-1, length).to(self.device), self.pad_token_id)
-        out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
+        with COMPUTE_LOCK:  # no other thread's mechanism is on meanwhile
+            out = self.model(input_ids=flat, use_cache=False, logits_to_keep=logits_to_keep, **padding)
         logits = out.logits.float() if float32 else out.logits
         return logits.reshape(*batch_shape, logits.shape[-2], logits.shape[-1])
 
@@ -397,7 +407,8 @@ class HFLanguageModel:
         """
         unique, inverse = torch.unique(input_ids.to(self.device), dim=0, return_inverse=True)
         ids, padding = _padding(unique, self.pad_token_id)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
+        with COMPUTE_LOCK:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **padding)
         cache = out[self._cache_keyword]
         if max_length is not None:
             cache = preallocate(cache, max_length)
@@ -434,12 +445,13 @@ class HFLanguageModel:
             positions = mask.sum(-1, keepdim=True) - k + torch.arange(k, device=mask.device)
             padding = {"attention_mask": mask, "position_ids": positions}
             past_key_values = padded.cache
-        out = self.model(
-            input_ids=tokens.to(self.device),
-            use_cache=True,
-            **{self._cache_keyword: past_key_values},
-            **padding,
-        )
+        with COMPUTE_LOCK:
+            out = self.model(
+                input_ids=tokens.to(self.device),
+                use_cache=True,
+                **{self._cache_keyword: past_key_values},
+                **padding,
+            )
         cache = out[self._cache_keyword]
         if padded is not None:
             cache = PaddedCache(cache, padding["attention_mask"])

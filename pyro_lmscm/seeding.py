@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from .atomic import reversible
 from .errors import InferenceError, LMSCMError
 from .validation import as_seed
 
 __all__ = ["seeded"]
 
 
-@contextmanager
-def seeded(seed: Any, error: type[LMSCMError] = InferenceError) -> Iterator[None]:
+class seeded(reversible):  # noqa: N801 - used as a function, like contextlib's helpers
     """Inside the block torch's generators are seeded with ``seed`` (``None``: left as they
     are); after it, the CPU generator and that of every CUDA device are what they were
     before (``torch.random.fork_rng(devices=[])`` would restore the CPU one only, although
     ``torch.manual_seed`` reseeds them all).
+
+    Pyro draws its samples from torch's global generator, so a seeded block cannot use a
+    generator of its own: it is a :class:`~pyro_lmscm.atomic.reversible` change, which holds
+    the process's compute lock (:data:`pyro_lmscm.atomic.COMPUTE_LOCK`) throughout, and no
+    other thread computes on a language model (nor reseeds) until it ends. Threads that draw from torch's global
+    generator outside this library are not held back.
 
     :raises error: for a seed that is not an integer in ``[0, 2**64)``.
 
@@ -30,9 +35,21 @@ def seeded(seed: Any, error: type[LMSCMError] = InferenceError) -> Iterator[None
     >>> bool(torch.equal(a, b))
     True
     """
-    seed = as_seed(seed, error=error)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
+
+    def __init__(self, seed: Any, error: type[LMSCMError] = InferenceError) -> None:
+        seed = as_seed(seed, error=error)
+        saved: list[Any] = []  # one entry, appended at once before the generators change
+
+        def apply() -> None:
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            saved.append((torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in devices]))
+            if seed is not None:
+                torch.manual_seed(seed)
+
+        def restore() -> None:
+            for cpu, cuda in saved:
+                torch.set_rng_state(cpu)
+                for device, state in cuda:
+                    torch.cuda.set_rng_state(state, device)
+
+        super().__init__(apply, restore)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Seque
 import pyro
 import torch
 
+from ..atomic import locked
 from ..errors import InferenceError
 from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
@@ -299,6 +300,7 @@ def _check_call(scm: Any, **flags: Any) -> None:
             raise InferenceError(f"`{name}` must be True or False, got {value!r:.80}.")
 
 
+@locked
 def counterfactual(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,
@@ -459,6 +461,7 @@ def _same_data(datas: Sequence[dict[str, torch.Tensor]]) -> bool:
     return all(first.same(d) for d in datas[1:])
 
 
+@locked
 def counterfactuals(
     scm: LanguageModelSCM,
     prompts: Sequence[torch.Tensor],

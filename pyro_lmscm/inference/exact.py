@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
+from ..atomic import locked
 from ..errors import AbductionError, InferenceError, ObservationError
 from ..interventions.ops import Action, as_do_data, excluded_tokens, forced_tokens, world, world_inputs
 from ..lm import left_pad
@@ -465,6 +466,7 @@ def _intervened_pass(
         return f.logits(inputs.to(scm.lm.device), logits_to_keep=keep), keep
 
 
+@locked
 @torch.no_grad()
 def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: int = 16) -> list[torch.Tensor]:
     """:meth:`ExactCounterfactual.observed_token_log_probs` of many strings, the intervened
@@ -476,6 +478,7 @@ def observed_token_log_probs(exacts: Sequence[ExactCounterfactual], batch_size: 
     return [exact._observed_log_q(logits=logits) for exact, logits in _observed_logits(exacts, batch_size)]
 
 
+@locked
 @torch.no_grad()
 def observed_log_probs(
     exacts: Sequence[ExactCounterfactual], batch_size: int = 16
@@ -515,6 +518,7 @@ def _observed_logits(
             yield exact, exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
 
 
+@locked
 @torch.no_grad()
 def counterfactual_token_log_probs(
     exacts: Sequence[ExactCounterfactual], candidates: Sequence[torch.Tensor], batch_size: int = 16
@@ -673,6 +677,7 @@ def _beam_supports(
     return list(zip(columns.split(counts), logits.split(counts))), decoded
 
 
+@locked
 @torch.no_grad()
 def most_probable(
     exacts: Sequence[ExactCounterfactual], num_beams: int = 4, lengths: Sequence[int] | None = None
@@ -736,6 +741,7 @@ def most_probable(
     return [(beams[i][0], float(scores[i][0])) for i in range(S)]
 
 
+@locked
 def exact_counterfactual(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,

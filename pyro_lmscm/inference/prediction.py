@@ -9,6 +9,7 @@ method). ``counterfactual()`` and :class:`~pyro_lmscm.inference.AbductionResult`
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
@@ -16,6 +17,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ..atomic import release_plate, reversible
 from .hindsight_guide import noise_trace
 
 if TYPE_CHECKING:
@@ -62,7 +64,9 @@ def predict(
         if anchor is not None:
             stack.enter_context(scm.anchored(anchor))
         for start, stop in spans:
-            with noise(start, stop):
-                ids = pyro.plate(DRAWS, stop - start, dim=-1)(model)(prompt)
+            plate = pyro.plate(DRAWS, stop - start, dim=-1)
+            # the plate's dimension is freed even if an interrupt splits its __enter__
+            with noise(start, stop), reversible(lambda: None, functools.partial(release_plate, plate)):
+                ids = plate(model)(prompt)
             out.append(ids.expand(*prompt.shape[:-2], stop - start, scm.max_new_tokens))
     return torch.cat(out, dim=-2) if len(out) > 1 else out[0]

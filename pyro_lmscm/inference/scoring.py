@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from ..atomic import locked
 from ..errors import ObservationError
 from ..interventions.ops import as_do_data, forced_tokens, world, world_inputs
 from ..lm import left_pad
@@ -57,6 +58,7 @@ def gathered_log_probs(decoded_logits: torch.Tensor, ids: torch.Tensor) -> torch
     return gathered - total.view(decoded_logits.shape[:-1])
 
 
+@locked
 @torch.no_grad()
 def token_log_probs(
     scm: LanguageModelSCM,
@@ -133,6 +135,7 @@ def token_log_probs(
     return torch.where(counted, log_p, 0.0).reshape(ids.shape)
 
 
+@locked
 def string_log_prob(
     scm: LanguageModelSCM,
     prompt: torch.Tensor,
@@ -154,6 +157,7 @@ def string_log_prob(
     return token_log_probs(scm, prompt, ids, intervention, batch_size=batch_size).sum(-1)
 
 
+@locked
 def ragged_token_log_probs(
     scm: LanguageModelSCM,
     prompt: torch.Tensor | Sequence[torch.Tensor],

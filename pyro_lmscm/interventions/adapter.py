@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping
 
 import torch
 
+from ..atomic import restore_atomically, reversible
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
-from .internals import restore_atomically, sigint_deferred
 from .weight_edit import part_of
 
 if TYPE_CHECKING:
@@ -245,29 +244,28 @@ class LoRAAdapter(Mechanism):
         return adapter
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
-        return self._enabled(lm)
+        saved: list[list[tuple[Any, list[str], bool, list[tuple[torch.nn.Parameter, bool]]]]] = []
 
-    @contextmanager
-    def _enabled(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        saved: list[tuple[Any, list[str], bool, list[tuple[torch.nn.Parameter, bool]]]] = []
+        def apply() -> None:
+            state = [
+                (layer, list(layer.active_adapters), layer.disable_adapters,
+                 [(p, p.requires_grad) for p in _adapter_parameters(layer)])
+                for layer in self._layers
+            ]
+            saved.append(state)  # every layer's state, before any layer changes
+            for layer in self._layers:
+                layer.set_adapter(self.adapter_name)
+                layer.enable_adapters(True)
 
         def restore() -> None:  # idempotent: run again from the start if interrupted
-            for layer, active, disabled, flags in reversed(saved):
-                layer.set_adapter(active)
-                layer.enable_adapters(not disabled)
-                for parameter, flag in flags:
-                    parameter.requires_grad_(flag)
+            for state in saved:
+                for layer, active, disabled, flags in reversed(state):
+                    layer.set_adapter(active)
+                    layer.enable_adapters(not disabled)
+                    for parameter, flag in flags:
+                        parameter.requires_grad_(flag)
 
-        try:
-            with sigint_deferred():
-                for layer in self._layers:
-                    flags = [(p, p.requires_grad) for p in _adapter_parameters(layer)]
-                    saved.append((layer, list(layer.active_adapters), layer.disable_adapters, flags))
-                    layer.set_adapter(self.adapter_name)
-                    layer.enable_adapters(True)
-            yield lm
-        finally:
-            restore_atomically(restore)
+        return reversible(apply, restore, value=lm)
 
     def __repr__(self) -> str:
         return f"LoRAAdapter({self.adapter_name!r}, layers={len(self._layers)})"

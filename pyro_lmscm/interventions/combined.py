@@ -5,9 +5,10 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping, Sequence
 
+from ..atomic import restore_atomically, sigint_deferred
 from ..errors import MechanismError
 from ..models.mechanism import WHOLE, Factual, Mechanism
-from .internals import _decoder_layers, _ResidualStreamEdit, _resolve_layer, restore_atomically, sigint_deferred
+from .internals import _decoder_layers, _ResidualStreamEdit, _resolve_layer
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel

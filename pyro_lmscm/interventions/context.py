@@ -32,7 +32,7 @@ A write through ``tensor.data`` moves no version counter, so after the first
 activation only the check of the first exit sees such a write; contexts that edit weights
 should use ``torch.no_grad()`` and in-place ops (as peft and :class:`WeightDelta` do).
 
-What it finds is put back, in one :func:`~pyro_lmscm.interventions.internals.restore_atomically`
+What it finds is put back, in one :func:`~pyro_lmscm.atomic.restore_atomically`
 step that an interrupt cannot split (hooks, children, replaced tensors, flags, the guarded
 weights; an unguarded weight edited in place cannot be, and the error says so), and then refused
 with a :class:`~pyro_lmscm.errors.MechanismError` naming what changed. The context's own
@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mappi
 import torch
 from torch import nn
 
+from ..atomic import restore_atomically, sigint_deferred
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
-from .internals import restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel

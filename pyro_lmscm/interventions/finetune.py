@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from ..atomic import restore_atomically
 from ..errors import MechanismError
 from ..seeding import seeded
 from .adapter import LoRAAdapter, _adapters_of, _tuner_layers
-from .internals import _check_int, _check_real, restore_atomically
+from .internals import _check_int, _check_real
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
+from ..atomic import locked
 from ..errors import MechanismError
 from .internals import _check_int, _check_real, _decoder_layers, _layer_hidden_states, _resolve_layer
 from .ops import TextOrIds
@@ -94,6 +95,7 @@ def _residuals(lm: HFLanguageModel, layer: int, edited: Sequence[tuple[torch.Ten
     return torch.stack([h[position] for h, (_, position, _) in zip(states, edited, strict=True)]).mean(0)
 
 
+@locked  # it reads the weights: no other thread's edit may be on meanwhile
 def memit_edit(
     lm: HFLanguageModel,
     requests: Sequence[EditRequest | Mapping[str, Any] | tuple],

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from ..atomic import forward_hook, locked
 from ..errors import MechanismError
 from .internals import (
     _as_ids,
@@ -20,7 +21,6 @@ from .internals import (
     _decoder_layers,
     _resolve_layer,
     _StopForward,
-    forward_hook,
 )
 from .ops import TextOrIds
 from .weight_edit import WeightDelta
@@ -336,6 +336,7 @@ def _value_delta(
     return delta.detach(), losses
 
 
+@locked  # it reads the weights: no other thread's edit may be on meanwhile
 def rome_edit(
     lm: HFLanguageModel,
     prompt: TextOrIds,

@@ -3,14 +3,13 @@ r"""Weight edits: parameter deltas applied in place while the mechanism is activ
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, ContextManager, Iterator, Mapping
+from typing import TYPE_CHECKING, ContextManager, Mapping
 
 import torch
 
+from ..atomic import reversible
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
-from .internals import restore_atomically, sigint_deferred
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -122,31 +121,23 @@ class WeightDelta(Mechanism):
         return WeightDelta(deltas)
 
     def activate(self, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
-        return self._applied(lm)
+        parameters: list[torch.Tensor] = [_parameter(lm, name, "WeightDelta") for name in self.deltas]
+        saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # one entry: appended at once
 
-    @contextmanager
-    def _applied(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        parameters: list[torch.Tensor] = []
-        originals: list[torch.Tensor] = []
-
-        @torch.no_grad()
-        def restore() -> None:  # one call for every parameter: nothing in between to interrupt
-            if parameters:
-                torch._foreach_copy_(parameters, originals)
-
-        try:
-            with sigint_deferred(), torch.no_grad():
-                for name, delta in self.deltas.items():
-                    parameter = _parameter(lm, name, "WeightDelta")
-                    original = parameter.detach().clone()
-                    parameters.append(parameter)
-                    originals.append(original)
+        def apply() -> None:
+            with torch.no_grad():
+                originals = [parameter.detach().clone() for parameter in parameters]
+                saved.append((parameters, originals))  # before any parameter changes
+                for parameter, original, delta in zip(parameters, originals, self.deltas.values()):
                     wide = torch.promote_types(parameter.dtype, delta.dtype)
-                    edited = original.to(wide) + delta.to(device=original.device, dtype=wide)
-                    parameter.copy_(edited)
-            yield lm
-        finally:
-            restore_atomically(restore)
+                    parameter.copy_(original.to(wide) + delta.to(device=original.device, dtype=wide))
+
+        def restore() -> None:  # one call for every parameter: nothing in between to interrupt
+            with torch.no_grad():
+                for targets, originals in saved:
+                    torch._foreach_copy_(targets, originals)
+
+        return reversible(apply, restore, value=lm)
 
     def __repr__(self) -> str:
         shapes = {name: tuple(delta.shape) for name, delta in self.deltas.items()}

@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..atomic import locked
 from ..errors import DecodingError, MechanismError, ObservationError
 from ..validation import as_int
 from .anchor import FactualAnchor
@@ -248,6 +249,7 @@ class LanguageModelSCM:
         observed_ids = self.check_observed(observed_ids)
         return {self.site(token_site(t)): observed_ids[..., t] for t in range(observed_ids.shape[-1])}
 
+    @locked  # a run of the model is one turn: its sample sites meet no other thread's handlers
     def model(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """The Pyro model of the SCM.
 

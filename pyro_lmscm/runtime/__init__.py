@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Iterator
 
+from ..atomic import COMPUTE_LOCK
 from .heap import heap_allocations, release_freed_memory
 from .kernels import FLOAT32_COPY_BUDGET, bf16_kernels, bf16_linears_in_float32, native_bf16_gemm
 
@@ -39,6 +40,7 @@ def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
     kernels) and :func:`heap_allocations` (large tensors reuse freed heap memory). Both nest, so
     a caller's scope around many calls keeps one set of float32 weight copies and one heap. Hold
     it only while computing: inside it, the model's linears are patched and glibc's setting is
-    the process's (the explorer leaves it at each snapshot it yields)."""
-    with bf16_kernels(lm), heap_allocations():
+    the process's (the explorer leaves it at each snapshot it yields). It holds the process's
+    compute lock (:data:`pyro_lmscm.atomic.COMPUTE_LOCK`), so other threads wait meanwhile."""
+    with COMPUTE_LOCK, bf16_kernels(lm), heap_allocations():
         yield

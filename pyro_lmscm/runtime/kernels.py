@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 
-from ..interventions.internals import restore_atomically  # (moving to a base module: issue 34)
+from ..atomic import reversible
 
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
@@ -37,10 +37,9 @@ def native_bf16_gemm() -> bool:
     return True if probe is None else bool(probe())
 
 
-@contextlib.contextmanager
 def bf16_linears_in_float32(
     model: "torch.nn.Module", min_rows: int = 8, copy_budget: int = FLOAT32_COPY_BUDGET
-) -> Iterator[None]:
+) -> ContextManager[None]:
     """Within the scope, each bfloat16 ``nn.Linear`` of ``model`` called on the CPU with at
     least ``min_rows`` rows runs as a float32 GEMM on exact float32 copies of its input,
     weight and bias, and rounds its output back to bfloat16.
@@ -121,13 +120,11 @@ def bf16_linears_in_float32(
         for module in linears:
             vars(module).pop("forward", None)
 
-    try:
+    def apply() -> None:
         for module in linears:
             module.forward = patched(module)  # type: ignore[method-assign]
-        yield
-    finally:
-        restore_atomically(restore)
-        copies.clear()
+
+    return reversible(apply, restore, copies.clear)  # the forwards removed atomically, then the copies freed
 
 
 def bf16_kernels(lm: "HFLanguageModel") -> ContextManager[None]:

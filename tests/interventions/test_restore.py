@@ -4,25 +4,34 @@ Every mechanism that changes the HF module (weight deltas, ROME, LoRA flags, ste
 ROME's forward hooks) undoes its change through ``restore_atomically``, and so does the
 ``bf16_linears_in_float32`` scope (the ``forward`` it sets on each linear). The harness below
 runs each scenario once to list the line events inside those restore steps (our code, and
-torch's and peft's Python code they call), then reruns it once per event with a
-``sys.settrace`` tracer that raises ``KeyboardInterrupt`` exactly there. After each run the
+torch's and peft's Python code they call), then reruns it once per event (at most
+:data:`MAX_RESTORE_POINTS`, evenly spaced) with a ``sys.settrace`` tracer that raises
+``KeyboardInterrupt`` exactly there. After each run the
 parameters, buffers and ``requires_grad`` flags must be bit-identical, no hook may be left,
 every peft layer must be as it was, torch's grad mode must be the caller's, and the
 interrupt must still reach the caller.
 
 The baseline: the same harness on the restore loop of before (one ``copy_`` per parameter in
 a plain loop) finds corrupted states.
+
+The second harness (below) interrupts at random *bytecodes* of activation, restore and whole
+``counterfactual()`` calls, and with real SIGINTs; its slow test drives 5,500 points.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
+import threading
+import time
 from typing import Any, Callable
 
 import pytest
 import torch
 
+from pyro_lmscm import atomic
 from pyro_lmscm.interventions import (
     ActivationSteering,
     AffineSteering,
@@ -31,14 +40,14 @@ from pyro_lmscm.interventions import (
     HookMechanism,
     LoRAAdapter,
     WeightDelta,
-    internals,
     rome_edit,
 )
 from pyro_lmscm.runtime import bf16_linears_in_float32
-from pyro_lmscm.testing import TINY_WORDS, snapshot, tiny_llama
+from pyro_lmscm.testing import TINY_WORDS, hooks, snapshot, tiny_llama
 
 IDS = torch.tensor([[2, 3, 4, 5, 6]])
-WRAPPER = internals.restore_atomically.__code__
+WRAPPER = atomic.restore_atomically.__code__
+KERNEL = vars(atomic)
 
 
 def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None) -> int:
@@ -68,7 +77,8 @@ def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None
         if frame.f_code is wrapper:
             inside += 1
             return leave
-        return local if inside else None
+        # the frames of pyro_lmscm.atomic are the primitive (as C code is): not interrupted here
+        return local if inside and frame.f_globals is not KERNEL else None
 
     sys.settrace(tracer)
     try:
@@ -97,19 +107,25 @@ def _equal(a, b) -> bool:
     return same and hooks_a == hooks_b and flags_a == flags_b and layers_a == layers_b
 
 
+#: At most this many restore points per scenario in the fast suite (LoRA's restore runs 1,544
+#: lines of peft: every 6th is tried; the slow test draws random points among all of them).
+MAX_RESTORE_POINTS = 300
+
+
 def _harness(lm, scenario: Callable[[], Any], wrapper: Any = WRAPPER) -> tuple[int, int]:
     """(restore points tried, corrupted states) for ``scenario``."""
     before = _state(lm)
     total = _run_traced(scenario, wrapper, inject_at=None)
     assert _equal(_state(lm), before)
     corrupted = 0
-    for k in range(total):
+    points = range(0, total, -(-total // MAX_RESTORE_POINTS))
+    for k in points:
         with pytest.raises(KeyboardInterrupt, match="injected at"):
             _run_traced(scenario, wrapper, inject_at=k)
         if not _equal(_state(lm), before):
             corrupted += 1
             lm.model.load_state_dict(before[0][0])  # repair, so later points are tried cleanly
-    return total, corrupted
+    return len(points), corrupted
 
 
 def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
@@ -238,3 +254,297 @@ def test_the_harness_finds_the_old_restore_loop_unsafe():
 
     total, corrupted = _harness(lm, scenario, wrapper=run_once.__code__)
     assert total >= 3 and corrupted >= 2  # interrupted after the first and after the second copy
+
+
+# --- KeyboardInterrupt at random bytecodes of activation, restore and counterfactual() ------
+#
+# The harness below traces every frame with `frame.f_trace_opcodes` and raises
+# KeyboardInterrupt at the k-th opcode event, for k drawn at random over the events of a clean
+# run: inside a mechanism's activation and restore (hook registration, weight deltas, ROME and
+# MEMIT edits, LoRA adapters, steering, MiMiC, the float32-copy scope) and anywhere inside a
+# `counterfactual()` call (Pyro's handlers and plates, the SCM, transformers' forward). The
+# frames of `pyro_lmscm.atomic` are the primitive (as C code is) and are not interrupted, nor
+# is the scenario's own frame (the caller's `with` statement). After
+# every point: the weights are bit-identical, no hook is left, the SIGINT handler, torch's grad
+# mode, Pyro's handler stack and dim allocator, the compute lock and the journal of pending
+# restores are as before, and a following `counterfactual()` equals the clean run.
+
+ORIGINAL_SIGINT = signal.getsignal(signal.SIGINT)
+
+
+#: Files whose frames are traced opcode by opcode (the code that changes shared state: ours,
+#: Pyro's handlers and plates, contextlib, torch's hooks, grad mode and generators, peft's
+#: layers); other frames (transformers' and torch's forward code) line by line, which is
+#: what makes thousands of points affordable.
+OPCODE_FILES = ("pyro_lmscm", "/pyro/", "contextlib", "torch/nn/modules/module.py", "torch/utils/hooks.py",
+                "torch/autograd/grad_mode.py", "torch/random.py", "torch/utils/_contextlib.py", "/peft/")
+
+
+def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int, str | None]:
+    """Run ``scenario`` tracing every frame outside pyro_lmscm.atomic (opcode events in
+    :data:`OPCODE_FILES`, line events elsewhere); raise KeyboardInterrupt at event
+    ``inject_at``. Returns (events seen, where it was raised or None)."""
+    seen = 0
+    where: list[str] = []
+
+    def local(frame, event, arg):
+        nonlocal seen
+        if where:
+            return None
+        if event == "opcode" or (event == "line" and not frame.f_trace_opcodes):
+            if seen == inject_at:
+                where.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                sys.settrace(None)
+                raise KeyboardInterrupt(f"injected at {where[0]}")
+            seen += 1
+        return local
+
+    def tracer(frame, event, arg):
+        # the scenario's own frame is the caller's: CPython checks no signal between a `with`
+        # body's last opcode and the call of `__exit__`, so only a tracer could raise there
+        if where or frame.f_globals is KERNEL or frame.f_code is scenario.__code__:
+            return None
+        filename = frame.f_code.co_filename
+        frame.f_trace_opcodes = any(part in filename for part in OPCODE_FILES)
+        return local
+
+    sys.settrace(tracer)
+    try:
+        scenario()
+    finally:
+        sys.settrace(None)
+    return seen, (where[0] if where else None)
+
+
+def _clean_state(lm) -> dict[str, Any]:
+    """Everything an interrupt could leave behind, as comparable values."""
+    from pyro.poutine import runtime
+
+    return {
+        "weights": {k: v.clone() for k, v in lm.model.state_dict().items()},
+        "hooks": hooks(lm.model),
+        "forwards": [name for name, m in lm.model.named_modules() if "forward" in vars(m)],
+        "flags": [p.requires_grad for p in lm.model.parameters()],
+        "sigint": signal.getsignal(signal.SIGINT),
+        "grad": torch.is_grad_enabled(),
+        "pyro_stack": list(runtime._PYRO_STACK),
+        "dims": [d for d in runtime._DIM_ALLOCATOR._stack if d is not None],
+        "lock_owned": atomic.COMPUTE_LOCK._lock._is_owned(),
+        "scope_depth": atomic._scope().depth,
+        "pending": len(atomic._pending()),
+    }
+
+
+def _differences(lm, before: dict[str, Any]) -> list[str]:
+    after = _clean_state(lm)
+    bad = [key for key in before if key != "weights" and after[key] != before[key]]
+    weights_a, weights_b = after["weights"], before["weights"]
+    if weights_a.keys() != weights_b.keys() or not all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a):
+        bad.append("weights")
+    return bad
+
+
+def _interrupt_scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any], Callable[[], Any] | None]]]:
+    """name -> () -> (lm, scenario, following call whose result must equal a clean run's)."""
+    from peft import LoraConfig
+
+    from pyro_lmscm import LanguageModelSCM, counterfactual
+    from pyro_lmscm.interventions import ModelSwap, memit_edit
+
+    texts = [" ".join(TINY_WORDS[i : i + 6]) for i in range(0, 18, 3)]
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]
+
+    def mechanism_of(lm, name):
+        eye = torch.eye(32, dtype=torch.float64)
+        zeros, ones = torch.zeros(32, dtype=torch.float64), torch.ones(32, dtype=torch.float64)
+        factories = {
+            "WeightDelta": lambda: WeightDelta({n: torch.randn_like(lm.model.get_parameter(n)) for n in names}),
+            "ActivationSteering": lambda: ActivationSteering(torch.ones(32), layer=1, alpha=2.0),
+            "AffineSteering": lambda: AffineSteering(1, zeros, ones, eye, 4 * eye),
+            "LoRAAdapter": lambda: LoRAAdapter.from_config(
+                lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            ),
+            "rome_edit": lambda: rome_edit(lm, "she walked to the doctor", "the doctor", "home", layer=1,
+                                           cov_texts=texts, num_steps=2),
+            "memit_edit": lambda: memit_edit(lm, [("she walked to the doctor", "the doctor", "home")],
+                                             layers=[0, 1], cov_texts=texts, num_steps=2),
+            "ModelSwap": lambda: ModelSwap(tiny_llama(seed=1)),
+        }
+        return factories[name]()
+
+    def activation(name):
+        def make():
+            torch.manual_seed(0)
+            lm = tiny_llama(seed=0)
+            mechanism = mechanism_of(lm, name)
+
+            def scenario():  # activation and restore only: the forward pass is counterfactual()'s
+                with mechanism.activate(lm):
+                    pass
+
+            return lm, scenario, None
+
+        return make
+
+    def float32_scope():
+        lm = tiny_llama(seed=0, dtype=torch.bfloat16)
+
+        def scenario():  # (no torch.no_grad() of the caller's here: its own exit is not ours to guard)
+            with bf16_linears_in_float32(lm.model, min_rows=1):
+                lm.logits(IDS[:, :2])
+
+        return lm, scenario, None
+
+    def computing_rome():  # the edit's own computation: hooks on the model while it optimises
+        lm = tiny_llama(seed=0)
+        return lm, lambda: rome_edit(lm, "she walked", "she", "home", layer=1, cov_texts=texts[:2],
+                                     num_steps=1), None
+
+    def counterfactual_of(name):
+        def make():
+            torch.manual_seed(0)
+            lm = tiny_llama(seed=0)
+            scm = LanguageModelSCM(lm, max_new_tokens=2, mechanisms={name: mechanism_of(lm, name)})
+
+            def call():
+                result = counterfactual(scm, torch.tensor([2, 3]), None, {"mechanism": name}, num_samples=2, seed=7)
+                return result.factual_ids.tolist(), result.counterfactual_ids.tolist()
+
+            return lm, call, call
+
+        return make
+
+    scenarios: dict[str, Any] = {f"activate {n}": activation(n) for n in
+                                 ["WeightDelta", "ActivationSteering", "AffineSteering", "LoRAAdapter",
+                                  "rome_edit", "memit_edit", "ModelSwap"]}
+    scenarios["bf16_linears_in_float32"] = float32_scope
+    scenarios["computing rome_edit"] = computing_rome
+    for n in ["WeightDelta", "ActivationSteering", "AffineSteering", "LoRAAdapter", "rome_edit", "ModelSwap"]:
+        scenarios[f"counterfactual {n}"] = counterfactual_of(n)
+    return scenarios
+
+
+def _repair(lm, before: dict[str, Any]) -> None:
+    """Put everything back after a corrupted point, so that each point is tried cleanly."""
+    from pyro.poutine import runtime
+
+    lm.model.load_state_dict(before["weights"])
+    torch.set_grad_enabled(before["grad"])
+    signal.signal(signal.SIGINT, ORIGINAL_SIGINT)
+    del runtime._PYRO_STACK[:]
+    runtime._DIM_ALLOCATOR._stack.clear()
+    while atomic.COMPUTE_LOCK._lock._is_owned():
+        atomic.COMPUTE_LOCK._lock.release()
+    atomic._scope().depth, atomic._scope().saved = 0, None
+    atomic._pending().clear()
+
+
+def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
+    """Inject ``points`` KeyboardInterrupts at random opcodes of scenario ``name``; returns the
+    counts (points, corrupted states and their kinds, failed or wrong following calls)."""
+    import random
+
+    lm, scenario, follow = _interrupt_scenarios()[name]()
+    clean = follow() if follow is not None else None
+    before = _clean_state(lm)
+    total, _ = _opcode_run(scenario, None)
+    assert not _differences(lm, before), _differences(lm, before)
+    rng = random.Random(seed)
+    corrupted, kinds, wrong, not_raised = 0, {}, 0, 0
+    for i in range(points):
+        k = rng.randrange(total)
+        try:
+            _opcode_run(scenario, k)
+            not_raised += 1  # caught inside (a library may catch it): the state must still be clean
+        except KeyboardInterrupt:
+            pass
+        bad = _differences(lm, before)
+        if bad:
+            corrupted += 1
+            for key in bad:
+                kinds[key] = kinds.get(key, 0) + 1
+            _repair(lm, before)
+        if follow is not None and (i % check_every == 0 or i == points - 1):
+            try:
+                wrong += follow() != clean
+            except Exception:  # noqa: BLE001 - counted
+                wrong += 1
+    return {"scenario": name, "opcodes": total, "points": points, "corrupted": corrupted, "kinds": kinds,
+            "wrong_following_calls": wrong, "not_raised": not_raised}
+
+
+@pytest.mark.parametrize("name", list(_interrupt_scenarios()))
+def test_random_interrupt_points_leave_no_trace(name):
+    """A few random bytecode-level interrupt points per scenario in the fast suite; the
+    thousands run in the slow test below (and `benchmarks/interrupts.py`)."""
+    report = random_interrupt_points(name, points=2 if name.startswith("counterfactual") else 5, check_every=2)
+    print(report)
+    assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
+
+
+def real_sigint_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
+    """Send ``points`` real SIGINTs (``os.kill`` from a timer thread) at random times within a
+    run of scenario ``name``; counts as :func:`random_interrupt_points`."""
+    import random
+
+    lm, scenario, follow = _interrupt_scenarios()[name]()
+    clean = follow() if follow is not None else None
+    before = _clean_state(lm)
+    start = time.perf_counter()
+    scenario()
+    duration = time.perf_counter() - start
+    rng = random.Random(seed)
+    corrupted, kinds, wrong, interrupted = 0, {}, 0, 0
+    for i in range(points):
+        timer = threading.Timer(rng.uniform(0.0, 1.1 * duration), os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            try:
+                scenario()
+            finally:
+                timer.join()
+            time.sleep(0.005)  # a SIGINT that came after the scenario is handled here
+        except KeyboardInterrupt:
+            interrupted += 1
+        bad = _differences(lm, before)
+        if bad:
+            corrupted += 1
+            for key in bad:
+                kinds[key] = kinds.get(key, 0) + 1
+            _repair(lm, before)
+        if follow is not None and (i % check_every == 0 or i == points - 1):
+            try:
+                wrong += follow() != clean
+            except Exception:  # noqa: BLE001 - counted
+                wrong += 1
+    return {"scenario": name, "points": points, "interrupted": interrupted, "corrupted": corrupted,
+            "kinds": kinds, "wrong_following_calls": wrong}
+
+
+@pytest.mark.parametrize("name", ["activate WeightDelta", "counterfactual ActivationSteering"])
+def test_real_sigints_leave_no_trace(name):
+    report = real_sigint_points(name, points=4, check_every=2)
+    print(report)
+    assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
+
+
+#: Random interrupt points per scenario in the slow test: 9 activation scenarios x 400 and
+#: 6 counterfactual() scenarios x 250 bytecode points, plus 400 real SIGINTs: 5,500 in all.
+SLOW_POINTS = {"activate": 400, "bf16": 400, "computing": 400, "counterfactual": 250}
+SLOW_SIGINTS = {"activate WeightDelta": 100, "activate LoRAAdapter": 100, "counterfactual WeightDelta": 100,
+                "counterfactual ActivationSteering": 100}
+
+
+@pytest.mark.slow
+def test_thousands_of_random_interrupt_points():
+    reports = []
+    for name in _interrupt_scenarios():
+        reports.append(random_interrupt_points(name, SLOW_POINTS[name.split()[0].split("_")[0]], seed=1))
+    for name, points in SLOW_SIGINTS.items():
+        reports.append(real_sigint_points(name, points, seed=1))
+    for report in reports:
+        print(report)
+    total = sum(report["points"] for report in reports)
+    print(f"{total} interrupt points")
+    assert total >= 5000
+    assert all(r["corrupted"] == 0 and r["wrong_following_calls"] == 0 for r in reports), reports
