@@ -334,7 +334,9 @@ class HFLanguageModel:
         kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
         return 2 * layers * kv_heads * head_dim * self.dtype.itemsize
 
-    def check_ids(self, ids: torch.Tensor, what: str = "input_ids", left_padded: bool = False) -> torch.Tensor:
+    def check_ids(
+        self, ids: torch.Tensor | Sequence[int], what: str = "input_ids", left_padded: bool = False
+    ) -> torch.Tensor:
         """Check that ``ids`` are integer token ids in ``[0, vocab_size)``.
 
         :param left_padded: also accept rows left-padded with :data:`LEFT_PAD` (each with at
