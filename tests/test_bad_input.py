@@ -321,7 +321,7 @@ TABLE = [
     ("decode: a negative id", lambda d: LM.token_texts([3, -1]), ObservationError, "non-negative token ids, got [-1]"),
     # text
     ("encode: lone surrogate", lambda d: LM.encode("the \ud800 man"), TokenizationError, "lone surrogate '\\ud800'"),
-    ("encode: not a str", lambda d: LM.encode(["the"]), TokenizationError, "`text` must be a str"),
+    ("encode: a list of str", lambda d: LM.encode(["the"]), TokenizationError, "messages[0] must be a dict"),
     # study configs: files
     ("config: malformed JSON", _config("bad.json"), StudyError, "bad.json' is not valid"),
     ("config: malformed YAML", _config("bad.yaml"), StudyError, "bad.yaml' is not valid"),

@@ -285,8 +285,8 @@ class _Boost(Mechanism):
             logits[:, self.observed[t]] += self.boost
         return logits
 
-    def prefill(self, input_ids):
-        logits, cache = self.lm.prefill(input_ids)
+    def prefill(self, input_ids, max_length=None):
+        logits, cache = self.lm.prefill(input_ids, max_length)
         return self._boosted(logits, cache), cache
 
     def step(self, tokens, cache):

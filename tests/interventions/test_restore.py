@@ -21,6 +21,7 @@ The second harness (below) interrupts at random *bytecodes* of activation, resto
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -50,6 +51,15 @@ WRAPPER = atomic.restore_atomically.__code__
 KERNEL = vars(atomic)
 
 
+def _gc_callback(frame: Any) -> bool:
+    """Whether ``frame`` is a garbage-collector callback's (e.g. hypothesis's timing callback,
+    registered once a hypothesis test ran in this process): gc may call it between any two
+    opcodes, and an exception raised in it is "ignored" by CPython, not raised."""
+    return any(
+        callback.__code__ is frame.f_code for callback in gc.callbacks if hasattr(callback, "__code__")
+    )
+
+
 def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None) -> int:
     """Run ``scenario`` counting the line events under ``wrapper`` (in the frames it calls,
     not in its own); raise KeyboardInterrupt at event number ``inject_at``. Returns the number
@@ -77,8 +87,10 @@ def _run_traced(scenario: Callable[[], Any], wrapper: Any, inject_at: int | None
         if frame.f_code is wrapper:
             inside += 1
             return leave
-        # the frames of pyro_lmscm.atomic are the primitive (as C code is): not interrupted here
-        return local if inside and frame.f_globals is not KERNEL else None
+        # the frames of pyro_lmscm.atomic are the primitive (as C code is): not interrupted here;
+        # nor is a gc callback's frame (CPython swallows an exception raised there, so neither the
+        # scenario nor the library could see it)
+        return local if inside and frame.f_globals is not KERNEL and not _gc_callback(frame) else None
 
     sys.settrace(tracer)
     try:
@@ -302,7 +314,7 @@ def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int
     def tracer(frame, event, arg):
         # the scenario's own frame is the caller's: CPython checks no signal between a `with`
         # body's last opcode and the call of `__exit__`, so only a tracer could raise there
-        if where or frame.f_globals is KERNEL or frame.f_code is scenario.__code__:
+        if where or frame.f_globals is KERNEL or frame.f_code is scenario.__code__ or _gc_callback(frame):
             return None
         filename = frame.f_code.co_filename
         frame.f_trace_opcodes = any(part in filename for part in OPCODE_FILES)
