@@ -6,8 +6,11 @@ etc.), run in milliseconds and are deterministic under a seed. Nothing is downlo
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
 
 from .lm import HFLanguageModel
 from .models.sites import noise_site
@@ -15,6 +18,7 @@ from .seeding import seeded
 
 __all__ = [
     "TINY_WORDS",
+    "BoostTokens",
     "assert_restored",
     "assert_rows_match_separate_runs",
     "by_hand",
@@ -151,3 +155,21 @@ def by_hand(lm, ids, layer, edit=None):
                     return hidden[0]
                 hidden = edit(hidden, positions[..., None])
         return model.lm_head(model.model.norm(hidden))[0]
+
+
+class BoostTokens(Messenger):
+    """A user's own intervention, as the tests write one: add ``boost`` to the decoded logits of
+    ``tokens`` at every step of ``scm`` (a Messenger on the effectful ``step_decoded``)."""
+
+    def __init__(self, scm: Any, tokens: Sequence[int], boost: float) -> None:
+        super().__init__()
+        self.scm, self.tokens, self.boost = scm, torch.tensor(list(tokens)), float(boost)
+
+    def _pyro_lmscm_step_decoded(self, msg: Any) -> None:
+        scm, t, logits = msg["args"]
+        if scm is not self.scm:
+            return
+        current = msg["value"] if msg["value"] is not None else logits
+        boosted = current.clone()
+        boosted[..., self.tokens.to(current.device)] += self.boost
+        msg["value"] = boosted

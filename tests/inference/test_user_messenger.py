@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pyro.poutine.messenger import Messenger
 from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, counterfactual, exact_counterfactual
@@ -15,25 +14,7 @@ from pyro_lmscm.errors import InterventionError
 from pyro_lmscm.inference import counterfactuals, token_log_probs
 from pyro_lmscm.inference.exact import most_probable
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.testing import tiny_llama
-
-
-class BoostTokens(Messenger):
-    """Add ``boost`` to the decoded logits of ``tokens`` at every step of ``scm``: a change of
-    the structural function written the Pyro way, on the effectful ``step_decoded``."""
-
-    def __init__(self, scm, tokens, boost):
-        super().__init__()
-        self.scm, self.tokens, self.boost = scm, torch.tensor(tokens), float(boost)
-
-    def _pyro_lmscm_step_decoded(self, msg):
-        scm, t, logits = msg["args"]
-        if scm is not self.scm:
-            return
-        current = msg["value"] if msg["value"] is not None else logits
-        boosted = current.clone()
-        boosted[..., self.tokens] += self.boost
-        msg["value"] = boosted
+from pyro_lmscm.testing import BoostTokens, tiny_llama
 
 
 def _chi_square(counts, probs):

@@ -5,28 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pyro.poutine.messenger import Messenger
 
 from pyro_lmscm import exact_counterfactual
 from pyro_lmscm.errors import StudyError
 from pyro_lmscm.study import run_study
-
-
-class BoostTokens(Messenger):
-    """Add ``boost`` to the decoded logits of ``tokens`` at every step of ``scm``."""
-
-    def __init__(self, scm, tokens, boost):
-        super().__init__()
-        self.scm, self.tokens, self.boost = scm, torch.tensor(tokens), float(boost)
-
-    def _pyro_lmscm_step_decoded(self, msg):
-        scm, t, logits = msg["args"]
-        if scm is not self.scm:
-            return
-        current = msg["value"] if msg["value"] is not None else logits
-        boosted = current.clone()
-        boosted[..., self.tokens] += self.boost
-        msg["value"] = boosted
+from pyro_lmscm.testing import BoostTokens
 
 
 def _boost(scm):
