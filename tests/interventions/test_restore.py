@@ -21,6 +21,7 @@ The second harness (below) interrupts at random *bytecodes* of activation, resto
 from __future__ import annotations
 
 import contextlib
+import dis
 import gc
 import os
 import signal
@@ -292,6 +293,19 @@ OPCODE_FILES = ("pyro_lmscm", "/pyro/", "contextlib", "torch/nn/modules/module.p
                 "torch/autograd/grad_mode.py", "torch/random.py", "torch/utils/_contextlib.py", "/peft/")
 
 
+_BEFORE_WITH = dis.opmap.get("BEFORE_WITH", dis.opmap.get("SETUP_WITH", -1))
+
+
+def _after_enter(frame: Any) -> bool:
+    """Whether ``frame`` stands at the opcode just after a ``with`` statement called
+    ``__enter__``, before the block's exception handler covers it: CPython checks for signals
+    only when a frame starts, on backward jumps and on calls, never there, so a real SIGINT
+    cannot land at this point and only a tracer could raise (and the ``with`` would never call
+    ``__exit__``)."""
+    code, offset = frame.f_code.co_code, frame.f_lasti
+    return offset >= 2 and code[offset - 2] == _BEFORE_WITH
+
+
 def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int, str | None]:
     """Run ``scenario`` tracing every frame outside pyro_lmscm.atomic (opcode events in
     :data:`OPCODE_FILES`, line events elsewhere); raise KeyboardInterrupt at event
@@ -303,6 +317,8 @@ def _opcode_run(scenario: Callable[[], Any], inject_at: int | None) -> tuple[int
         nonlocal seen
         if where:
             return None
+        if event == "opcode" and _after_enter(frame):
+            return local  # no signal can arrive here (see _after_enter)
         if event == "opcode" or (event == "line" and not frame.f_trace_opcodes):
             if seen == inject_at:
                 where.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
@@ -548,6 +564,10 @@ SLOW_SIGINTS = {"activate WeightDelta": 100, "activate LoRAAdapter": 100, "count
 
 
 @pytest.mark.slow
+# an interrupt injected into a finalizer run by the garbage collector (transformers' objects)
+# is "ignored" by CPython, as a real Ctrl-C there would be: pytest reports it as unraisable;
+# what it may leave behind is what the state checks below look at
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_thousands_of_random_interrupt_points():
     reports = []
     for name in _interrupt_scenarios():
