@@ -354,14 +354,15 @@ def test_allow_code_in_a_mapping_or_worker_dict_is_refused(tmp_path, marker_modu
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_the_caller_allows_code_and_then_it_runs(tmp_path, marker_module, factual_lm):
+def test_the_caller_allows_code_and_then_it_runs(tmp_path, marker_module, factual_lm, tiny_folder):
     """The control: the same function runs (and writes the marker) when the caller allows it,
     in Python and through the Ray actor's plain-data path, and is never written to study.json."""
     from pyro_lmscm.study.ray_backend import _RayWorker
 
     function, marker = marker_module
     path = _study_files(tmp_path, function, "yaml", allow_code=None)
-    path.write_text(path.read_text().replace("allow_code: null\n", ""))
+    text = path.read_text().replace("allow_code: null\n", "")
+    path.write_text(text.replace("intervention: w_0=3", f"model: {tiny_folder}\nintervention: w_0=3"))
     with pytest.raises(StudyError, match="--allow-code"):
         run_study(path, lm=factual_lm)
     assert not marker.exists()

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
 from pyro_lmscm.errors import MechanismError
@@ -236,6 +237,11 @@ def test_an_exception_inside_is_raised_and_the_model_restored(lm):
     assert_restored(lm.model, state)
 
 
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x captures hidden states by replacing the layers' `forward` for good, which "
+    "ContextMechanism reports as the context's change (a known false refusal there; issue 38)",
+)
 def test_transformers_capture_hooks_are_not_the_context(lm):
     """transformers installs output-capturing hooks once, at the first call that asks for
     hidden states; if that call runs inside the context they are kept and not refused."""
