@@ -8,8 +8,10 @@ Integers may be Python or NumPy integers (and 0-d integer tensors), never ``bool
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,3 +110,26 @@ def as_seed(seed: Any, error: type[LMSCMError] = InferenceError) -> int | None:
     if seed is None:
         return None
     return as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=error)
+
+
+def load_data_file(path: Path, what: str, error: type[LMSCMError]) -> Any:
+    """The parsed content of a JSON file (``.json``) or a YAML file (any other suffix), read
+    safely (no YAML tags run code); every failure is an ``error`` naming ``what`` and the file.
+
+    :param what: how the message names the file, e.g. ``"study config"``.
+    """
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as failure:
+        raise error(
+            f"{what} {str(path)!r} is not UTF-8 text (byte {failure.start}: {failure.reason}); save it as UTF-8."
+        ) from None
+    except OSError as failure:
+        raise error(f"{what} {str(path)!r} cannot be read: {failure.strerror or failure}.") from None
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as failure:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise error(f"{what} {str(path)!r} is not valid {kind}: {failure}") from None

@@ -39,14 +39,13 @@ In a file the same keys map to values; ``steer`` may also be a mapping with ``di
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import InterventionError, LMSCMError, RemoteCodeError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
-from ..validation import as_int
+from ..validation import as_int, load_data_file
 from .gender import gender_steering
 from .model_swap import ModelSwap
 from .ops import FACTUAL_TOKEN
@@ -96,21 +95,7 @@ def read_spec(spec: str) -> Mapping[str, Any]:
 
 def _load_file(path: Path) -> Any:
     """The parsed content of a JSON or YAML file; every failure names the file."""
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise InterventionError(
-            f"intervention file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
-        ) from None
-    except OSError as error:
-        raise InterventionError(f"intervention file {str(path)!r} cannot be read: {error.strerror or error}.") from None
-    try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, RecursionError, yaml.YAMLError) as error:
-        kind = path.suffix[1:].upper()
-        raise InterventionError(f"intervention file {str(path)!r} is not valid {kind}: {error}") from None
+    return load_data_file(path, "intervention file", InterventionError)
 
 
 def _token(lm: HFLanguageModel, name: str, value: Any) -> int:

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Union
 
 from ..errors import DecodingError, StudyError
 from ..models.decoding import Decoding
-from ..validation import as_int, as_seed
+from ..validation import as_int, as_seed, load_data_file
 from .attribute import check_code_allowed
 
 __all__ = [
@@ -273,29 +273,9 @@ class StudyConfig:
             raise StudyError(f"study config file {str(path)!r} does not exist.")
         if not path.is_file():
             raise StudyError(f"study config file {str(path)!r} is not a file (a directory?).")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise StudyError(
-                f"study config {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
-            ) from None
-        except OSError as error:
-            raise StudyError(f"study config {str(path)!r} cannot be read: {error.strerror or error}.") from None
-        try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            elif path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                raise StudyError(f"study config {str(path)!r}: expected a .yaml, .yml or .json file.")
-        except (json.JSONDecodeError, ValueError) as error:
-            if isinstance(error, StudyError):
-                raise
-            raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
-        except Exception as error:  # yaml.YAMLError
-            raise StudyError(f"study config {str(path)!r} is not valid: {error}") from error
+        if path.suffix not in (".json", ".yaml", ".yml"):
+            raise StudyError(f"study config {str(path)!r}: expected a .yaml, .yml or .json file.")
+        data = load_data_file(path, "study config", StudyError)
         if data is not None and not isinstance(data, Mapping):
             raise StudyError(
                 f"study config {str(path)!r} must hold a mapping of settings (corpus: ..., model: ...), "
