@@ -467,6 +467,25 @@ def _repair(lm, before: dict[str, Any]) -> None:
     atomic._pending().clear()
 
 
+def _checked(lm, before: dict[str, Any], kinds: dict[str, int]) -> bool:
+    """After one interrupt point: whether the state differs from ``before`` (each difference
+    counted in ``kinds``, then repaired, so that the next point is tried cleanly)."""
+    bad = _differences(lm, before)
+    for key in bad:
+        kinds[key] = kinds.get(key, 0) + 1
+    if bad:
+        _repair(lm, before)
+    return bool(bad)
+
+
+def _follow_is_wrong(follow: Callable[[], Any], clean: Any) -> bool:
+    """Whether the following call fails or differs from the clean run."""
+    try:
+        return bool(follow() != clean)
+    except Exception:  # noqa: BLE001 - counted
+        return True
+
+
 def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
     """Inject ``points`` KeyboardInterrupts at random opcodes of scenario ``name``; returns the
     counts (points, corrupted states and their kinds, failed or wrong following calls)."""
@@ -486,17 +505,9 @@ def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: 
             not_raised += 1  # caught inside (a library may catch it): the state must still be clean
         except KeyboardInterrupt:
             pass
-        bad = _differences(lm, before)
-        if bad:
-            corrupted += 1
-            for key in bad:
-                kinds[key] = kinds.get(key, 0) + 1
-            _repair(lm, before)
+        corrupted += _checked(lm, before, kinds)
         if follow is not None and (i % check_every == 0 or i == points - 1):
-            try:
-                wrong += follow() != clean
-            except Exception:  # noqa: BLE001 - counted
-                wrong += 1
+            wrong += _follow_is_wrong(follow, clean)
     return {"scenario": name, "opcodes": total, "points": points, "corrupted": corrupted, "kinds": kinds,
             "wrong_following_calls": wrong, "not_raised": not_raised}
 
@@ -534,17 +545,9 @@ def real_sigint_points(name: str, points: int, seed: int = 0, check_every: int =
             time.sleep(0.005)  # a SIGINT that came after the scenario is handled here
         except KeyboardInterrupt:
             interrupted += 1
-        bad = _differences(lm, before)
-        if bad:
-            corrupted += 1
-            for key in bad:
-                kinds[key] = kinds.get(key, 0) + 1
-            _repair(lm, before)
+        corrupted += _checked(lm, before, kinds)
         if follow is not None and (i % check_every == 0 or i == points - 1):
-            try:
-                wrong += follow() != clean
-            except Exception:  # noqa: BLE001 - counted
-                wrong += 1
+            wrong += _follow_is_wrong(follow, clean)
     return {"scenario": name, "points": points, "interrupted": interrupted, "corrupted": corrupted,
             "kinds": kinds, "wrong_following_calls": wrong}
 
