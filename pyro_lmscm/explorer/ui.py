@@ -15,6 +15,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from ..defaults import DEFAULTS
 from ..errors import InferenceError, LMSCMError
 from ..validation import as_int, as_real
 from .render import first_divergence_figure, render_summary, render_worlds
@@ -139,8 +140,8 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
 
     def sample(prompt, seed, top_k, max_new_tokens):
         try:
-            ids = explorer.sample(prompt, _whole(max_new_tokens, "tokens") or 24, _whole(seed, "seed"),
-                                 _whole(top_k, "top-k") or None)
+            steps = _whole(max_new_tokens, "tokens") or DEFAULTS.max_new_tokens
+            ids = explorer.sample(prompt, steps, _whole(seed, "seed"), _whole(top_k, "top-k") or None)
         except LMSCMError as error:
             return gr.skip(), gr.skip(), gr.skip(), _message(error)
         state = _state(prompt, ids)
@@ -241,9 +242,9 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                 with gr.Group(visible=False) as model_group:
                     folder = gr.Textbox(label="Model folder (same tokenizer)", elem_id="model-folder")
                 with gr.Accordion("Settings", open=False):
-                    num_samples = gr.Slider(1, 64, value=8, step=1, label="Counterfactual draws")
-                    seed = gr.Number(0, label="Seed", precision=0)
-                    top_k = gr.Number(50, label="top-k (0: none)", precision=0)
+                    num_samples = gr.Slider(1, 64, value=DEFAULTS.num_samples, step=1, label="Counterfactual draws")
+                    seed = gr.Number(DEFAULTS.seed, label="Seed", precision=0)
+                    top_k = gr.Number(DEFAULTS.top_k or 0, label="top-k (0: none)", precision=0)
                     max_new_tokens = gr.Number(0, label="Tokens (0: the observation's length)", precision=0)
                     baseline = gr.Checkbox(False, label="Also the interventional baseline (fresh noise)")
         message = gr.Markdown(elem_id="message")

@@ -54,7 +54,15 @@ if TYPE_CHECKING:
     from ..lm import HFLanguageModel
     from ..models.mechanism import Mechanism
 
-__all__ = ["CHAT_KEYS", "MECHANISM_KEYS", "InterventionSpec", "parse_intervention", "read_spec"]
+__all__ = [
+    "CHAT_KEYS",
+    "MECHANISM_KEYS",
+    "InterventionSpec",
+    "describe",
+    "parse_intervention",
+    "read_spec",
+    "render_spec",
+]
 
 
 @dataclass
@@ -91,6 +99,76 @@ def read_spec(spec: str) -> Mapping[str, Any]:
             )
         items[key.strip()] = value.strip()
     return items
+
+
+def _render_value(key: str, value: Any) -> str:
+    """One value of a spec mapping in the text syntax that :func:`read_spec` and the builders
+    read back; a value the text syntax cannot hold (a chat's messages, a fine-tune's own texts)
+    as compact JSON."""
+    import json
+
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        token_key = key.startswith((f"{TOKEN_PREFIX}_", f"{EXCLUDE_PREFIX}_"))
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+        if token_key and not quoted and not value.lstrip("-").isdigit():
+            return f'"{value}"'
+        return value
+    if isinstance(value, (list, tuple)) and key == "exclude" and all(isinstance(v, int) for v in value):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, Mapping) and key in ("steer", "mimic") and set(value) <= {"direction", "alpha", "layer"}:
+        parts = [str(value.get("direction", "female"))]
+        layer = value.get("layer")
+        if "alpha" in value or layer is not None:
+            parts.append(str(value.get("alpha", 1.0)))
+        if layer is not None:
+            parts.append(",".join(str(v) for v in layer) if isinstance(layer, (list, tuple)) else str(layer))
+        return ":".join(parts)
+    if isinstance(value, Mapping) and key == "rome" and {"subject", "prompt", "target"} <= set(value) <= {
+        "subject", "prompt", "target", "layer"
+    }:
+        parts = [str(value["subject"]), str(value["prompt"]), str(value["target"])]
+        return "|".join(parts + ([str(value["layer"])] if value.get("layer") is not None else []))
+    if isinstance(value, Mapping) and key == "memit" and set(value) == {"requests"}:
+        requests = value["requests"]
+        requests = [requests] if isinstance(requests, (str, Mapping)) else requests
+        if all(isinstance(r, Mapping) and set(r) == {"subject", "prompt", "target"} for r in requests):
+            return "&".join(f"{r['subject']}|{r['prompt']}|{r['target']}" for r in requests)
+        if all(isinstance(r, str) for r in requests):
+            return "&".join(requests)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def render_spec(spec: str | Mapping[str, Any]) -> str:
+    """An intervention in the spec syntax, short: ``'steer=female:1.0:10; w_3="she"'``.
+
+    The one rendering of an intervention (the command line, the explorer, the study report):
+    :func:`read_spec` reads it back to the same mapping, up to the text form of values that
+    a file gives as mappings (``steer: {direction: female, alpha: 1.0}`` renders
+    ``steer=female:1.0``, which builds the same mechanism). A value that the text syntax
+    cannot hold (a chat's messages) renders as JSON.
+
+    :param spec: a spec string (or file), or a spec mapping.
+    :returns: ``key=value`` items joined by ``"; "``; ``""`` for no intervention.
+
+    >>> render_spec({"steer": {"direction": "female", "alpha": 1.0, "layer": 10}, "w_3": "she"})
+    'steer=female:1.0:10; w_3="she"'
+    >>> read_spec(render_spec("steer=female:1.0;  exclude=3"))
+    {'steer': 'female:1.0', 'exclude': '3'}
+    """
+    items = read_spec(spec) if isinstance(spec, str) else spec
+    if not isinstance(items, Mapping):
+        raise InterventionError(f"an intervention spec is a str or a mapping, got {type(spec).__name__}.")
+    return "; ".join(f"{key}={_render_value(str(key), value)}" for key, value in items.items())
+
+
+def describe(spec: str | Mapping[str, Any]) -> str:
+    """``do(...)`` of an intervention, for titles: ``do(steer=female:1.0)``, ``do(nothing)``."""
+    text = render_spec(spec)
+    return f"do({text})" if text else "do(nothing)"
 
 
 def _load_file(path: Path) -> Any:

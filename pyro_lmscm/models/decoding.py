@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from ..defaults import DEFAULTS
 from ..errors import DecodingError, MechanismError
 from ..validation import as_int
 
@@ -157,7 +158,10 @@ class Decoding:
     """
 
     def __init__(
-        self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+        self,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int | None = DEFAULTS.top_k,
+        top_p: float | None = DEFAULTS.top_p,
     ) -> None:
         self.temperature = temperature
         self.top_k = top_k

@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..defaults import DEFAULTS
 from ..errors import DecodingError, StudyError
 from ..models.decoding import Decoding
 from ..validation import as_int, as_seed, load_data_file
@@ -143,15 +144,15 @@ class StudyConfig:
     corpus: str
     output: str | None = None
     name: str = "study"
-    model: str = "smollm2-135m-instruct"
-    dtype: str = "float32"
+    model: str = DEFAULTS.model
+    dtype: str = DEFAULTS.dtype
     intervention: InterventionSpec = "steer=female"
-    num_samples: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float | None = None
-    seed: int = 0
+    num_samples: int = DEFAULTS.num_samples
+    max_new_tokens: int = DEFAULTS.max_new_tokens
+    temperature: float = DEFAULTS.temperature
+    top_k: int | None = DEFAULTS.top_k
+    top_p: float | None = DEFAULTS.top_p
+    seed: int = DEFAULTS.seed
     attribute: str | dict[str, Any] | None = "gender"
     allow_code: bool = False
     force_recompute: bool = False
@@ -169,7 +170,7 @@ class StudyConfig:
     batch_size: int = 0
     exact_only: bool = False
     draw_scores: bool = True
-    device: str | None = None
+    device: str | None = DEFAULTS.device
     _base_dir: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

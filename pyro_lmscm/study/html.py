@@ -96,6 +96,18 @@ _JS = """
 _KIND_SHORT = {"counterfactual": "CF", "interventional": "int."}
 
 
+def _intervention(spec: Any) -> str:
+    """The study's intervention as ``do(...)`` in the spec syntax (the one rendering of
+    :func:`~pyro_lmscm.interventions.spec.describe`); a spec file that is gone, as given."""
+    from ..errors import LMSCMError
+    from ..interventions.spec import describe
+
+    try:
+        return describe(spec)
+    except LMSCMError:
+        return str(spec)
+
+
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
@@ -298,7 +310,7 @@ def render_html(
     decoding = f"temperature {config.temperature}, top-k {config.top_k}, top-p {config.top_p}"
     meta = [
         ("model", f"{config.model} ({config.dtype})"),
-        ("intervention", config.intervention),
+        ("intervention", _intervention(config.intervention)),
         ("strings", f"{len(records)}" + (f" ({errors} skipped)" if errors else "")),
         ("draws per string", f"{config.num_samples} counterfactual + {config.num_samples} interventional"),
         ("max new tokens", config.max_new_tokens),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from ..loading import check_device
 from ..runtime import compute_scope
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
@@ -196,11 +197,19 @@ def _stale_records(
 
 
 class _Progress:
-    """A rich progress bar with ETA on stderr (or nothing)."""
+    """A rich progress bar with ETA on stderr (or nothing); the caller's listener of
+    :mod:`pyro_lmscm.runtime.progress` instead, where one is installed (the command line's bar)."""
 
     def __init__(self, enabled: bool, total: int, done: int, description: str) -> None:
+        from ..runtime.progress import listening, report
+
         self._progress = None
-        if enabled:
+        self._report = None
+        if listening():
+            self._report = lambda n: report(f"study {description}: strings", n, total)
+            if done:
+                self._report(done)
+        elif enabled:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -228,6 +237,8 @@ class _Progress:
         return self
 
     def advance(self, n: int = 1) -> None:
+        if self._report is not None:
+            self._report(n)
         if self._progress is not None:
             self._progress.advance(self._task, n)
 
@@ -280,6 +291,7 @@ def run_study(
     output_dir = config.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise StudyError(f"the output folder {str(output_dir)!r} is a file; choose another output folder.")
+    check_device(config.device)  # an unknown or missing device writes nothing
     worker = None
     if items and not config.ray and not _has_records(output_dir):
         # a new study: the model, dtype, device, intervention and attribute check are checked
