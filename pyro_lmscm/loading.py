@@ -48,7 +48,7 @@ from rich.console import Console
 
 from .defaults import DEFAULTS
 from .errors import LMSCMWarning, ModelLoadError, RemoteCodeError
-from .runtime.quiet import quiet_third_party
+from .reporting import quiet_third_party
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

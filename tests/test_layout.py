@@ -1,8 +1,8 @@
 """The layout: no import cycle between the package's modules, no import from a lower level to a
 higher one, and the process policy (:mod:`pyro_lmscm.runtime`) entered by entry points only.
 
-Levels, low to high: the base modules (``errors``, ``lm``, ``loading``, ``metrics``, ``seeding``,
-``validation``) < ``models`` (rung 1) < ``interventions`` (rung 2) < ``inference`` (rung 3) <
+Levels, low to high: the base modules (``defaults``, ``errors``, ``lm``, ``loading``, ``metrics``, ``reporting``,
+``seeding``, ``validation``) < ``models`` (rung 1) < ``interventions`` (rung 2) < ``inference`` (rung 3) <
 the entry points (``study``, ``explorer``, ``cli``), the test harness ``testing`` and the package's
 own ``__init__`` (the public API, from which entry points take names). ``runtime`` stands apart: it
 may import base modules, and only the entry points may import it.
@@ -20,7 +20,7 @@ import pyro_lmscm
 
 PACKAGE = Path(pyro_lmscm.__file__).resolve().parent
 ROOT = PACKAGE.name
-BASE = {"atomic", "errors", "lm", "loading", "metrics", "seeding", "validation"}
+BASE = {"atomic", "defaults", "errors", "lm", "loading", "metrics", "reporting", "seeding", "validation"}
 LEVELS = {**dict.fromkeys(BASE, 0), "models": 1, "interventions": 2, "inference": 3,
           "study": 4, "explorer": 4, "cli": 4, "testing": 4}
 ENTRY_POINTS = {"study", "explorer", "cli"}

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from ..defaults import DEFAULTS
 from ..errors import LMSCMError
-from ..runtime.quiet import quiet_third_party, verbose_output
+from ..reporting import quiet_third_party, verbose_output
 
 __all__ = [
     "app",
@@ -76,9 +76,9 @@ def _main(
 
 @contextmanager
 def progress_bar(quiet: bool = False) -> Iterator[None]:
-    """Within the block, the library's progress (:mod:`pyro_lmscm.runtime.progress`) shows as
+    """Within the block, the library's progress (:mod:`pyro_lmscm.reporting`) shows as
     rich bars on stderr, one per task, when stderr is a terminal and not ``quiet``."""
-    from ..runtime.progress import progress_to
+    from ..reporting import progress_to
 
     if quiet or not err_console.is_terminal:
         yield

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import InferenceError
 from ..interventions.ops import as_do_data, check_intervention
+from ..reporting import report as report_progress
 from ..seeding import seeded
 from .abduction import (
     AbductionMethod,
@@ -253,6 +254,7 @@ def compare_abduction(
     rows, results, counterfactuals = [], {}, {}
     interventional = None
     for i, method in enumerate(resolved):
+        report_progress("inference methods", 1, len(resolved))
         result = abduct(scm, prompt, observed, method, num_samples, seed=seed + 2 + i)
         results[method.label] = result
         reproduces = result.reproduces if replay_factual else result.consistent

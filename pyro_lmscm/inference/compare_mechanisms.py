@@ -18,6 +18,7 @@ import torch
 from ..errors import InferenceError, LMSCMError
 from ..metrics import normalized_token_edit_distance
 from ..models.noise import GumbelMax, InverseCDF
+from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
 from .counterfactual import counterfactual, sample_factual
@@ -114,6 +115,7 @@ def compare_mechanisms(
         variant = scm.with_noise(noise)
         results = []
         for i, (prompt, obs) in enumerate(strings):
+            report_progress("noise models x strings", 1, len(noise_models) * len(strings))
             try:
                 exact = exact_counterfactual(variant, prompt, obs, intervention)
                 divergence = exact.first_divergence()

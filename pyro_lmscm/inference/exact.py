@@ -35,6 +35,7 @@ from ..interventions.ops import Action, as_do_data, excluded_tokens, forced_toke
 from ..lm import left_pad
 from ..models.incremental import MechanismBatch
 from ..models.teacher_forcing import decoded_steps
+from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
 from .bounds import CounterfactualBounds, observed_keep_bounds
@@ -294,6 +295,7 @@ class ExactCounterfactual:
                 logits = self._counterfactual_logits(ids, t + 1).cpu()[:, t]
                 probs = self._step_log_probs(t, logits, self._ended_before(ids)[:, t]).exp()
                 ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
+                report_progress("exact sampling (tokens)", 1, T)
         return ids
 
     def mode(self, num_beams: int = 4) -> tuple[torch.Tensor, float]:
@@ -711,6 +713,7 @@ def most_probable(
     beams = [torch.zeros(1, 0, dtype=torch.long) for _ in exacts]
     scores = [torch.zeros(1, dtype=torch.float64) for _ in exacts]
     for t in range(max(steps)):
+        report_progress("beam search (tokens)", 1, max(steps))
         raw = batch.logits().reshape(-1, scm.vocab_size)
         parents: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S
         tokens: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * S

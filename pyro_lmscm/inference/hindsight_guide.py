@@ -2,6 +2,7 @@ r"""Exact abduction: a guide that samples the Gumbel noise from its posterior.""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 import pyro
@@ -11,7 +12,7 @@ from pyro.poutine.guide import GuideMessenger
 
 from ..errors import AbductionError, InferenceError, ObservationError
 from ..models.anchor import FactualAnchor
-from ..models.decoding import check_logits
+from ..models.decoding import Decoding, check_logits
 from ..models.factual_anchor_messenger import FactualAnchorMessenger
 from ..models.sites import PROMPT, noise_site, parse_step_site
 from ..models.teacher_forcing import decoded_steps
@@ -223,7 +224,7 @@ class HindsightGumbelGuide(GuideMessenger):
         # the factual steps through the SCM's effectful operations, as a decoding run has them
         tokens = observed.expand(*raw.shape[:-2], n)
         logits = decoded_steps(self.scm, raw, anchor.prompt_ids, 0, tokens)
-        self._check_support(logits, tokens)
+        self._check_support(logits, tokens, raw)
         return anchor, logits
 
     def anchor(self, prompt_ids: torch.Tensor | FactualAnchor) -> FactualAnchor:
@@ -257,16 +258,21 @@ class HindsightGumbelGuide(GuideMessenger):
         """
         return self.scm.anchored(self.anchor(prompt_ids))
 
-    def _check_support(self, logits: torch.Tensor, observed: torch.Tensor) -> None:
+    def _check_support(self, logits: torch.Tensor, observed: torch.Tensor, raw: torch.Tensor) -> None:
         observed_logit = logits.gather(-1, observed.unsqueeze(-1)).squeeze(-1)
         impossible = ~torch.isfinite(observed_logit) & self.step_is_active(observed)
         if bool(impossible.any()):
             index = torch.nonzero(impossible)[0].tolist()
-            t = index[-1]
+            t, token = index[-1], int(observed[tuple(index)])
+            row = raw.expand(*observed.shape, raw.shape[-1])[tuple(index)]
+            try:
+                text = repr(self.scm.lm.token_texts([token])[0])
+            except Exception:  # noqa: BLE001 - no tokenizer: the id alone
+                text = "?"
             raise AbductionError(
-                f"the observed token {int(observed[tuple(index)])} at step {t} (site 'w_{t}') is "
-                f"outside the support of {self.scm.decoding!r}: the observation has probability "
-                "zero. Widen top_k / top_p or observe another string."
+                f"the observed token {text} (id {token}) at step {t} (site 'w_{t}') is outside the support of "
+                f"{self.scm.decoding!r}: the observation has probability zero. "
+                f"{admitting_setting(self.scm.decoding, row, token)}"
             )
 
     def step_is_active(self, observed: torch.Tensor) -> torch.Tensor:
@@ -392,3 +398,31 @@ class HindsightGumbelGuide(GuideMessenger):
         logits = self.decoded_logits(prompt_ids)
         observed = self.observed_ids.expand(logits.shape[:-1])
         return self.scm.noise.posterior(logits, observed, margin=self.margin, active=self.step_is_active(observed))
+
+
+def admitting_setting(decoding: Decoding, raw: torch.Tensor, token: int) -> str:
+    """The decoding setting that would admit ``token`` at a step of raw logits ``raw`` ``(V,)``,
+    as advice: the top-k from the token's rank (``1 +`` the tokens of higher logit), the
+    top-p from the probability of the tokens above it (``TopP`` keeps a token iff the mass
+    strictly above it is below ``top_p``)."""
+    scaled = raw.float() / float(decoding.temperature)
+    value = scaled[token]
+    if not bool(torch.isfinite(value)):
+        return "The model itself gives it probability zero (a -inf logit): no decoding setting admits it."
+    advice = []
+    top_k = decoding.top_k
+    if top_k is not None:
+        rank = int((scaled > value).sum()) + 1
+        if rank > top_k:
+            advice.append(f"raise top_k to at least {rank} (its rank)")
+            top_k = rank
+    if decoding.top_p is not None and decoding.top_p < 1.0:
+        if top_k is not None:
+            kth = torch.topk(scaled, min(top_k, scaled.numel())).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, -math.inf)
+        kept = scaled
+        above = float(kept.softmax(-1)[kept > value].sum())
+        if above >= decoding.top_p:
+            advice.append(f"raise top_p above {above:.4g} (the probability of the tokens ranked above it)")
+    hint = " and ".join(advice) if advice else "widen top_k / top_p"
+    return f"To admit it, {hint}, or drop top_k / top_p: the default, the full softmax, admits every string."

@@ -10,6 +10,7 @@ import torch
 
 from ..atomic import locked
 from ..errors import DecodingError, MechanismError, ObservationError
+from ..reporting import report as report_progress
 from ..validation import as_int
 from .anchor import FactualAnchor
 from .decoding import Decoding, check_logits
@@ -291,6 +292,7 @@ class LanguageModelSCM:
                 w = torch.where(finished, pad, self.noise.structural(logits, u))
                 w = pyro.sample(self.site(token_site(t)), IntegerDelta(w))
             w = self._check_token(w, t, device)
+            report_progress("decoding (tokens)", 1, self.max_new_tokens)
             tokens.append(w)
             finished = finished | self.is_end(w)
             if t + 1 < self.max_new_tokens:

@@ -198,10 +198,10 @@ def _stale_records(
 
 class _Progress:
     """A rich progress bar with ETA on stderr (or nothing); the caller's listener of
-    :mod:`pyro_lmscm.runtime.progress` instead, where one is installed (the command line's bar)."""
+    :mod:`pyro_lmscm.reporting` instead, where one is installed (the command line's bar)."""
 
     def __init__(self, enabled: bool, total: int, done: int, description: str) -> None:
-        from ..runtime.progress import listening, report
+        from ..reporting import listening, report
 
         self._progress = None
         self._report = None
