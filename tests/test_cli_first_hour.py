@@ -208,3 +208,21 @@ def test_compare_mechanisms_rows_are_distinct(tmp_path):
     rows = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.count("│") > 2]
     labels = [r for r in rows if r]
     assert labels[0] == "Gumbel-max" and "probability" in " ".join(labels) and "vocabulary" in " ".join(labels)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_terminal_gets_a_progress_bar_unless_quiet(tiny_folder, monkeypatch, quiet):
+    import io
+    import sys
+
+    from rich.console import Console
+
+    cli_app = sys.modules["pyro_lmscm.cli.app"]  # (the package's `app` attribute is the Typer app)
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli_app, "err_console", Console(file=buffer, force_terminal=True, width=100))
+    result = runner.invoke(app, ["counterfactual", "--model", tiny_folder, "--prompt", "the man", "--text",
+                                 "said he went home", "--samples", "2", "--json", *(["--quiet"] if quiet else [])])
+    assert result.exit_code == 0, result.output
+    assert ("decoding (tokens)" in buffer.getvalue()) is not quiet
+    assert ("beam search (tokens)" in buffer.getvalue()) is not quiet

