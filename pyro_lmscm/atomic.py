@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPUTE_LOCK",
     "ComputeLock",
+    "chained",
     "forward_hook",
     "locked",
     "release_plate",
@@ -217,24 +218,24 @@ class reversible:  # noqa: N801 - used as a function, like contextlib's helpers
     you change it) and idempotent. The context holds :data:`COMPUTE_LOCK`, so no other thread
     computes while the change is on.
 
-    The restore is registered with this thread's outermost :data:`COMPUTE_LOCK` scope before
-    ``apply`` starts: should an interrupt land where no ``__exit__`` is due yet (in
-    contextlib's or ``ExitStack``'s plumbing around this context), the scope's exit restores
-    it all the same.
+    The context is a level of this thread's :data:`COMPUTE_LOCK` scope, and its restore is
+    registered with that level before ``apply`` starts: should an interrupt land where no
+    ``__exit__`` is due yet (in contextlib's or ``ExitStack``'s plumbing around this context),
+    the exit of the scope around it restores it all the same, and releases the lock as often.
     """
 
     def __init__(self, apply: Callable[[], Any], *restore: Callable[[], Any], value: Any = None) -> None:
         self._apply, self._restore, self._value = apply, restore, value
 
     def __enter__(self) -> Any:
-        COMPUTE_LOCK.__enter__()  # first: inside the scope its handler holds a SIGINT in this frame
-        undo = None
+        # first: inside the scope its handler holds a SIGINT in this frame; the entry's own token
+        # (not the anonymous ``with COMPUTE_LOCK``) so that a lost exit is unwound by the scope around it
+        self._token = COMPUTE_LOCK._enter()
         try:
             token = _defer()
             held = None
             try:
-                undo = self._undo = _Undo(self._restore)
-                _pending().append(undo)
+                _pending().append(_Undo(self._restore))
                 self._apply()
             finally:
                 held = _undefer(token)
@@ -242,18 +243,72 @@ class reversible:  # noqa: N801 - used as a function, like contextlib's helpers
                 _forward(*held)
             return self._value
         except BaseException as error:
-            try:
-                if undo is not None:
-                    undo.run()
-            finally:
-                COMPUTE_LOCK.__exit__(type(error), error, error.__traceback__)
+            # runs the restore registered above (and those of levels opened inside and left open)
+            COMPUTE_LOCK._exit(self._token, type(error), error, error.__traceback__)
             raise
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self._undo.run()
-        finally:
-            COMPUTE_LOCK.__exit__(*exc)
+        # the restore was registered right after this level opened: closing the level runs it,
+        # after those of levels opened inside it and left open (newest first); a stale exit (a
+        # generator finalised after the scope around it unwound it) does nothing
+        COMPUTE_LOCK._exit(self._token, *exc)
+
+
+class chained(reversible):  # noqa: N801 - used as a function, like contextlib's helpers
+    """Contexts entered one after another as one context, and exited in reverse order: what
+    ``ExitStack.enter_context`` in a loop does, without its windows. Each context is built by
+    ``build(value)`` from the value the previous one gave (``value`` for the first); the
+    context gives the last value.
+
+    ``ExitStack`` records a context's exit only after its ``__enter__`` returned, in a Python
+    call during which a SIGINT is raised (a frame's start checks for one): the context is then
+    entered with no exit due. Here every entry runs with SIGINT held (a :class:`reversible`
+    whose ``apply`` enters them), each context is recorded in the same frame as soon as its
+    ``__enter__`` returns, and the exits run atomically (:func:`restore_atomically`), each once,
+    newest first, also when one raises (the first exception is raised again after the others).
+    The exits get the block's exception (a ``KeyboardInterrupt`` when the scope around runs
+    them after an interrupt); what they return is ignored (no exception is suppressed). Not
+    for contexts that switch torch's grad mode (the restore puts back the mode it found).
+    """
+
+    def __init__(self, value: Any, *builders: Callable[[Any], Any]) -> None:
+        entered: list[tuple[Any, Any]] = []  # (context, its __exit__), oldest first
+        self._exc: tuple[Any, Any, Any] = (KeyboardInterrupt, KeyboardInterrupt(), None)
+        last = [value]
+
+        def apply() -> None:
+            for build in builders:
+                context = build(last[0])
+                enter, leave = type(context).__enter__, type(context).__exit__
+                last[0] = enter(context)
+                entered.append((context, leave))
+
+        def restore() -> None:  # run again after a KeyboardInterrupt: the later exits run then
+            first: BaseException | None = None
+            while entered:
+                context, leave = entered.pop()
+                try:
+                    leave(context, *self._exc)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - raised again below
+                    first = first or error
+            if first is not None:
+                raise first
+
+        super().__init__(apply, restore)
+        self._last = last
+
+    def __enter__(self) -> Any:
+        super().__enter__()
+        return self._last[0]
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            self._exc = exc  # type: ignore[assignment]
+        else:
+            self._exc = (None, None, None)
+        super().__exit__(*exc)
 
 
 def _remove_hook(module: nn.Module, hook: Callable[..., Any]) -> None:
@@ -280,11 +335,20 @@ def forward_hook(
 
 
 class _Scope:
-    """A thread's compute scopes: how deep, and what its outermost one saved on entry."""
+    """A thread's compute scopes: per open entry (outermost first) the length of the journal of
+    pending restores when it began; the levels entered by a plain ``with COMPUTE_LOCK``; what
+    the outermost one saved on entry; which outermost scope this is (``epoch``: a token of an
+    earlier one is stale)."""
 
     def __init__(self) -> None:
-        self.depth = 0
-        self.saved: tuple[int, bool, Any, Any] | None = None
+        self.marks: list[int] = []
+        self.anonymous: list[int] = []
+        self.saved: tuple[bool, Any, Any] | None = None  # grad mode, SIGINT handler, Pyro's outer Messenger
+        self.epoch = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.marks)
 
 
 def _scope() -> _Scope:
@@ -313,15 +377,34 @@ class ComputeLock:
     registered inside it and not run (:class:`reversible`), Pyro's handlers pushed inside it
     (it pushes an empty ``Messenger`` on entry and exits it with the exception, which pops
     everything pushed after it), torch's grad mode (on an exception) and the SIGINT handler.
+
+    Each entry is a level of the thread's scope. The exit of a level also closes every level
+    opened inside it and still open (running the restores registered there, newest first,
+    and releasing the lock as often): an entry whose exit never came (a context entered by
+    contextlib's plumbing and interrupted before its exit was recorded) cannot keep the lock,
+    the model's change or Pyro's handlers past the scope around it. An exit whose level was
+    closed that way, or whose outermost scope ended, does nothing (a generator finalised late).
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
 
     def __enter__(self) -> ComputeLock:
+        scope, _, level = self._enter()
+        scope.anonymous.append(level)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        scope = _scope()
+        if not scope.anonymous:
+            raise RuntimeError("COMPUTE_LOCK exited more often than entered")
+        self._exit((scope, scope.epoch, scope.anonymous[-1]), *exc)
+
+    def _enter(self) -> tuple[_Scope, int, int]:
+        """Open a level of this thread's scope; returns its token for :meth:`_exit`."""
         scope = _scope()
         main = threading.get_ident() == _MAIN_THREAD
-        entered = False
+        level = 0
         try:
             token = _defer()
             held = None
@@ -330,17 +413,20 @@ class ComputeLock:
                     if isinstance(token, _Deferring) and token.received:  # Ctrl-C while another thread computes
                         break
                 else:
-                    entered = True
-                    scope.depth += 1  # first: __exit__ undoes exactly this
-                    if scope.depth == 1:
+                    if not scope.marks:
+                        scope.epoch += 1
+                        base = token.previous if isinstance(token, _Deferring) else None
+                        scope.saved = (torch.is_grad_enabled(), base, None)
+                    scope.marks.append(len(_pending()))
+                    level = len(scope.marks)  # from here _exit undoes exactly this
+                    if level == 1:
                         from pyro.poutine.messenger import Messenger
 
                         outer = Messenger()
-                        base = token.previous if isinstance(token, _Deferring) else None
-                        scope.saved = (len(_pending()), torch.is_grad_enabled(), base, outer)
+                        scope.saved = (scope.saved[0], scope.saved[1], outer)  # type: ignore[index]
                         restore_atomically(outer.__enter__)  # pushes it once, whatever interrupts it
             finally:
-                if entered and scope.depth == 1 and isinstance(token, _Deferring):
+                if level == 1 and isinstance(token, _Deferring):
                     # the scope's handler replaces the deferring one; it holds what that one got
                     handler = _ScopeHandler(token.previous)
                     _signal.signal(_signal.SIGINT, handler)
@@ -349,26 +435,39 @@ class ComputeLock:
                     held = _undefer(token)
             if held is not None:
                 _forward(*held)
-            return self
+            return scope, scope.epoch, level
         except BaseException as error:
-            if entered:
-                self.__exit__(type(error), error, error.__traceback__)
+            if level:
+                self._exit((scope, scope.epoch, level), type(error), error, error.__traceback__)
             raise
 
-    def __exit__(self, *exc: Any) -> None:
-        scope = _scope()
+    @staticmethod
+    def _is_open(token: tuple[_Scope, int, int]) -> bool:
+        """Whether the level of ``token`` is open in this thread's scope now."""
+        scope, epoch, level = token
+        return scope is _scope() and epoch == scope.epoch and 0 < level <= len(scope.marks)
+
+    def _exit(self, token: tuple[_Scope, int, int], *exc: Any) -> None:
+        """Close the level of ``token`` and every level opened inside it (a stale token: nothing)."""
+        if not self._is_open(token):
+            return
+        scope, _, level = token
         try:
-            saved = scope.saved
-            if scope.depth == 1 and saved is not None:
+            mark = scope.marks[level - 1]
+            saved = scope.saved if level == 1 else None
+            if saved is not None or len(_pending()) > mark:
                 try:
-                    restore_atomically(lambda: _clean_up(saved, exc))
+                    restore_atomically(lambda: _clean_up(mark, saved, exc))
                 finally:
-                    if exc[0] is not None:  # after restore_atomically, which sets back the mode it found
-                        torch._C._set_grad_enabled(saved[1])
+                    if saved is not None and exc[0] is not None:  # after restore_atomically, which sets back the mode
+                        torch._C._set_grad_enabled(saved[0])
         finally:
-            scope.depth -= 1
-            self._lock.release()
-            if scope.depth == 0:
+            while len(scope.marks) >= level:
+                scope.marks.pop()
+                self._lock.release()
+            while scope.anonymous and scope.anonymous[-1] >= level:
+                scope.anonymous.pop()
+            if not scope.marks:
                 _leave_scope(scope)
             else:
                 _flush()
@@ -382,24 +481,33 @@ class ComputeLock:
         return None
 
 
-def _clean_up(saved: tuple[int, bool, Any, Any], exc: tuple[Any, ...]) -> None:
-    """What the outermost scope's exit puts back (idempotent: it may run again if interrupted)."""
-    mark, _, _, outer = saved
+def _clean_up(mark: int, saved: tuple[bool, Any, Any] | None, exc: tuple[Any, ...]) -> None:
+    """What a level's exit puts back (idempotent: it may run again if interrupted): the restores
+    registered inside it and not run, newest first; for the outermost level, Pyro's handlers."""
     pending = _pending()
+    first: BaseException | None = None
     while len(pending) > mark:
-        pending[-1].run()  # removes itself
-    outer.__exit__(*(exc if exc[0] is not None else (KeyboardInterrupt, None, None)))  # pops what leaked
+        try:
+            pending[-1].run()  # removes itself
+        except KeyboardInterrupt:
+            raise  # restore_atomically runs this again: the older restores run then
+        except BaseException as error:  # noqa: BLE001 - raised again below, after the others
+            first = first or error
+    if saved is not None and saved[2] is not None:  # pops what leaked
+        saved[2].__exit__(*(exc if exc[0] is not None else (KeyboardInterrupt, None, None)))
+    if first is not None:
+        raise first
 
 
 def _leave_scope(scope: _Scope) -> None:
     """Put back the SIGINT handler of before the outermost scope, then deliver a SIGINT it held."""
     saved, scope.saved = scope.saved, None
-    if saved is None or saved[2] is None or threading.get_ident() != _MAIN_THREAD:
+    if saved is None or saved[1] is None or threading.get_ident() != _MAIN_THREAD:
         return
     current = _signal.getsignal(_signal.SIGINT)
-    _signal.signal(_signal.SIGINT, saved[2])
+    _signal.signal(_signal.SIGINT, saved[1])
     if isinstance(current, _ScopeHandler) and current.held:
-        _forward(saved[2], *current.held[0])
+        _forward(saved[1], *current.held[0])
 
 
 #: The lock of every computation on a language model in this process (see :class:`ComputeLock`).

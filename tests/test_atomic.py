@@ -98,6 +98,77 @@ def test_an_interrupt_inside_the_plates_enter_leaves_no_plate(monkeypatch):
     assert torch.equal(again, clean)
 
 
+def test_a_sigint_before_exit_stack_records_the_exit_is_unwound_by_the_scope(monkeypatch):
+    """A SIGINT raised at the start of ``ExitStack._push_cm_exit`` (a frame's start is where
+    Python checks for one) after ``enter_context`` entered a steering hook: the context is on
+    and no exit is due. The compute scope around it (here ``with COMPUTE_LOCK``, as in every
+    ``counterfactual()``) closes the level it left open on exit: the hook is removed, the lock
+    released, Pyro's stack empty (before, the level leaked: the lock stayed held, the scope's
+    clean-up never ran, and the hook stayed on). A late exit of the lost level does nothing."""
+    import contextlib
+
+    lm = tiny_llama(seed=0)
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    push = contextlib.ExitStack._push_cm_exit
+
+    def sigint_at_push(self, *args):
+        signal.raise_signal(signal.SIGINT)  # delivered here, in contextlib's frame
+        return push(self, *args)
+
+    monkeypatch.setattr(contextlib.ExitStack, "_push_cm_exit", sigint_at_push)
+    context = ActivationSteering(torch.ones(32), layer=1).activate(lm)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.COMPUTE_LOCK, contextlib.ExitStack() as stack:
+            stack.enter_context(context)
+    monkeypatch.undo()
+    assert _clean(lm, weights) and atomic._scope().depth == 0
+    context.__exit__(None, None, None)  # e.g. a finaliser, late: a stale level
+    assert _clean(lm, weights) and atomic._scope().depth == 0
+    with atomic.COMPUTE_LOCK:
+        assert atomic._scope().depth == 1
+
+
+def test_a_generator_finalised_after_its_scope_ended_changes_nothing():
+    """A generator suspended inside a mechanism's activation (a Ctrl-C between its ``yield``
+    and its caller's ``with``) is closed after the scope around it ended, while another scope
+    is open: its late exit must neither restore nor release anything of the new scope (it
+    used to decrement the new scope's depth and release its lock)."""
+    lm = tiny_llama(seed=0)
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    steering = ActivationSteering(torch.ones(32), layer=1)
+
+    def suspended():
+        with steering.activate(lm):
+            yield
+
+    with atomic.COMPUTE_LOCK:
+        generator = suspended()
+        next(generator)
+    assert _clean(lm, weights)
+    edit = WeightDelta({"lm_head.weight": torch.ones_like(lm.model.get_parameter("lm_head.weight"))})
+    with edit.activate(lm):
+        generator.close()  # the late exit, inside another scope
+        assert atomic._scope().depth == 1 and atomic.COMPUTE_LOCK._lock._is_owned()
+        assert not torch.equal(lm.model.get_parameter("lm_head.weight"), weights["lm_head.weight"])
+    assert _clean(lm, weights) and atomic._scope().depth == 0
+
+
+def test_compute_scope_and_heap_allocations_are_no_generators():
+    """Both are entered and left atomically (a generator would be left suspended, its scope
+    open, by a Ctrl-C on the return of ``next``)."""
+    import inspect
+
+    from pyro_lmscm.runtime import compute_scope, heap_allocations
+
+    lm = tiny_llama(seed=0)
+    scope = compute_scope(lm)
+    assert isinstance(scope, atomic.reversible) and isinstance(heap_allocations(), atomic.reversible)
+    assert not inspect.isgenerator(getattr(scope, "gen", None))
+    with scope:
+        assert atomic._scope().depth >= 1
+    assert atomic._scope().depth == 0 and not atomic.COMPUTE_LOCK._lock._is_owned()
+
+
 def test_a_held_sigint_is_delivered_once_and_the_handler_put_back():
     """A SIGINT inside a reversible change's activation is delivered when the activation is
     over (after the change is undone), and the process's handler is Python's again: a later

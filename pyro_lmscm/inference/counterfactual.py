@@ -2,16 +2,16 @@ r"""Counterfactual strings: abduction, action, prediction."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import pyro
 import torch
 
-from ..atomic import locked
+from ..atomic import chained, locked
 from ..errors import InferenceError
 from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
@@ -199,13 +199,13 @@ def _predict(
     return ids[..., :size, :], (ids[..., size:, :] if baseline is not None else None), stats, scores
 
 
-@contextmanager
-def _entered(*handlers: ContextManager[Any]) -> Iterator[None]:
-    """All of ``handlers`` at once, the first outermost."""
-    with ExitStack() as stack:
-        for handler in handlers:
-            stack.enter_context(handler)
-        yield
+def _entered(*handlers: ContextManager[Any]) -> chained:
+    """All of ``handlers`` at once, the first outermost (entered atomically, not by a generator)."""
+    return chained(None, *(functools.partial(_given, handler) for handler in handlers))
+
+
+def _given(handler: ContextManager[Any], _: Any) -> ContextManager[Any]:
+    return handler
 
 
 def _baseline_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -2,15 +2,17 @@ r"""Several mechanisms at once: e.g. activation steering or MiMiC at several lay
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping, Sequence
+import functools
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
 
-from ..atomic import restore_atomically, sigint_deferred
+from ..atomic import _remove_hook, chained, reversible
 from ..errors import MechanismError
 from ..models.mechanism import WHOLE, Factual, Mechanism
 from .internals import _decoder_layers, _ResidualStreamEdit, _resolve_layer
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..lm import HFLanguageModel
 
 __all__ = ["Combined"]
@@ -38,8 +40,8 @@ class Combined(Mechanism):
     :func:`~pyro_lmscm.inference.attribute` splits the effect per layer. Steering and MiMiC
     members (residual-stream edits) register their hooks together and remove them in one
     restore that an interrupt cannot split; other members each undo their own change
-    atomically, in reverse order, through an ``ExitStack`` (which runs every exit even when one
-    raises).
+    atomically, in reverse order, as one context (:class:`~pyro_lmscm.atomic.chained`, which
+    runs every exit even when one raises).
 
     :param members: name to mechanism, or a list (named ``"layer L"`` when every member has a
         distinct ``layer``, as steering does, else by position).
@@ -104,32 +106,35 @@ class Combined(Mechanism):
             return self._hooked(lm)
         return self._entered(lm)
 
-    @contextmanager
-    def _hooked(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        """Residual-stream edits (steering, MiMiC): every member's hook registered under one
-        deferral of Ctrl-C and removed in one :func:`restore_atomically` (``remove`` is idempotent)."""
-        handles: list[Any] = []
-        try:
-            with sigint_deferred():
-                for member in self.members.values():
-                    assert isinstance(member, _ResidualStreamEdit)  # activate() chose this path for these alone
-                    layer = _decoder_layers(lm.model)[_resolve_layer(lm.model, member.layer, type(member).__name__)]
-                    handles.append(layer.register_forward_hook(member._hook, with_kwargs=True))
-            yield lm
-        finally:
-            restore_atomically(*(handle.remove for handle in reversed(handles)))
+    def _hooked(self, lm: HFLanguageModel) -> reversible:
+        """Residual-stream edits (steering, MiMiC): every member's hook registered in one
+        :class:`~pyro_lmscm.atomic.reversible` change (Ctrl-C held) and removed in one restore
+        (by identity, so a registration split by an interrupt leaves nothing either)."""
+        registered: list[tuple[nn.Module, Any]] = []
 
-    @contextmanager
-    def _entered(self, lm: HFLanguageModel) -> Iterator[HFLanguageModel]:
-        """Other members: each entered in turn (Ctrl-C held meanwhile) and exited in reverse
-        order through an ``ExitStack``, which runs every exit even if one raises; each member
-        undoes its own change atomically."""
-        with ExitStack() as stack:
-            current = lm
-            with sigint_deferred():
-                for member in self.members.values():
-                    current = stack.enter_context(member.activate(current))
-            yield current
+        def apply() -> None:
+            for member in self.members.values():
+                assert isinstance(member, _ResidualStreamEdit)  # activate() chose this path for these alone
+                layer = _decoder_layers(lm.model)[_resolve_layer(lm.model, member.layer, type(member).__name__)]
+                hook = member._hook  # one bound method: removed by identity
+                registered.append((layer, hook))  # before the registration: the restore finds it
+                layer.register_forward_hook(hook, with_kwargs=True)
+
+        def restore() -> None:  # idempotent
+            for layer, hook in reversed(registered):
+                _remove_hook(layer, hook)
+
+        return reversible(apply, restore, value=lm)
+
+    def _entered(self, lm: HFLanguageModel) -> chained:
+        """Other members: each entered in turn and exited in reverse order, as one context
+        (:class:`~pyro_lmscm.atomic.chained`: no ``ExitStack`` window, Ctrl-C held while
+        entering); each member undoes its own change atomically."""
+        return chained(lm, *(functools.partial(_activate, member) for member in self.members.values()))
 
     def __repr__(self) -> str:
         return f"Combined({self.members!r})"
+
+
+def _activate(member: Mechanism, lm: HFLanguageModel) -> ContextManager[HFLanguageModel]:
+    return member.activate(lm)

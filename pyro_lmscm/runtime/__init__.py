@@ -11,10 +11,9 @@ the explorer, the benchmarks), through :func:`compute_scope`; a library user may
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from ..atomic import COMPUTE_LOCK
+from ..atomic import chained
 from .heap import heap_allocations, release_freed_memory
 from .kernels import FLOAT32_COPY_BUDGET, bf16_kernels, bf16_linears_in_float32, native_bf16_gemm
 
@@ -32,8 +31,7 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
+def compute_scope(lm: "HFLanguageModel") -> chained:
     """The scope in which every entry point runs its work on ``lm`` (the study worker and
     runner, each command of the command line, the explorer, the benchmarks):
     :func:`bf16_kernels` (float32 GEMMs for a bfloat16 model on a CPU without native bfloat16
@@ -41,6 +39,10 @@ def compute_scope(lm: "HFLanguageModel") -> Iterator[None]:
     a caller's scope around many calls keeps one set of float32 weight copies and one heap. Hold
     it only while computing: inside it, the model's linears are patched and glibc's setting is
     the process's (the explorer leaves it at each snapshot it yields). It holds the process's
-    compute lock (:data:`pyro_lmscm.atomic.COMPUTE_LOCK`), so other threads wait meanwhile."""
-    with COMPUTE_LOCK, bf16_kernels(lm), heap_allocations():
-        yield
+    compute lock (:data:`pyro_lmscm.atomic.COMPUTE_LOCK`), so other threads wait meanwhile.
+
+    Not a generator: a Ctrl-C between a generator's ``yield`` and its caller's ``with`` (where
+    Python checks for signals, on the return of ``next``) would leave the generator suspended,
+    its scopes entered and the lock held until it is garbage-collected. The two scopes are
+    entered together (:class:`~pyro_lmscm.atomic.chained`), atomically against SIGINT."""
+    return chained(None, lambda _: bf16_kernels(lm), lambda _: heap_allocations())

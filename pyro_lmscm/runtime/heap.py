@@ -6,10 +6,11 @@ explorer, the benchmarks) enter these scopes, through :func:`pyro_lmscm.runtime.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from typing import Any, Iterator
+from typing import Any
+
+from ..atomic import reversible
 
 __all__ = ["heap_allocations", "release_freed_memory"]
 
@@ -39,8 +40,7 @@ _HEAP_SCOPES = [0]  # heap_allocations() scopes open in this process
 _HEAP_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def heap_allocations() -> Iterator[None]:
+def heap_allocations() -> reversible:
     """A scope in which glibc serves every CPU allocation from its heap and keeps the freed
     blocks there for the next ones (``mallopt(M_MMAP_MAX, 0)``, a trim threshold of 2 GiB);
     on exit the defaults come back and the freed memory is given back (``malloc_trim``). A
@@ -56,25 +56,36 @@ def heap_allocations() -> Iterator[None]:
     :func:`release_freed_memory` does nothing inside. Scopes nest (the outermost one
     restores); the setting is the process's, so it also holds for other threads while open.
     glibc keeps its mmap threshold fixed after a ``mallopt``: it no longer adapts to the sizes
-    freed."""
+    freed.
+
+    Entering and leaving cannot be split by Ctrl-C (a :class:`~pyro_lmscm.atomic.reversible`
+    change, which holds the process's compute lock while open)."""
     libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _HEAP_LOCK:
-        _HEAP_SCOPES[0] += 1
-        if _HEAP_SCOPES[0] == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
+    counted: list[bool] = []  # this scope's count, made with the setting
+
+    def apply() -> None:
+        if libc is None:
+            return
         with _HEAP_LOCK:
-            _HEAP_SCOPES[0] -= 1
+            _HEAP_SCOPES[0] += 1
+            counted.append(True)
+            if _HEAP_SCOPES[0] == 1:
+                libc.mallopt(_M_MMAP_MAX, 0)
+                libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+    def restore() -> None:  # idempotent: run again from the start if interrupted
+        if libc is None:
+            return
+        with _HEAP_LOCK:
+            if counted:
+                counted.clear()
+                _HEAP_SCOPES[0] -= 1
             if _HEAP_SCOPES[0] == 0:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
+
+    return reversible(apply, restore)
 
 
 def release_freed_memory() -> None:
