@@ -124,6 +124,10 @@ def study_command(
         "exact token probabilities stay null): about 1.5-2x faster in batches."
     ),
     device: Optional[str] = typer.Option(None, "--device", help="The model's device: cpu, cuda, cuda:1, ..."),
+    attribution: Optional[str] = typer.Option(
+        None, "--attribution", help="'layer': add each string's exact attribution of the effect to the parts of the "
+        "intervention's mechanism (Shapley values, each part alone and left out); 'none' for none."
+    ),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
     from ..study.config import StudyConfig, demo_config
@@ -179,6 +183,7 @@ def study_command(
             "exact_only": True if exact_only else None,
             "draw_scores": False if no_draw_scores else None,
             "device": device,
+            "attribution": attribution,
         }
         if demo and config is not None:
             raise StudyError("give either a config file or --demo, not both.")
@@ -193,6 +198,8 @@ def study_command(
             raise StudyError("give a config file, --demo, or --corpus FILE.")
         if study.top_k == 0:
             study = StudyConfig.from_mapping({**study.to_dict(), "top_k": None}, allow_code=allow_code)
+        if study.attribution == "none":
+            study = StudyConfig.from_mapping({**study.to_dict(), "attribution": None}, allow_code=allow_code)
         if study.attribute == "none":
             study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None}, allow_code=allow_code)
         result = run_study(study)

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from .config import StudyError
 
 __all__ = [
+    "ATTRIBUTION_VALUES",
     "BOUNDS_KEYS",
     "DRAW_FIELDS",
     "RECORD_SCHEMA_DOC",
@@ -43,6 +44,19 @@ BOUNDS_KEYS = tuple(
     f"{query}_{end}"
     for query in ("prob_unchanged", "expected_first_divergence")
     for end in ("gumbel", "stable_low", "stable_high", "any_low", "any_high")
+)
+
+#: The per-part values of a record's ``attribution`` (:attr:`StudyConfig.attribution`), each a
+#: list aligned with its ``parts``: the fields of :class:`~pyro_lmscm.inference.attribute.Attribution`.
+ATTRIBUTION_VALUES = (
+    "shapley",
+    "shapley_se",
+    "prob_unchanged_alone",
+    "prob_unchanged_without",
+    "shapley_first_divergence",
+    "shapley_first_divergence_se",
+    "first_divergence_alone",
+    "first_divergence_without",
 )
 
 #: Per-draw fields, in order (the counterfactual and the interventional draws alike).
@@ -91,6 +105,13 @@ exact            {prob_unchanged, first_divergence, expected_first_divergence,
                   probable counterfactual: mode_ids, mode_text, mode_tokens, mode_log_prob,
                   mode_changed, mode_token_edit_distance, mode_normalized_token_edit_distance,
                   mode_char_edit_distance, mode_normalized_char_edit_distance
+attribution      {by, parts, exact, num_permutations, num_passes, prob_unchanged,
+                  prob_unchanged_empty, expected_first_divergence,
+                  expected_first_divergence_empty, shapley, shapley_se, prob_unchanged_alone,
+                  prob_unchanged_without, shapley_first_divergence, shapley_first_divergence_se,
+                  first_divergence_alone, first_divergence_without}: only with the attribution
+                  option (pyro_lmscm.inference.attribute, by="layer"); the per-part values are
+                  lists aligned with parts; shapley is of log P(unchanged); non-finite values null
 factual          {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, length, attribute}
 counterfactual   [draw]   one per posterior draw (none with exact_only; nor interventional)
@@ -336,6 +357,20 @@ def _parquet_schema() -> Any:
         ]
     )
     factual = pa.struct(tokens + [("length", pa.int64()), ("attribute", pa.string())])
+    attribution = pa.struct(
+        [
+            ("by", pa.string()),
+            ("parts", pa.list_(pa.string())),
+            ("exact", pa.bool_()),
+            ("num_permutations", pa.int64()),
+            ("num_passes", pa.int64()),
+            ("prob_unchanged", pa.float64()),
+            ("prob_unchanged_empty", pa.float64()),
+            ("expected_first_divergence", pa.float64()),
+            ("expected_first_divergence_empty", pa.float64()),
+        ]
+        + [(name, pa.list_(pa.float64())) for name in ATTRIBUTION_VALUES]
+    )
     return pa.schema(
         [
             ("index", pa.int64()),
@@ -350,6 +385,7 @@ def _parquet_schema() -> Any:
             ("error", pa.string()),
             ("log_prob_observed", pa.float64()),
             ("exact", exact),
+            ("attribution", attribution),
             ("factual", factual),
             ("counterfactual", pa.list_(draw)),
             ("interventional", pa.list_(draw)),

@@ -111,7 +111,10 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
         meta = _read_meta(path)
         old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
         new = {**settings, **inputs}
-        diff = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value]
+        # a dropped attribution changes the records as an added one does (older settings dropped keys
+        # whose value became a default: those still resume)
+        keys = [*new, *(["attribution"] if "attribution" in old and "attribution" not in new else [])]
+        diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
         if diff and not config.force_recompute:
             raise StudyError(
                 f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "

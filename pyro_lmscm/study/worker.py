@@ -65,7 +65,7 @@ from ..runtime import compute_scope
 from .attribute import make_attribute
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem
-from .records import BOUNDS_KEYS
+from .records import ATTRIBUTION_VALUES, BOUNDS_KEYS
 
 if TYPE_CHECKING:
     from ..inference.bounds import CounterfactualBounds
@@ -160,6 +160,25 @@ def _stay_fields(bounds: CounterfactualBounds) -> dict[str, Any]:
     }
 
 
+def _attribution_fields(found: Any) -> dict[str, Any]:
+    """A record's ``attribution`` from an :class:`~pyro_lmscm.inference.attribute.Attribution`:
+    the per-part values as lists aligned with ``parts``, non-finite numbers as ``None``."""
+    parts = list(found.parts)
+    return {
+        "by": found.by,
+        "parts": parts,
+        "exact": bool(found.exact),
+        "num_permutations": found.num_permutations,
+        "num_passes": int(found.num_passes),
+        **{
+            key: _finite(getattr(found, key))
+            for key in ("prob_unchanged", "prob_unchanged_empty", "expected_first_divergence",
+                        "expected_first_divergence_empty")
+        },
+        **{name: [_finite(getattr(found, name)[part]) for part in parts] for name in ATTRIBUTION_VALUES},
+    }
+
+
 #: Builds one of the user's Messengers for the study's SCM (see :func:`~pyro_lmscm.study.run_study`).
 MessengerFactory = Callable[["LanguageModelSCM"], Messenger]
 
@@ -238,6 +257,13 @@ class StudyWorker:
         if messengers:
             self.intervention = [spec.intervention, *build_messengers(messengers, self.scm)]
         check_intervention(self.scm, self.intervention)  # now, not per string
+        self.attribution = self.config.attribution_options()
+        if self.attribution is not None and len(self.scm.mechanisms) < 2:
+            raise StudyError(
+                f"StudyConfig: `attribution` attributes the effect of the intervention's mechanism to its parts, but "
+                f"the intervention {self.config.intervention!r:.80} changes no mechanism (a prompt or token "
+                "intervention); drop `attribution` or intervene on the model (steer=, memit=, model=, ...)."
+            )
         self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------
@@ -298,6 +324,24 @@ class StudyWorker:
             "attribute": label,
             "flipped": flipped,
         }
+
+    def _attributed(self, record: dict[str, Any], result: Any, exact: Any) -> dict[str, Any]:
+        """``record`` with its ``attribution`` (with :attr:`StudyConfig.attribution`): the exact
+        attribution of the intervention's effect on the observed string to the parts of its
+        mechanism (:func:`~pyro_lmscm.inference.attribute`, on the abduction's factual logits),
+        a permutation estimate seeded by :func:`string_seed` (not by the batch)."""
+        if self.attribution is None:
+            return record
+        from ..inference import attribute
+
+        options = self.attribution
+        found = attribute(
+            self.scm, exact.prompt_ids, exact.observed_ids, self.intervention, by=options["by"],
+            max_exact_parts=options["max_exact_parts"], num_permutations=options["num_permutations"],
+            seed=string_seed(self.config.seed, record["index"]), raw_logits=result.factual_logits,
+        )
+        record["attribution"] = _attribution_fields(found)
+        return record
 
     # -- the work ----------------------------------------------------------------------
 
@@ -430,6 +474,7 @@ class StudyWorker:
                 "attribute": factual_label,
             }
             record["exact"] = _stay_fields(observed[i][0])
+            self._attributed(record, result, exacts[i])
             log_q = result.counterfactual_log_q  # None: not scored
             record["counterfactual"] = [
                 {
@@ -539,7 +584,10 @@ class StudyWorker:
                 ]
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
                 bounds = [b for b, _, _ in observed_bounds(exacts)]  # with the stays: one pass
-                return [self._exact_only(p[1], r, b, m) for p, r, b, m in zip(part, results, bounds, modes)]
+                return [
+                    self._attributed(self._exact_only(p[1], r, b, m), r, e)
+                    for p, r, b, m, e in zip(part, results, bounds, modes, exacts)
+                ]
             return self._complete([p[1] for p in part], results, exacts)
         except LMSCMError as error:
             if len(part) == 1:
