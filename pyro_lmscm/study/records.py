@@ -83,7 +83,10 @@ DRAW_FIELDS = (
 RECORD_SCHEMA_DOC = """\
 index            int      position in the corpus
 id, group        str?     from the corpus
-prompt           str
+prompt           str      (a chat row: its messages as "role: content" lines, for display)
+messages         [{role, content}]? a chat row's conversation before the assistant's reply
+                          (its prompt in the model's chat template); the observed string is the
+                          reply, ended by the end-of-turn token
 continuation_given bool   an observed continuation was given (else sampled)
 truncated        bool     the given continuation was cut to max_new_tokens
 seed             int      the string's seed, from (study seed, index); with batch_size > 1
@@ -380,6 +383,7 @@ def _parquet_schema() -> Any:
             ("continuation_given", pa.bool_()),
             ("truncated", pa.bool_()),
             ("seed", pa.int64()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
             ("fingerprint", pa.string()),
             ("batch_fingerprint", pa.string()),
             ("error", pa.string()),
@@ -459,11 +463,16 @@ class ParquetStore(RecordStore):
             _fsync_dir(self.path)
 
 
+#: Record fields that only some studies write (chat rows, the attribution option).
+_OPTIONAL_FIELDS = ("messages", "attribution")
+
+
 def _drop_absent(record: dict[str, Any]) -> dict[str, Any]:
-    """Parquet fills every schema column; drop those an error record never had."""
+    """Parquet fills every schema column; drop those an error record never had, and the
+    optional fields a record did not have."""
     if record.get("error") is not None:
         return {k: v for k, v in record.items() if v is not None or k in ("id", "group")}
-    return record
+    return {k: v for k, v in record.items() if v is not None or k not in _OPTIONAL_FIELDS}
 
 
 def open_store(output_dir: str | Path, format: str = "jsonl") -> RecordStore:

@@ -179,7 +179,7 @@ def _stale_records(
                 unchecked.append(index)
         elif record["batch_fingerprint"] != batch_fingerprints[index]:
             moved.append(index)
-        elif record.get("error") is None and "bounds" not in (record.get("exact") or {}):
+        elif record.get("error") is None and (record.get("exact") or {}).get("bounds") is None:
             moved.append(index)  # stored before records carried their bounds: the batch runs again, same numbers
     if changed and not config.force_recompute:
         first = items[changed[0]]
@@ -293,6 +293,7 @@ def run_study(
         # (the worker built) before anything is written, so a bad config leaves nothing behind
         with torch_threads(config.threads):
             worker = StudyWorker(config, lm=lm, messengers=messengers)
+        worker.check_chat(items)  # a chat corpus for a model without a chat template
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on the way, no permission, a read-only disk
@@ -344,6 +345,7 @@ def run_study(
             elif todo:
                 with torch_threads(config.threads):
                     worker = worker if worker is not None else StudyWorker(config, lm=lm, messengers=messengers)
+                    worker.check_chat(todo)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):

@@ -120,7 +120,9 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def _header(item: CorpusItem, seed: int) -> dict[str, Any]:
-    """The fields of a record before its results (an ``error`` record has only these)."""
+    """The fields of a record before its results (an ``error`` record has only these; a chat
+    row's also its ``messages``)."""
+    chat = {} if item.messages is None else {"messages": [dict(m) for m in item.messages]}
     return {
         "index": item.index,
         "id": item.id,
@@ -130,6 +132,7 @@ def _header(item: CorpusItem, seed: int) -> dict[str, Any]:
         "truncated": False,
         "seed": seed,
         "error": None,
+        **chat,
     }
 
 
@@ -250,12 +253,22 @@ class StudyWorker:
 
             lm = load_lm(self.config.model, dtype=self.config.dtype, device=self.config.device, progress=False)
         self.lm = lm
-        spec = parse_intervention(self.config.intervention, lm)
+        from ..interventions.spec import CHAT_KEYS, read_spec
+
+        data = self.config.intervention
+        data = dict(data) if isinstance(data, Mapping) else read_spec(data)
+        #: the spec with its chat edits (system=, user=): each chat row's prompt intervention is
+        #: its own conversation edited (:meth:`intervention_for`); ``None`` without chat edits
+        self._chat_spec: dict[str, Any] | None = data if any(key in data for key in CHAT_KEYS) else None
+        self._mechanism_cache: dict[Any, Any] = {}  # built once, shared by the rows' specs
+        shared = {key: value for key, value in data.items() if key not in CHAT_KEYS}
+        spec = parse_intervention(shared, lm, cache=self._mechanism_cache)
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
+        self._messengers = build_messengers(messengers, self.scm) if messengers else []
         self.intervention: Any = spec.intervention
-        if messengers:
-            self.intervention = [spec.intervention, *build_messengers(messengers, self.scm)]
+        if self._messengers:
+            self.intervention = [spec.intervention, *self._messengers]
         check_intervention(self.scm, self.intervention)  # now, not per string
         self.attribution = self.config.attribution_options()
         if self.attribution is not None and len(self.scm.mechanisms) < 2:
@@ -325,7 +338,35 @@ class StudyWorker:
             "flipped": flipped,
         }
 
-    def _attributed(self, record: dict[str, Any], result: Any, exact: Any) -> dict[str, Any]:
+    def intervention_for(self, item: CorpusItem) -> Any:
+        """The intervention of ``item``: the study's, or, with chat edits (``system=``,
+        ``user=``), the prompt intervention of the item's own conversation edited, with the
+        study's mechanism and Messengers.
+
+        :raises InterventionError: for chat edits of a row whose prompt is text.
+        """
+        from ..interventions.spec import parse_intervention
+
+        if self._chat_spec is None:
+            return self.intervention
+        messages = None if item.messages is None else [dict(m) for m in item.messages]
+        spec = parse_intervention(self._chat_spec, self.lm, messages=messages, cache=self._mechanism_cache)
+        return [spec.intervention, *self._messengers] if self._messengers else spec.intervention
+
+    def check_chat(self, items: Sequence[CorpusItem]) -> None:
+        """Refuse a corpus of chat rows for a model without a chat template, before any string runs.
+
+        :raises StudyError: naming the model and the first chat row.
+        """
+        chat = next((item for item in items if item.messages is not None), None)
+        if chat is not None and not getattr(self.lm.tokenizer, "chat_template", None):
+            raise StudyError(
+                f"the corpus has chat rows (`messages`, first at index {chat.index}), but the model "
+                f"{self.config.model!r} has no chat template to put a conversation in; use a chat model "
+                "(e.g. smollm2-135m-instruct) or give the rows as text `prompt`s."
+            )
+
+    def _attributed(self, record: dict[str, Any], result: Any, exact: Any, intervention: Any) -> dict[str, Any]:
         """``record`` with its ``attribution`` (with :attr:`StudyConfig.attribution`): the exact
         attribution of the intervention's effect on the observed string to the parts of its
         mechanism (:func:`~pyro_lmscm.inference.attribute`, on the abduction's factual logits),
@@ -336,7 +377,7 @@ class StudyWorker:
 
         options = self.attribution
         found = attribute(
-            self.scm, exact.prompt_ids, exact.observed_ids, self.intervention, by=options["by"],
+            self.scm, exact.prompt_ids, exact.observed_ids, intervention, by=options["by"],
             max_exact_parts=options["max_exact_parts"], num_permutations=options["num_permutations"],
             seed=string_seed(self.config.seed, record["index"]), raw_logits=result.factual_logits,
         )
@@ -351,10 +392,11 @@ class StudyWorker:
         :raises LMSCMError: for a text that does not survive tokenization.
         """
         record = _header(item, seed)
-        prompt = self.lm.encode(item.prompt)
+        chat = item.messages is not None
+        prompt = self.lm.encode([dict(m) for m in item.messages] if chat else item.prompt)  # type: ignore[union-attr]
         observed = None
-        if item.continuation is not None:
-            observed = self.lm.encode(item.continuation)
+        if item.continuation is not None:  # a chat row's reply ends with the end-of-turn token
+            observed = self.lm.encode_reply(item.continuation) if chat else self.lm.encode(item.continuation)
             if len(observed) > self.config.max_new_tokens:
                 observed = observed[: self.config.max_new_tokens]
                 record["truncated"] = True
@@ -379,16 +421,17 @@ class StudyWorker:
         except LMSCMError as error:
             return {**_header(item, seed), "error": _error_text(error)}
         try:
+            intervention = self.intervention_for(item)
             result = counterfactual(
-                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
+                self.scm, prompt, observed, intervention, num_samples=config.num_samples, seed=seed,
                 baseline=True, scores=config.draw_scores,
             )
-            return self._complete([record], [result], [self._exact(result)])[0]
+            return self._complete([record], [result], [self._exact(result, intervention)], intervention)[0]
         except LMSCMError as error:
             record["error"] = _error_text(error)
             return record
 
-    def _exact(self, result: Any) -> Any:
+    def _exact(self, result: Any, intervention: Any) -> Any:
         """The exact counterfactual of a :class:`~pyro_lmscm.inference.CounterfactualResult`:
         the one it was scored with, else one on the logits its abduction used."""
         from ..inference import exact_counterfactual
@@ -396,10 +439,12 @@ class StudyWorker:
         if result.exact is not None:
             return result.exact
         return exact_counterfactual(
-            self.scm, result.prompt_ids, result.factual_ids, self.intervention, raw_logits=result.factual_logits
+            self.scm, result.prompt_ids, result.factual_ids, intervention, raw_logits=result.factual_logits
         )
 
-    def _complete(self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any]) -> list[dict[str, Any]]:
+    def _complete(
+        self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any], intervention: Any
+    ) -> list[dict[str, Any]]:
         """Fill the records of a batch of strings from their counterfactual results and exact
         distributions (:class:`~pyro_lmscm.inference.ExactCounterfactual`), each quantity for all
         strings together: P(unchanged), the first-divergence law, the probability of keeping
@@ -474,7 +519,7 @@ class StudyWorker:
                 "attribute": factual_label,
             }
             record["exact"] = _stay_fields(observed[i][0])
-            self._attributed(record, result, exacts[i])
+            self._attributed(record, result, exacts[i], intervention)
             log_q = result.counterfactual_log_q  # None: not scored
             record["counterfactual"] = [
                 {
@@ -558,7 +603,11 @@ class StudyWorker:
             parts.setdefault(None if observed is None else len(observed), []).append((item, record, prompt, observed))
         for key in sorted(parts, key=lambda k: -1 if k is None else k):
             part_seed = seed if key is None else batch_seed(seed, key, config.batch_size)
-            for record in self._run_part(parts[key], part_seed):
+            if self._chat_spec is not None:  # each string its own prompt intervention: each alone
+                done = [r for p in parts[key] for r in self._run_part([p], batch_seed(part_seed, p[0].index, 1))]
+            else:
+                done = self._run_part(parts[key], part_seed)
+            for record in done:
                 records[record["index"]] = record
         return [records[item.index] for item in corpus_items]
 
@@ -570,13 +619,15 @@ class StudyWorker:
 
         config = self.config
         try:
+            # (with chat edits, parts have one string: the intervention is its own)
+            intervention = self.intervention_for(part[0][0]) if len(part) == 1 else self.intervention
             observed = None if part[0][3] is None else [p[3] for p in part if p[3] is not None]
             results = counterfactuals(
-                self.scm, [p[2] for p in part], observed, self.intervention,
+                self.scm, [p[2] for p in part], observed, intervention,
                 num_samples=0 if config.exact_only else config.num_samples, seed=seed,
                 baseline=not config.exact_only, scores=config.draw_scores and not config.exact_only,
             )
-            exacts = [self._exact(r) for r in results]
+            exacts = [self._exact(r, intervention) for r in results]
             if config.exact_only:
                 eos = self.lm.eos_token_ids
                 horizons = [
@@ -585,10 +636,10 @@ class StudyWorker:
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
                 bounds = [b for b, _, _ in observed_bounds(exacts)]  # with the stays: one pass
                 return [
-                    self._attributed(self._exact_only(p[1], r, b, m), r, e)
+                    self._attributed(self._exact_only(p[1], r, b, m), r, e, intervention)
                     for p, r, b, m, e in zip(part, results, bounds, modes, exacts)
                 ]
-            return self._complete([p[1] for p in part], results, exacts)
+            return self._complete([p[1] for p in part], results, exacts, intervention)
         except LMSCMError as error:
             if len(part) == 1:
                 record = part[0][1]
