@@ -37,7 +37,7 @@ from ..models.incremental import MechanismBatch
 from ..models.teacher_forcing import decoded_steps
 from ..seeding import seeded
 from ..validation import as_int
-from .bounds import CounterfactualBounds, observed_keep_bounds
+from .bounds import CounterfactualBounds, any_step_bounds, observed_keep_bounds
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -182,6 +182,32 @@ class ExactCounterfactual:
         """``(B,)`` float64: log P(the counterfactual's first ``m`` tokens = candidate); one
         teacher-forced pass of the intervened mechanism for the batch."""
         return self.token_log_probs(candidates).sum(-1)
+
+    def log_prob_bounds(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The range of :meth:`log_prob` over all mechanisms with this SCM's next-token laws:
+        ``(low, high)``, each ``(B,)`` float64; the product of each abducted step's Fréchet
+        interval (:func:`~pyro_lmscm.inference.bounds.any_step_bounds`), the other steps as in
+        :meth:`log_prob` (every mechanism agrees there). Over counterfactually stable
+        mechanisms no closed form is offered (:mod:`~pyro_lmscm.inference.bounds`). Two
+        teacher-forced passes of the intervened mechanism.
+
+        :param candidates: token ids ``(B, m)`` (or ``(m,)``), ``1 <= m <= T``.
+        """
+        log_q = self.token_log_probs(candidates)  # (B, m), checks the candidates
+        rows = torch.as_tensor(candidates).long().cpu().reshape(-1, log_q.shape[-1])
+        m = rows.shape[-1]
+        logits = self._counterfactual_logits(rows, m).cpu()
+        ended = self._ended_before(rows)
+        low, high = log_q.clone(), log_q.clone()
+        for t in self._noisy_steps():
+            going = ~ended[:, t] if t < m else torch.zeros(0, dtype=torch.bool)
+            if not bool(going.any()):
+                continue
+            step_low, step_high = any_step_bounds(
+                self._factual[t].cpu(), logits[going, t], self.observed_ids[t].cpu(), rows[going, t]
+            )
+            low[going, t], high[going, t] = step_low, step_high
+        return low.sum(-1), high.sum(-1)
 
     def next_token_probs(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``(V,)`` float64: q(. | prefix), the counterfactual's next token after ``prefix``."""
