@@ -336,10 +336,10 @@ def summary_markdown(
         table = attribution_table(attribution)
         lines += ["", ("| group " if with_group else "") + "| part | " + " | ".join(table[0]) + " |"]
         lines.append("|---" * (len(table[0]) + (2 if with_group else 1)) + "|")
-        for group, part, cells in table[1]:
+        for group, part, found in table[1]:
             lines.append(
                 "| " + " | ".join(([markdown_text(group)] if with_group else []) + [markdown_text(part)]
-                                  + [_cell(c) if c is not None else "–" for c in cells]) + " |"
+                                  + [_cell(c) if c is not None else "–" for c in found]) + " |"
             )
         lines += [
             "",
