@@ -50,10 +50,20 @@ def _paper(
         "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads, "batch_size": batch_size,
         "draw_scores": draw_scores,
     }
+    def on_row(row: Any) -> None:
+        mean = {end: row.get(f"prob_unchanged_{end}", "exact") for end in ("gumbel", "stable_low", "stable_high",
+                                                                           "any_low", "any_high")}
+        bounds = ""
+        if all(value is not None for value in mean.values()):
+            bounds = (
+                f", mean P(unchanged) {mean['gumbel'].mean:.3g} (stable mechanisms {mean['stable_low'].mean:.3g}–"
+                f"{mean['stable_high'].mean:.3g}; any mechanism {mean['any_low'].mean:.3g}–{mean['any_high'].mean:.3g})"
+            )
+        _console.print(f"[bold]{escape(row.row.label)}[/]: {row.strings} strings, {row.seconds:.0f} s{escape(bounds)}")
+
     result = run_paper_study(
         output or "studies/paper", progress=progress, **{k: v for k, v in options.items() if v is not None},
-        on_row=lambda row: _console.print(f"[bold]{escape(row.row.label)}[/]: {row.strings} strings, "
-                                          f"{row.seconds:.0f} s"),
+        on_row=on_row,
     )
     _console.print(result.markdown, markup=False, highlight=False, soft_wrap=True)
     _console.print(f"[bold]report:[/] {result.files['html']}")
@@ -115,6 +125,10 @@ def study_command(
         "exact token probabilities stay null): about 1.5-2x faster in batches."
     ),
     device: Optional[str] = device_option(),
+    attribution: Optional[str] = typer.Option(
+        None, "--attribution", help="'layer': add each string's exact attribution of the effect to the parts of the "
+        "intervention's mechanism (Shapley values, each part alone and left out); 'none' for none."
+    ),
 ) -> None:
     """A counterfactual study over a corpus: tables, plots and an HTML report; resumable."""
     from ..study.config import StudyConfig, demo_config
@@ -172,6 +186,7 @@ def study_command(
             "exact_only": True if exact_only else None,
             "draw_scores": False if no_draw_scores else None,
             "device": device,
+            "attribution": attribution,
         }
         if demo and config is not None:
             raise StudyError("give either a config file or --demo, not both.")
@@ -186,6 +201,8 @@ def study_command(
             raise StudyError("give a config file, --demo, or --corpus FILE.")
         if study.top_k == 0:
             study = StudyConfig.from_mapping({**study.to_dict(), "top_k": None}, allow_code=allow_code)
+        if study.attribution == "none":
+            study = StudyConfig.from_mapping({**study.to_dict(), "attribution": None}, allow_code=allow_code)
         if study.attribute == "none":
             study = StudyConfig.from_mapping({**study.to_dict(), "attribute": None}, allow_code=allow_code)
         with progress_bar(not study.progress):

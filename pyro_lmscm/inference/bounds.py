@@ -82,6 +82,28 @@ each monotone in every :math:`a_s`: their bounds are their values at the low and
 of the steps' intervals. Steps where every mechanism agrees (a forced token ``do(w_t = x)``:
 1 or 0; after an observed end of sequence: the pad) have an interval of one point.
 
+A candidate string. The probability that the counterfactual is a candidate :math:`s` (not
+only the observation) is a product over steps too: at an observed step :math:`t` it is
+:math:`P(J_t = s_t \mid K_t = w_t) = \pi_{t, w_t s_t} / p_{t, w_t}` for the coupling of the
+factual law :math:`p_t` at the observed prefix and the intervened law :math:`q_t` at the
+candidate's prefix :math:`s_{<t}` (after the candidate leaves the observation, a law no query
+of the observation sees), and past the observation :math:`q_t(s_t)` for every mechanism (the
+noise there is the prior). Over all mechanisms one cell :math:`\pi_{kj}`, :math:`j \neq k`, of
+a coupling ranges over the Fréchet interval
+
+.. math::
+
+    a \in \Big[\frac{\max(0,\ p_k + q_j - 1)}{p_k},\ \frac{\min(p_k, q_j)}{p_k}\Big]
+    \quad (\{0\} \text{ if } q = p),
+
+both ends attained (the coupling that puts the most, or the least, mass on one cell), and the
+steps' cells can be chosen independently as above: :func:`any_step_bounds`,
+:meth:`~pyro_lmscm.inference.ExactCounterfactual.log_prob_bounds`. Over counterfactually stable
+mechanisms the range of an off-diagonal cell is another linear program (mass may reach
+:math:`j` from :math:`k` only through the ratio order, and the other tokens' flows constrain it
+at both ends); we have no closed form for it that we have checked against the LP, so candidate
+strings get the "any mechanism" range only.
+
 References
 
 [1] M. Oberst, D. Sontag (2019), "Counterfactual Off-Policy Evaluation with Gumbel-Max
@@ -109,6 +131,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLASSES",
+    "any_step_bounds",
     "TIE_SPAN",
     "CounterfactualBounds",
     "expected_first_divergence_of",
@@ -191,6 +214,37 @@ def _log_keep_bounds(
         log_stable, log_any = log_stable.masked_fill(underflow, -math.inf), log_any.masked_fill(underflow, -math.inf)
         log_high = log_high.masked_fill(underflow, 0.0)
     return {"stable": log_stable[..., 0], "any": log_any[..., 0]}, log_high[..., 0]
+
+
+def any_step_bounds(
+    factual_logits: torch.Tensor, counterfactual_logits: torch.Tensor, observed: torch.Tensor, token: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The range of :math:`P(J = j \mid K = k)` of one step over all mechanisms (the module
+    docstring's Fréchet interval; for :math:`j = k` the "any" interval of :func:`keep_bounds`).
+
+    :param factual_logits: decoded factual logits ``(..., V)``.
+    :param counterfactual_logits: decoded intervened logits ``(..., V)``, broadcastable.
+    :param observed: the observed tokens :math:`k` ``(...)``.
+    :param token: the counterfactual tokens :math:`j` ``(...)``.
+    :returns: ``(low, high)`` log-probabilities, each ``(...)`` float64.
+    :raises AbductionError: if an observed token has factual probability zero.
+
+    >>> p, q = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.2, 0.3, 0.5]).log()
+    >>> [round(float(x.exp()), 3) for x in any_step_bounds(p, q, torch.tensor(0), torch.tensor(2))]
+    [0.0, 1.0]
+    """
+    log_low, log_high = _log_keep_bounds(factual_logits, counterfactual_logits, observed)
+    factual, counterfactual = torch.broadcast_tensors(factual_logits.double(), counterfactual_logits.double())
+    k = observed.to(factual.device).long().expand(factual.shape[:-1])[..., None]
+    j = token.to(factual.device).long().expand(factual.shape[:-1])[..., None]
+    p, q = factual.softmax(-1), counterfactual.softmax(-1)
+    p_k, q_j = p.gather(-1, k)[..., 0], q.gather(-1, j)[..., 0]
+    low = (p_k + q_j - 1.0).clamp(min=0.0) / p_k
+    high = torch.minimum(p_k, q_j) / p_k
+    same = (p == q).all(-1)  # a mechanism of the law gives J = K: nothing moves
+    low, high = low.masked_fill(same, 0.0), high.masked_fill(same, 0.0)
+    keep = (j == k)[..., 0]
+    return torch.where(keep, log_low["any"], low.log()), torch.where(keep, log_high, high.log())
 
 
 def prob_unchanged_of(keep: torch.Tensor) -> float:

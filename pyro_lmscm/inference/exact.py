@@ -38,7 +38,7 @@ from ..models.teacher_forcing import decoded_steps
 from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
-from .bounds import CounterfactualBounds, observed_keep_bounds
+from .bounds import CounterfactualBounds, any_step_bounds, observed_keep_bounds
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -54,6 +54,7 @@ __all__ = [
     "expected_first_divergence",
     "first_divergence_law",
     "most_probable",
+    "observed_bounds",
     "observed_token_log_probs",
 ]
 
@@ -183,6 +184,32 @@ class ExactCounterfactual:
         teacher-forced pass of the intervened mechanism for the batch."""
         return self.token_log_probs(candidates).sum(-1)
 
+    def log_prob_bounds(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The range of :meth:`log_prob` over all mechanisms with this SCM's next-token laws:
+        ``(low, high)``, each ``(B,)`` float64; the product of each abducted step's Fréchet
+        interval (:func:`~pyro_lmscm.inference.bounds.any_step_bounds`), the other steps as in
+        :meth:`log_prob` (every mechanism agrees there). Over counterfactually stable
+        mechanisms no closed form is offered (:mod:`~pyro_lmscm.inference.bounds`). Two
+        teacher-forced passes of the intervened mechanism.
+
+        :param candidates: token ids ``(B, m)`` (or ``(m,)``), ``1 <= m <= T``.
+        """
+        log_q = self.token_log_probs(candidates)  # (B, m), checks the candidates
+        rows = torch.as_tensor(candidates).long().cpu().reshape(-1, log_q.shape[-1])
+        m = rows.shape[-1]
+        logits = self._counterfactual_logits(rows, m).cpu()
+        ended = self._ended_before(rows)
+        low, high = log_q.clone(), log_q.clone()
+        for t in self._noisy_steps():
+            going = ~ended[:, t] if t < m else torch.zeros(0, dtype=torch.bool)
+            if not bool(going.any()):
+                continue
+            step_low, step_high = any_step_bounds(
+                self._factual[t].cpu(), logits[going, t], self.observed_ids[t].cpu(), rows[going, t]
+            )
+            low[going, t], high[going, t] = step_low, step_high
+        return low.sum(-1), high.sum(-1)
+
     def next_token_probs(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``(V,)`` float64: q(. | prefix), the counterfactual's next token after ``prefix``."""
         prefix = torch.zeros(0, dtype=torch.long) if prefix is None else torch.as_tensor(prefix).long().reshape(-1)
@@ -264,9 +291,12 @@ class ExactCounterfactual:
         {'model': 1.0, 'gumbel': 1.0, 'stable': (1.0, 1.0), 'any': (1.0, 1.0)}
         """
         observed = self.observed_ids.cpu()
-        n = observed.shape[-1]
-        logits = self._counterfactual_logits(observed[None], n).cpu()
+        return self._bounds(self._counterfactual_logits(observed[None], observed.shape[-1]).cpu())
+
+    def _bounds(self, logits: torch.Tensor) -> CounterfactualBounds:
+        """:meth:`bounds` given the decoded intervened logits on the observation ``(1, n, V)``."""
         log_q = self._observed_log_q(logits=logits)
+        observed = self.observed_ids.cpu()
         return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, self._noisy_steps())
 
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
@@ -499,6 +529,26 @@ def observed_log_probs(
             exact._observed_scores(exact._factual[None], {}),
             exact._observed_scores(logits, exact._forced),
         )
+        for exact, logits in _observed_logits(exacts, batch_size)
+    ]
+
+
+@locked
+@torch.no_grad()
+def observed_bounds(
+    exacts: Sequence[ExactCounterfactual], batch_size: int = 16
+) -> list[tuple[CounterfactualBounds, torch.Tensor, torch.Tensor]]:
+    """Per string, :meth:`ExactCounterfactual.bounds` (whose ``log_keep["model"]`` is
+    :meth:`~ExactCounterfactual.observed_token_log_probs`) and the observation's per-token
+    log-probabilities under the factual and the intervened mechanism, as
+    :func:`observed_log_probs` gives them: all from the same teacher-forced passes of
+    ``batch_size`` observations at a time (a study's exact metrics and bounds in one pass).
+
+    :raises InferenceError: for strings of other SCMs or mechanisms.
+    """
+    return [
+        (exact._bounds(logits), exact._observed_scores(exact._factual[None], {}),
+         exact._observed_scores(logits, exact._forced))
         for exact, logits in _observed_logits(exacts, batch_size)
     ]
 

@@ -65,6 +65,9 @@ RESULT_FIELDS = (
     "attribute",
 )
 
+#: The defaults of :attr:`StudyConfig.attribution` (those of :func:`~pyro_lmscm.inference.attribute`).
+_ATTRIBUTION_DEFAULTS: dict[str, Any] = {"by": "layer", "max_exact_parts": 12, "num_permutations": 64}
+
 #: Strings per batch by default (:attr:`StudyConfig.batch_size`), measured on the 2-core CPU
 #: with SmolLM2 bfloat16 (benchmarks/README.md): the MC study (4 draws, 32 tokens) runs 2.74,
 #: 2.56 and 2.61 s per string at 8, 16 and 32 strings per batch.
@@ -138,6 +141,12 @@ class StudyConfig:
         distances and attributes, the factual string's scores and the string's exact metrics
         are the same numbers (the summary's log-probability rows then count no draws).
     :param device: the model's device (``"cpu"``, ``"cuda"``, ...); default: the loader's.
+    :param attribution: add to every record the exact attribution of the intervention's effect
+        to the parts of its mechanism (:func:`~pyro_lmscm.inference.attribute`, one
+        teacher-forced pass per evaluated subset of parts): ``"layer"`` or a mapping
+        ``{"by": "layer", "max_exact_parts": 12, "num_permutations": 64}`` (the permutation
+        estimate above ``max_exact_parts`` parts is seeded by the string's seed); ``None``
+        (the default) for none. It names what to attribute to, never a function. A result field.
     :raises StudyError: on a bad value.
     """
 
@@ -171,6 +180,7 @@ class StudyConfig:
     exact_only: bool = False
     draw_scores: bool = True
     device: str | None = DEFAULTS.device
+    attribution: str | dict[str, Any] | None = None
     _base_dir: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -223,6 +233,39 @@ class StudyConfig:
         except DecodingError as error:
             raise StudyError(f"StudyConfig: {error}") from None
         check_code_allowed(self.attribute, self.allow_code)
+        self.attribution_options()  # checked now, not per string
+
+    def attribution_options(self) -> dict[str, Any] | None:
+        """:attr:`attribution` as the keyword arguments of :func:`~pyro_lmscm.inference.attribute`
+        (``by``, ``max_exact_parts``, ``num_permutations``), defaults filled in; ``None`` for none.
+
+        :raises StudyError: for anything else than ``"layer"`` or such a mapping.
+        """
+        value = self.attribution
+        if value is None or value == "none":
+            return None
+        options = {"by": value} if isinstance(value, str) else value
+        if not isinstance(options, Mapping):
+            raise StudyError(
+                f"StudyConfig: `attribution` must be 'layer' or a mapping {{by: layer, max_exact_parts: 12, "
+                f"num_permutations: 64}}, got {value!r:.80}."
+            )
+        unknown = sorted(set(options) - set(_ATTRIBUTION_DEFAULTS), key=str)
+        if unknown:
+            raise StudyError(
+                f"StudyConfig: unknown `attribution` keys {unknown}; known keys: {sorted(_ATTRIBUTION_DEFAULTS)}."
+            )
+        out = {**_ATTRIBUTION_DEFAULTS, **options}
+        if out["by"] != "layer":
+            hint = (
+                " A study attributes to the parts of the mechanism only; the step curve of one string is "
+                "`pyro-lmscm attribute --by step`." if out["by"] == "step" else ""
+            )
+            raise StudyError(f"StudyConfig: `attribution.by` must be 'layer', got {out['by']!r:.80}.{hint}")
+        as_int(out["max_exact_parts"], "attribution.max_exact_parts", minimum=0, error=StudyError, owner="StudyConfig")
+        as_int(out["num_permutations"], "attribution.num_permutations", minimum=1, error=StudyError,
+               owner="StudyConfig")
+        return out
 
     # -- construction ------------------------------------------------------------------
 
@@ -337,8 +380,9 @@ class StudyConfig:
 
     def result_settings(self) -> dict[str, Any]:
         """The :data:`RESULT_FIELDS` and their values, ``batch_size`` unless it is 1,
-        ``exact_only`` if set and ``draw_scores`` if off in a study with draws (so folders of
-        the studies that ran one string at a time, before batches, still resume)."""
+        ``exact_only`` if set, ``draw_scores`` if off in a study with draws and ``attribution``
+        (:meth:`attribution_options`) if set (so folders of the studies that ran one string at
+        a time, before batches, still resume)."""
         out = {name: getattr(self, name) for name in RESULT_FIELDS}
         if self.batch_size != 1:
             out["batch_size"] = self.batch_size
@@ -346,6 +390,9 @@ class StudyConfig:
             out["exact_only"] = True
         elif not self.draw_scores:
             out["draw_scores"] = False
+        attribution = self.attribution_options()
+        if attribution is not None:
+            out["attribution"] = attribution
         return out
 
     def fingerprint(self) -> str:

@@ -6,7 +6,14 @@ Three formats, by file suffix:
   (``prompt<TAB>continuation``). Blank lines are skipped, and so are lines starting with
   ``#`` except ``# group: NAME``, which puts the lines below it in group ``NAME``.
 * ``.jsonl``: one object per line with ``prompt`` and optionally ``continuation``, ``id``
-  and ``group``.
+  and ``group``; or, for a chat model, with ``messages`` instead of ``prompt``: the
+  conversation before the assistant's reply, a list of ``{"role", "content"}`` objects
+  (roles ``system``, ``user``, ``assistant``, ...; the last not the assistant's). The observed
+  string is then the assistant's reply: ``reply`` (or ``observed``, or ``continuation``) gives
+  it as text, ended by the end-of-turn token
+  (:meth:`~pyro_lmscm.lm.HFLanguageModel.encode_reply`), or it is sampled. The prompt is the
+  conversation in the model's chat template with the assistant's turn opened
+  (:meth:`~pyro_lmscm.lm.HFLanguageModel.encode`); a model without one is refused.
 * ``.csv``: a header row naming the same columns.
 
 The prompt is taken as written (in ``.txt`` files surrounding spaces are stripped); a
@@ -39,6 +46,9 @@ class CorpusItem:
     :param continuation: the observed continuation, or ``None`` to sample one.
     :param id: an optional identifier from the corpus file.
     :param group: an optional group (e.g. ``"women"``) for breakdowns in the report.
+    :param messages: a chat prompt: the conversation before the assistant's reply, a tuple of
+        ``{"role", "content"}`` dicts (then ``prompt`` is only its text for display, one
+        ``role: content`` line per message, and ``continuation`` the assistant's reply).
     """
 
     index: int
@@ -46,12 +56,59 @@ class CorpusItem:
     continuation: str | None = None
     id: str | None = None
     group: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.messages is not None and not isinstance(self.messages, tuple):  # from a record's plain list
+            object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.messages is None:
+            del out["messages"]  # (a text corpus: the fingerprints of older studies stay the same)
+        else:
+            out["messages"] = [dict(m) for m in self.messages]
+        return out
+
+
+#: The keys of a chat row's reply, the observed string (one of them at most).
+_REPLY_KEYS = ("reply", "observed", "continuation")
+
+
+def _messages(row: Mapping[str, Any], where: str) -> tuple[tuple[dict[str, str], ...], str, str | None]:
+    """A chat row's messages (checked: role and content, no other key), their display text and
+    the reply.
+
+    :raises StudyError: naming ``where`` and the field.
+    """
+    from ..errors import ChatError
+    from ..lm import check_messages
+
+    if "prompt" in row:
+        raise StudyError(f"{where}: give either `prompt` (text) or `messages` (a chat), not both.")
+    try:
+        messages = check_messages(row["messages"])
+    except ChatError as error:
+        raise StudyError(f"{where}: `messages`: {error}") from None
+    for i, message in enumerate(messages):
+        extra = sorted(set(message) - {"role", "content"}, key=str)
+        if extra:
+            raise StudyError(f"{where}: `messages[{i}]` has keys {extra}; a corpus message holds `role` and `content`.")
+    given = [key for key in _REPLY_KEYS if row.get(key) not in (None, "")]
+    if len(given) > 1:
+        raise StudyError(f"{where}: give the assistant's reply once, as `reply`, not as {given}.")
+    reply = row[given[0]] if given else None
+    if reply is not None and not isinstance(reply, str):
+        raise StudyError(f"{where}: `{given[0]}` (the assistant's reply) must be a string, got {reply!r:.80}.")
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages), text, reply
 
 
 def _item(index: int, row: Mapping[str, Any], where: str) -> CorpusItem:
+    messages = None
+    if "messages" in row:
+        messages, text, reply = _messages(row, where)
+        row = {**{k: v for k, v in row.items() if k not in _REPLY_KEYS}, "prompt": text, "continuation": reply}
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise StudyError(f"{where}: `prompt` must be a non-empty string, got {prompt!r}.")
@@ -76,6 +133,7 @@ def _item(index: int, row: Mapping[str, Any], where: str) -> CorpusItem:
         continuation=continuation,
         id=None if ident in (None, "") else str(ident),
         group=None if group in (None, "") else str(group),
+        messages=messages,
     )
 
 

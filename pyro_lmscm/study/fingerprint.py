@@ -107,6 +107,8 @@ def record_fingerprint(item: CorpusItem, config: StudyConfig, inputs: Mapping[st
         "settings": config.result_settings(),
         "inputs": dict(inputs),
     }
+    if item.messages is not None:  # a chat row: its conversation (a text row's hash stays as it was)
+        data["messages"] = [dict(m) for m in item.messages]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 

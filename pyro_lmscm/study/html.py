@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
-from .summary import EXACT, EXACT_METRICS, KINDS, METRICS, SummaryRow
+from .summary import ATTRIBUTION, EXACT, EXACT_METRICS, KINDS, METRICS, SummaryRow, attribution_table
 
 if TYPE_CHECKING:
     from .config import StudyConfig
@@ -241,6 +241,15 @@ def _row(record: Record) -> str:
     data = " ".join(f'data-{k}="{v}"' for k, v in attrs.items())
     n_changed = sum(d["changed"] for d in cf)
     unchanged_text = "–" if unchanged is None else f"{unchanged:.2g}"
+    bounds = exact.get("bounds")
+    if unchanged is not None and bounds:  # the ranges over mechanisms (ExactCounterfactual.bounds())
+        unchanged_text += "".join(
+            f'<br><span class="lab" title="P(unchanged) over {title}">{short} '
+            f'{bounds[f"prob_unchanged_{key}_low"]:.2g}–{bounds[f"prob_unchanged_{key}_high"]:.2g}</span>'
+            for key, short, title in (
+                ("stable", "stable", "counterfactually stable mechanisms"), ("any", "any", "all mechanisms")
+            )
+        )
     return (
         f'<tr class="string-row" {data}><td class="num">{index}</td><td>{_e(group)}</td>'
         f'<td>{"".join(body)}</td><td class="num">{unchanged_text}</td><td class="num">{n_changed}/{len(cf)}</td>'
@@ -263,7 +272,32 @@ def _exact_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
     return f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
 
 
+def _attribution_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
+    labels, body = attribution_table(rows)
+    head = ('<th class="l">group</th>' if with_group else "") + '<th class="l">part</th>' + "".join(
+        f"<th>{_e(label)}</th>" for label in labels
+    )
+    lines = []
+    for group, part, cells in body:
+        first = f'<td class="l">{_e(group)}</td>' if with_group else ""
+        values = "".join(
+            "<td>–</td>" if c is None or math.isnan(c.mean)
+            else f"<td>{c.mean:.4g} <span class=lab>[{c.low:.4g}, {c.high:.4g}]</span></td>"
+            for c in cells
+        )
+        lines.append(f'<tr>{first}<td class="l">{_e(part)}</td>{values}</tr>')
+    return (
+        '<p class="lab">Exact attribution of the effect to the parts of the intervention\'s mechanism: means over '
+        "strings with bootstrap intervals.</p>"
+        f'<table class="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
+    )
+
+
 def _summary_table(rows: Sequence[SummaryRow], with_group: bool) -> str:
+    attribution = [row for row in rows if row.kind == ATTRIBUTION]
+    if attribution:
+        rest = [row for row in rows if row.kind != ATTRIBUTION]
+        return _summary_table(rest, with_group) + _attribution_table(attribution, with_group)
     exact = [row for row in rows if row.kind == EXACT]
     rows = [row for row in rows if row.kind != EXACT]
     if exact:

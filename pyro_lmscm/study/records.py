@@ -26,6 +26,8 @@ from typing import Any, Iterable
 from .config import StudyError
 
 __all__ = [
+    "ATTRIBUTION_VALUES",
+    "BOUNDS_KEYS",
     "DRAW_FIELDS",
     "RECORD_SCHEMA_DOC",
     "JSONLStore",
@@ -34,6 +36,28 @@ __all__ = [
     "check_complete",
     "open_store",
 ]
+
+#: The keys of a record's ``exact["bounds"]``: P(unchanged) and E[first divergence] under
+#: Gumbel-max and the low and high ends of their ranges over counterfactually stable mechanisms
+#: and over all mechanisms (:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`).
+BOUNDS_KEYS = tuple(
+    f"{query}_{end}"
+    for query in ("prob_unchanged", "expected_first_divergence")
+    for end in ("gumbel", "stable_low", "stable_high", "any_low", "any_high")
+)
+
+#: The per-part values of a record's ``attribution`` (:attr:`StudyConfig.attribution`), each a
+#: list aligned with its ``parts``: the fields of :class:`~pyro_lmscm.inference.attribute.Attribution`.
+ATTRIBUTION_VALUES = (
+    "shapley",
+    "shapley_se",
+    "prob_unchanged_alone",
+    "prob_unchanged_without",
+    "shapley_first_divergence",
+    "shapley_first_divergence_se",
+    "first_divergence_alone",
+    "first_divergence_without",
+)
 
 #: Per-draw fields, in order (the counterfactual and the interventional draws alike).
 DRAW_FIELDS = (
@@ -59,7 +83,10 @@ DRAW_FIELDS = (
 RECORD_SCHEMA_DOC = """\
 index            int      position in the corpus
 id, group        str?     from the corpus
-prompt           str
+prompt           str      (a chat row: its messages as "role: content" lines, for display)
+messages         [{role, content}]? a chat row's conversation before the assistant's reply
+                          (its prompt in the model's chat template); the observed string is the
+                          reply, ended by the end-of-turn token
 continuation_given bool   an observed continuation was given (else sampled)
 truncated        bool     the given continuation was cut to max_new_tokens
 seed             int      the string's seed, from (study seed, index); with batch_size > 1
@@ -73,10 +100,21 @@ exact            {prob_unchanged, first_divergence, expected_first_divergence,
                   token_prob_unchanged}: exact, from exact_counterfactual; first_divergence
                   has n + 1 entries (the last is P(unchanged)); expected_first_divergence is
                   the expected number of leading observed tokens kept (n if unchanged);
-                  token_prob_unchanged[t] = q(w_t | w_<t); with exact_only also the most
+                  token_prob_unchanged[t] = q(w_t | w_<t); bounds: {prob_unchanged_gumbel,
+                  prob_unchanged_stable_low, _stable_high, _any_low, _any_high, and the same
+                  five expected_first_divergence_*}: Gumbel-max and the exact ranges over
+                  counterfactually stable mechanisms and over all mechanisms
+                  (ExactCounterfactual.bounds()); with exact_only also the most
                   probable counterfactual: mode_ids, mode_text, mode_tokens, mode_log_prob,
                   mode_changed, mode_token_edit_distance, mode_normalized_token_edit_distance,
                   mode_char_edit_distance, mode_normalized_char_edit_distance
+attribution      {by, parts, exact, num_permutations, num_passes, prob_unchanged,
+                  prob_unchanged_empty, expected_first_divergence,
+                  expected_first_divergence_empty, shapley, shapley_se, prob_unchanged_alone,
+                  prob_unchanged_without, shapley_first_divergence, shapley_first_divergence_se,
+                  first_divergence_alone, first_divergence_without}: only with the attribution
+                  option (pyro_lmscm.inference.attribute, by="layer"); the per-part values are
+                  lists aligned with parts; shapley is of log P(unchanged); non-finite values null
 factual          {ids, text, tokens, token_log_prob_factual, token_log_prob_intervened,
                   log_prob_factual, log_prob_intervened, length, attribute}
 counterfactual   [draw]   one per posterior draw (none with exact_only; nor interventional)
@@ -318,9 +356,24 @@ def _parquet_schema() -> Any:
             ("first_divergence", pa.list_(pa.float64())),
             ("expected_first_divergence", pa.float64()),
             ("token_prob_unchanged", pa.list_(pa.float64())),
+            ("bounds", pa.struct([(key, pa.float64()) for key in BOUNDS_KEYS])),
         ]
     )
     factual = pa.struct(tokens + [("length", pa.int64()), ("attribute", pa.string())])
+    attribution = pa.struct(
+        [
+            ("by", pa.string()),
+            ("parts", pa.list_(pa.string())),
+            ("exact", pa.bool_()),
+            ("num_permutations", pa.int64()),
+            ("num_passes", pa.int64()),
+            ("prob_unchanged", pa.float64()),
+            ("prob_unchanged_empty", pa.float64()),
+            ("expected_first_divergence", pa.float64()),
+            ("expected_first_divergence_empty", pa.float64()),
+        ]
+        + [(name, pa.list_(pa.float64())) for name in ATTRIBUTION_VALUES]
+    )
     return pa.schema(
         [
             ("index", pa.int64()),
@@ -330,11 +383,13 @@ def _parquet_schema() -> Any:
             ("continuation_given", pa.bool_()),
             ("truncated", pa.bool_()),
             ("seed", pa.int64()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
             ("fingerprint", pa.string()),
             ("batch_fingerprint", pa.string()),
             ("error", pa.string()),
             ("log_prob_observed", pa.float64()),
             ("exact", exact),
+            ("attribution", attribution),
             ("factual", factual),
             ("counterfactual", pa.list_(draw)),
             ("interventional", pa.list_(draw)),
@@ -408,11 +463,16 @@ class ParquetStore(RecordStore):
             _fsync_dir(self.path)
 
 
+#: Record fields that only some studies write (chat rows, the attribution option).
+_OPTIONAL_FIELDS = ("messages", "attribution")
+
+
 def _drop_absent(record: dict[str, Any]) -> dict[str, Any]:
-    """Parquet fills every schema column; drop those an error record never had."""
+    """Parquet fills every schema column; drop those an error record never had, and the
+    optional fields a record did not have."""
     if record.get("error") is not None:
         return {k: v for k, v in record.items() if v is not None or k in ("id", "group")}
-    return record
+    return {k: v for k, v in record.items() if v is not None or k not in _OPTIONAL_FIELDS}
 
 
 def open_store(output_dir: str | Path, format: str = "jsonl") -> RecordStore:

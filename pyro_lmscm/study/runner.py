@@ -112,7 +112,10 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
         meta = _read_meta(path)
         old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
         new = {**settings, **inputs}
-        diff = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value]
+        # a dropped attribution changes the records as an added one does (older settings dropped keys
+        # whose value became a default: those still resume)
+        keys = [*new, *(["attribution"] if "attribution" in old and "attribution" not in new else [])]
+        diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
         if diff and not config.force_recompute:
             raise StudyError(
                 f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "
@@ -146,7 +149,9 @@ def _stale_records(
     """The indices of the stored records to recompute: every record of each batch that holds
     a record whose resume fingerprint (:func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`)
     no longer matches. A batch whose own records are unchanged but whose other strings
-    changed, joined or left (the corpus grew into its last batch) is recomputed silently.
+    changed, joined or left (the corpus grew into its last batch) is recomputed silently, and
+    so is a batch with a record stored before records carried their bounds over mechanisms
+    (``exact["bounds"]``).
 
     :raises StudyError: without ``force_recompute``, if a stored record was made from other
         inputs than the corpus now gives (its prompt, continuation, id or group), or if a
@@ -175,6 +180,8 @@ def _stale_records(
                 unchecked.append(index)
         elif record["batch_fingerprint"] != batch_fingerprints[index]:
             moved.append(index)
+        elif record.get("error") is None and (record.get("exact") or {}).get("bounds") is None:
+            moved.append(index)  # stored before records carried their bounds: the batch runs again, same numbers
     if changed and not config.force_recompute:
         first = items[changed[0]]
         raise StudyError(
@@ -298,6 +305,7 @@ def run_study(
         # (the worker built) before anything is written, so a bad config leaves nothing behind
         with torch_threads(config.threads):
             worker = StudyWorker(config, lm=lm, messengers=messengers)
+        worker.check_chat(items)  # a chat corpus for a model without a chat template
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on the way, no permission, a read-only disk
@@ -349,6 +357,7 @@ def run_study(
             elif todo:
                 with torch_threads(config.threads):
                     worker = worker if worker is not None else StudyWorker(config, lm=lm, messengers=messengers)
+                    worker.check_chat(todo)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     pass
 
 __all__ = [
+    "ATTRIBUTION",
+    "ATTRIBUTION_COLUMNS",
     "EXACT",
     "EXACT_METRICS",
     "KINDS",
@@ -76,6 +78,17 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+def _bound(name: str) -> Callable[[Record], float | None]:
+    """The bound ``name`` (:data:`~pyro_lmscm.study.records.BOUNDS_KEYS`) of a record's exact
+    metrics; ``None`` for a record without bounds (written before they were recorded)."""
+
+    def value(exact: Record) -> float | None:
+        x = (exact.get("bounds") or {}).get(name)
+        return None if x is None else float(x)
+
+    return value
+
+
 #: The kind of the rows of the exact metrics: one value per string, not per draw.
 EXACT = "exact"
 
@@ -87,6 +100,18 @@ EXACT_METRICS: tuple[Metric, ...] = (
         "exact expected first divergence (tokens kept; n if unchanged)",
         _field("expected_first_divergence"),
     ),
+    # their bounds over mechanisms (record["exact"]["bounds"]; ExactCounterfactual.bounds())
+    *(
+        Metric(f"{query}_{end}", f"{label}, {where}", _bound(f"{query}_{end}"))
+        for query, label in (("prob_unchanged", "P(unchanged)"), ("expected_first_divergence", "E[first divergence]"))
+        for end, where in (
+            ("gumbel", "Gumbel-max"),
+            ("stable_low", "stable mechanisms: low end"),
+            ("stable_high", "stable mechanisms: high end"),
+            ("any_low", "any mechanism: low end"),
+            ("any_high", "any mechanism: high end"),
+        )
+    ),
     # exact-only studies: the most probable counterfactual (beam search)
     Metric("mode_changed", "most probable counterfactual differs (share of strings)", _field("mode_changed")),
     Metric(
@@ -97,13 +122,34 @@ EXACT_METRICS: tuple[Metric, ...] = (
 )
 
 
+#: The kind of the rows of the attribution (:attr:`~pyro_lmscm.study.StudyConfig.attribution`):
+#: one value per string and part; the row's metric is ``"<value>@<part>"``.
+ATTRIBUTION = "attribution"
+
+#: The per-part values of the attribution in the summary, with their labels.
+ATTRIBUTION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("shapley", "Shapley value of log P(unchanged)"),
+    ("prob_unchanged_alone", "P(unchanged), the part alone"),
+    ("prob_unchanged_without", "P(unchanged), all parts but it"),
+    ("shapley_first_divergence", "Shapley value of E[first divergence]"),
+    ("first_divergence_alone", "E[first divergence], the part alone"),
+    ("first_divergence_without", "E[first divergence], all parts but it"),
+)
+
+
+def attribution_metric(value: str, part: str) -> str:
+    """The ``metric`` of the summary row of attribution ``value`` for ``part``."""
+    return f"{value}@{part}"
+
+
 @dataclass
 class SummaryRow:
     """One metric of one kind: the mean and its bootstrap interval.
 
     :ivar group: ``"all"`` or a corpus group.
     :ivar kind: ``"counterfactual"``, ``"interventional"``, ``"difference"`` (CF - int.),
-        or ``"exact"`` (:data:`EXACT_METRICS`, a mean over strings).
+        ``"exact"`` (:data:`EXACT_METRICS`, a mean over strings) or ``"attribution"``
+        (:data:`ATTRIBUTION_COLUMNS` per part, metric ``"<value>@<part>"``, a mean over strings).
     :ivar n: the draws counted (for the difference, the strings with both; for ``"exact"``,
         the strings).
     """
@@ -192,7 +238,32 @@ def summarize(
             point = _ratio(np.array([sums.sum()]), np.array([counts.sum()]))[0]
             low, high = _interval(_ratio(sums[resample].sum(1), counts[resample].sum(1)), confidence)
             rows.append(SummaryRow(group, metric.key, EXACT, float(point), low, high, int(counts.sum())))
+    for part, name, values in _attribution_values(records):
+        sums = np.array([0.0 if v is None else v for v in values])
+        counts = np.array([0.0 if v is None else 1.0 for v in values])
+        point = _ratio(np.array([sums.sum()]), np.array([counts.sum()]))[0]
+        low, high = _interval(_ratio(sums[resample].sum(1), counts[resample].sum(1)), confidence)
+        rows.append(
+            SummaryRow(group, attribution_metric(name, part), ATTRIBUTION, float(point), low, high, int(counts.sum()))
+        )
     return rows
+
+
+def _attribution_values(records: Sequence[Record]) -> list[tuple[str, str, list[float | None]]]:
+    """Per part (in the order first seen) and value of :data:`ATTRIBUTION_COLUMNS`, the value of
+    every record (``None`` where it has no attribution, not that part, or a non-finite value)."""
+    found = [r.get("attribution") or {} for r in records]
+    parts = list(dict.fromkeys(part for a in found for part in a.get("parts") or ()))
+    out = []
+    for part in parts:
+        for name, _ in ATTRIBUTION_COLUMNS:
+            values = []
+            for a in found:
+                where = (a.get("parts") or []).index(part) if part in (a.get("parts") or []) else None
+                value = None if where is None else a[name][where]
+                values.append(None if value is None else float(value))
+            out.append((part, name, values))
+    return out
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -232,7 +303,8 @@ def summary_markdown(
     interventional and difference columns as ``mean [low, high]``."""
     labels = _labels(metrics)
     exact = [row for row in rows if row.kind == EXACT]
-    rows = [row for row in rows if row.kind != EXACT]
+    attribution = [row for row in rows if row.kind == ATTRIBUTION]
+    rows = [row for row in rows if row.kind not in (EXACT, ATTRIBUTION)]
     groups = list(dict.fromkeys(row.group for row in rows))
     level = f"{confidence:.0%}"
     head = "| metric | counterfactual | interventional | CF − interventional | draws (CF / int.) |"
@@ -259,4 +331,33 @@ def summary_markdown(
             cells = [exact_labels.get(row.metric, row.metric), _cell(row), str(row.n)]
             lines.append("| " + " | ".join(([markdown_text(row.group)] if with_group else []) + cells) + " |")
         lines += ["", f"Exact metrics (exact_counterfactual): means over strings, {level} bootstrap intervals."]
+    if attribution:
+        with_group = head.startswith("| group")
+        table = attribution_table(attribution)
+        lines += ["", ("| group " if with_group else "") + "| part | " + " | ".join(table[0]) + " |"]
+        lines.append("|---" * (len(table[0]) + (2 if with_group else 1)) + "|")
+        for group, part, found in table[1]:
+            lines.append(
+                "| " + " | ".join(([markdown_text(group)] if with_group else []) + [markdown_text(part)]
+                                  + [_cell(c) if c is not None else "–" for c in found]) + " |"
+            )
+        lines += [
+            "",
+            f"Exact attribution of the effect to the parts of the intervention's mechanism (inference.attribute): "
+            f"means over strings, {level} bootstrap intervals.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def attribution_table(
+    rows: Sequence[SummaryRow],
+) -> tuple[list[str], list[tuple[str, str, list[SummaryRow | None]]]]:
+    """The attribution rows (kind :data:`ATTRIBUTION`) as a table: the column labels
+    (:data:`ATTRIBUTION_COLUMNS`) and per (group, part) its rows in that order."""
+    cells: dict[tuple[str, str], dict[str, SummaryRow]] = {}
+    for row in rows:
+        if row.kind == ATTRIBUTION:
+            name, _, part = row.metric.partition("@")
+            cells.setdefault((row.group, part), {})[name] = row
+    body = [(group, part, [by.get(name) for name, _ in ATTRIBUTION_COLUMNS]) for (group, part), by in cells.items()]
+    return [label for _, label in ATTRIBUTION_COLUMNS], body

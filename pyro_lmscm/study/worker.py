@@ -29,8 +29,12 @@ depend on sharding, resuming or which worker ran it; it does depend on ``batch_s
 (another grouping draws other, equally distributed noise, and bfloat16 may round with
 the batch).
 
+Every record's exact metrics carry their bounds over mechanisms (:data:`BOUNDS_KEYS`,
+:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`), from the same teacher-forced pass
+as P(unchanged) (:func:`~pyro_lmscm.inference.exact.observed_bounds`).
+
 With ``exact_only`` a record holds the exact metrics alone (no draws): P(unchanged), the
-first-divergence law and its mean, and the most probable counterfactual
+first-divergence law and its mean, their bounds, and the most probable counterfactual
 (:func:`~pyro_lmscm.inference.most_probable`, :data:`MODE_BEAMS` beams) with its
 log-probability and its edit distances to the factual string.
 """
@@ -61,8 +65,10 @@ from ..runtime import compute_scope
 from .attribute import make_attribute
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem
+from .records import ATTRIBUTION_VALUES, BOUNDS_KEYS
 
 if TYPE_CHECKING:
+    from ..inference.bounds import CounterfactualBounds
     from ..lm import HFLanguageModel
     from ..models.scm import LanguageModelSCM
 
@@ -114,7 +120,9 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def _header(item: CorpusItem, seed: int) -> dict[str, Any]:
-    """The fields of a record before its results (an ``error`` record has only these)."""
+    """The fields of a record before its results (an ``error`` record has only these; a chat
+    row's also its ``messages``)."""
+    chat = {} if item.messages is None else {"messages": [dict(m) for m in item.messages]}
     return {
         "index": item.index,
         "id": item.id,
@@ -124,6 +132,7 @@ def _header(item: CorpusItem, seed: int) -> dict[str, Any]:
         "truncated": False,
         "seed": seed,
         "error": None,
+        **chat,
     }
 
 
@@ -135,18 +144,41 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _stay_fields(log_stay: torch.Tensor) -> dict[str, Any]:
-    """The exact metrics of a record from the log-probabilities ``(n,)`` of keeping each
-    observed token: P(unchanged), the first-divergence law, its mean and the per-token
-    probabilities."""
+def _stay_fields(bounds: CounterfactualBounds) -> dict[str, Any]:
+    """The exact metrics of a record from the bounds of its observation (whose ``"model"``
+    entry holds the log-probabilities ``(n,)`` of keeping each observed token): P(unchanged),
+    the first-divergence law, its mean, the per-token probabilities and the bounds over
+    mechanisms (:data:`BOUNDS_KEYS`)."""
     from ..inference.exact import expected_first_divergence, first_divergence_law
 
+    log_stay = bounds.log_keep["model"]
     divergence = first_divergence_law(log_stay)  # (n + 1,), the last entry P(unchanged)
+    summary = bounds.summary()
     return {
         "prob_unchanged": float(divergence[-1]),
         "first_divergence": [float(p) for p in divergence],
         "expected_first_divergence": expected_first_divergence(divergence),
         "token_prob_unchanged": [float(p) for p in log_stay.exp()],
+        "bounds": {key: float(summary[key]) for key in BOUNDS_KEYS},
+    }
+
+
+def _attribution_fields(found: Any) -> dict[str, Any]:
+    """A record's ``attribution`` from an :class:`~pyro_lmscm.inference.attribute.Attribution`:
+    the per-part values as lists aligned with ``parts``, non-finite numbers as ``None``."""
+    parts = list(found.parts)
+    return {
+        "by": found.by,
+        "parts": parts,
+        "exact": bool(found.exact),
+        "num_permutations": found.num_permutations,
+        "num_passes": int(found.num_passes),
+        **{
+            key: _finite(getattr(found, key))
+            for key in ("prob_unchanged", "prob_unchanged_empty", "expected_first_divergence",
+                        "expected_first_divergence_empty")
+        },
+        **{name: [_finite(getattr(found, name)[part]) for part in parts] for name in ATTRIBUTION_VALUES},
     }
 
 
@@ -221,13 +253,30 @@ class StudyWorker:
 
             lm = load_lm(self.config.model, dtype=self.config.dtype, device=self.config.device, progress=False)
         self.lm = lm
-        spec = parse_intervention(self.config.intervention, lm)
+        from ..interventions.spec import CHAT_KEYS, read_spec
+
+        data = self.config.intervention
+        data = dict(data) if isinstance(data, Mapping) else read_spec(data)
+        #: the spec with its chat edits (system=, user=): each chat row's prompt intervention is
+        #: its own conversation edited (:meth:`intervention_for`); ``None`` without chat edits
+        self._chat_spec: dict[str, Any] | None = data if any(key in data for key in CHAT_KEYS) else None
+        self._mechanism_cache: dict[Any, Any] = {}  # built once, shared by the rows' specs
+        shared = {key: value for key, value in data.items() if key not in CHAT_KEYS}
+        spec = parse_intervention(shared, lm, cache=self._mechanism_cache)
         decoding = Decoding(self.config.temperature, self.config.top_k, self.config.top_p)
         self.scm = LanguageModelSCM(lm, self.config.max_new_tokens, decoding, mechanisms=spec.mechanisms)
+        self._messengers = build_messengers(messengers, self.scm) if messengers else []
         self.intervention: Any = spec.intervention
-        if messengers:
-            self.intervention = [spec.intervention, *build_messengers(messengers, self.scm)]
+        if self._messengers:
+            self.intervention = [spec.intervention, *self._messengers]
         check_intervention(self.scm, self.intervention)  # now, not per string
+        self.attribution = self.config.attribution_options()
+        if self.attribution is not None and len(self.scm.mechanisms) < 2:
+            raise StudyError(
+                f"StudyConfig: `attribution` attributes the effect of the intervention's mechanism to its parts, but "
+                f"the intervention {self.config.intervention!r:.80} changes no mechanism (a prompt or token "
+                "intervention); drop `attribution` or intervene on the model (steer=, memit=, model=, ...)."
+            )
         self.attribute = make_attribute(self.config.attribute, allow_code=self.config.allow_code)
 
     # -- helpers -----------------------------------------------------------------------
@@ -289,6 +338,52 @@ class StudyWorker:
             "flipped": flipped,
         }
 
+    def intervention_for(self, item: CorpusItem) -> Any:
+        """The intervention of ``item``: the study's, or, with chat edits (``system=``,
+        ``user=``), the prompt intervention of the item's own conversation edited, with the
+        study's mechanism and Messengers.
+
+        :raises InterventionError: for chat edits of a row whose prompt is text.
+        """
+        from ..interventions.spec import parse_intervention
+
+        if self._chat_spec is None:
+            return self.intervention
+        messages = None if item.messages is None else [dict(m) for m in item.messages]
+        spec = parse_intervention(self._chat_spec, self.lm, messages=messages, cache=self._mechanism_cache)
+        return [spec.intervention, *self._messengers] if self._messengers else spec.intervention
+
+    def check_chat(self, items: Sequence[CorpusItem]) -> None:
+        """Refuse a corpus of chat rows for a model without a chat template, before any string runs.
+
+        :raises StudyError: naming the model and the first chat row.
+        """
+        chat = next((item for item in items if item.messages is not None), None)
+        if chat is not None and not getattr(self.lm.tokenizer, "chat_template", None):
+            raise StudyError(
+                f"the corpus has chat rows (`messages`, first at index {chat.index}), but the model "
+                f"{self.config.model!r} has no chat template to put a conversation in; use a chat model "
+                "(e.g. smollm2-135m-instruct) or give the rows as text `prompt`s."
+            )
+
+    def _attributed(self, record: dict[str, Any], result: Any, exact: Any, intervention: Any) -> dict[str, Any]:
+        """``record`` with its ``attribution`` (with :attr:`StudyConfig.attribution`): the exact
+        attribution of the intervention's effect on the observed string to the parts of its
+        mechanism (:func:`~pyro_lmscm.inference.attribute`, on the abduction's factual logits),
+        a permutation estimate seeded by :func:`string_seed` (not by the batch)."""
+        if self.attribution is None:
+            return record
+        from ..inference import attribute
+
+        options = self.attribution
+        found = attribute(
+            self.scm, exact.prompt_ids, exact.observed_ids, intervention, by=options["by"],
+            max_exact_parts=options["max_exact_parts"], num_permutations=options["num_permutations"],
+            seed=string_seed(self.config.seed, record["index"]), raw_logits=result.factual_logits,
+        )
+        record["attribution"] = _attribution_fields(found)
+        return record
+
     # -- the work ----------------------------------------------------------------------
 
     def _start(self, item: CorpusItem, seed: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
@@ -297,10 +392,11 @@ class StudyWorker:
         :raises LMSCMError: for a text that does not survive tokenization.
         """
         record = _header(item, seed)
-        prompt = self.lm.encode(item.prompt)
+        chat = item.messages is not None
+        prompt = self.lm.encode([dict(m) for m in item.messages] if chat else item.prompt)  # type: ignore[union-attr]
         observed = None
-        if item.continuation is not None:
-            observed = self.lm.encode(item.continuation)
+        if item.continuation is not None:  # a chat row's reply ends with the end-of-turn token
+            observed = self.lm.encode_reply(item.continuation) if chat else self.lm.encode(item.continuation)
             if len(observed) > self.config.max_new_tokens:
                 observed = observed[: self.config.max_new_tokens]
                 record["truncated"] = True
@@ -325,16 +421,17 @@ class StudyWorker:
         except LMSCMError as error:
             return {**_header(item, seed), "error": _error_text(error)}
         try:
+            intervention = self.intervention_for(item)
             result = counterfactual(
-                self.scm, prompt, observed, self.intervention, num_samples=config.num_samples, seed=seed,
+                self.scm, prompt, observed, intervention, num_samples=config.num_samples, seed=seed,
                 baseline=True, scores=config.draw_scores,
             )
-            return self._complete([record], [result], [self._exact(result)])[0]
+            return self._complete([record], [result], [self._exact(result, intervention)], intervention)[0]
         except LMSCMError as error:
             record["error"] = _error_text(error)
             return record
 
-    def _exact(self, result: Any) -> Any:
+    def _exact(self, result: Any, intervention: Any) -> Any:
         """The exact counterfactual of a :class:`~pyro_lmscm.inference.CounterfactualResult`:
         the one it was scored with, else one on the logits its abduction used."""
         from ..inference import exact_counterfactual
@@ -342,10 +439,12 @@ class StudyWorker:
         if result.exact is not None:
             return result.exact
         return exact_counterfactual(
-            self.scm, result.prompt_ids, result.factual_ids, self.intervention, raw_logits=result.factual_logits
+            self.scm, result.prompt_ids, result.factual_ids, intervention, raw_logits=result.factual_logits
         )
 
-    def _complete(self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any]) -> list[dict[str, Any]]:
+    def _complete(
+        self, records: list[dict[str, Any]], results: list[Any], exacts: list[Any], intervention: Any
+    ) -> list[dict[str, Any]]:
         """Fill the records of a batch of strings from their counterfactual results and exact
         distributions (:class:`~pyro_lmscm.inference.ExactCounterfactual`), each quantity for all
         strings together: P(unchanged), the first-divergence law, the probability of keeping
@@ -364,13 +463,12 @@ class StudyWorker:
 
         :raises LMSCMError: from the exact metrics or the scorer.
         """
-        from ..inference.exact import observed_log_probs
+        from ..inference.exact import observed_bounds
 
         config = self.config
         eos = self.lm.eos_token_ids
-        # per string: the stays, and the factual string's scores under both mechanisms
-        observed = observed_log_probs(exacts)
-        stays = [stay for stay, _, _ in observed]
+        # per string: the bounds (with the stays), and the factual string's scores under both mechanisms
+        observed = observed_bounds(exacts)
         strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
         prompts: list[torch.Tensor] = []
         rows: list[list[int]] = []
@@ -420,7 +518,8 @@ class StudyWorker:
                 "length": len(factual),
                 "attribute": factual_label,
             }
-            record["exact"] = _stay_fields(stays[i])
+            record["exact"] = _stay_fields(observed[i][0])
+            self._attributed(record, result, exacts[i], intervention)
             log_q = result.counterfactual_log_q  # None: not scored
             record["counterfactual"] = [
                 {
@@ -443,10 +542,10 @@ class StudyWorker:
         return records
 
     def _exact_only(
-        self, record: dict[str, Any], result: Any, log_stay: torch.Tensor, mode: tuple[torch.Tensor, float]
+        self, record: dict[str, Any], result: Any, bounds: CounterfactualBounds, mode: tuple[torch.Tensor, float]
     ) -> dict[str, Any]:
-        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``log_stay``
-        is :meth:`~pyro_lmscm.inference.ExactCounterfactual.observed_token_log_probs`."""
+        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``bounds``
+        is :meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`."""
         eos = self.lm.eos_token_ids
         factual = trim_after_end(result.factual_ids, eos)
         factual_text = self.lm.decode(factual)
@@ -460,7 +559,7 @@ class StudyWorker:
             "attribute": self._label(factual_text),
         }
         record["exact"] = {
-            **_stay_fields(log_stay),
+            **_stay_fields(bounds),
             "mode_ids": mode_ids,
             "mode_text": mode_text,
             "mode_tokens": self._tokens(mode_ids),
@@ -504,7 +603,11 @@ class StudyWorker:
             parts.setdefault(None if observed is None else len(observed), []).append((item, record, prompt, observed))
         for key in sorted(parts, key=lambda k: -1 if k is None else k):
             part_seed = seed if key is None else batch_seed(seed, key, config.batch_size)
-            for record in self._run_part(parts[key], part_seed):
+            if self._chat_spec is not None:  # each string its own prompt intervention: each alone
+                done = [r for p in parts[key] for r in self._run_part([p], batch_seed(part_seed, p[0].index, 1))]
+            else:
+                done = self._run_part(parts[key], part_seed)
+            for record in done:
                 records[record["index"]] = record
         return [records[item.index] for item in corpus_items]
 
@@ -512,26 +615,31 @@ class StudyWorker:
         self, part: list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]], seed: int
     ) -> list[dict[str, Any]]:
         from ..inference import counterfactuals, most_probable
-        from ..inference.exact import observed_token_log_probs
+        from ..inference.exact import observed_bounds
 
         config = self.config
         try:
+            # (with chat edits, parts have one string: the intervention is its own)
+            intervention = self.intervention_for(part[0][0]) if len(part) == 1 else self.intervention
             observed = None if part[0][3] is None else [p[3] for p in part if p[3] is not None]
             results = counterfactuals(
-                self.scm, [p[2] for p in part], observed, self.intervention,
+                self.scm, [p[2] for p in part], observed, intervention,
                 num_samples=0 if config.exact_only else config.num_samples, seed=seed,
                 baseline=not config.exact_only, scores=config.draw_scores and not config.exact_only,
             )
-            exacts = [self._exact(r) for r in results]
+            exacts = [self._exact(r, intervention) for r in results]
             if config.exact_only:
                 eos = self.lm.eos_token_ids
                 horizons = [
                     config.max_new_tokens if int(r.factual_ids[-1]) in eos else len(r.factual_ids) for r in results
                 ]
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
-                stays = observed_token_log_probs(exacts)
-                return [self._exact_only(p[1], r, q, m) for p, r, q, m in zip(part, results, stays, modes)]
-            return self._complete([p[1] for p in part], results, exacts)
+                bounds = [b for b, _, _ in observed_bounds(exacts)]  # with the stays: one pass
+                return [
+                    self._attributed(self._exact_only(p[1], r, b, m), r, e, intervention)
+                    for p, r, b, m, e in zip(part, results, bounds, modes, exacts)
+                ]
+            return self._complete([p[1] for p in part], results, exacts, intervention)
         except LMSCMError as error:
             if len(part) == 1:
                 record = part[0][1]
