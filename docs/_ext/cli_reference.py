@@ -58,7 +58,8 @@ def command_rst(command: Any, prog: str, level: int = 0) -> list[str]:
     lines = [title, marks[min(level, 3)] * len(title), ""]
     help_text = inspect.cleandoc(command.help or "")
     lines += [_escape(line) for line in help_text.splitlines()]
-    lines += ["", ".. code-block:: text", "", f"   {prog} [OPTIONS]" + (" COMMAND" if hasattr(command, "commands") else ""), ""]
+    usage = f"{prog} [OPTIONS]" + (" COMMAND" if hasattr(command, "commands") else "")
+    lines += ["", ".. code-block:: text", "", f"   {usage}", ""]
     rows = [row for row in (_param_row(p) for p in command.params) if row]
     if rows:
         lines += [".. list-table::", "   :header-rows: 1", "   :widths: 30 10 15 45", "",
