@@ -91,9 +91,10 @@ class Attribution:
         ``log(prob_unchanged) - log(prob_unchanged_empty)``. Infinite or nan if a subset
         has P(unchanged) = 0.
     :ivar shapley_se: their standard errors (0 when exact).
-    :ivar expected_first_divergence, expected_first_divergence_empty,
-        first_divergence_alone, first_divergence_without, shapley_first_divergence,
-        shapley_first_divergence_se: the same for E[first divergence].
+    :ivar expected_first_divergence: the same for E[first divergence], as are
+        ``expected_first_divergence_empty``, ``first_divergence_alone``,
+        ``first_divergence_without``, ``shapley_first_divergence`` and
+        ``shapley_first_divergence_se``.
     :ivar exact: Shapley values over all subsets (else a permutation estimate).
     :ivar num_permutations: the number of random orders of the estimate (``None`` if exact).
     :ivar num_passes: teacher-forced passes made: one factual, one per evaluated subset.
@@ -162,7 +163,7 @@ class Attribution:
 @dataclass
 class StepAttribution:
     r"""The intervention's mechanism acting only from step :math:`s` on
-    (:func:`attribute` with ``by="step"``), for :math:`s = 0 .. n`: :math:`s = 0` is the whole
+    (:func:`attribute` with ``by="step"``), for :math:`s = 0, \dots, n`: :math:`s = 0` is the whole
     intervention, :math:`s = n` none of the mechanism (the rest of the intervention alone).
 
     :ivar steps: ``0 .. n - 1``.

@@ -47,9 +47,9 @@ class MechanismRow:
     :ivar expected_first_divergence: exact expected number of leading tokens kept (n if unchanged).
     :ivar edit_distance: normalised token edit distance of ``num_samples`` sampled
         counterfactuals per string to the observation.
-    :ivar relabel_shift: mean over strings of |E[first divergence] - E[first divergence] with
-        the vocabulary relabelled by a random permutation| (tokens); ``relabel_shift_max`` its
-        maximum.
+    :ivar relabel_shift: mean over strings of the absolute change of E[first divergence] when
+        the vocabulary is relabelled by a random permutation (tokens); ``relabel_shift_max``
+        its maximum.
     :ivar strings: strings compared (those every noise model could abduct).
     """
 
