@@ -50,10 +50,20 @@ def _paper(
         "limit": limit, "seed": seed, "bootstrap": bootstrap, "threads": threads, "batch_size": batch_size,
         "draw_scores": draw_scores,
     }
+    def on_row(row: Any) -> None:
+        mean = {end: row.get(f"prob_unchanged_{end}", "exact") for end in ("gumbel", "stable_low", "stable_high",
+                                                                           "any_low", "any_high")}
+        bounds = ""
+        if all(value is not None for value in mean.values()):
+            bounds = (
+                f", mean P(unchanged) {mean['gumbel'].mean:.3g} (stable mechanisms {mean['stable_low'].mean:.3g}–"
+                f"{mean['stable_high'].mean:.3g}; any mechanism {mean['any_low'].mean:.3g}–{mean['any_high'].mean:.3g})"
+            )
+        _console.print(f"[bold]{escape(row.row.label)}[/]: {row.strings} strings, {row.seconds:.0f} s{escape(bounds)}")
+
     result = run_paper_study(
         output or "studies/paper", progress=progress, **{k: v for k, v in options.items() if v is not None},
-        on_row=lambda row: _console.print(f"[bold]{escape(row.row.label)}[/]: {row.strings} strings, "
-                                          f"{row.seconds:.0f} s"),
+        on_row=on_row,
     )
     _console.print(result.markdown, markup=False, highlight=False, soft_wrap=True)
     _console.print(f"[bold]report:[/] {result.files['html']}")

@@ -53,6 +53,7 @@ __all__ = [
     "expected_first_divergence",
     "first_divergence_law",
     "most_probable",
+    "observed_bounds",
     "observed_token_log_probs",
 ]
 
@@ -263,9 +264,12 @@ class ExactCounterfactual:
         {'model': 1.0, 'gumbel': 1.0, 'stable': (1.0, 1.0), 'any': (1.0, 1.0)}
         """
         observed = self.observed_ids.cpu()
-        n = observed.shape[-1]
-        logits = self._counterfactual_logits(observed[None], n).cpu()
+        return self._bounds(self._counterfactual_logits(observed[None], observed.shape[-1]).cpu())
+
+    def _bounds(self, logits: torch.Tensor) -> CounterfactualBounds:
+        """:meth:`bounds` given the decoded intervened logits on the observation ``(1, n, V)``."""
         log_q = self._observed_log_q(logits=logits)
+        observed = self.observed_ids.cpu()
         return observed_keep_bounds(self.scm.noise, log_q, self._factual, logits[0], observed, self._noisy_steps())
 
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
@@ -497,6 +501,26 @@ def observed_log_probs(
             exact._observed_scores(exact._factual[None], {}),
             exact._observed_scores(logits, exact._forced),
         )
+        for exact, logits in _observed_logits(exacts, batch_size)
+    ]
+
+
+@locked
+@torch.no_grad()
+def observed_bounds(
+    exacts: Sequence[ExactCounterfactual], batch_size: int = 16
+) -> list[tuple[CounterfactualBounds, torch.Tensor, torch.Tensor]]:
+    """Per string, :meth:`ExactCounterfactual.bounds` (whose ``log_keep["model"]`` is
+    :meth:`~ExactCounterfactual.observed_token_log_probs`) and the observation's per-token
+    log-probabilities under the factual and the intervened mechanism, as
+    :func:`observed_log_probs` gives them: all from the same teacher-forced passes of
+    ``batch_size`` observations at a time (a study's exact metrics and bounds in one pass).
+
+    :raises InferenceError: for strings of other SCMs or mechanisms.
+    """
+    return [
+        (exact._bounds(logits), exact._observed_scores(exact._factual[None], {}),
+         exact._observed_scores(logits, exact._forced))
         for exact, logits in _observed_logits(exacts, batch_size)
     ]
 

@@ -229,6 +229,15 @@ def _row(record: Record) -> str:
     data = " ".join(f'data-{k}="{v}"' for k, v in attrs.items())
     n_changed = sum(d["changed"] for d in cf)
     unchanged_text = "–" if unchanged is None else f"{unchanged:.2g}"
+    bounds = exact.get("bounds")
+    if unchanged is not None and bounds:  # the ranges over mechanisms (ExactCounterfactual.bounds())
+        unchanged_text += "".join(
+            f'<br><span class="lab" title="P(unchanged) over {title}">{short} '
+            f'{bounds[f"prob_unchanged_{key}_low"]:.2g}–{bounds[f"prob_unchanged_{key}_high"]:.2g}</span>'
+            for key, short, title in (
+                ("stable", "stable", "counterfactually stable mechanisms"), ("any", "any", "all mechanisms")
+            )
+        )
     return (
         f'<tr class="string-row" {data}><td class="num">{index}</td><td>{_e(group)}</td>'
         f'<td>{"".join(body)}</td><td class="num">{unchanged_text}</td><td class="num">{n_changed}/{len(cf)}</td>'

@@ -14,6 +14,11 @@ observed continuations are sampled from the factual model, 25 tokens), and repor
   mean normalised character edit distance and the mean word-level common prefix (as a
   fraction of the factual string's words, :func:`~pyro_lmscm.metrics.word_common_prefix`);
 * the same for the interventional baseline (fresh noise, same intervened model);
+* how much of the exact numbers is the Gumbel-max assumption: the means over strings of
+  P(unchanged) and E[first divergence] under Gumbel-max and of the low and high ends of their
+  exact ranges over counterfactually stable mechanisms and over all mechanisms
+  (:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`, :data:`BOUNDS_COLUMNS`), each with a
+  95% bootstrap interval;
 * for the Louvre edits, the targeted check: on 30 prompts about the Louvre, among the
   counterfactuals of factual strings that mention Paris, the share that mention Rome only,
   Paris only, both or neither.
@@ -290,6 +295,37 @@ COLUMNS = (
 )
 
 
+#: The columns of the tables of bounds over mechanisms, one table per query (P(unchanged) and
+#: E[first divergence]): means over strings of :meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`.
+BOUNDS_COLUMNS = (
+    ("gumbel", "Gumbel-max"),
+    ("stable_low", "stable: low"),
+    ("stable_high", "stable: high"),
+    ("any_low", "any: low"),
+    ("any_high", "any: high"),
+)
+
+#: The queries of the bounds tables, with their titles.
+BOUNDS_QUERIES = (
+    ("prob_unchanged", "mean P(unchanged)"),
+    ("expected_first_divergence", "mean E[first divergence] (tokens kept)"),
+)
+
+
+def bounds_tables(result: PaperResult) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per query of :data:`BOUNDS_QUERIES`: its title, the column labels and one row of cells
+    per intervention (the label, then each end's mean over strings with its interval)."""
+    tables = []
+    for query, title in BOUNDS_QUERIES:
+        head = ["intervention"] + [label for _, label in BOUNDS_COLUMNS]
+        body = [
+            [row.row.label] + [_cell(row.get(f"{query}_{end}", EXACT)) for end, _ in BOUNDS_COLUMNS]
+            for row in result.rows
+        ]
+        tables.append((title, head, body))
+    return tables
+
+
 def paper_markdown(result: PaperResult, num_samples: int, max_new_tokens: int) -> str:
     """The tables of ``paper.md``."""
     strings = result.rows[0].strings if result.rows else 0
@@ -305,6 +341,15 @@ def paper_markdown(result: PaperResult, num_samples: int, max_new_tokens: int) -
     for row in result.rows:
         cells = [_cell(row.get(metric, kind)) for metric, kind, _ in COLUMNS]
         lines.append(f"| {row.row.label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "How much of it is the Gumbel-max assumption: the exact ranges over counterfactually stable mechanisms "
+        "and over all mechanisms with the model's next-token laws (ExactCounterfactual.bounds()), means over "
+        "strings of each end with 95% bootstrap intervals.",
+    ]
+    for title, head, body in bounds_tables(result):
+        lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += [
         "",
         "The paper's figures (their models; 500 prompts, 25 new tokens, one counterfactual each):",
@@ -392,11 +437,18 @@ def write_paper_report(output: Path, result: PaperResult, num_samples: int, max_
         + "</tr>"
         for row in result.rows
     )
+    bounds = "".join(
+        f"<h2>{escape(title)} over mechanisms</h2><table><tr>"
+        + "".join(f"<th>{escape(label)}</th>" for label in head) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells) + "</tr>" for cells in rows)
+        + "</table>"
+        for title, head, rows in bounds_tables(result)
+    )
     files["html"].write_text(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>pyro-lmscm paper study</title>"
         "<style>body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}</style></head><body>"
-        f"<h1>Side effects of interventions</h1><table><tr><th>intervention</th>{header}</tr>{body}</table>"
+        f"<h1>Side effects of interventions</h1><table><tr><th>intervention</th>{header}</tr>{body}</table>{bounds}"
         f'<p><img alt="paper" src="data:image/png;base64,{image}"></p>'
         f"<h2>Per-intervention reports</h2><ul>{links}</ul>"
         f"<h2>Tables</h2><pre>{escape(markdown)}</pre></body></html>",

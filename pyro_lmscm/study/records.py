@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from .config import StudyError
 
 __all__ = [
+    "BOUNDS_KEYS",
     "DRAW_FIELDS",
     "RECORD_SCHEMA_DOC",
     "JSONLStore",
@@ -34,6 +35,15 @@ __all__ = [
     "check_complete",
     "open_store",
 ]
+
+#: The keys of a record's ``exact["bounds"]``: P(unchanged) and E[first divergence] under
+#: Gumbel-max and the low and high ends of their ranges over counterfactually stable mechanisms
+#: and over all mechanisms (:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`).
+BOUNDS_KEYS = tuple(
+    f"{query}_{end}"
+    for query in ("prob_unchanged", "expected_first_divergence")
+    for end in ("gumbel", "stable_low", "stable_high", "any_low", "any_high")
+)
 
 #: Per-draw fields, in order (the counterfactual and the interventional draws alike).
 DRAW_FIELDS = (
@@ -73,7 +83,11 @@ exact            {prob_unchanged, first_divergence, expected_first_divergence,
                   token_prob_unchanged}: exact, from exact_counterfactual; first_divergence
                   has n + 1 entries (the last is P(unchanged)); expected_first_divergence is
                   the expected number of leading observed tokens kept (n if unchanged);
-                  token_prob_unchanged[t] = q(w_t | w_<t); with exact_only also the most
+                  token_prob_unchanged[t] = q(w_t | w_<t); bounds: {prob_unchanged_gumbel,
+                  prob_unchanged_stable_low, _stable_high, _any_low, _any_high, and the same
+                  five expected_first_divergence_*}: Gumbel-max and the exact ranges over
+                  counterfactually stable mechanisms and over all mechanisms
+                  (ExactCounterfactual.bounds()); with exact_only also the most
                   probable counterfactual: mode_ids, mode_text, mode_tokens, mode_log_prob,
                   mode_changed, mode_token_edit_distance, mode_normalized_token_edit_distance,
                   mode_char_edit_distance, mode_normalized_char_edit_distance
@@ -318,6 +332,7 @@ def _parquet_schema() -> Any:
             ("first_divergence", pa.list_(pa.float64())),
             ("expected_first_divergence", pa.float64()),
             ("token_prob_unchanged", pa.list_(pa.float64())),
+            ("bounds", pa.struct([(key, pa.float64()) for key in BOUNDS_KEYS])),
         ]
     )
     factual = pa.struct(tokens + [("length", pa.int64()), ("attribute", pa.string())])

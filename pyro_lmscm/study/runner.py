@@ -145,7 +145,9 @@ def _stale_records(
     """The indices of the stored records to recompute: every record of each batch that holds
     a record whose resume fingerprint (:func:`~pyro_lmscm.study.fingerprint.batch_fingerprints`)
     no longer matches. A batch whose own records are unchanged but whose other strings
-    changed, joined or left (the corpus grew into its last batch) is recomputed silently.
+    changed, joined or left (the corpus grew into its last batch) is recomputed silently, and
+    so is a batch with a record stored before records carried their bounds over mechanisms
+    (``exact["bounds"]``).
 
     :raises StudyError: without ``force_recompute``, if a stored record was made from other
         inputs than the corpus now gives (its prompt, continuation, id or group), or if a
@@ -174,6 +176,8 @@ def _stale_records(
                 unchecked.append(index)
         elif record["batch_fingerprint"] != batch_fingerprints[index]:
             moved.append(index)
+        elif record.get("error") is None and "bounds" not in (record.get("exact") or {}):
+            moved.append(index)  # stored before records carried their bounds: the batch runs again, same numbers
     if changed and not config.force_recompute:
         first = items[changed[0]]
         raise StudyError(

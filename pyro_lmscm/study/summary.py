@@ -76,6 +76,17 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+def _bound(name: str) -> Callable[[Record], float | None]:
+    """The bound ``name`` (:data:`~pyro_lmscm.study.records.BOUNDS_KEYS`) of a record's exact
+    metrics; ``None`` for a record without bounds (written before they were recorded)."""
+
+    def value(exact: Record) -> float | None:
+        x = (exact.get("bounds") or {}).get(name)
+        return None if x is None else float(x)
+
+    return value
+
+
 #: The kind of the rows of the exact metrics: one value per string, not per draw.
 EXACT = "exact"
 
@@ -86,6 +97,18 @@ EXACT_METRICS: tuple[Metric, ...] = (
         "expected_first_divergence",
         "exact expected first divergence (tokens kept; n if unchanged)",
         _field("expected_first_divergence"),
+    ),
+    # their bounds over mechanisms (record["exact"]["bounds"]; ExactCounterfactual.bounds())
+    *(
+        Metric(f"{query}_{end}", f"{label}, {where}", _bound(f"{query}_{end}"))
+        for query, label in (("prob_unchanged", "P(unchanged)"), ("expected_first_divergence", "E[first divergence]"))
+        for end, where in (
+            ("gumbel", "Gumbel-max"),
+            ("stable_low", "stable mechanisms: low end"),
+            ("stable_high", "stable mechanisms: high end"),
+            ("any_low", "any mechanism: low end"),
+            ("any_high", "any mechanism: high end"),
+        )
     ),
     # exact-only studies: the most probable counterfactual (beam search)
     Metric("mode_changed", "most probable counterfactual differs (share of strings)", _field("mode_changed")),

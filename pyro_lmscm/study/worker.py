@@ -29,8 +29,12 @@ depend on sharding, resuming or which worker ran it; it does depend on ``batch_s
 (another grouping draws other, equally distributed noise, and bfloat16 may round with
 the batch).
 
+Every record's exact metrics carry their bounds over mechanisms (:data:`BOUNDS_KEYS`,
+:meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`), from the same teacher-forced pass
+as P(unchanged) (:func:`~pyro_lmscm.inference.exact.observed_bounds`).
+
 With ``exact_only`` a record holds the exact metrics alone (no draws): P(unchanged), the
-first-divergence law and its mean, and the most probable counterfactual
+first-divergence law and its mean, their bounds, and the most probable counterfactual
 (:func:`~pyro_lmscm.inference.most_probable`, :data:`MODE_BEAMS` beams) with its
 log-probability and its edit distances to the factual string.
 """
@@ -61,8 +65,10 @@ from ..runtime import compute_scope
 from .attribute import make_attribute
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem
+from .records import BOUNDS_KEYS
 
 if TYPE_CHECKING:
+    from ..inference.bounds import CounterfactualBounds
     from ..lm import HFLanguageModel
     from ..models.scm import LanguageModelSCM
 
@@ -135,18 +141,22 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _stay_fields(log_stay: torch.Tensor) -> dict[str, Any]:
-    """The exact metrics of a record from the log-probabilities ``(n,)`` of keeping each
-    observed token: P(unchanged), the first-divergence law, its mean and the per-token
-    probabilities."""
+def _stay_fields(bounds: CounterfactualBounds) -> dict[str, Any]:
+    """The exact metrics of a record from the bounds of its observation (whose ``"model"``
+    entry holds the log-probabilities ``(n,)`` of keeping each observed token): P(unchanged),
+    the first-divergence law, its mean, the per-token probabilities and the bounds over
+    mechanisms (:data:`BOUNDS_KEYS`)."""
     from ..inference.exact import expected_first_divergence, first_divergence_law
 
+    log_stay = bounds.log_keep["model"]
     divergence = first_divergence_law(log_stay)  # (n + 1,), the last entry P(unchanged)
+    summary = bounds.summary()
     return {
         "prob_unchanged": float(divergence[-1]),
         "first_divergence": [float(p) for p in divergence],
         "expected_first_divergence": expected_first_divergence(divergence),
         "token_prob_unchanged": [float(p) for p in log_stay.exp()],
+        "bounds": {key: float(summary[key]) for key in BOUNDS_KEYS},
     }
 
 
@@ -364,13 +374,12 @@ class StudyWorker:
 
         :raises LMSCMError: from the exact metrics or the scorer.
         """
-        from ..inference.exact import observed_log_probs
+        from ..inference.exact import observed_bounds
 
         config = self.config
         eos = self.lm.eos_token_ids
-        # per string: the stays, and the factual string's scores under both mechanisms
-        observed = observed_log_probs(exacts)
-        stays = [stay for stay, _, _ in observed]
+        # per string: the bounds (with the stays), and the factual string's scores under both mechanisms
+        observed = observed_bounds(exacts)
         strings: list[tuple[list[int], list[list[int]], list[list[int]]]] = []
         prompts: list[torch.Tensor] = []
         rows: list[list[int]] = []
@@ -420,7 +429,7 @@ class StudyWorker:
                 "length": len(factual),
                 "attribute": factual_label,
             }
-            record["exact"] = _stay_fields(stays[i])
+            record["exact"] = _stay_fields(observed[i][0])
             log_q = result.counterfactual_log_q  # None: not scored
             record["counterfactual"] = [
                 {
@@ -443,10 +452,10 @@ class StudyWorker:
         return records
 
     def _exact_only(
-        self, record: dict[str, Any], result: Any, log_stay: torch.Tensor, mode: tuple[torch.Tensor, float]
+        self, record: dict[str, Any], result: Any, bounds: CounterfactualBounds, mode: tuple[torch.Tensor, float]
     ) -> dict[str, Any]:
-        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``log_stay``
-        is :meth:`~pyro_lmscm.inference.ExactCounterfactual.observed_token_log_probs`."""
+        """Fill ``record`` with the exact metrics alone (``exact_only``): no draws; ``bounds``
+        is :meth:`~pyro_lmscm.inference.ExactCounterfactual.bounds`."""
         eos = self.lm.eos_token_ids
         factual = trim_after_end(result.factual_ids, eos)
         factual_text = self.lm.decode(factual)
@@ -460,7 +469,7 @@ class StudyWorker:
             "attribute": self._label(factual_text),
         }
         record["exact"] = {
-            **_stay_fields(log_stay),
+            **_stay_fields(bounds),
             "mode_ids": mode_ids,
             "mode_text": mode_text,
             "mode_tokens": self._tokens(mode_ids),
@@ -512,7 +521,7 @@ class StudyWorker:
         self, part: list[tuple[CorpusItem, dict[str, Any], torch.Tensor, torch.Tensor | None]], seed: int
     ) -> list[dict[str, Any]]:
         from ..inference import counterfactuals, most_probable
-        from ..inference.exact import observed_token_log_probs
+        from ..inference.exact import observed_bounds
 
         config = self.config
         try:
@@ -529,8 +538,8 @@ class StudyWorker:
                     config.max_new_tokens if int(r.factual_ids[-1]) in eos else len(r.factual_ids) for r in results
                 ]
                 modes = most_probable(exacts, MODE_BEAMS, lengths=horizons)
-                stays = observed_token_log_probs(exacts)
-                return [self._exact_only(p[1], r, q, m) for p, r, q, m in zip(part, results, stays, modes)]
+                bounds = [b for b, _, _ in observed_bounds(exacts)]  # with the stays: one pass
+                return [self._exact_only(p[1], r, b, m) for p, r, b, m in zip(part, results, bounds, modes)]
             return self._complete([p[1] for p in part], results, exacts)
         except LMSCMError as error:
             if len(part) == 1:

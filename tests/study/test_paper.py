@@ -38,6 +38,14 @@ def test_paper_study_end_to_end(tmp_path, tiny_folders, rows):
         sampled = row.get("identical", "counterfactual")
         assert 0.0 <= exact.low <= exact.mean <= exact.high <= 1.0 and exact.n == 5
         assert 0.0 <= sampled.mean <= 1.0 and sampled.n == 15
+        bounds = {end: row.get(f"prob_unchanged_{end}", "exact") for end in ("gumbel", "stable_low", "stable_high",
+                                                                           "any_low", "any_high")}
+        assert all(b is not None and b.n == 5 and b.low <= b.mean <= b.high for b in bounds.values())
+        assert bounds["any_low"].mean <= bounds["stable_low"].mean <= bounds["gumbel"].mean
+        assert bounds["gumbel"].mean == pytest.approx(exact.mean, abs=1e-12)
+        assert bounds["gumbel"].mean <= bounds["stable_high"].mean == bounds["any_high"].mean
+        divergence = row.get("expected_first_divergence_stable_low", "exact")
+        assert divergence is not None and divergence.n == 5
         for metric in ("normalized_char_edit_distance", "word_common_prefix"):
             for kind in ("counterfactual", "interventional"):
                 assert 0.0 <= row.get(metric, kind).mean <= 1.0
@@ -47,7 +55,11 @@ def test_paper_study_end_to_end(tmp_path, tiny_folders, rows):
         assert result.files[name].is_file()
     markdown = result.files["md"].read_text()
     assert "MEMIT (tiny)" in markdown and "GPT2-XL MEMIT Koalas" in markdown and "Rome only" in markdown
-    assert markdown.count("\n| ") >= 4 + 6 + 2
+    assert markdown.count("\n| ") >= 4 + 6 + 2 + 2 * (4 + 1)
+    assert "mean P(unchanged):" in markdown and "| intervention | Gumbel-max | stable: low |" in markdown
+    csv_text = result.files["csv"].read_text()
+    assert "prob_unchanged_stable_low,exact" in csv_text and "expected_first_divergence_any_high,exact" in csv_text
+    assert "mean E[first divergence]" in result.files["html"].read_text()
     # each row is a study of its own, resumable: a second run computes nothing
     again = run_paper_study(tmp_path / "out", **kwargs)
     assert [r.get("prob_unchanged", "exact").mean for r in again.rows] == [

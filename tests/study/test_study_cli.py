@@ -90,3 +90,27 @@ def test_example_runs_tiny(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "counterfactual" in result.stdout and (tmp_path / "o" / "report.html").is_file()
+
+
+def test_paper_prints_each_rows_bounds(tiny_folders, tmp_path, monkeypatch):
+    """``study --paper`` prints each row's mean P(unchanged) with its ranges over mechanisms (the
+    rows and corpus swapped for tiny ones: the paper's edits need SmolLM2's vocabulary)."""
+    from pyro_lmscm.study import paper
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the man said\nshe walked to\nthe old doctor\n")
+    real = paper.run_paper_study
+
+    def tiny(output, **kwargs):
+        rows = [paper.PaperRow("swap", "another model", f"model={tiny_folders[1]}")]
+        return real(output, rows=rows, corpus=corpus, **{**kwargs, "max_new_tokens": 4, "top_k": None})
+
+    monkeypatch.setattr(paper, "run_paper_study", tiny)
+    result = CliRunner().invoke(app, [
+        "study", "--paper", "-o", str(tmp_path / "paper"), "--model", str(tiny_folders[0]), "--samples", "2",
+        "--bootstrap", "50", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "another model: 3 strings" in result.output
+    assert "(stable mechanisms " in result.output and "; any mechanism " in result.output
+    assert "mean P(unchanged):" in result.output
