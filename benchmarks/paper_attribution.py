@@ -96,17 +96,25 @@ def run(args: argparse.Namespace) -> None:
     raw_cache: dict[int, torch.Tensor] = {}
     rows = [r for r in PAPER_ROWS if not args.rows or r.key in args.rows.split(",")]
     for row in rows:
-        config, records = load_study(Path(args.study) / row.key)
-        records = sorted((r for r in records if r.get("error") is None), key=lambda r: r["index"])
-        if args.limit is not None:
-            records = [r for r in records if r["index"] < args.limit]
-        if args.top is not None:
-            records = sorted(records, key=lambda r: r["exact"]["prob_unchanged"])[: args.top]
         start = time.perf_counter()
         spec = parse_intervention(row.intervention, lm)
         key = next(iter(spec.mechanisms))
         mechanism = grouped(spec.mechanisms[key], args.groups) if args.groups else spec.mechanisms[key]
         build = time.perf_counter() - start
+        while True:  # the study may still be running: wait for the strings asked for
+            folder = Path(args.study) / row.key
+            if (folder / "study.json").is_file():
+                config, records = load_study(folder)
+                if not args.wait or len(records) >= (args.limit or 200):
+                    break
+            elif not args.wait:
+                raise SystemExit(f"{folder} holds no study")
+            time.sleep(30)
+        records = sorted((r for r in records if r.get("error") is None), key=lambda r: r["index"])
+        if args.limit is not None:
+            records = [r for r in records if r["index"] < args.limit]
+        if args.top is not None:
+            records = sorted(records, key=lambda r: r["exact"]["prob_unchanged"])[: args.top]
         decoding = Decoding(config.temperature, config.top_k, config.top_p)
         scm = LanguageModelSCM(lm, config.max_new_tokens, decoding, mechanisms={key: mechanism})
         print(f"{row.key}: {mechanism!r}, {len(mechanism.parts())} parts {mechanism.parts()}; built in {build:.0f} s; "
@@ -206,6 +214,7 @@ def main() -> None:
     parser.add_argument("--max-exact-parts", type=int, default=12)
     parser.add_argument("--permutations", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--wait", action="store_true", help="wait until the study has the strings asked for")
     parser.add_argument("--out", default="/work/scratch/paper-attribution.jsonl", help="one JSON line per string")
     parser.add_argument("--summarize", help="summarize this JSONL instead of running")
     parser.add_argument("--bootstrap", type=int, default=2000)
