@@ -188,7 +188,7 @@ def summarize(args: argparse.Namespace) -> None:
                       f"{cell(entry['alone'])} | {cell(entry['without'])} | "
                       f"{cell(entry['shapley_first_divergence'], 2)} | {per_pass:.2f} |")
         whole = _ci(np.array([i["prob_unchanged"] for i in items]), rng, args.bootstrap)
-        md.append(f"| {row} | whole | {len(items)} | {total.mean():.3f} (mean log P) | 100% | {whole[0]:.3f} | 1 | | |")
+        md.append(f"| {row} | whole (sum) | {len(items)} | {total.mean():.3f} | 100% | {whole[0]:.3f} | | | |")
     text = "\n".join(md) + "\n"
     print(text)
     if args.csv:
