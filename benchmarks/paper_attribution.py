@@ -161,34 +161,40 @@ def summarize(args: argparse.Namespace) -> None:
         by_row.setdefault(line["row"], []).append(line)
     rng = np.random.default_rng(0)
     table = []
-    md = ["| intervention | part | strings | Shapley of log P(unchanged) | share of log P(unchanged) | "
-          "P(unchanged) alone | P(unchanged) without | Shapley of E[first divergence] | time per pass (s) |",
+    md = ["| intervention | part | strings (with finite log P) | Shapley of log P(unchanged) "
+          "| share of log P(unchanged) | P(unchanged) alone | P(unchanged) without "
+          "| Shapley of E[first divergence] | time per pass (s) |",
           "|---|---|---|---|---|---|---|---|---|"]
     for row, items in by_row.items():
         parts = items[0]["parts"]
-        total = np.array([np.log(max(i["prob_unchanged"], 1e-300)) for i in items])
         per_pass = np.mean([i["seconds"] / i["num_passes"] for i in items])
+        # log P(unchanged) is -inf when a subset makes the string impossible (P = 0, e.g. an observed
+        # token outside the intervened top-k): those strings have no finite Shapley values of log P
+        finite = [i for i in items if all(i["shapley"][p] is not None and np.isfinite(i["shapley"][p]) for p in parts)]
+        total = np.array([np.log(i["prob_unchanged"]) for i in finite])
         for part in parts:
-            shap = np.array([i["shapley"][part] for i in items])
+            shap = np.array([i["shapley"][part] for i in finite]) if finite else np.array([np.nan])
             shap_efd = np.array([i["shapley_first_divergence"][part] for i in items])
             alone = np.array([i["prob_unchanged_alone"][part] for i in items])
             without = np.array([i["prob_unchanged_without"][part] for i in items])
-            share = shap.sum() / total.sum() if total.sum() != 0 else float("nan")
-            entry = {"row": row, "part": part, "strings": len(items), "shapley": _ci(shap, rng, args.bootstrap),
+            share = shap.sum() / total.sum() if finite and total.sum() != 0 else float("nan")
+            entry = {"row": row, "part": part, "strings": len(items), "finite_log_p": len(finite),
+                     "shapley": _ci(shap, rng, args.bootstrap),
                      "share": float(share), "alone": _ci(alone, rng, args.bootstrap),
                      "without": _ci(without, rng, args.bootstrap),
                      "shapley_first_divergence": _ci(shap_efd, rng, args.bootstrap), "seconds_per_pass": per_pass,
                      "exact": all(i["exact"] for i in items)}
             table.append(entry)
 
-            def cell(v: tuple[float, float, float], digits: int = 3) -> str:
-                return f"{v[0]:.{digits}f} [{v[1]:.{digits}f}, {v[2]:.{digits}f}]"
+            def cell(v: tuple[float, float, float], digits: int = 3, kind: str = "f") -> str:
+                return f"{v[0]:.{digits}{kind}} [{v[1]:.{digits}{kind}}, {v[2]:.{digits}{kind}}]"
 
-            md.append(f"| {row} | {part} | {len(items)} | {cell(entry['shapley'])} | {share:.0%} | "
-                      f"{cell(entry['alone'])} | {cell(entry['without'])} | "
+            md.append(f"| {row} | {part} | {len(items)} ({len(finite)}) | {cell(entry['shapley'])} | {share:.0%} | "
+                      f"{cell(entry['alone'], 3, 'g')} | {cell(entry['without'], 3, 'g')} | "
                       f"{cell(entry['shapley_first_divergence'], 2)} | {per_pass:.2f} |")
         whole = _ci(np.array([i["prob_unchanged"] for i in items]), rng, args.bootstrap)
-        md.append(f"| {row} | whole (sum) | {len(items)} | {total.mean():.3f} | 100% | {whole[0]:.3f} | | | |")
+        mean_log = f"{total.mean():.3f}" if finite else "–"
+        md.append(f"| {row} | whole (sum) | {len(items)} ({len(finite)}) | {mean_log} | 100% | {whole[0]:.3g} | | | |")
     text = "\n".join(md) + "\n"
     print(text)
     if args.csv:
