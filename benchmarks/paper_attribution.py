@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
                 with torch.no_grad():
                     raw_cache[index] = lm.logits(torch.cat([prompt, observed[:-1]]), logits_to_keep=len(observed))
             t1 = time.perf_counter()
-            result = attribute(scm, prompt, observed, {"mechanism": key}, by="layer", raw_logits=raw_cache[index],
+            result = attribute(scm, prompt, observed, {"mechanism": key}, by=args.by, raw_logits=raw_cache[index],
                                max_exact_parts=args.max_exact_parts, num_permutations=args.permutations, seed=0)
             seconds = time.perf_counter() - t1
             line = {
@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> None:
             }
             with open(out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
-            print(f"  {row.key} #{record['index']}: P(unchanged) {result.prob_unchanged:.4g} (study "
+            whole = result.prob_unchanged_from[0] if args.by == "step" else result.prob_unchanged
+            print(f"  {row.key} #{record['index']}: P(unchanged) {whole:.4g} (study "
                   f"{record['exact']['prob_unchanged']:.4g}), {result.num_passes} passes, {seconds:.1f} s "
                   f"({seconds / max(result.num_passes, 1):.2f} s per pass)", flush=True)
 
@@ -154,11 +155,34 @@ def _ci(values: np.ndarray, rng: np.random.Generator, bootstrap: int) -> tuple[f
     return float(values.mean()), float(low), float(high)
 
 
+def summarize_steps(lines: list[dict[str, Any]]) -> None:
+    """``by="step"``: per string, P(unchanged) and E[first divergence] acting from step s on."""
+    print("| intervention | string | n | P(unchanged) from s = 0 (whole) | s = 1 (not on the prompt) | s = 2 | s = 5 "
+          "| s = 10 | E[first divergence] from s = 0 | s = 1 | first step that matters |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in lines:
+        p, e = line["prob_unchanged_from"], line["first_divergence_from"]
+
+        def at(table: dict[str, Any], s: int, fmt: str = ".3g") -> str:
+            value = table.get(str(s), table.get(s))
+            return "–" if value is None else format(value, fmt)
+
+        print(f"| {line['row']} | {line['index']} | {line['n']} | {at(p, 0)} | {at(p, 1)} | {at(p, 2)} | {at(p, 5)} "
+              f"| {at(p, 10)} | {at(e, 0, '.2f')} | {at(e, 1, '.2f')} | {line['first_step_that_matters']} |")
+    print()
+
+
 def summarize(args: argparse.Namespace) -> None:
     lines = [json.loads(x) for x in Path(args.summarize).read_text(encoding="utf-8").splitlines() if x.strip()]
+    steps = [line for line in lines if line.get("by") == "step"]
+    if steps:
+        summarize_steps(steps)
     by_row: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
-        by_row.setdefault(line["row"], []).append(line)
+        if line.get("by") != "step":
+            by_row.setdefault(line["row"], []).append(line)
+    if not by_row:
+        return
     rng = np.random.default_rng(0)
     table = []
     md = ["| intervention | part | strings (with finite log P) | Shapley of log P(unchanged) "
@@ -216,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated row keys (default all)")
     parser.add_argument("--limit", type=int, help="only the first N strings of the corpus")
     parser.add_argument("--top", type=int, help="of those, the N with the lowest P(unchanged) under the row")
+    parser.add_argument("--by", default="layer", choices=("layer", "step"),
+                        help="layer: the parts; step: acting from step s on (steering, MiMiC)")
     parser.add_argument("--groups", type=int, help="split the parts into this many contiguous groups")
     parser.add_argument("--max-exact-parts", type=int, default=12)
     parser.add_argument("--permutations", type=int, default=8)
