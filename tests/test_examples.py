@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
     "gender_story.py": ["--tiny", "--max-new-tokens", "6", "--samples", "3"],
     "own_messenger.py": ["--tiny", "--max-new-tokens", "5", "--samples", "2"],
+    "chat_system_prompt.py": ["--tiny", "--max-new-tokens", "6", "--samples", "2"],
     "compare_inference.py": ["--tiny", "--num-samples", "32", "--max-new-tokens", "3", "--svi-steps", "50",
                              "--nuts-warmup", "20", "--plot", "compare.png"],
 }
