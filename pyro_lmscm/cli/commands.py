@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import typer
@@ -39,20 +39,20 @@ def _load(model: str, dtype: str, device: str | None = None, progress: bool = Tr
     return load_lm(model, dtype=dtype, device=device, progress=progress)
 
 
-def top_k_option() -> typer.models.OptionInfo:
+def top_k_option() -> Any:
     return typer.Option(DEFAULTS.top_k, min=1, help="Keep the k most likely tokens (default: all; an observed "
                         "token outside them cannot be abducted).")
 
 
-def top_p_option() -> typer.models.OptionInfo:
+def top_p_option() -> Any:
     return typer.Option(DEFAULTS.top_p, help="Nucleus mass (default: all tokens).")
 
 
-def temperature_option() -> typer.models.OptionInfo:
+def temperature_option() -> Any:
     return typer.Option(DEFAULTS.temperature, help="Decoding temperature.")
 
 
-def samples_option() -> typer.models.OptionInfo:
+def samples_option() -> Any:
     return typer.Option(DEFAULTS.num_samples, min=1, help="Posterior (counterfactual) draws.")
 
 
