@@ -1,0 +1,174 @@
+"""How the cost of one observation grows with its length T: the sampled counterfactuals,
+the exact probabilities, the most probable counterfactual (beam search) and the exact
+sampler, with the peak resident memory of each, for T = 32, 128 and 512 (issue 40).
+
+Measured side by side in one process (one thread, the cases interleaved in each
+repetition); the observation is a fixed English text of T tokens (the opening paragraphs of
+docs/architecture.md), so no time is spent sampling it, under gender steering.
+
+    python benchmarks/bench_scaling.py                      # SmolLM2 fp32, T = 32,128,512
+    python benchmarks/bench_scaling.py --quick              # tiny model, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pyro_lmscm import LanguageModelSCM, counterfactual, exact_counterfactual
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Notes for the next maintainer of this library:"
+
+
+def _status_mb(key: str) -> float:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in MiB."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def measured(run: Callable[[], object]) -> tuple[float, float | None]:
+    """Seconds of ``run()`` and its peak resident memory above the resident set before it
+    (MiB): the kernel's high-water mark ``VmHWM``, reset to the resident set first by
+    ``/proc/self/clear_refs`` (``None`` where that is refused)."""
+    before = _status_mb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        reset = True
+    except OSError:
+        reset = False
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    return seconds, (_status_mb("VmHWM") - before) if reset else None
+
+
+def setup(quick: bool, lengths: list[int]):
+    """The model, its steering mechanism, the prompt and the longest observation."""
+    if quick:
+        from pyro_lmscm.interventions import ActivationSteering
+        from pyro_lmscm.testing import tiny_llama
+
+        lm = tiny_llama()
+        torch.manual_seed(0)
+        mechanism = ActivationSteering(torch.randn(lm.model.config.hidden_size), layer=0)
+        prompt = torch.tensor([2, 3, 14, 4])
+        text = torch.randint(3, lm.vocab_size, (max(lengths),), generator=torch.Generator().manual_seed(0))
+        return lm, mechanism, prompt, text
+    from pyro_lmscm.interventions.gender import gender_steering
+    from pyro_lmscm.loading import load_lm
+
+    lm = load_lm("smollm2-135m-instruct", progress=False)
+    mechanism = gender_steering(lm, "female", alpha=0.3)
+    text = lm.encode((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    if text.shape[-1] < max(lengths):
+        raise SystemExit(f"docs/architecture.md has only {text.shape[-1]} tokens")
+    return lm, mechanism, lm.encode(PROMPT), text
+
+
+def cases(lm, mechanism, prompt, observed, draws: int, beams: int):
+    """The cases of one length: name -> a call."""
+    T = observed.shape[-1]
+    scm = LanguageModelSCM(lm, T, mechanisms={"female": mechanism})
+    intervention = {"mechanism": "female"}
+
+    def exact_probabilities():
+        exact = exact_counterfactual(scm, prompt, observed, intervention)
+        exact.prob_unchanged()
+        exact.first_divergence()
+
+    exact = exact_counterfactual(scm, prompt, observed, intervention)  # (its abduction: part of "exact")
+    return {
+        f"counterfactual(N={draws})": lambda: counterfactual(scm, prompt, observed, intervention,
+                                                             num_samples=draws, seed=0),
+        "exact (prob_unchanged, first_divergence)": exact_probabilities,
+        f"mode({beams} beams)": lambda: exact.mode(num_beams=beams),
+        f"sample({draws})": lambda: exact.sample(draws, seed=0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny model, T = 8, 32 (seconds)")
+    parser.add_argument("--tokens", default=None, help="comma-separated lengths (default 32,128,512)")
+    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions of the shorter lengths")
+    parser.add_argument("--once", type=int, default=512, help="lengths from this on run one repetition")
+    parser.add_argument("--draws", type=int, default=4, help="N of counterfactual(N) and sample(N) at every T")
+    parser.add_argument("--big-draws", type=int, default=100, help="N of the extra sample(N)/counterfactual(N)")
+    parser.add_argument("--big-tokens", type=int, default=32, help="T of the extra sample(N)/counterfactual(N)")
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [int(t) for t in (args.tokens or ("8,32" if args.quick else "32,128,512")).split(",")]
+    big_tokens = min(args.big_tokens, max(lengths))
+    lm, mechanism, prompt, text = setup(args.quick, lengths + [big_tokens])
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"(uptime; {os.cpu_count()} CPUs), torch threads {args.threads}", flush=True)
+    table = {T: cases(lm, mechanism, prompt, text[:T], args.draws, args.beams) for T in lengths}
+    big = cases(lm, mechanism, prompt, text[:big_tokens], args.big_draws, args.beams)
+    big = {name: call for name, call in big.items() if name.startswith(("counterfactual", "sample")) and args.big_draws}
+    times: dict[tuple[int, str], list[float]] = {}
+    peaks: dict[tuple[int, str], float | None] = {}
+    table[lengths[0]]["exact (prob_unchanged, first_divergence)"]()  # a warm-up call: lazy buffers, page-ins
+    def run(T: int, name: str, call: Callable[[], object]) -> None:
+        seconds, peak = measured(call)
+        times.setdefault((T, name), []).append(seconds)
+        peaks[(T, name)] = peak if peaks.get((T, name)) is None else max(peak or 0, peaks[(T, name)] or 0)
+        load = os.getloadavg()[0]
+        print(f"  T={T} {name}: {seconds:.2f} s, peak +{'?' if peak is None else round(peak)} MiB, load {load:.1f}",
+              flush=True)
+
+    # the shorter lengths first, repeated and interleaved; the lengths from --once on, once;
+    # the sample(N)/counterfactual(N) pair of --big-draws last
+    for rep in range(args.reps):
+        for T in [T for T in lengths if T < args.once]:
+            for name, call in table[T].items():
+                run(T, name, call)
+    for T in [T for T in lengths if T >= args.once]:
+        for name, call in table[T].items():
+            run(T, name, call)
+    for name, call in big.items():
+        run(big_tokens, name, call)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+
+    median = {key: statistics.median(value) for key, value in times.items()}
+    names = list(table[lengths[0]])
+    lengths = [T for T in lengths if all((T, name) in median for name in names)]  # (those measured)
+    print("| case | " + " | ".join(f"T = {T}: s (peak MiB)" for T in lengths) + " |")
+    print("|---|" + "---:|" * len(lengths))
+    for name in names:
+        cells = []
+        for T in lengths:
+            peak = peaks.get((T, name))
+            cells.append(f"{median[(T, name)]:.2f} ({'?' if peak is None else f'{peak:.0f}'})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    print("| ratio (target) | value |")
+    print("|---|---:|")
+    if len(lengths) >= 2:
+        short, long = lengths[-2], lengths[-1]
+        for name in names:
+            print(f"| {name}: T={long} / T={short} (≤ {5.0 * long / (4 * short):.1f}) | "
+                  f"{median[(long, name)] / median[(short, name)]:.2f} |")
+    for T in lengths:
+        ratio = median[(T, f"sample({args.draws})")] / median[(T, f"counterfactual(N={args.draws})")]
+        print(f"| sample({args.draws}) / counterfactual(N={args.draws}), T={T} (≤ 1.5) | {ratio:.2f} |")
+    if args.big_draws:
+        n = args.big_draws
+        ratio = median[(big_tokens, f"sample({n})")] / median[(big_tokens, f"counterfactual(N={n})")]
+        print(f"| sample({n}) / counterfactual(N={n}), T={big_tokens} (≤ 1.5) | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
