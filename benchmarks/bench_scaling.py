@@ -13,6 +13,7 @@ docs/architecture.md), so no time is spent sampling it, under gender steering.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -36,10 +37,12 @@ def _status_mb(key: str) -> float:
     raise KeyError(key)
 
 
-def measured(run: Callable[[], object]) -> tuple[float, float | None]:
-    """Seconds of ``run()`` and its peak resident memory above the resident set before it
-    (MiB): the kernel's high-water mark ``VmHWM``, reset to the resident set first by
-    ``/proc/self/clear_refs`` (``None`` where that is refused)."""
+def measured(run: Callable[[], object]) -> tuple[float, float, float | None]:
+    """Wall-clock and CPU seconds of ``run()`` (the process's CPU time: on a machine shared
+    with other jobs the wall clock measures the scheduler as much as the work) and its peak
+    resident memory above the resident set before it (MiB): the kernel's high-water mark
+    ``VmHWM``, reset to the resident set first by ``/proc/self/clear_refs`` (``None`` where
+    that is refused)."""
     before = _status_mb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
@@ -47,10 +50,10 @@ def measured(run: Callable[[], object]) -> tuple[float, float | None]:
         reset = True
     except OSError:
         reset = False
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
-    seconds = time.perf_counter() - start
-    return seconds, (_status_mb("VmHWM") - before) if reset else None
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, (_status_mb("VmHWM") - before) if reset else None
 
 
 def setup(quick: bool, lengths: list[int]):
@@ -87,13 +90,22 @@ def cases(lm, mechanism, prompt, observed, draws: int, beams: int):
         exact.prob_unchanged()
         exact.first_divergence()
 
-    exact = exact_counterfactual(scm, prompt, observed, intervention)  # (its abduction: part of "exact")
+    @functools.cache
+    def exact():  # built on first use, outside the timed call (its abduction is part of "exact")
+        return exact_counterfactual(scm, prompt, observed, intervention)
+
+    def timed(run: Callable[[object], object]) -> Callable[[], object]:
+        def call() -> object:
+            return run(exact())
+
+        call.prepare = exact  # type: ignore[attr-defined]
+        return call
     return {
         f"counterfactual(N={draws})": lambda: counterfactual(scm, prompt, observed, intervention,
                                                              num_samples=draws, seed=0),
         "exact (prob_unchanged, first_divergence)": exact_probabilities,
-        f"mode({beams} beams)": lambda: exact.mode(num_beams=beams),
-        f"sample({draws})": lambda: exact.sample(draws, seed=0),
+        f"mode({beams} beams)": timed(lambda e: e.mode(num_beams=beams)),
+        f"sample({draws})": timed(lambda e: e.sample(draws, seed=0)),
     }
 
 
@@ -108,6 +120,9 @@ def main() -> None:
     parser.add_argument("--big-tokens", type=int, default=32, help="T of the extra sample(N)/counterfactual(N)")
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated prefixes of the cases to run (counterfactual, exact, mode, sample), "
+                             "e.g. to run the long cases in processes of their own")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(t) for t in (args.tokens or ("8,32" if args.quick else "32,128,512")).split(",")]
@@ -116,18 +131,27 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"(uptime; {os.cpu_count()} CPUs), torch threads {args.threads}", flush=True)
     table = {T: cases(lm, mechanism, prompt, text[:T], args.draws, args.beams) for T in lengths}
+    if args.cases:
+        chosen = tuple(args.cases.split(","))
+        table = {T: {name: call for name, call in calls.items() if name.startswith(chosen)}
+                 for T, calls in table.items()}
     big = cases(lm, mechanism, prompt, text[:big_tokens], args.big_draws, args.beams)
     big = {name: call for name, call in big.items() if name.startswith(("counterfactual", "sample")) and args.big_draws}
     times: dict[tuple[int, str], list[float]] = {}
+    cpu_times: dict[tuple[int, str], list[float]] = {}
     peaks: dict[tuple[int, str], float | None] = {}
-    table[lengths[0]]["exact (prob_unchanged, first_divergence)"]()  # a warm-up call: lazy buffers, page-ins
+    exact_counterfactual(  # a warm-up call: lazy buffers, page-ins
+        LanguageModelSCM(lm, 4, mechanisms={"female": mechanism}), prompt, text[:4], {"mechanism": "female"}
+    ).prob_unchanged()
     def run(T: int, name: str, call: Callable[[], object]) -> None:
-        seconds, peak = measured(call)
+        getattr(call, "prepare", lambda: None)()
+        seconds, cpu, peak = measured(call)
         times.setdefault((T, name), []).append(seconds)
+        cpu_times.setdefault((T, name), []).append(cpu)
         peaks[(T, name)] = peak if peaks.get((T, name)) is None else max(peak or 0, peaks[(T, name)] or 0)
         load = os.getloadavg()[0]
-        print(f"  T={T} {name}: {seconds:.2f} s, peak +{'?' if peak is None else round(peak)} MiB, load {load:.1f}",
-              flush=True)
+        print(f"  T={T} {name}: {seconds:.2f} s wall, {cpu:.2f} s CPU, peak +{'?' if peak is None else round(peak)} "
+              f"MiB, load {load:.1f}", flush=True)
 
     # the shorter lengths first, repeated and interleaved; the lengths from --once on, once;
     # the sample(N)/counterfactual(N) pair of --big-draws last
@@ -142,8 +166,14 @@ def main() -> None:
         run(big_tokens, name, call)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
 
-    median = {key: statistics.median(value) for key, value in times.items()}
-    names = list(table[lengths[0]])
+    for label, measure in (("wall-clock", times), ("CPU", cpu_times)):
+        print(f"{label} seconds (median)\n")
+        report(measure, peaks, list(table[lengths[0]]), lengths, args, big_tokens)
+
+
+def report(measure, peaks, names, lengths, args, big_tokens) -> None:
+    """The table of one measure (seconds per case and length, the peak memory) and its ratios."""
+    median = {key: statistics.median(value) for key, value in measure.items()}
     lengths = [T for T in lengths if all((T, name) in median for name in names)]  # (those measured)
     print("| case | " + " | ".join(f"T = {T}: s (peak MiB)" for T in lengths) + " |")
     print("|---|" + "---:|" * len(lengths))
@@ -161,14 +191,16 @@ def main() -> None:
         for name in names:
             print(f"| {name}: T={long} / T={short} (≤ {5.0 * long / (4 * short):.1f}) | "
                   f"{median[(long, name)] / median[(short, name)]:.2f} |")
+    pair = f"sample({args.draws})", f"counterfactual(N={args.draws})"
     for T in lengths:
-        ratio = median[(T, f"sample({args.draws})")] / median[(T, f"counterfactual(N={args.draws})")]
-        print(f"| sample({args.draws}) / counterfactual(N={args.draws}), T={T} (≤ 1.5) | {ratio:.2f} |")
-    if args.big_draws:
-        n = args.big_draws
-        ratio = median[(big_tokens, f"sample({n})")] / median[(big_tokens, f"counterfactual(N={n})")]
-        print(f"| sample({n}) / counterfactual(N={n}), T={big_tokens} (≤ 1.5) | {ratio:.2f} |")
-
+        if (T, pair[0]) in median and (T, pair[1]) in median:
+            print(f"| {pair[0]} / {pair[1]}, T={T} (≤ 1.5) | {median[(T, pair[0])] / median[(T, pair[1])]:.2f} |")
+    n = args.big_draws
+    pair = f"sample({n})", f"counterfactual(N={n})"
+    if n and (big_tokens, pair[0]) in median and (big_tokens, pair[1]) in median:
+        ratio = median[(big_tokens, pair[0])] / median[(big_tokens, pair[1])]
+        print(f"| {pair[0]} / {pair[1]}, T={big_tokens} (≤ 1.5) | {ratio:.2f} |")
+    print()
 
 if __name__ == "__main__":
     main()
