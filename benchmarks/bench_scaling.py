@@ -62,7 +62,11 @@ def setup(quick: bool, lengths: list[int]):
         from pyro_lmscm.interventions import ActivationSteering
         from pyro_lmscm.testing import tiny_llama
 
-        lm = tiny_llama()
+        from pyro_lmscm.lm import HFLanguageModel
+
+        tiny = tiny_llama()
+        tiny.model.config.max_position_embeddings = 4096  # (rotary positions: no table to outgrow)
+        lm = HFLanguageModel(tiny.model, tiny.tokenizer)
         torch.manual_seed(0)
         mechanism = ActivationSteering(torch.randn(lm.model.config.hidden_size), layer=0)
         prompt = torch.tensor([2, 3, 14, 4])
