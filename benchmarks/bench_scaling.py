@@ -60,9 +60,8 @@ def setup(quick: bool, lengths: list[int]):
     """The model, its steering mechanism, the prompt and the longest observation."""
     if quick:
         from pyro_lmscm.interventions import ActivationSteering
-        from pyro_lmscm.testing import tiny_llama
-
         from pyro_lmscm.lm import HFLanguageModel
+        from pyro_lmscm.testing import tiny_llama
 
         tiny = tiny_llama()
         tiny.model.config.max_position_embeddings = 4096  # (rotary positions: no table to outgrow)
