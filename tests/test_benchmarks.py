@@ -65,3 +65,22 @@ def test_quick_attribute_benchmark_prints_every_row(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = re.findall(r"^\| (\d+) \| layer \| 3 \| 8 \| ([0-9.]+) \|", result.stdout, flags=re.M)
     assert [row[0] for row in rows] == ["0", "1"] and all(float(s) > 0 for _, s in rows), result.stdout
+
+
+def test_quick_scaling_benchmark_prints_every_case_and_ratio(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"),
+        "--quick", "--tokens", "4,8", "--reps", "1", "--big-draws", "6", "--big-tokens", "4",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cell = r"[0-9.]+ \([0-9?]+\)"  # seconds (peak MiB)
+    cases = dict(re.findall(rf"^\| (.+?) \| ({cell}) \| {cell} \|$", result.stdout, flags=re.M))
+    assert set(cases) == {
+        "counterfactual(N=4)", "exact (prob_unchanged, first_divergence)", "mode(4 beams)", "sample(4)",
+    }, result.stdout
+    ratios = dict(re.findall(r"^\| (.+?) \(≤ [0-9.]+\) \| ([0-9.]+) \|$", result.stdout, flags=re.M))
+    assert len(ratios) == 4 + 2 + 1 and all(float(r) > 0 for r in ratios.values()), result.stdout
+    assert "sample(6) / counterfactual(N=6), T=4" in ratios
+    assert "load average at start" in result.stdout

@@ -30,7 +30,13 @@ from .compare import (
 from .compare_mechanisms import MechanismRow, compare_mechanisms, mechanisms_markdown
 from .counterfactual import CounterfactualResult, auto_chunk_size, counterfactual, counterfactuals
 from .distribution import STATISTICS, CounterfactualDistribution, Estimate
-from .exact import ExactCounterfactual, counterfactual_token_log_probs, exact_counterfactual, most_probable
+from .exact import (
+    ExactCounterfactual,
+    counterfactual_token_log_probs,
+    exact_counterfactual,
+    most_probable,
+    top_k_counterfactuals,
+)
 from .hindsight_guide import HindsightGumbelGuide, noise_trace
 from .posterior_noise_messenger import PosteriorNoiseMessenger
 from .prediction import DRAWS, noise_handler, predict
@@ -49,6 +55,7 @@ __all__ = [
     "counterfactual_token_log_probs",
     "exact_counterfactual",
     "most_probable",
+    "top_k_counterfactuals",
     "step_counterfactual_log_probs",
     "PosteriorNoiseMessenger",
     "TokenScoreMessenger",

@@ -56,6 +56,7 @@ __all__ = [
     "most_probable",
     "observed_bounds",
     "observed_token_log_probs",
+    "top_k_counterfactuals",
 ]
 
 
@@ -315,24 +316,100 @@ class ExactCounterfactual:
         """
         return first_divergence_law(self.observed_token_log_probs(relabel))
 
-    def sample(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
-        """``(num_samples, T)`` ancestral samples of the counterfactual string from the chain."""
+    def sample(self, num_samples: int, seed: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+        r"""``(num_samples, T)`` ancestral samples of the counterfactual string from the chain:
+        at each step :math:`s_t \sim q(\cdot \mid s_{<t})`, the closed-form law of the step
+        given the abducted noise (:meth:`next_token_probs`), drawn with ``torch.multinomial``.
+
+        The rows decode KV-cached, as :func:`~pyro_lmscm.counterfactual` does: one
+        :class:`~pyro_lmscm.models.incremental.MechanismBatch` of the intervened mechanism per
+        chunk of rows (its cache allocated once), one cached step per row and token, each
+        step's raw logits given their meaning by the SCM's effectful operations inside the
+        factual anchor and the intervened world (:meth:`_decoded`), as a teacher-forced pass
+        has them. The time is linear in ``T`` up to the attention over the prefix, the memory
+        linear in ``T``; the logits round like a cached decoding run, not like a
+        teacher-forced pass (up to float rounding; on the abducted path of the factual
+        mechanism they are the anchored ones).
+
+        :param num_samples: the number of strings.
+        :param seed: seeds the draws (:func:`~pyro_lmscm.seeding.seeded`); ``None`` draws fresh.
+        :param chunk_size: rows decoded at once (default: as many as fit
+            :data:`~pyro_lmscm.inference.counterfactual.AUTO_CHUNK_BYTES` with their cache and
+            the float64 laws of a step, a number that depends only on the model and ``T``, so a
+            seeded call draws the same strings on every run).
+        :returns: token ids ``(num_samples, T)``.
+        """
         num_samples = as_int(num_samples, "num_samples", minimum=1)
-        T = self.scm.max_new_tokens
-        ids = torch.zeros(num_samples, T, dtype=torch.long)
+        size = self._sample_chunk_size() if chunk_size is None else as_int(chunk_size, "chunk_size", minimum=1)
         with seeded(seed):
-            for t in range(T):
-                logits = self._counterfactual_logits(ids, t + 1).cpu()[:, t]
-                probs = self._step_log_probs(t, logits, self._ended_before(ids)[:, t]).exp()
-                ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
-                report_progress("exact sampling (tokens)", 1, T)
+            chunks = [self._sample_rows(min(size, num_samples - start)) for start in range(0, num_samples, size)]
+        return torch.cat(chunks)
+
+    def _sample_chunk_size(self) -> int:
+        """The rows :meth:`sample` decodes at once by default: the KV cache of prompt and
+        ``T`` tokens and about sixteen float64 vectors of ``V`` (decoded logits, the step's
+        law and the closed form's working memory) per row, within the device's
+        :data:`~pyro_lmscm.inference.counterfactual.AUTO_CHUNK_BYTES`."""
+        from .counterfactual import AUTO_CHUNK_BYTES  # (counterfactual imports this module)
+
+        scm = self.scm
+        budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
+        tokens = self._prompt.shape[-1] + scm.max_new_tokens
+        per_row = scm.lm.cache_bytes_per_token() * tokens + 16 * 8 * scm.vocab_size
+        return max(1, budget // per_row)
+
+    @torch.no_grad()
+    def _sample_rows(self, rows: int) -> torch.Tensor:
+        """``(rows, T)`` draws of :meth:`sample` from one KV-cached run of the intervened
+        mechanism (the torch generator as :meth:`sample` left it)."""
+        scm, T = self.scm, self.scm.max_new_tokens
+        device = scm.lm.device
+        mechanism = torch.tensor(self._mechanism, device=device)
+        batch = MechanismBatch(scm.lm, scm.mechanisms, self._prompt.to(device), mechanism, max_tokens=T - 1)
+        ids = torch.zeros(rows, T, dtype=torch.long)
+        ended = torch.zeros(rows, dtype=torch.bool)  # an end of sequence before step t
+        for t in range(T):
+            raw = batch.logits().expand(rows, -1)  # (the prompt's one row before the first step)
+            logits = self._decoded(ids, raw[:, None], start=t).cpu()[:, 0]
+            probs = self._step_log_probs(t, logits, ended).exp()
+            ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
+            report_progress("exact sampling (tokens)", 1, T)
+            ended = ended | scm.is_end(ids[:, t])
+            if t + 1 < T and not bool(ended.all()):  # an ended row only pads: it leaves the cache
+                batch.advance(ids[:, t].to(device), (~ended).to(device))
         return ids
 
     def mode(self, num_beams: int = 4) -> tuple[torch.Tensor, float]:
         """The most probable counterfactual string ``(T,)`` and its log-probability, by beam
         search on the chain (exact for ``num_beams >= V^T``; a strong lower bound otherwise);
-        :func:`most_probable` of this string alone."""
+        :func:`most_probable` of this string alone.
+
+        Over a long horizon the mode can be degenerate: the single most probable string of a
+        language model is often a repetition loop (a phrase repeated to the end), although
+        almost no sampled string looks like it, because the mode maximises the probability
+        of one string, not how typical it is. :meth:`most_probable` gives the ``k`` most
+        probable strings over a shorter ``horizon``; :meth:`sample` gives typical ones."""
         return most_probable([self], num_beams)[0]
+
+    def most_probable(
+        self, k: int = 1, horizon: int | None = None, num_beams: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most probable counterfactual strings over the first ``horizon`` tokens
+        and their log-probabilities, by one beam search (:func:`top_k_counterfactuals` of
+        this string alone).
+
+        The mode of a long string can be degenerate (a repetition loop; see :meth:`mode`):
+        look at the few most probable continuations over a horizon of a few tokens past the
+        first divergence instead.
+
+        :param k: how many strings, ``1 <= k``.
+        :param horizon: the number of leading tokens (default ``T``).
+        :param num_beams: the beams kept at each step (default ``max(k, 4)``; at least ``k``).
+        :returns: ids ``(k', horizon)`` by decreasing probability and their log-probabilities
+            ``(k',)`` float64, ``k' = k`` unless fewer strings are possible.
+        """
+        lengths = None if horizon is None else [horizon]
+        return top_k_counterfactuals([self], k, num_beams=num_beams, lengths=lengths)[0]
 
     def _check(self, candidates: torch.Tensor) -> torch.Tensor:
         candidates = self.scm.lm.check_ids(candidates, "candidates").cpu()
@@ -744,18 +821,70 @@ def most_probable(
     the SCM and the mechanism. A beam's log-probability sums the chain over the logits of the
     cached run, which round like a teacher-forced pass only up to float rounding.
 
+    The mode of a long string can be degenerate (a repetition loop, see
+    :meth:`ExactCounterfactual.mode`); :func:`top_k_counterfactuals` gives the ``k`` most
+    probable strings over a horizon.
+
     :param lengths: per string, the number of leading tokens whose most probable value is
         sought (default ``T``): the mode of the marginal of the first ``lengths[i]`` tokens,
         e.g. over the horizon of an observation without an end of sequence.
     :returns: per string ``(ids (lengths[i],), log-probability)``.
     :raises InferenceError: for an empty list, or strings of other SCMs or mechanisms.
     """
+    return [(ids[0], float(scores[0])) for ids, scores in _beam_search(exacts, num_beams, lengths, "most_probable")]
+
+
+@locked
+@torch.no_grad()
+def top_k_counterfactuals(
+    exacts: Sequence[ExactCounterfactual],
+    k: int,
+    num_beams: int | None = None,
+    lengths: Sequence[int] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    r"""The ``k`` most probable counterfactual strings of each exact counterfactual over its
+    first ``lengths[i]`` tokens (a horizon), by the beam search of :func:`most_probable`: the
+    ``k`` best of its final beams. Each is a lower bound of the true ``k``-th most probable
+    string's log-probability (exact for ``num_beams >= V^{horizon}``).
+
+    The mode of a long string can be degenerate: the most probable string of a language model
+    over many tokens is often a repetition loop, far from every typical draw (the probability
+    of one string is not its typicality). The few most probable strings over a horizon of a
+    few tokens show where the probability mass goes;
+    :meth:`ExactCounterfactual.sample` gives typical strings.
+
+    :param k: how many strings per exact counterfactual, ``1 <= k <= num_beams``.
+    :param num_beams: the beams kept at each step (default ``max(k, 4)``).
+    :param lengths: per string, the horizon (default ``T``).
+    :returns: per string ``(ids (k', lengths[i]), log-probabilities (k',) float64)`` by
+        decreasing probability, ``k' <= k`` where fewer strings are possible.
+    :raises InferenceError: for ``num_beams < k``, an empty list, strings of other SCMs or
+        mechanisms, or bad ``lengths``.
+
+    >>> from pyro_lmscm.inference import top_k_counterfactuals
+    >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
+    >>> exact = exact_counterfactual(scm, torch.tensor([2, 3]), torch.tensor([7, 3, 9]), {})
+    >>> [(ids.tolist(), log_p.exp().tolist()) for ids, log_p in top_k_counterfactuals([exact], k=2)]
+    [([[7, 3, 9]], [1.0])]
+    """
+    k = as_int(k, "k", minimum=1)
+    num_beams = max(k, 4) if num_beams is None else as_int(num_beams, "num_beams", minimum=1)
+    if num_beams < k:
+        raise InferenceError(f"top_k_counterfactuals(): num_beams={num_beams} keeps fewer than k={k} strings.")
+    return [(ids[:k], scores[:k]) for ids, scores in _beam_search(exacts, num_beams, lengths, "top_k_counterfactuals")]
+
+
+def _beam_search(
+    exacts: Sequence[ExactCounterfactual], num_beams: int, lengths: Sequence[int] | None, owner: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The beam search of :func:`most_probable`: per string its final beams ``(B, lengths[i])``
+    and their log-probabilities ``(B,)`` (float64), by decreasing log-probability."""
     num_beams = as_int(num_beams, "num_beams", minimum=1)
-    scm, mechanism = _shared(exacts, "most_probable")
+    scm, mechanism = _shared(exacts, owner)
     T = scm.max_new_tokens
     steps = [T] * len(exacts) if lengths is None else [as_int(n, "lengths", minimum=1) for n in lengths]
     if len(steps) != len(exacts) or max(steps) > T:
-        raise InferenceError(f"most_probable(): `lengths` needs one length in 1..{T} per string, got {lengths!r}.")
+        raise InferenceError(f"{owner}(): `lengths` needs one length in 1..{T} per string, got {lengths!r}.")
     device = scm.lm.device
     prompts = left_pad([e._prompt.cpu() for e in exacts]).to(device)
     batch = MechanismBatch(scm.lm, scm.mechanisms, prompts, torch.tensor(mechanism, device=device), max(steps) - 1)
@@ -791,7 +920,7 @@ def most_probable(
             active = ~done
             if bool(active.any()):
                 batch.advance(torch.cat(tokens).to(device), active.to(device))
-    return [(beams[i][0], float(scores[i][0])) for i in range(S)]
+    return list(zip(beams, scores))
 
 
 @locked
