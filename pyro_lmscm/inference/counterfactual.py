@@ -136,19 +136,19 @@ class CounterfactualResult:
 def sample_factuals(
     scm: LanguageModelSCM, prompts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The prelude of every query on sampled strings: one string per row of ``prompts``
-    ``(S, L)`` (left-padded, :func:`~pyro_lmscm.lm.left_pad`) sampled from the factual model in
-    one KV-cached run, the raw logits that sampled them, for the abduction (a teacher-forced
-    pass rounds otherwise, and under top-k can rank the sampled token outside the k), and
-    each string's length up to and including its end of sequence.
+    """The prelude of every query on sampled strings: one string per prompt of ``prompts``
+    ``(L,)`` or ``(S, L)`` (left-padded, :func:`~pyro_lmscm.lm.left_pad`) sampled from the
+    factual model in one KV-cached run, the raw logits that sampled them, for the abduction (a
+    teacher-forced pass rounds otherwise, and under top-k can rank the sampled token outside
+    the k), and each string's length up to and including its end of sequence.
 
-    :returns: ``(rows, raw_logits, lengths)``: ids ``(S, h)`` padded after each end of
-        sequence, logits ``(S, h, V)``, ``S`` ints; ``h`` is the longest length (the batch's
-        observed horizon).
+    :returns: ``(rows, raw_logits, lengths)``: ids ``(h,)`` or ``(S, h)`` padded after each end
+        of sequence, logits ``(h, V)`` or ``(S, h, V)``, and ``S`` ints (one for one prompt);
+        ``h`` is the longest length (the batch's observed horizon).
     """
     with scm.record_logits() as steps:
-        sampled = scm.model(prompts)  # (S, T), padded after each end of sequence
-    lengths = [active_steps(scm, row) for row in sampled]
+        sampled = scm.model(prompts)  # (..., T), padded after each end of sequence
+    lengths = [active_steps(scm, row) for row in sampled.reshape(-1, sampled.shape[-1])]
     horizon = max(lengths)
     rows = scm.check_observed(sampled[..., :horizon])
     return rows, torch.stack(steps[:horizon], dim=-2), lengths
@@ -157,8 +157,8 @@ def sample_factuals(
 def sample_factual(scm: LanguageModelSCM, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_factuals` of one prompt ``(L,)``: a string ``(n,)`` (trimmed after its end
     of sequence) and the raw logits ``(n, V)`` that sampled it."""
-    rows, raw_logits, _ = sample_factuals(scm, prompt[None])
-    return scm.check_observed(rows[0], single=True), raw_logits[0]
+    observed, raw_logits, _ = sample_factuals(scm, prompt)
+    return scm.check_observed(observed, single=True), raw_logits
 
 
 def _predict(
@@ -537,32 +537,38 @@ def _counterfactuals(
         datas = [as_do_data(scm, intervention, obs) for obs in observed]
     else:
         check_intervention(scm, intervention)  # before a factual string is sampled
+    # one string runs without the strings' dim, as one observation (n,): the guide then also
+    # keeps the per-draw noise statistics
+    alone = S == 1
     with seeded(seed):
         raw_logits = None
         if observed is None:
-            rows, raw_logits, lengths = sample_factuals(scm, batch)  # (S, h), (S, h, V)
-            factual = [rows[i, : lengths[i]] for i in range(S)]
+            rows, raw_logits, lengths = sample_factuals(scm, batch[0] if alone else batch)  # (S?, h), (S?, h, V)
+            factual = [rows[: lengths[0]]] if alone else [rows[i, : lengths[i]] for i in range(S)]
             datas = [as_do_data(scm, intervention, obs) for obs in factual]
         else:
-            rows, lengths, factual = torch.stack(observed), [obs.shape[-1] for obs in observed], observed
+            lengths, factual = [obs.shape[-1] for obs in observed], observed
+            rows = observed[0] if alone else torch.stack(observed)
         if not _same_data(datas):
             raise InferenceError(
                 "the intervention depends on each observation (exclude_t='factual'); use counterfactual() per string."
             )
-        guide = HindsightGumbelGuide(
-            scm, rows[:, None], margin=margin, raw_logits=None if raw_logits is None else raw_logits[:, None]
-        )
-        prompt = batch[:, None]  # (S, 1, L): the draws are the last batch dim
+        if raw_logits is not None and not alone:
+            raw_logits = raw_logits[:, None]  # (S, 1, h, V)
+        guide = HindsightGumbelGuide(scm, rows if alone else rows[:, None], margin=margin, raw_logits=raw_logits)
+        prompt = batch[0] if alone else batch[:, None]  # (S, 1, L): the draws are the last batch dim
         anchor = guide.anchor(prompt)  # the factual logits of the abduction, computed once
         # the strings are a plate (dim -2) outside the plate of draws: an intervened prompt
         # shared by the strings still gives every string its own rows
-        intervened = pyro.plate(STRINGS, S, dim=-2)(intervene(scm, datas[0]))
+        intervened = intervene(scm, datas[0])
+        if not alone:
+            intervened = pyro.plate(STRINGS, S, dim=-2)(intervened)
         baseline_noise = _baseline_generator(seed, scm.lm.device) if baseline else None
         exacts = None
         if scores:
-            raw = anchor.logits  # (S, 1, n, V): the logits the abduction used
+            raw = anchor.logits.reshape(S, *anchor.logits.shape[-2:])  # (S, n, V): the logits the abduction used
             exacts = [
-                ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, 0, : lengths[i]])
+                ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, : lengths[i]])
                 for i in range(S)
             ]
         scorer = _scorer(scm, datas[0], exacts)
@@ -573,14 +579,21 @@ def _counterfactuals(
             )
             for start in range(0, num_samples, size)
         ]
-        empty = torch.zeros(S, 0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
-        counterfactual_ids = torch.cat([empty, *[chunk[0] for chunk in chunks]], dim=-2)  # (S, num_samples, T)
+        empty = torch.zeros(0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
+        empty = empty.expand(*(() if alone else (S,)), 0, scm.max_new_tokens)
+        counterfactual_ids = torch.cat([empty, *[chunk[0] for chunk in chunks]], dim=-2)  # (S?, num_samples, T)
         baselines = [c[1] for c in chunks if c[1] is not None]
         interventional_ids = torch.cat([empty, *baselines], dim=-2) if baseline else None
         stats = [chunk[2] for chunk in chunks if chunk[2]]
         noise_stats = {key: torch.cat([part[key] for part in stats], -2) for key in stats[0]} if stats else {}
         log_prob = guide.log_prob_observed(anchor).reshape(S)
         scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
+        if alone:  # the strings' dim, of one
+            counterfactual_ids = counterfactual_ids[None]
+            interventional_ids = None if interventional_ids is None else interventional_ids[None]
+            scored = {key: None if value is None else value[None] for key, value in scored.items()}
+            noise_stats = {key: value[None] for key, value in noise_stats.items()}
+            raw_logits = None if raw_logits is None else raw_logits[None, None]
     return [
         CounterfactualResult(
             scm=scm,
@@ -590,8 +603,8 @@ def _counterfactuals(
             interventional_ids=_row(interventional_ids, i),
             intervention=datas[i],
             log_prob_factual=float(log_prob[i]),
-            noise_stats={key: value.expand(S, *value.shape[-2:])[i] for key, value in noise_stats.items()},
-            factual_logits=None if raw_logits is None else raw_logits[i, : lengths[i]],
+            noise_stats={key: value[i] for key, value in noise_stats.items()},
+            factual_logits=None if raw_logits is None else raw_logits[i, 0, : lengths[i]],
             exact=None if exacts is None else exacts[i],
             counterfactual_scores=_row(scored.get("counterfactual_scores"), i),
             interventional_scores=_row(scored.get("interventional_scores"), i),
