@@ -22,6 +22,12 @@ cf(N=1) / (fwd + gen)  the whole ``counterfactual(..., num_samples=1)``         
                        second row of fresh noise in the same batch)
 batch / sequential     ``counterfactual(num_samples=N)`` vs N sequential calls    0.50
                        with ``num_samples=1``
+batch / paper          ``counterfactual(num_samples=N)`` vs the seed paper's      0.12
+                       procedure run N times (``bench_study.reference_case``'s
+                       per-counterfactual work: one teacher-forced pass, the
+                       hindsight noise in numpy, ``generate`` of the intervened
+                       model with the noise added; one at a time, so N x the
+                       median of one)
 =====================  =========================================================  ======
 
 Fair comparison. Both sides run the same model object, dtype, thread count and KV
@@ -81,6 +87,7 @@ TARGETS = {  # ratio name -> (target, True if the ratio must be at most the targ
     "counterfactual / generate": 1.15,
     "cf(N=1) / (forward + generate)": 1.20,
     "batch N / N sequential": 0.50,
+    "batch N / N x paper": 0.12,
 }
 
 
@@ -160,6 +167,8 @@ def cases(setup: Setup, draws: int, sequential: bool) -> dict[str, Callable[[], 
     def prediction() -> torch.Tensor:
         return poutine.replay(intervened, trace=guide_trace)(prompt)
 
+    paper = paper_counterfactual(setup)
+
     def whole(n: int, baseline: bool = False) -> Callable[[], Any]:
         return lambda: counterfactual(scm, prompt, observed, intervention, num_samples=n, baseline=baseline)
 
@@ -172,10 +181,43 @@ def cases(setup: Setup, draws: int, sequential: bool) -> dict[str, Callable[[], 
         "cf(N=1)": whole(1),
         "cf(N=1), baseline": whole(1, baseline=True),
         f"cf(N={draws})": whole(draws),
+        "paper (1 CF)": paper,
     }
     if sequential:
         timed[f"{draws} x cf(N=1)"] = lambda: [whole(1)() for _ in range(draws)]
     return timed
+
+
+def paper_counterfactual(setup: Setup) -> Callable[[], Any]:
+    """One counterfactual of the observation by the seed paper's procedure (the per-counterfactual
+    loop of ``bench_study.reference_case``): a teacher-forced pass for the factual logits, the
+    hindsight Gumbel noise in numpy, then ``generate`` (greedy, ``min_new_tokens=T``) on the
+    intervened prompt with the noise added by a logits processor."""
+    import numpy as np
+    from bench_study import GumbelProcessor, hindsight_noise
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    model, prompt, observed = setup.lm.model, setup.prompt, setup.observed
+    tokens = observed.shape[-1]
+    greedy = GenerationConfig(
+        do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=setup.lm.pad_token_id,
+        eos_token_id=setup.lm.eos_token_ids or None,
+    )
+    full = torch.cat([prompt, observed])[None].to(setup.lm.device)
+    alt = setup.alt_prompt[None].to(setup.lm.device)
+    rng = np.random.default_rng(0)
+
+    @torch.no_grad()
+    def run() -> torch.Tensor:
+        logits = model(full).logits[0, prompt.shape[-1] - 1 : -1].float().cpu().numpy()
+        noise = hindsight_noise(logits.astype(np.float64), observed.numpy(), rng)
+        processor = GumbelProcessor(torch.from_numpy(noise).float())
+        return model.generate(
+            input_ids=alt, attention_mask=torch.ones_like(alt), generation_config=greedy,
+            logits_processor=LogitsProcessorList([processor]),
+        )
+
+    return run
 
 
 def measure(timed: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
@@ -202,6 +244,7 @@ def ratios(t: dict[str, float], draws: int) -> dict[str, tuple[float, str]]:
         "cf(N=1) / (forward + generate)": (t["cf(N=1)"] / (t["forward"] + t["generate"]), ""),
         "cf(N=1), baseline / (forward + generate)": (t["cf(N=1), baseline"] / (t["forward"] + t["generate"]), ""),
         "batch N / N sequential": (t[f"cf(N={draws})"] / sequential, how),
+        "batch N / N x paper": (t[f"cf(N={draws})"] / (draws * t["paper (1 CF)"]), f"{draws} x median of one"),
     }
 
 

@@ -30,6 +30,7 @@ def test_quick_benchmark_prints_every_ratio(tmp_path):
         "cf(N=1) / (forward + generate)",
         "cf(N=1), baseline / (forward + generate)",
         "batch N / N sequential",
+        "batch N / N x paper",
     }, result.stdout
     assert all(0.0 < value < 1e3 for value in rows.values()), rows
 

@@ -31,6 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
+from .. import seeding
 from ..errors import InferenceError, UnsupportedVersionError
 from ..validation import is_integer
 
@@ -64,7 +65,7 @@ def _unweighted(distribution: CounterfactualDistribution, seed: int) -> torch.Te
     positive = torch.nonzero(weights > 0).flatten()
     if bool(torch.allclose(weights[positive], weights[positive][:1].expand(len(positive)), rtol=1e-9, atol=0)):
         return positive
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed)
     n = distribution.num_samples
     points = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
     cumulative = weights.cumsum(0)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .. import seeding
 from ..errors import InferenceError
 from ..interventions.model_swap import ModelSwap
 from ..interventions.ops import Action, as_do_data, world_inputs
@@ -302,7 +303,7 @@ def _sampled_shapley(
     k: int, value: Callable[[frozenset[int]], tuple[float, float]], num_permutations: int, seed: int
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Per value and part, the mean increment over seeded random orders and its standard error."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeding.generator(seed)
     increments = torch.zeros(2, num_permutations, k, dtype=torch.float64)
     for m in range(num_permutations):
         order = torch.randperm(k, generator=generator).tolist()

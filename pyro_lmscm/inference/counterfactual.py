@@ -3,7 +3,6 @@ r"""Counterfactual strings: abduction, action, prediction."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
@@ -15,7 +14,7 @@ from ..atomic import chained, locked
 from ..errors import InferenceError
 from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
-from ..seeding import seeded
+from ..seeding import generator, seeded
 from ..validation import as_int, as_real
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
@@ -134,19 +133,31 @@ class CounterfactualResult:
         return self.counterfactual.to_arviz(baseline=baseline, **kwargs)
 
 
-def trim(scm: LanguageModelSCM, ids: torch.Tensor) -> torch.Tensor:
-    """The ids of one string up to and including its first end-of-sequence token."""
-    return ids[: active_steps(scm, ids)]
+def sample_factuals(
+    scm: LanguageModelSCM, prompts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The prelude of every query on sampled strings: one string per prompt of ``prompts``
+    ``(L,)`` or ``(S, L)`` (left-padded, :func:`~pyro_lmscm.lm.left_pad`) sampled from the
+    factual model in one KV-cached run, the raw logits that sampled them, for the abduction (a
+    teacher-forced pass rounds otherwise, and under top-k can rank the sampled token outside
+    the k), and each string's length up to and including its end of sequence.
+
+    :returns: ``(rows, raw_logits, lengths)``: ids ``(h,)`` or ``(S, h)`` padded after each end
+        of sequence, logits ``(h, V)`` or ``(S, h, V)``, and ``S`` ints (one for one prompt);
+        ``h`` is the longest length (the batch's observed horizon).
+    """
+    with scm.record_logits() as steps:
+        sampled = scm.model(prompts)  # (..., T), padded after each end of sequence
+    lengths = [active_steps(scm, row) for row in sampled.reshape(-1, sampled.shape[-1])]
+    horizon = max(lengths)
+    rows = scm.check_observed(sampled[..., :horizon])
+    return rows, torch.stack(steps[:horizon], dim=-2), lengths
 
 
 def sample_factual(scm: LanguageModelSCM, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prelude of every query on a sampled string: a string ``(n,)`` sampled from the
-    factual model after ``prompt`` ``(L,)`` (trimmed after its end of sequence), and the raw
-    logits ``(n, V)`` that sampled it, for the abduction (a teacher-forced pass rounds
-    otherwise, and under top-k can rank the sampled token outside the k)."""
-    with scm.record_logits() as steps:
-        observed = trim(scm, scm.model(prompt))
-    raw_logits = torch.stack(steps[: observed.shape[-1]], dim=-2)
+    """:func:`sample_factuals` of one prompt ``(L,)``: a string ``(n,)`` (trimmed after its end
+    of sequence) and the raw logits ``(n, V)`` that sampled it."""
+    observed, raw_logits, _ = sample_factuals(scm, prompt)
     return scm.check_observed(observed, single=True), raw_logits
 
 
@@ -189,7 +200,7 @@ def _predict(
     rows = 2 * size if baseline is not None else size
     ids = predict(scm, intervened, prompt, rows, noise, anchor=anchor, deterministic=deterministic)
     parts = [h.noise_statistics() for h in handlers]
-    stats = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts and parts[0] else {}
+    stats = {key: torch.cat([part[key] for part in parts], -2) for key in parts[0]} if parts and parts[0] else {}
     scores = None
     if scorer is not None:
         lead = ids.shape[:-1]
@@ -209,14 +220,9 @@ def _given(handler: ContextManager[Any], _: Any) -> ContextManager[Any]:
 
 
 def _baseline_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """The generator of the baseline's prior noise: seeded from ``seed`` alone (fresh
-    entropy without one), so the posterior draws do not depend on whether it runs."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(hashlib.sha256(f"pyro-lmscm baseline {int(seed)}".encode()).hexdigest()[:15], 16))
-    return generator
+    """The generator of the baseline's prior noise: its own stream of ``seed``
+    (:func:`~pyro_lmscm.seeding.generator`), so the posterior draws do not depend on whether it runs."""
+    return generator(seed, "baseline", device)
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -237,11 +243,13 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 #: The memory that one automatically sized chunk of draws may hold while it is decoded (its
-#: KV cache and its per-step logits and noise), by device type; see :func:`auto_chunk_size`.
-#: On the CPU 512 MiB: about 200 rows of SmolLM2 bfloat16 at T = 32, so a study batch of 16 strings x
-#: (4 counterfactuals + 4 baselines) decodes as one run of 128 rows, 0.37-0.50 s per string
-#: against 0.57-0.74 s in the four runs of 32 rows that 80 MiB allowed (2 cores, bfloat16).
-AUTO_CHUNK_BYTES: dict[str, int] = {"cpu": 512 * 2**20, "cuda": 8 * 2**30}
+#: KV cache and its per-step logits and noise, :func:`auto_chunk_size`), by device type. On the
+#: CPU 80 MiB: 17 rows of SmolLM2 float32 at T = 64, so that ``counterfactual(num_samples=64)``
+#: peaks within 150 MB above the model (a 64-row chunk holds a 209 MB KV cache alone) at the
+#: same speed per draw (benchmarks/README.md, "Issue 34: the automatic chunk from a memory
+#: budget"). A caller that trades memory for speed passes its own ``budget`` (the study does:
+#: :data:`pyro_lmscm.study.worker.STUDY_CHUNK_BYTES`) or ``chunk_size``.
+AUTO_CHUNK_BYTES: dict[str, int] = {"cpu": 80 * 2**20, "cuda": 8 * 2**30}
 
 
 def _working_bytes_per_row(scm: LanguageModelSCM, prompt_length: int) -> int:
@@ -252,15 +260,21 @@ def _working_bytes_per_row(scm: LanguageModelSCM, prompt_length: int) -> int:
     return scm.lm.cache_bytes_per_token() * tokens + 8 * scm.vocab_size * 4
 
 
-def auto_chunk_size(scm: LanguageModelSCM, prompt_length: int, baseline: bool = False) -> int:
+def auto_chunk_size(
+    scm: LanguageModelSCM, prompt_length: int, baseline: bool = False, budget: int | None = None
+) -> int:
     """The number of posterior draws that ``counterfactual(chunk_size=None)`` decodes at once:
-    as many as fit :data:`AUTO_CHUNK_BYTES` of the model's device type (at least one).
+    as many as fit ``budget`` bytes (default :data:`AUTO_CHUNK_BYTES` of the model's device
+    type), at least one. A draw holds its KV cache over the prompt and ``T`` new tokens
+    (``scm.lm.cache_bytes_per_token()`` per position, from the model config) and about eight
+    float32 vectors of ``V`` per step.
 
     It depends only on the model's config and dtype, the device type, ``T``, the prompt
     length and ``baseline`` (each draw then decodes two rows), never on the memory free at
     the time, so that a seeded call draws the same noise in the same chunks on every run.
     """
-    budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
+    if budget is None:
+        budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
     per_draw = _working_bytes_per_row(scm, prompt_length) * (2 if baseline else 1)
     return max(1, budget // per_draw)
 
@@ -374,54 +388,12 @@ def counterfactual(
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     margin = as_real(margin, "margin", minimum=0.0)
     prompt = scm.check_prompt(prompt, single=True)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(scm, prompt.shape[-1], baseline)
-    size = min(chunk_size, num_samples)
-    _check_memory(scm, num_samples, size, prompt.shape[-1], baseline)
     if observed is not None:
         observed = scm.check_observed(observed, single=True)
-        data = as_do_data(scm, intervention, observed)
-    else:
-        check_intervention(scm, intervention)  # before a factual string is sampled
-    with seeded(seed):
-        raw_logits = None
-        if observed is None:
-            observed, raw_logits = sample_factual(scm, prompt)
-            data = as_do_data(scm, intervention, observed)
-        guide = HindsightGumbelGuide(scm, observed, margin=margin, raw_logits=raw_logits)
-        intervened = intervene(scm, data)
-        anchor = guide.anchor(prompt)  # the factual logits of the abduction, computed once
-        generator = _baseline_generator(seed, scm.lm.device) if baseline else None
-        exact = None
-        if scores:
-            exact = ExactCounterfactual(scm, prompt, observed, data, raw_logits=anchor.logits)
-        scorer = _scorer(scm, data, None if exact is None else [exact])
-        chunks = [
-            _predict(
-                scm, guide, anchor, intervened, prompt, min(size, num_samples - start), generator, deterministic, scorer
-            )
-            for start in range(0, num_samples, size)
-        ]
-        counterfactual_ids = torch.cat([chunk[0] for chunk in chunks])
-        interventional_ids = torch.cat([c[1] for c in chunks if c[1] is not None]) if baseline else None
-        stats = [chunk[2] for chunk in chunks]
-        noise_stats = {key: torch.cat([chunk[key] for chunk in stats]) for key in stats[0]} if stats[0] else {}
-        scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
-    return CounterfactualResult(
-        scm=scm,
-        prompt_ids=prompt,
-        factual_ids=observed,
-        counterfactual_ids=counterfactual_ids,  # (num_samples, T): each chunk is (size, T)
-        interventional_ids=interventional_ids,
-        intervention=data,
-        log_prob_factual=float(guide.log_prob_observed(anchor)),
-        noise_stats=noise_stats,
-        factual_logits=raw_logits,
-        exact=exact,
-        counterfactual_scores=scored.get("counterfactual_scores"),
-        interventional_scores=scored.get("interventional_scores"),
-        counterfactual_log_q=scored.get("counterfactual_log_q"),
-    )
+    return _counterfactuals(
+        scm, [prompt], None if observed is None else [observed], intervention, num_samples, seed, margin,
+        chunk_size, baseline, deterministic, scores,
+    )[0]
 
 
 def _scorer(
@@ -472,6 +444,7 @@ def counterfactuals(
     margin: float = 0.0,
     baseline: bool = False,
     scores: bool = False,
+    chunk_size: int | None = None,
 ) -> list[CounterfactualResult]:
     r""":func:`counterfactual` of several strings at once, one :class:`CounterfactualResult` each.
 
@@ -498,6 +471,9 @@ def counterfactuals(
     :param intervention: one intervention for every string; it may not depend on the
         observation (``exclude_t="factual"`` does: use :func:`counterfactual`).
     :param scores: as :func:`counterfactual`, for every string.
+    :param chunk_size: draws of each string decoded in one run (``S x chunk_size`` rows);
+        ``None``: as many as fit :data:`AUTO_CHUNK_BYTES` for all ``S`` strings
+        (:func:`auto_chunk_size` divided by ``S``).
     :raises ObservationError, AbductionError, InterventionError, InferenceError: on bad input.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
@@ -507,75 +483,127 @@ def counterfactuals(
     """
     _check_call(scm, baseline=baseline, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=0)
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     margin = as_real(margin, "margin", minimum=0.0)
     if isinstance(prompts, torch.Tensor) or not len(prompts):
         raise InferenceError(
             "`prompts` must be a non-empty list of prompts (L_i,); for one string use counterfactual()."
         )
     singles = [scm.check_prompt(prompt, single=True) for prompt in prompts]
+    if observed is not None:
+        if len(observed) != len(singles):
+            raise InferenceError(f"{len(singles)} prompts but {len(observed)} observations.")
+        observed = [scm.check_observed(obs, single=True) for obs in observed]
+        if len({obs.shape[-1] for obs in observed}) != 1:
+            raise InferenceError(
+                "the observations of one batch must have one length (one observed horizon); "
+                f"got lengths {sorted({obs.shape[-1] for obs in observed})}. Batch them by length."
+            )
+    return _counterfactuals(
+        scm, singles, observed, intervention, num_samples, seed, margin, chunk_size, baseline, False, scores
+    )
+
+
+def _counterfactuals(
+    scm: LanguageModelSCM,
+    singles: list[torch.Tensor],
+    observed: list[torch.Tensor] | None,
+    intervention: Intervention | None,
+    num_samples: int,
+    seed: int | None,
+    margin: float,
+    chunk_size: int | None,
+    baseline: bool,
+    deterministic: bool,
+    scores: bool,
+) -> list[CounterfactualResult]:
+    """The one counterfactual core, of :func:`counterfactual` (a batch of one string) and
+    :func:`counterfactuals`: sample (or take) the factual strings, abduct them in one guide,
+    then decode the draws of every string in chunks of one intervened run each.
+
+    :param singles: ``S`` checked prompts ``(L_i,)``.
+    :param observed: ``S`` checked observations ``(n,)`` of one length, or ``None``.
+    :param chunk_size: draws per string in one chunk; ``None``: :func:`auto_chunk_size` shared
+        by the ``S`` strings.
+    """
+    S = len(singles)
     batch = scm.check_prompt(left_pad([p.cpu() for p in singles]).to(scm.lm.device))  # (S, L)
-    S = batch.shape[0]
-    check_intervention(scm, intervention)
+    if chunk_size is None:
+        chunk_size = max(1, auto_chunk_size(scm, batch.shape[-1], baseline) // S)
+    size = max(1, min(chunk_size, num_samples))
+    _check_memory(scm, S * num_samples, S * size, batch.shape[-1], baseline)
+    if observed is not None:
+        datas = [as_do_data(scm, intervention, obs) for obs in observed]
+    else:
+        check_intervention(scm, intervention)  # before a factual string is sampled
+    # one string runs without the strings' dim, as one observation (n,): the guide then also
+    # keeps the per-draw noise statistics
+    alone = S == 1
     with seeded(seed):
         raw_logits = None
         if observed is None:
-            with scm.record_logits() as steps:
-                sampled = scm.model(batch)  # (S, T), padded after each end of sequence
-            raw_logits = torch.stack(steps, dim=-2)[:, None]  # (S, 1, T, V)
-            rows = scm.check_observed(sampled)
-            lengths = [active_steps(scm, row) for row in rows]
+            rows, raw_logits, lengths = sample_factuals(scm, batch[0] if alone else batch)  # (S?, h), (S?, h, V)
+            factual = [rows[: lengths[0]]] if alone else [rows[i, : lengths[i]] for i in range(S)]
+            datas = [as_do_data(scm, intervention, obs) for obs in factual]
         else:
-            if len(observed) != S:
-                raise InferenceError(f"{S} prompts but {len(observed)} observations.")
-            checked = [scm.check_observed(obs, single=True) for obs in observed]
-            if len({obs.shape[-1] for obs in checked}) != 1:
-                raise InferenceError(
-                    "the observations of one batch must have one length (one observed horizon); "
-                    f"got lengths {sorted({obs.shape[-1] for obs in checked})}. Batch them by length."
-                )
-            rows = torch.stack(checked)
-            lengths = [row.shape[-1] for row in checked]
-        factual = [rows[i, : lengths[i]] for i in range(S)]
-        datas = [as_do_data(scm, intervention, obs) for obs in factual]
+            lengths, factual = [obs.shape[-1] for obs in observed], observed
+            rows = observed[0] if alone else torch.stack(observed)
         if not _same_data(datas):
             raise InferenceError(
                 "the intervention depends on each observation (exclude_t='factual'); use counterfactual() per string."
             )
-        guide = HindsightGumbelGuide(scm, rows[:, None], margin=margin, raw_logits=raw_logits)
-        prompt = batch[:, None]  # (S, 1, L): the draws are the last batch dim
+        if raw_logits is not None and not alone:
+            raw_logits = raw_logits[:, None]  # (S, 1, h, V)
+        guide = HindsightGumbelGuide(scm, rows if alone else rows[:, None], margin=margin, raw_logits=raw_logits)
+        prompt = batch[0] if alone else batch[:, None]  # (S, 1, L): the draws are the last batch dim
         anchor = guide.anchor(prompt)  # the factual logits of the abduction, computed once
         # the strings are a plate (dim -2) outside the plate of draws: an intervened prompt
         # shared by the strings still gives every string its own rows
-        intervened = pyro.plate(STRINGS, S, dim=-2)(intervene(scm, datas[0]))
-        generator = _baseline_generator(seed, scm.lm.device) if baseline else None
-        size = max(1, auto_chunk_size(scm, batch.shape[-1], baseline) // S)
+        intervened = intervene(scm, datas[0])
+        if not alone:
+            intervened = pyro.plate(STRINGS, S, dim=-2)(intervened)
+        baseline_noise = _baseline_generator(seed, scm.lm.device) if baseline else None
         exacts = None
         if scores:
-            raw = anchor.logits  # (S, 1, n, V): the logits the abduction used
+            raw = anchor.logits.reshape(S, *anchor.logits.shape[-2:])  # (S, n, V): the logits the abduction used
             exacts = [
-                ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, 0, : lengths[i]])
+                ExactCounterfactual(scm, singles[i], factual[i], datas[i], raw_logits=raw[i, : lengths[i]])
                 for i in range(S)
             ]
         scorer = _scorer(scm, datas[0], exacts)
         chunks = [
-            _predict(scm, guide, anchor, intervened, prompt, min(size, num_samples - start), generator, False, scorer)
+            _predict(
+                scm, guide, anchor, intervened, prompt, min(size, num_samples - start), baseline_noise, deterministic,
+                scorer,
+            )
             for start in range(0, num_samples, size)
         ]
-        empty = torch.zeros(S, 0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
-        counterfactual_ids = torch.cat([empty, *[chunk[0] for chunk in chunks]], dim=-2)  # (S, num_samples, T)
+        empty = torch.zeros(0, scm.max_new_tokens, dtype=torch.long, device=batch.device)
+        empty = empty.expand(*(() if alone else (S,)), 0, scm.max_new_tokens)
+        counterfactual_ids = torch.cat([empty, *[chunk[0] for chunk in chunks]], dim=-2)  # (S?, num_samples, T)
         baselines = [c[1] for c in chunks if c[1] is not None]
         interventional_ids = torch.cat([empty, *baselines], dim=-2) if baseline else None
+        stats = [chunk[2] for chunk in chunks if chunk[2]]
+        noise_stats = {key: torch.cat([part[key] for part in stats], -2) for key in stats[0]} if stats else {}
         log_prob = guide.log_prob_observed(anchor).reshape(S)
         scored = _joined_scores([chunk[3] for chunk in chunks], baseline)
+        if alone:  # the strings' dim, of one
+            counterfactual_ids = counterfactual_ids[None]
+            interventional_ids = None if interventional_ids is None else interventional_ids[None]
+            scored = {key: None if value is None else value[None] for key, value in scored.items()}
+            noise_stats = {key: value[None] for key, value in noise_stats.items()}
+            raw_logits = None if raw_logits is None else raw_logits[None, None]
     return [
         CounterfactualResult(
             scm=scm,
             prompt_ids=singles[i],
             factual_ids=factual[i],
-            counterfactual_ids=counterfactual_ids[i],
-            interventional_ids=None if interventional_ids is None else interventional_ids[i],
+            counterfactual_ids=counterfactual_ids[i],  # (num_samples, T)
+            interventional_ids=_row(interventional_ids, i),
             intervention=datas[i],
             log_prob_factual=float(log_prob[i]),
+            noise_stats={key: value[i] for key, value in noise_stats.items()},
             factual_logits=None if raw_logits is None else raw_logits[i, 0, : lengths[i]],
             exact=None if exacts is None else exacts[i],
             counterfactual_scores=_row(scored.get("counterfactual_scores"), i),

@@ -137,3 +137,56 @@ def test_automatic_chunks_follow_the_memory_budget_and_equal_explicit_ones(scm, 
     _same(automatic, module_counterfactual(*args, num_samples=10, seed=3, chunk_size=3))
     whole = module_counterfactual(*args, num_samples=10, seed=3, chunk_size=10)
     assert not torch.equal(automatic.counterfactual_ids, whole.counterfactual_ids)  # other draws, same generator
+    assert auto_chunk_size(scm, len(PROMPT), budget=5 * per_row) == 5  # a caller's own budget (the study's)
+
+
+def test_smollm2_fp32_at_64_steps_decodes_in_chunks_within_the_memory_budget():
+    """The automatic chunk of ``counterfactual(num_samples=64)`` on SmolLM2 fp32 at T = 64 (the
+    memory target of issue 34: its 64-row KV cache alone is 209 MB) from the model config alone:
+    a chunk's KV cache and step tensors fit :data:`AUTO_CHUNK_BYTES`, so 64 draws run in 4 chunks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyro_lmscm.inference import auto_chunk_size
+    from pyro_lmscm.inference.counterfactual import AUTO_CHUNK_BYTES
+    from pyro_lmscm.lm import HFLanguageModel
+
+    config = LlamaConfig(  # SmolLM2-135M's shapes, without its weights (meta device)
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    lm = HFLanguageModel(model)
+    assert lm.cache_bytes_per_token() == 2 * 30 * 3 * 64 * 4  # 46 KB per row and position
+    scm = LanguageModelSCM(lm, max_new_tokens=64)
+    size = auto_chunk_size(scm, 8, budget=AUTO_CHUNK_BYTES["cpu"])
+    cache = size * (8 + 64) * lm.cache_bytes_per_token()
+    assert 12 <= size <= 20 and cache <= AUTO_CHUNK_BYTES["cpu"] < 64 * (8 + 64) * lm.cache_bytes_per_token()
+
+
+@pytest.mark.parametrize(
+    "observed, intervention, flags",
+    [
+        (None, {}, dict(baseline=True)),
+        (torch.tensor([5, 9, 3, 7]), {"prompt": [2, 9, 4]}, dict(scores=True, baseline=True)),
+        (torch.tensor([5, 9, 3, 7]), {"exclude_1": "factual"}, dict(chunk_size=4)),
+        (None, {"w_2": 6}, dict(scores=True, chunk_size=3)),
+    ],
+)
+def test_counterfactual_is_a_batch_of_one_of_counterfactuals(scm, observed, intervention, flags):
+    """One core: ``counterfactual()`` gives what ``counterfactuals()`` gives for a list of one
+    string, bit for bit (ids, noise statistics, scores, the factual string and its logits)."""
+    from pyro_lmscm.inference import counterfactuals
+
+    one = counterfactual(scm, PROMPT, observed, intervention, num_samples=9, seed=4, **flags)
+    [batch] = counterfactuals(
+        scm, [PROMPT], None if observed is None else [observed], intervention, num_samples=9, seed=4, **flags
+    )
+    other = counterfactual(scm, PROMPT, observed, intervention, num_samples=9, seed=5, **flags)
+    _same(one, batch)
+    for name in ("factual_ids", "counterfactual_scores", "interventional_scores", "counterfactual_log_q",
+                 "factual_logits"):
+        a, b = getattr(one, name), getattr(batch, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert one.log_prob_factual == batch.log_prob_factual and one.noise_stats
+    assert not torch.equal(one.counterfactual_ids, other.counterfactual_ids)  # the seed matters
