@@ -101,7 +101,7 @@ def study_inputs(config: StudyConfig) -> dict[str, str]:
 def record_fingerprint(item: CorpusItem, config: StudyConfig, inputs: Mapping[str, str]) -> str:
     """The sha256 of ``item``'s own inputs (its prompt and continuation) with the study's
     result settings and model contents (not its batch-mates: see :func:`batch_fingerprints`)."""
-    data = {
+    data: dict[str, Any] = {
         "prompt": item.prompt,
         "continuation": item.continuation,
         "settings": config.result_settings(),

@@ -268,7 +268,7 @@ class StudyWorker:
         from ..interventions.spec import CHAT_KEYS, read_spec
 
         data = self.config.intervention
-        data = dict(data) if isinstance(data, Mapping) else read_spec(data)
+        data = dict(data) if isinstance(data, Mapping) else dict(read_spec(data))
         #: the spec with its chat edits (system=, user=): each chat row's prompt intervention is
         #: its own conversation edited (:meth:`intervention_for`); ``None`` without chat edits
         self._chat_spec: dict[str, Any] | None = data if any(key in data for key in CHAT_KEYS) else None
