@@ -39,7 +39,7 @@ extensions = [
 
 # Pages: MyST markdown; tutorials are MyST notebooks (jupytext's text format), executed.
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb"}
-exclude_patterns = ["_build", "_ext", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "results", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
 
