@@ -289,7 +289,8 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#run").click()
     table = page.locator("#worlds table")
     expect(table).to_be_visible(timeout=60_000)
-    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 (Gumbel-max; stable mechanisms 1–1; any mechanism")
+    expect(page.locator("#summary")).to_contain_text(
+        "P(unchanged) = 1 (Gumbel-max; stable mechanisms 1–1; any mechanism 1–1)")
     factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
     assert all(factual_row), factual_row  # no blank chip: whitespace shows as a glyph
     rows = table.locator("tr.counterfactual")
@@ -337,3 +338,95 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     expect(table.locator("caption")).to_contain_text("model = ", timeout=60_000)
     expect(page.locator("#message")).to_have_text("")
     assert problems == [] and external == []
+
+
+# -- SmolLM2 in the browser: the README's --text example and a system-prompt counterfactual ----
+
+
+@pytest.fixture(scope="module")
+def served_smollm2(tmp_path_factory):
+    """``pyro-lmscm app`` on the embedded SmolLM2-135M-Instruct, with its defaults."""
+    pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
+    root = tmp_path_factory.mktemp("explorer-smollm2")
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_readme_text_example_in_the_explorer(served_smollm2, chromium_context):
+    """README: ``counterfactual --prompt "The nurse said that" --text " she was tired."
+    --intervention 'w_0=" he"'``, pasted into the explorer with its default settings (the
+    old hidden top-k 50 refused it): every counterfactual starts with " he", P(unchanged) is 0."""
+    from playwright.sync_api import expect
+
+    page = chromium_context.new_page()
+    page.goto(served_smollm2)
+    page.wait_for_selector("#run")
+    page.locator("#prompt textarea").fill("The nurse said that")
+    page.locator("#observed textarea").fill(" she was tired.")
+    page.locator("#kind").get_by_label("force / exclude a token").check()
+    page.locator("#step input").fill("0")
+    page.locator("#action").get_by_label("force a token").check()
+    page.locator("#force-token textarea").fill(" he")
+    page.locator("#run").click()
+    table = page.locator("#worlds table")
+    expect(table.locator("caption")).to_contain_text('w_0 = " he"', timeout=600_000)
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ", timeout=600_000)
+    assert page.locator("#message").inner_text() == ""
+    assert [c.inner_text() for c in table.locator("tr.factual td").all()] == [" she", " was", " tired", "."]
+    rows = table.locator("tr.counterfactual")
+    assert rows.count() >= 1
+    for i in range(rows.count()):
+        assert rows.nth(i).locator("td").first.inner_text() == " he"
+
+
+@pytest.mark.slow
+def test_system_prompt_counterfactual_in_the_explorer(served_smollm2, chromium_context):
+    """Chat mode: a sampled assistant reply, then the null intervention reproduces it exactly
+    (P(unchanged) = 1, one counterfactual row equal to the factual one), then a system-prompt
+    edit runs end to end."""
+    from playwright.sync_api import expect
+
+    page = chromium_context.new_page()
+    page.goto(served_smollm2)
+    page.wait_for_selector("#run")
+    page.locator("#chat input").check()
+    expect(page.locator("#system textarea")).to_be_visible()
+    page.locator("#kind").get_by_label("none").check()
+    page.locator("#run").click()  # samples a reply (24 tokens at most) and keeps it
+    table = page.locator("#worlds table")
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ", timeout=600_000)
+    reply = page.locator("#observed textarea").input_value()
+    assert reply.strip()
+    factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
+    rows = table.locator("tr.counterfactual")
+    assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+    assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
+    page.locator("#kind").get_by_label("system prompt edit (chat)").check()
+    page.locator("#new-system textarea").fill("You are a pirate. Answer like a pirate.")
+    page.locator("#run").click()
+    expect(table.locator("caption")).to_contain_text("system = You are a pirate.", timeout=600_000)
+    expect(page.locator("#summary")).to_contain_text("stable mechanisms", timeout=600_000)
+    assert page.locator("#message").inner_text() == ""
+    assert page.locator("#observed textarea").input_value() == reply
