@@ -250,7 +250,7 @@ def served(tmp_path_factory):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a loaded machine imports torch and gradio slowly
         while True:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:

@@ -399,6 +399,7 @@ class Explorer:
         """``snapshot`` with the attribution of the effect to the mechanism's parts (or the
         reason why there is none: e.g. two models of different architectures)."""
         from ..inference import attribute
+        from ..inference.attribute import Attribution
         from ..runtime import compute_scope
 
         try:
@@ -409,6 +410,7 @@ class Explorer:
                 )
         except LMSCMError as error:
             return replace(snapshot, attribution_note=f"no attribution to parts: {error}", pending=None)
+        assert isinstance(attribution, Attribution)  # by="layer"
         if len(attribution.parts) == 1:
             return replace(snapshot, attribution_note="the mechanism is one indivisible part.", pending=None)
         return replace(snapshot, attribution=attribution, pending=None)

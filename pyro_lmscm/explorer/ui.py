@@ -326,7 +326,7 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                   max_new_tokens, baseline, attribute]
         # one progress indicator, on the status line: the inputs and the streamed results stay
         # readable (Gradio's default puts one on every output and fades them)
-        running = {"show_progress": "full", "show_progress_on": [status]}
+        running: dict[str, Any] = {"show_progress": "full", "show_progress_on": [status]}
         run_button.click(run, inputs, outputs, **running)
         sample_button.click(sample, [chat, prompt, system, user, seed, top_k, max_new_tokens],
                             [observed, factual, state, message], show_progress_on=[status])
