@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: Steps per block of the aligned table: longer strings wrap onto further blocks.
-STEPS_PER_LINE = 12
+STEPS_PER_LINE = 8
 
 STYLE = """
 <style>
