@@ -302,7 +302,7 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                     max_new_tokens = gr.Number(0, label="Tokens (0: the observation's length)", precision=0)
                     baseline = gr.Checkbox(False, label="Also the interventional baseline (fresh noise)")
                     attribute = gr.Checkbox(True, label="Attribute the effect to the mechanism's parts (layers)")
-        status = gr.Markdown(elem_id="status")
+        status = gr.Markdown(elem_id="status", min_height=48)  # room for the one progress indicator
         message = gr.Markdown(elem_id="message")
         summary = gr.Markdown(elem_id="summary")
         worlds = gr.HTML(elem_id="worlds")
