@@ -420,9 +420,10 @@ def test_system_prompt_counterfactual_in_the_explorer(served_smollm2, chromium_c
     reply = page.locator("#observed textarea").input_value()
     assert reply.strip()
     factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
-    rows = table.locator("tr.counterfactual")
+    rows = table.locator("tbody").first.locator("tr.counterfactual")  # one row per block of steps
     assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
-    assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
+    cells = [c.inner_text() for c in table.locator("tr.counterfactual td").all()]
+    assert cells[: len(factual_row)] == factual_row
     page.locator("#kind").get_by_label("system prompt edit (chat)").check()
     page.locator("#new-system textarea").fill("You are a pirate. Answer like a pirate.")
     page.locator("#run").click()
