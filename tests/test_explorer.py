@@ -116,6 +116,112 @@ def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapsho
     assert linear_calls.all_in_heap_scope()
 
 
+def test_default_decoding_is_the_full_softmax():
+    """A pasted string outside any top-k support can be abducted by default (the README's
+    --text example failed under the old hidden top-k 50)."""
+    from pyro_lmscm.defaults import DEFAULTS
+
+    assert DEFAULTS.top_k is None and ExploreRequest(PROMPT).top_k is None
+
+
+def test_bounds_beside_p_unchanged_and_as_a_band(explorer):
+    """The exploration's bounds are exact_counterfactual(...).bounds(), computed here
+    independently; the summary prints both intervals and the plot draws the CDF band."""
+    from pyro_lmscm.explorer.render import first_divergence_figure, render_summary
+
+    request = ExploreRequest(PROMPT, None, intervention={"prompt": "the woman said"}, max_new_tokens=6, top_k=None)
+    found = explorer.run(request)
+    lm = explorer.lm
+    scm = LanguageModelSCM(lm, 6, Decoding())
+    exact = exact_counterfactual(scm, lm.encode(PROMPT), torch.tensor(found.factual.ids),
+                                 {"prompt": lm.encode("the woman said")})
+    expected = exact.bounds()
+    assert found.bounds.prob_unchanged["stable"] == pytest.approx(expected.prob_unchanged["stable"], abs=1e-12)
+    assert found.bounds.prob_unchanged["any"] == pytest.approx(expected.prob_unchanged["any"], abs=1e-12)
+    low, high = found.bounds.prob_unchanged["stable"]
+    assert low <= found.prob_unchanged <= high
+    text = render_summary(found)
+    stable, any_ = found.bounds.prob_unchanged["stable"], found.bounds.prob_unchanged["any"]
+    assert f"stable mechanisms {stable[0]:.2g}–{stable[1]:.2g}; any mechanism {any_[0]:.2g}–{any_[1]:.2g}" in text
+    figure = first_divergence_figure(found)
+    bands = [c for c in figure.axes[0].collections if c.get_label().startswith("P(first divergence ≤ t)")]
+    assert len(bands) == 2  # stable and any
+    assert found.attribution is None and "selects no mechanism" in found.attribution_note
+
+
+def test_attribution_to_the_parts_of_a_model_swap(explorer, tmp_path):
+    """A second model of the same architecture is split into its layers' weight differences;
+    the exploration's values are attribute()'s, and the bar chart has one bar per part."""
+    from pyro_lmscm.explorer.render import attribution_figure, render_summary
+    from pyro_lmscm.inference import attribute
+    from pyro_lmscm.interventions import ModelSwap
+
+    other = tiny_llama(seed=1)
+    other.model.save_pretrained(tmp_path)
+    other.tokenizer.save_pretrained(tmp_path)
+    snapshots = list(explorer.stream(ExploreRequest(PROMPT, None, intervention={"model": str(tmp_path)},
+                                                    max_new_tokens=5)))
+    found = snapshots[-1]
+    assert len(snapshots) == 4 and snapshots[-2].pending.startswith("the attribution") and found.pending is None
+    lm = explorer.lm
+    scm = LanguageModelSCM(lm, 5, Decoding(), mechanisms={"swap": ModelSwap(other)})
+    expected = attribute(scm, lm.encode(PROMPT), torch.tensor(found.factual.ids), {"mechanism": "swap"})
+    assert found.attribution.parts == expected.parts and len(expected.parts) > 1
+    for part in expected.parts:
+        assert found.attribution.shapley[part] == pytest.approx(expected.shapley[part], abs=1e-9)
+        assert found.attribution.prob_unchanged_alone[part] == pytest.approx(
+            expected.prob_unchanged_alone[part], abs=1e-9)
+    figure = attribution_figure(found)
+    assert len(figure.axes[0].patches) == len(expected.parts)
+    assert "Parts:" not in render_summary(found)
+    # a one-part mechanism says so instead of a chart (attribution off: also said)
+    off = explorer.run(ExploreRequest(PROMPT, None, intervention={"model": str(tmp_path)}, max_new_tokens=5,
+                                      attribute=False))
+    assert off.attribution is None and "off" in off.attribution_note and attribution_figure(off) is None
+
+
+def test_chat_null_intervention_reproduces_the_reply(explorer):
+    """Chat mode on a tiny model with a chat template: the observation is the assistant's
+    reply ended by the end-of-turn token, the null intervention keeps it exactly, and a
+    system-prompt edit runs through parse_intervention(messages=)."""
+    import copy
+
+    from pyro_lmscm.lm import HFLanguageModel
+
+    template = (
+        "{% set names = {'system': 'the', 'user': 'man', 'assistant': 'woman'} %}"
+        "{% for message in messages %}<s> {{ names[message['role']] }} {{ message['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> woman{% endif %}"
+    )
+    tokenizer = copy.deepcopy(explorer.lm.tokenizer)
+    tokenizer.chat_template = template
+    chat = Explorer(HFLanguageModel(explorer.lm.model, tokenizer))
+    messages = [{"role": "system", "content": "he was old"}, {"role": "user", "content": "the man said"}]
+    found = chat.run(ExploreRequest(messages, "she went home", num_samples=8))
+    assert found.factual.ids == chat.lm.encode_reply("she went home").tolist()
+    assert found.prompt_ids == chat.lm.encode(messages).tolist()
+    assert found.prob_unchanged == 1.0 and [row.ids for row in found.counterfactuals] == [found.factual.ids]
+    edited = chat.run(ExploreRequest(messages, "she went home", intervention={"system": "she was young"}))
+    assert 0.0 <= edited.prob_unchanged <= 1.0 and edited.description == "do(system = she was young)"
+    with pytest.raises(InterventionError, match="chat"):
+        chat.run(ExploreRequest(PROMPT, "she went home", intervention={"system": "x"}))
+
+
+def test_whitespace_is_visible_and_long_strings_wrap(explorer):
+    from pyro_lmscm.explorer.render import STEPS_PER_LINE, visible
+
+    assert [visible(t) for t in (" ", "  ", "\n", " she", "\t", "")] == ["␣", "␣␣", "↵", " she", "⇥", "◌"]
+    found = explorer.run(ExploreRequest(PROMPT, None, intervention={"exclude_1": "factual"}, max_new_tokens=30,
+                                        num_samples=2))
+    html = render_worlds(found)
+    steps = max(len(found.factual.ids), *(len(r.ids) for r in found.counterfactuals))
+    blocks = -(-steps // STEPS_PER_LINE)
+    assert steps > STEPS_PER_LINE and html.count('<tr class="steps">') == html.count("<tbody>") == blocks
+    assert html.count('<tr class="factual">') == blocks
+    assert re.findall(r'data-step="(\d+)"', "".join(re.findall(r'<tr class="factual">(.*?)</tr>', html))) == [
+        str(t) for t in range(len(found.factual.ids))]
+
+
 # -- the page in a real browser ---------------------------------------------------------------
 
 
@@ -144,7 +250,7 @@ def served(tmp_path_factory):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a loaded machine imports torch and gradio slowly
         while True:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
@@ -183,8 +289,10 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#run").click()
     table = page.locator("#worlds table")
     expect(table).to_be_visible(timeout=60_000)
-    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ")
+    expect(page.locator("#summary")).to_contain_text(
+        "P(unchanged) = 1 (Gumbel-max; stable mechanisms 1–1; any mechanism 1–1)")
     factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
+    assert all(factual_row), factual_row  # no blank chip: whitespace shows as a glyph
     rows = table.locator("tr.counterfactual")
     assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
     assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
@@ -197,7 +305,7 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#factual .token").nth(2).click()
     expect(page.locator("#selected")).to_contain_text("step 2")
     page.locator("#exclude-token").click()
-    expect(table.locator("thead")).to_contain_text("exclude_2 = factual", timeout=60_000)
+    expect(table.locator("caption")).to_contain_text("exclude_2 = factual", timeout=60_000)
     expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ")
     rows = table.locator("tr.counterfactual")
     assert rows.count() >= 1
@@ -227,6 +335,99 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#model-folder textarea").fill(str(second_model))
     page.locator("#run").click()
-    expect(table.locator("thead")).to_contain_text("model = ", timeout=60_000)
+    expect(table.locator("caption")).to_contain_text("model = ", timeout=60_000)
     expect(page.locator("#message")).to_have_text("")
     assert problems == [] and external == []
+
+
+# -- SmolLM2 in the browser: the README's --text example and a system-prompt counterfactual ----
+
+
+@pytest.fixture(scope="module")
+def served_smollm2(tmp_path_factory):
+    """``pyro-lmscm app`` on the embedded SmolLM2-135M-Instruct, with its defaults."""
+    pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
+    root = tmp_path_factory.mktemp("explorer-smollm2")
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_readme_text_example_in_the_explorer(served_smollm2, chromium_context):
+    """README: ``counterfactual --prompt "The nurse said that" --text " she was tired."
+    --intervention 'w_0=" he"'``, pasted into the explorer with its default settings (the
+    old hidden top-k 50 refused it): every counterfactual starts with " he", P(unchanged) is 0."""
+    from playwright.sync_api import expect
+
+    page = chromium_context.new_page()
+    page.goto(served_smollm2)
+    page.wait_for_selector("#run")
+    page.locator("#prompt textarea").fill("The nurse said that")
+    page.locator("#observed textarea").fill(" she was tired.")
+    page.locator("#kind").get_by_label("force / exclude a token").check()
+    page.locator("#step input").fill("0")
+    page.locator("#action").get_by_label("force a token").check()
+    page.locator("#force-token textarea").fill(" he")
+    page.locator("#run").click()
+    table = page.locator("#worlds table")
+    expect(table.locator("caption")).to_contain_text('w_0 = " he"', timeout=600_000)
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ", timeout=600_000)
+    assert page.locator("#message").inner_text() == ""
+    assert [c.inner_text() for c in table.locator("tr.factual td").all()] == [" she", " was", " tired", "."]
+    rows = table.locator("tr.counterfactual")
+    assert rows.count() >= 1
+    for i in range(rows.count()):
+        assert rows.nth(i).locator("td").first.inner_text() == " he"
+
+
+@pytest.mark.slow
+def test_system_prompt_counterfactual_in_the_explorer(served_smollm2, chromium_context):
+    """Chat mode: a sampled assistant reply, then the null intervention reproduces it exactly
+    (P(unchanged) = 1, one counterfactual row equal to the factual one), then a system-prompt
+    edit runs end to end."""
+    from playwright.sync_api import expect
+
+    page = chromium_context.new_page()
+    page.goto(served_smollm2)
+    page.wait_for_selector("#run")
+    page.locator("#chat input").check()
+    expect(page.locator("#system textarea")).to_be_visible()
+    page.locator("#kind").get_by_label("none").check()
+    page.locator("#run").click()  # samples a reply (24 tokens at most) and keeps it
+    table = page.locator("#worlds table")
+    expect(page.locator("#summary")).to_contain_text("P(unchanged) = 1 ", timeout=600_000)
+    reply = page.locator("#observed textarea").input_value()
+    assert reply.strip()
+    factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
+    rows = table.locator("tbody").first.locator("tr.counterfactual")  # one row per block of steps
+    assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+    cells = [c.inner_text() for c in table.locator("tr.counterfactual td").all()]
+    assert cells[: len(factual_row)] == factual_row
+    page.locator("#kind").get_by_label("system prompt edit (chat)").check()
+    page.locator("#new-system textarea").fill("You are a pirate. Answer like a pirate.")
+    page.locator("#run").click()
+    expect(table.locator("caption")).to_contain_text("system = You are a pirate.", timeout=600_000)
+    expect(page.locator("#summary")).to_contain_text("stable mechanisms", timeout=600_000)
+    assert page.locator("#message").inner_text() == ""
+    assert page.locator("#observed textarea").input_value() == reply

@@ -4,34 +4,80 @@ Each column is a step ``t``. Each counterfactual token is shaded by its exact co
 probability q(s_t | s_<t) (white: certain; deep blue: improbable), with the value on hover
 (``title``); a token that differs from the factual one at its step is bold magenta, the first
 divergence of each row is outlined in orange, and steps past the observation are dimmed.
-Every text is escaped. Pure functions: no Gradio here.
+Long strings wrap: every :data:`STEPS_PER_LINE` steps the table starts a new block with its
+own step header and row labels (and scrolls sideways where a block is still too wide).
+Whitespace is shown visibly (``␣`` for a token made of spaces, ``↵`` for a line break, ``⇥``
+for a tab), so that no chip is blank. (``␣``, not ``␠``: common fonts such as DejaVu have no
+``␠``, which then shows as an empty box.) Every text is escaped. Pure functions: no Gradio here.
 """
 
 from __future__ import annotations
 
 import math
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .session import Exploration, WorldRow
 
-__all__ = ["STYLE", "first_divergence_figure", "render_summary", "render_worlds"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "STEPS_PER_LINE", "STYLE", "attribution_figure", "first_divergence_figure", "render_summary", "render_worlds",
+    "visible",
+]
+
+#: Steps per block of the aligned table: longer strings wrap onto further blocks.
+STEPS_PER_LINE = 8
 
 STYLE = """
 <style>
-.lmscm-worlds { overflow-x: auto; }
+.lmscm-worlds { overflow-x: auto; max-width: 100%; }
 .lmscm-worlds table { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: 13px; }
-.lmscm-worlds th, .lmscm-worlds td { padding: 2px 3px; border: 1px solid #e5e7eb; white-space: pre; }
+.lmscm-worlds caption { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
+  padding: 2px 0 4px 0; }
+.lmscm-worlds th, .lmscm-worlds td { padding: 2px 4px; border: 1px solid #e5e7eb; white-space: pre; }
 .lmscm-worlds th.world { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
-  position: sticky; left: 0; background: #f9fafb; z-index: 1; }
-.lmscm-worlds thead th { color: #6b7280; font-weight: 400; }
+  position: sticky; left: 0; background: #f9fafb; z-index: 1; white-space: nowrap; }
+.lmscm-worlds tr.steps th { color: #6b7280; font-weight: 400; background: #f9fafb; }
+.lmscm-worlds tbody + tbody tr.steps th { border-top: 3px solid #d1d5db; }
 .lmscm-worlds td.changed { color: #a21caf; font-weight: 700; }
 .lmscm-worlds td.first-divergence { outline: 2px solid #ea580c; outline-offset: -2px; }
 .lmscm-worlds td.past { color: #9ca3af; font-style: italic; }
+.lmscm-worlds .ws { color: #9ca3af; }
 .lmscm-worlds tr.interventional th.world { color: #6b7280; }
 .lmscm-legend { font-family: ui-sans-serif, system-ui, sans-serif; font-size: 12px; color: #4b5563; margin: 4px 0; }
 </style>
 """
+
+#: How whitespace shows: a line break, a tab, a carriage return.
+_WHITESPACE = {"\n": "↵", "\t": "⇥", "\r": "\\r"}
+
+
+def visible(token: str) -> str:
+    """``token`` with its whitespace made visible: line breaks as ``↵``, tabs as ``⇥``, and a
+    token made only of spaces as one ``␣`` per space (a word's leading space stays a space);
+    an empty piece (part of a character spread over several tokens) as ``◌``.
+
+    >>> visible(" "), visible("\\n\\n"), visible(" she"), visible("")
+    ('␣', '↵↵', ' she', '◌')
+    """
+    if token == "":
+        return "◌"
+    shown = "".join(_WHITESPACE.get(c, c) for c in token)
+    if not shown.strip(" "):
+        return "␣" * len(shown)
+    return shown
+
+
+def _cell_text(token: str) -> str:
+    """The escaped, visible text of a cell; the glyphs standing for whitespace are dimmed."""
+    shown = visible(token)
+    out = []
+    for c in shown:
+        glyph = c in "␣↵⇥◌" and c not in token
+        out.append(f'<span class="ws">{c}</span>' if glyph else escape(c))
+    return "".join(out)
 
 
 def _shade(prob: float) -> str:
@@ -41,10 +87,10 @@ def _shade(prob: float) -> str:
     return f"background: rgba(37, 99, 235, {alpha:.3f});"
 
 
-def _row(label: str, row: WorldRow, factual: WorldRow, steps: int, css: str, label_title: str = "") -> str:
+def _row(label: str, row: WorldRow, factual: WorldRow, steps: range, css: str, label_title: str = "") -> str:
     span = len(factual.ids)
     cells = []
-    for t in range(steps):
+    for t in steps:
         if t >= len(row.ids):
             cells.append("<td></td>")
             continue
@@ -61,7 +107,7 @@ def _row(label: str, row: WorldRow, factual: WorldRow, steps: int, css: str, lab
             title += f" · q(token | prefix) = {row.probs[t]:.4g}"
             style = f' style="{_shade(row.probs[t])}"'
         cls = f' class="{" ".join(classes)}"' if classes else ""
-        cells.append(f'<td{cls}{style} title="{escape(title)}" data-step="{t}">{escape(row.tokens[t])}</td>')
+        cells.append(f'<td{cls}{style} title="{escape(title)}" data-step="{t}">{_cell_text(row.tokens[t])}</td>')
     title = f' title="{escape(label_title)}"' if label_title else ""
     return f'<tr class="{css}"><th class="world"{title}>{escape(label)}</th>{"".join(cells)}</tr>'
 
@@ -69,79 +115,158 @@ def _row(label: str, row: WorldRow, factual: WorldRow, steps: int, css: str, lab
 def render_worlds(exploration: Exploration) -> str:
     """The aligned table of the factual string, the most probable counterfactual, the
     sampled counterfactuals (one row per distinct string, with its count) and the
-    interventional baseline."""
+    interventional baseline: one ``<tbody>`` block per :data:`STEPS_PER_LINE` steps, each
+    with its step header."""
     worlds = [exploration.factual, *exploration.counterfactuals]
     if exploration.mode is not None:
         worlds.append(exploration.mode)
     worlds.extend(exploration.interventional or [])
     steps = max(len(w.ids) for w in worlds)
     factual = exploration.factual
-    rows = [_row("factual", factual, factual, steps, "factual")]
+    labelled: list[tuple[str, WorldRow, str, str]] = [("factual", factual, "factual", "")]
     if exploration.mode is not None:
         p = math.exp(exploration.mode.log_prob or 0.0)
-        rows.append(_row(f"most probable (p = {p:.3g})", exploration.mode, factual, steps, "mode"))
+        labelled.append((f"most probable (p = {p:.3g})", exploration.mode, "mode", ""))
     n = exploration.num_samples
     for i, row in enumerate(exploration.counterfactuals):
-        label = f"counterfactual #{i + 1} (×{row.count}/{n})"
         hint = "" if row.log_prob is None else f"exact log P(this string) = {row.log_prob:.4g}"
-        rows.append(_row(label, row, factual, steps, "counterfactual", hint))
+        labelled.append((f"counterfactual #{i + 1} (×{row.count}/{n})", row, "counterfactual", hint))
     for i, row in enumerate(exploration.interventional or []):
-        rows.append(_row(f"interventional #{i + 1} (×{row.count}/{n})", row, factual, steps, "interventional"))
-    header = "".join(f"<th>{t}</th>" for t in range(steps))
+        labelled.append((f"interventional #{i + 1} (×{row.count}/{n})", row, "interventional", ""))
+    blocks = []
+    for start in range(0, max(steps, 1), STEPS_PER_LINE):
+        block = range(start, min(start + STEPS_PER_LINE, steps))
+        header = "".join(f"<th>{t}</th>" for t in block)
+        rows = "".join(_row(label, row, factual, block, css, hint) for label, row, css, hint in labelled)
+        blocks.append(f'<tbody><tr class="steps"><th class="world">step</th>{header}</tr>{rows}</tbody>')
     legend = (
         '<div class="lmscm-legend">Shade: the exact conditional probability of the token under the '
         "counterfactual distribution (hover for the value; white = certain, blue = improbable). "
         '<b style="color:#a21caf">Bold magenta</b>: differs from the factual token; '
         '<span style="outline:2px solid #ea580c">orange box</span>: first divergence; '
-        "<i>grey</i>: past the observed string. Interventional rows: fresh noise (no shade).</div>"
+        "<i>grey</i>: past the observed string; ␣ a space, ↵ a line break, ⏎ the end of the text. "
+        "Interventional rows: fresh noise (no shade).</div>"
     )
     return (
-        f'{STYLE}<div class="lmscm-worlds" id="lmscm-worlds">{legend}<table><thead><tr><th class="world">'
-        f'{escape(exploration.description)}</th>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+        f'{STYLE}<div class="lmscm-worlds" id="lmscm-worlds">{legend}<table><caption>'
+        f'{escape(exploration.description)}</caption>{"".join(blocks)}</table></div>'
     )
+
+
+def _interval(interval: tuple[float, float], digits: str) -> str:
+    low, high = interval
+    return f"{low:{digits}}–{high:{digits}}"
 
 
 def render_summary(exploration: Exploration) -> str:
-    """Markdown: P(unchanged), the expected first divergence and the most probable
-    counterfactual."""
+    """Markdown: P(unchanged) and the expected first divergence, each with its range over
+    counterfactually stable mechanisms and over all mechanisms, the most probable
+    counterfactual, and why the effect is not attributed to parts (where it is not)."""
     if exploration.exact_error is not None:
         return f"**Exact probabilities unavailable:** {exploration.exact_error}"
     if exploration.prob_unchanged is None:
         return f"*computing {exploration.pending} …*"
     n = len(exploration.factual.ids)
     changed = sum(row.count for row in exploration.counterfactuals if row.first_divergence is not None)
+    unchanged = f"**P(unchanged) = {exploration.prob_unchanged:.4g}**"
+    divergence = f"**E[first divergence] = {exploration.expected_first_divergence:.3g}** tokens"
+    bounds = exploration.bounds
+    if bounds is not None:
+        p, e = bounds.prob_unchanged, bounds.expected_first_divergence
+        unchanged += (f" (Gumbel-max; stable mechanisms {_interval(p['stable'], '.2g')}; "
+                      f"any mechanism {_interval(p['any'], '.2g')})")
+        divergence += (f" (stable mechanisms {_interval(e['stable'], '.3g')}; "
+                       f"any mechanism {_interval(e['any'], '.3g')})")
     lines = [
-        f"**P(unchanged) = {exploration.prob_unchanged:.4g}** (exact; {changed}/{exploration.num_samples} "
-        f"sampled counterfactuals changed over the observed {n} tokens)",
-        f"**E[first divergence] = {exploration.expected_first_divergence:.3g}** tokens "
-        f"(the unchanged string counts as {n})",
+        f"{unchanged} · {changed}/{exploration.num_samples} sampled counterfactuals changed over the observed "
+        f"{n} tokens",
+        f"{divergence}; the unchanged string counts as {n}",
     ]
     if exploration.mode is not None:
-        p = math.exp(exploration.mode.log_prob or 0.0)
-        text = exploration.mode.text.replace("`", "'")
-        lines.append(f"**Most probable counterfactual** (p = {p:.3g}): `{text}`")
-    elif exploration.pending:
+        p_mode = math.exp(exploration.mode.log_prob or 0.0)
+        text = visible(exploration.mode.text).replace("`", "'")
+        lines.append(f"**Most probable counterfactual** (p = {p_mode:.3g}): `{text}`")
+    if exploration.attribution_note:
+        lines.append(f"**Parts:** {exploration.attribution_note}")
+    if exploration.pending:
         lines.append(f"*computing {exploration.pending} …*")
     return "\n\n".join(lines)
 
 
-def first_divergence_figure(exploration: Exploration) -> Any:
-    """A small bar plot of the exact law of the first divergence (the last bar:
-    unchanged), as a matplotlib ``Figure`` (no pyplot state); ``None`` before the law is
-    known."""
+def first_divergence_figure(exploration: Exploration) -> Figure | None:
+    """A small plot of the exact law of the first divergence as bars (the last bar:
+    unchanged) and, over them, its CDF P(first divergence ≤ t) under Gumbel-max with the band
+    it may take over counterfactually stable mechanisms and over all mechanisms; a
+    matplotlib ``Figure`` (no pyplot state), ``None`` before the law is known."""
     from matplotlib.figure import Figure
 
     law = exploration.first_divergence
     if law is None:
         return None
-    figure = Figure(figsize=(7.5, 2.2), layout="constrained")
+    n = len(law) - 1
+    figure = Figure(figsize=(9, 2.6), layout="constrained")
     axes = figure.add_subplot()
-    labels = [str(t) for t in range(len(law) - 1)] + ["unchanged"]
-    axes.bar(range(len(law)), law, color=["#2563eb"] * (len(law) - 1) + ["#9ca3af"])
+    labels = [str(t) for t in range(n)] + ["unchanged"]
+    axes.bar(range(len(law)), law, color=["#2563eb"] * n + ["#9ca3af"], label="P(first divergence = t)")
+    bounds = exploration.bounds
+    if bounds is not None and n:
+        cdf = bounds.first_divergence_cdf
+        steps = list(range(n))
+        for name, color, alpha, text in (("any", "#f59e0b", 0.18, "any mechanism"),
+                                         ("stable", "#ea580c", 0.35, "stable mechanisms")):
+            low, high = (v[:n].tolist() for v in cdf[name])
+            axes.fill_between(steps, low, high, step="mid", color=color, alpha=alpha, linewidth=0,
+                              label=f"P(first divergence ≤ t): {text}")
+        axes.step(steps, cdf["gumbel"][:n].tolist(), where="mid", color="#9a3412", linewidth=1.2,
+                  label="P(first divergence ≤ t): Gumbel-max")
+        figure.legend(fontsize=6, loc="outside right upper", frameon=False)
     axes.set_xticks(range(len(law)), labels, fontsize=7, rotation=90 if len(law) > 16 else 0)
-    axes.set_ylim(0, 1)
+    axes.set_ylim(0, 1.02)
     axes.set_ylabel("probability", fontsize=8)
     axes.set_xlabel("step of the first divergence from the factual string", fontsize=8)
     axes.tick_params(axis="y", labelsize=7)
     axes.spines[["top", "right"]].set_visible(False)
+    return figure
+
+
+def attribution_figure(exploration: Exploration) -> Figure | None:
+    """Bars of the attribution to the mechanism's parts (:func:`~pyro_lmscm.inference.attribute`):
+    left, the Shapley value of each part for log P(unchanged) (they add up to the whole
+    intervention's log P(unchanged); error bars: standard errors of a permutation estimate);
+    right, P(unchanged) with the part alone and with every part but it. ``None`` without an
+    attribution."""
+    from matplotlib.figure import Figure
+
+    result = exploration.attribution
+    if result is None:
+        return None
+    parts = result.parts
+    y = list(range(len(parts)))
+    height = max(1.8, 0.28 * len(parts) + 0.9)
+    figure = Figure(figsize=(7.5, height), layout="constrained")
+    left, right = figure.subplots(1, 2, sharey=True)
+    shapley = [result.shapley[part] for part in parts]
+    finite = [v if math.isfinite(v) else 0.0 for v in shapley]
+    errors = None if result.exact else [result.shapley_se[part] for part in parts]
+    left.barh(y, finite, xerr=errors, color=["#a21caf" if v < 0 else "#2563eb" for v in finite])
+    for i, v in enumerate(shapley):
+        if not math.isfinite(v):
+            left.annotate(f"{v}", (0, i), fontsize=7, va="center")
+    how = "exact" if result.exact else f"{result.num_permutations} random orders ± s.e."
+    left.set_title(f"Shapley value of log P(unchanged) ({how})\nsum = {sum(shapley):.3g}", fontsize=8)
+    left.axvline(0, color="#6b7280", linewidth=0.8)
+    left.set_yticks(y, parts, fontsize=7)
+    left.invert_yaxis()
+    width = 0.4
+    right.barh([i - width / 2 for i in y], [result.prob_unchanged_alone[p] for p in parts], height=width,
+               color="#2563eb", label="this part alone")
+    right.barh([i + width / 2 for i in y], [result.prob_unchanged_without[p] for p in parts], height=width,
+               color="#9ca3af", label="all parts but this one")
+    right.axvline(result.prob_unchanged, color="#ea580c", linewidth=1, linestyle="--", label="all parts")
+    right.set_xlim(0, 1)
+    right.set_title("P(unchanged)", fontsize=8)
+    right.legend(fontsize=6, loc="lower right", frameon=False)
+    for axes in (left, right):
+        axes.tick_params(axis="x", labelsize=7)
+        axes.spines[["top", "right"]].set_visible(False)
     return figure
