@@ -276,7 +276,20 @@ def _first_divergence_cdf(log_keep: torch.Tensor) -> torch.Tensor:
     return torch.cat([-torch.expm1(survive), survive.new_ones(1)])
 
 
-@dataclass(frozen=True)
+def _same(a: Any, b: Any) -> bool:
+    """Equal values: tensors element for element (with their dtype and shape), tuples and
+    dicts member for member, anything else by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        both = isinstance(a, dict) and isinstance(b, dict)
+        return both and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@dataclass(frozen=True, eq=False)
 class CounterfactualBounds:
     r"""The counterfactual's keep probabilities under the SCM's noise model, under
     Gumbel-max, and their exact ranges over counterfactually stable mechanisms and over all
@@ -296,6 +309,14 @@ class CounterfactualBounds:
     tokens: torch.Tensor
     log_keep: dict[str, Any]
     noise: str = "GumbelMax()"
+
+    def __eq__(self, other: object) -> bool:
+        """The same bounds: equal tokens, log keep probabilities (element for element) and noise model."""
+        if not isinstance(other, CounterfactualBounds):
+            return NotImplemented
+        return self.noise == other.noise and _same(self.tokens, other.tokens) and _same(self.log_keep, other.log_keep)
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable tensors inside)
 
     def _apply(self, function: Any) -> dict[str, Any]:
         """``function`` of each class's log keep probabilities (of each end of an interval)."""
