@@ -22,6 +22,7 @@ __all__ = [
     "assert_restored",
     "assert_rows_match_separate_runs",
     "by_hand",
+    "chi_square_pvalue",
     "hooks",
     "snapshot",
     "tiny_llama",
@@ -155,6 +156,24 @@ def by_hand(lm, ids, layer, edit=None):
                     return hidden[0]
                 hidden = edit(hidden, positions[..., None])
         return model.lm_head(model.model.norm(hidden))[0]
+
+
+def chi_square_pvalue(counts: Any, probs: Any) -> float:
+    """The p-value of Pearson's chi-square test of ``counts`` against the law ``probs``, bins
+    with an expected count below 5 pooled into one; 0 if a count falls where the law has no
+    mass (scipy, of the test extra)."""
+    import numpy as np
+    from scipy import stats
+
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    if counts[probs <= 0].sum() > 0:
+        return 0.0
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
 
 
 class BoostTokens(Messenger):

@@ -14,13 +14,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
 from pyro_lmscm.errors import InferenceError
 from pyro_lmscm.inference import most_probable, top_k_counterfactuals
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.testing import BoostTokens, tiny_llama
+from pyro_lmscm.testing import BoostTokens, chi_square_pvalue, tiny_llama
 
 V = 10
 PROMPT = torch.tensor([2, 3, 4])
@@ -89,19 +88,6 @@ def _teacher_forced_beams(exact, num_beams, length):
     return beams, scores
 
 
-def _chi_square(counts, probs):
-    """p-value of Pearson's test, bins with expected count < 5 pooled; 0 if a draw falls where
-    the law has no mass."""
-    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
-    if counts[probs <= 0].sum() > 0:
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
-
 
 class _Forwards:
     """Counts the language model's forward calls and the token positions each one runs."""
@@ -152,9 +138,9 @@ def test_the_cached_sampler_follows_the_exact_law(models, setting):
     draws = exact.sample(6000, seed=1, chunk_size=1000)
     index = {tuple(c): i for i, c in enumerate(candidates.tolist())}
     counts = np.bincount([index[tuple(r)] for r in draws.tolist()], minlength=len(candidates))
-    assert _chi_square(counts, law) > 1e-3
+    assert chi_square_pvalue(counts, law) > 1e-3
     null = exact_counterfactual(exact.scm, PROMPT, exact.observed_ids, {})
-    assert _chi_square(counts, null.log_prob(candidates).exp().numpy()) < 1e-6
+    assert chi_square_pvalue(counts, null.log_prob(candidates).exp().numpy()) < 1e-6
 
 
 def test_the_sampler_is_seeded_and_chunks_by_the_model_alone(models):

@@ -7,28 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, counterfactual, exact_counterfactual
 from pyro_lmscm.errors import InterventionError
 from pyro_lmscm.inference import counterfactuals, token_log_probs
 from pyro_lmscm.inference.exact import most_probable
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.testing import BoostTokens, tiny_llama
-
-
-def _chi_square(counts, probs):
-    """p-value of Pearson's test, bins with expected count < 5 pooled; 0 if a draw falls where
-    the law has no mass."""
-    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
-    if counts[probs <= 0].sum() > 0:
-        return 0.0
-    expected = probs * counts.sum()
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+from pyro_lmscm.testing import BoostTokens, chi_square_pvalue, tiny_llama
 
 
 def _first_divergences(draws, observed):
@@ -57,10 +42,10 @@ def test_sampled_first_divergence_matches_the_exact_law_under_the_messenger(sett
     assert torch.equal(result.factual_ids, observed)  # the factual world is untouched
     counts = np.bincount(_first_divergences(result.counterfactual_ids, observed), minlength=len(observed) + 1)
     law = exact_counterfactual(scm, prompt, observed, boost).first_divergence().numpy()
-    assert _chi_square(counts, law) > 1e-3
+    assert chi_square_pvalue(counts, law) > 1e-3
     # the baseline: the exact law without the Messenger (the null intervention) fails the test
     without = exact_counterfactual(scm, prompt, observed, {}).first_divergence().numpy()
-    assert _chi_square(counts, without) < 1e-6
+    assert chi_square_pvalue(counts, without) < 1e-6
 
 
 def test_sampled_strings_match_the_exact_log_prob_and_the_scores(setting):
@@ -77,7 +62,7 @@ def test_sampled_strings_match_the_exact_log_prob_and_the_scores(setting):
         probs = law.log_prob(unique).exp().numpy()
         big = probs * len(draws) >= 5
         observed_counts = np.append(counts.numpy()[big], counts.numpy()[~big].sum())
-        return _chi_square(observed_counts, np.append(probs[big], max(0.0, 1.0 - probs[big].sum())))
+        return chi_square_pvalue(observed_counts, np.append(probs[big], max(0.0, 1.0 - probs[big].sum())))
 
     assert p_value(exact) > 1e-3
     assert p_value(exact_counterfactual(scm, prompt, observed, {})) < 1e-6  # the law without the Messenger
