@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
+from pyro_lmscm.defaults import DEFAULTS
 from pyro_lmscm.errors import InterventionError, ObservationError
 from pyro_lmscm.explorer import Explorer, ExploreRequest
 from pyro_lmscm.explorer.render import render_worlds
@@ -119,8 +120,6 @@ def test_a_bf16_explorer_computes_in_compute_scope_and_leaves_it_at_each_snapsho
 def test_default_decoding_is_the_full_softmax():
     """A pasted string outside any top-k support can be abducted by default (the README's
     --text example failed under the old hidden top-k 50)."""
-    from pyro_lmscm.defaults import DEFAULTS
-
     assert DEFAULTS.top_k is None and ExploreRequest(PROMPT).top_k is None
 
 
@@ -202,7 +201,7 @@ def test_chat_null_intervention_reproduces_the_reply(explorer):
     assert found.prompt_ids == chat.lm.encode(messages).tolist()
     assert found.prob_unchanged == 1.0 and [row.ids for row in found.counterfactuals] == [found.factual.ids]
     edited = chat.run(ExploreRequest(messages, "she went home", intervention={"system": "she was young"}))
-    assert 0.0 <= edited.prob_unchanged <= 1.0 and edited.description == "do(system = she was young)"
+    assert 0.0 <= edited.prob_unchanged <= 1.0 and edited.description == "do(system=she was young)"
     with pytest.raises(InterventionError, match="chat"):
         chat.run(ExploreRequest(PROMPT, "she went home", intervention={"system": "x"}))
 
@@ -294,7 +293,7 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
     assert all(factual_row), factual_row  # no blank chip: whitespace shows as a glyph
     rows = table.locator("tr.counterfactual")
-    assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+    assert rows.count() == 1 and f"×{DEFAULTS.num_samples}/{DEFAULTS.num_samples}" in rows.first.inner_text()
     assert [c.inner_text() for c in rows.first.locator("td").all()] == factual_row
     n = len(factual_row)
     assert n >= 3, factual_row
@@ -391,7 +390,7 @@ def test_readme_text_example_in_the_explorer(served_smollm2, chromium_context):
     page.locator("#force-token textarea").fill(" he")
     page.locator("#run").click()
     table = page.locator("#worlds table")
-    expect(table.locator("caption")).to_contain_text('w_0 = " he"', timeout=600_000)
+    expect(table.locator("caption")).to_contain_text('do(w_0=" he")', timeout=600_000)
     expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ", timeout=600_000)
     assert page.locator("#message").inner_text() == ""
     assert [c.inner_text() for c in table.locator("tr.factual td").all()] == [" she", " was", " tired", "."]
@@ -421,13 +420,13 @@ def test_system_prompt_counterfactual_in_the_explorer(served_smollm2, chromium_c
     assert reply.strip()
     factual_row = [c.inner_text() for c in table.locator("tr.factual td").all()]
     rows = table.locator("tbody").first.locator("tr.counterfactual")  # one row per block of steps
-    assert rows.count() == 1 and "×8/8" in rows.first.inner_text()
+    assert rows.count() == 1 and f"×{DEFAULTS.num_samples}/{DEFAULTS.num_samples}" in rows.first.inner_text()
     cells = [c.inner_text() for c in table.locator("tr.counterfactual td").all()]
     assert cells[: len(factual_row)] == factual_row
     page.locator("#kind").get_by_label("system prompt edit (chat)").check()
     page.locator("#new-system textarea").fill("You are a pirate. Answer like a pirate.")
     page.locator("#run").click()
-    expect(table.locator("caption")).to_contain_text("system = You are a pirate.", timeout=600_000)
+    expect(table.locator("caption")).to_contain_text("do(system=You are a pirate.)", timeout=600_000)
     expect(page.locator("#summary")).to_contain_text("stable mechanisms", timeout=600_000)
     assert page.locator("#message").inner_text() == ""
     assert page.locator("#observed textarea").input_value() == reply

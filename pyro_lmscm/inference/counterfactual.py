@@ -16,6 +16,7 @@ from ..interventions.ops import Action, Intervention, as_do_data, check_interven
 from ..lm import left_pad
 from ..seeding import generator, seeded
 from ..validation import as_int, as_real
+from .budget import AUTO_CHUNK_BYTES
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
 from .hindsight_guide import HindsightGumbelGuide
@@ -242,14 +243,6 @@ def _available_bytes(device: torch.device) -> int | None:
         return None
 
 
-#: The memory that one automatically sized chunk of draws may hold while it is decoded (its
-#: KV cache and its per-step logits and noise, :func:`auto_chunk_size`), by device type. On the
-#: CPU 80 MiB: 17 rows of SmolLM2 float32 at T = 64, so that ``counterfactual(num_samples=64)``
-#: peaks within 150 MB above the model (a 64-row chunk holds a 209 MB KV cache alone) at the
-#: same speed per draw (benchmarks/README.md, "Issue 34: the automatic chunk from a memory
-#: budget"). A caller that trades memory for speed passes its own ``budget`` (the study does:
-#: :data:`pyro_lmscm.study.worker.STUDY_CHUNK_BYTES`) or ``chunk_size``.
-AUTO_CHUNK_BYTES: dict[str, int] = {"cpu": 80 * 2**20, "cuda": 8 * 2**30}
 
 
 def _working_bytes_per_row(scm: LanguageModelSCM, prompt_length: int) -> int:

@@ -39,6 +39,7 @@ from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
 from .bounds import CounterfactualBounds, any_step_bounds, observed_keep_bounds
+from .budget import AUTO_CHUNK_BYTES
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -334,7 +335,7 @@ class ExactCounterfactual:
         :param num_samples: the number of strings.
         :param seed: seeds the draws (:func:`~pyro_lmscm.seeding.seeded`); ``None`` draws fresh.
         :param chunk_size: rows decoded at once (default: as many as fit
-            :data:`~pyro_lmscm.inference.counterfactual.AUTO_CHUNK_BYTES` with their cache and
+            :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES` with their cache and
             the float64 laws of a step, a number that depends only on the model and ``T``, so a
             seeded call draws the same strings on every run).
         :returns: token ids ``(num_samples, T)``.
@@ -349,9 +350,7 @@ class ExactCounterfactual:
         """The rows :meth:`sample` decodes at once by default: the KV cache of prompt and
         ``T`` tokens and about sixteen float64 vectors of ``V`` (decoded logits, the step's
         law and the closed form's working memory) per row, within the device's
-        :data:`~pyro_lmscm.inference.counterfactual.AUTO_CHUNK_BYTES`."""
-        from .counterfactual import AUTO_CHUNK_BYTES  # (counterfactual imports this module)
-
+        :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES`."""
         scm = self.scm
         budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
         tokens = self._prompt.shape[-1] + scm.max_new_tokens

@@ -91,7 +91,7 @@ SEED_POLICY = "sha256-string-and-batch-seeds/1"
 
 #: The memory that one decoding run of a batch's draws may hold on the CPU
 #: (:func:`~pyro_lmscm.inference.auto_chunk_size` ``(budget=...)``), more than a single call's
-#: :data:`~pyro_lmscm.inference.counterfactual.AUTO_CHUNK_BYTES`: a study trades memory for strings per minute.
+#: :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES`: a study trades memory for strings per minute.
 #: 512 MiB is about 200 rows of SmolLM2 bfloat16 at T = 32, so a batch of 16 strings x (4
 #: counterfactuals + 4 baselines) decodes as one run of 128 rows, 0.37-0.50 s per string against
 #: 0.57-0.74 s in four runs of 32 rows (2 cores, bfloat16). The draws of a seeded batch depend on
