@@ -304,7 +304,7 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#factual .token").nth(2).click()
     expect(page.locator("#selected")).to_contain_text("step 2")
     page.locator("#exclude-token").click()
-    expect(table.locator("caption")).to_contain_text("exclude_2 = factual", timeout=60_000)
+    expect(table.locator("caption")).to_contain_text('do(exclude_2="factual")', timeout=60_000)
     expect(page.locator("#summary")).to_contain_text("P(unchanged) = 0 ")
     rows = table.locator("tr.counterfactual")
     assert rows.count() >= 1
@@ -334,7 +334,7 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#model-folder textarea").fill(str(second_model))
     page.locator("#run").click()
-    expect(table.locator("caption")).to_contain_text("model = ", timeout=60_000)
+    expect(table.locator("caption")).to_contain_text("do(model=", timeout=60_000)
     expect(page.locator("#message")).to_have_text("")
     assert problems == [] and external == []
 
