@@ -426,7 +426,8 @@ def test_system_prompt_counterfactual_in_the_explorer(served_smollm2, chromium_c
     page.locator("#kind").get_by_label("system prompt edit (chat)").check()
     page.locator("#new-system textarea").fill("You are a pirate. Answer like a pirate.")
     page.locator("#run").click()
-    expect(table.locator("caption")).to_contain_text("do(system=You are a pirate.)", timeout=600_000)
+    caption = "do(system=You are a pirate. Answer like a pirate.)"
+    expect(table.locator("caption")).to_contain_text(caption, timeout=600_000)
     expect(page.locator("#summary")).to_contain_text("stable mechanisms", timeout=600_000)
     assert page.locator("#message").inner_text() == ""
     assert page.locator("#observed textarea").input_value() == reply

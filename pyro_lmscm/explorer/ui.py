@@ -327,7 +327,9 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                   max_new_tokens, baseline, attribute]
         # one progress indicator, on the status line: the inputs and the streamed results stay
         # readable (Gradio's default puts one on every output and fades them)
-        running: dict[str, Any] = {"show_progress": "full", "show_progress_on": [status]}
+        # a Run pressed while a run streams is queued, not dropped (Gradio drops it under the default
+        # trigger_mode "once"): the newest request runs when the current one ends
+        running: dict[str, Any] = {"show_progress": "full", "show_progress_on": [status], "trigger_mode": "always_last"}
         run_button.click(run, inputs, outputs, **running)
         sample_button.click(sample, [chat, prompt, system, user, seed, top_k, max_new_tokens],
                             [observed, factual, state, message], show_progress_on=[status])
