@@ -1,6 +1,7 @@
 """The explorer: its computations against the library's own queries, and the Gradio page
 served by ``pyro-lmscm app`` on a tiny model, driven in a real headless Chromium."""
 
+import contextlib
 import os
 import re
 import socket
@@ -230,6 +231,35 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _app(root, *args: str, seconds: float):
+    """``pyro-lmscm app ARGS`` on a free port of 127.0.0.1, its log in ``root/app.log``: yields
+    its url once it answers HTTP 200 (fails with the log if it exits or takes over ``seconds``)."""
+    port = _free_port()
+    log = open(root / "app.log", "w")
+    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", *args, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """``pyro-lmscm app --model FOLDER`` on tiny_llama(seed=0), on a free port of 127.0.0.1;
@@ -242,30 +272,9 @@ def served(tmp_path_factory):
         folders.append(root / f"tiny{seed}")
         lm.model.save_pretrained(folders[-1])
         lm.tokenizer.save_pretrained(folders[-1])
-    port = _free_port()
-    log = open(root / "app.log", "w")
-    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--model", str(folders[0]),
-               "--port", str(port), "--threads", "1"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 240  # a loaded machine imports torch and gradio slowly
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
-            time.sleep(0.5)
+    # a loaded machine imports torch and gradio slowly
+    with _app(root, "--model", str(folders[0]), "--threads", "1", seconds=240) as url:
         yield url, folders[1]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def test_explorer_in_headless_chromium(served, chromium_context):
@@ -347,29 +356,8 @@ def served_smollm2(tmp_path_factory):
     """``pyro-lmscm app`` on the embedded SmolLM2-135M-Instruct, with its defaults."""
     pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
     root = tmp_path_factory.mktemp("explorer-smollm2")
-    port = _free_port()
-    log = open(root / "app.log", "w")
-    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
-            time.sleep(0.5)
+    with _app(root, seconds=300) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 @pytest.mark.slow
