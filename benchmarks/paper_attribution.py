@@ -15,9 +15,11 @@ the N strings with the lowest P(unchanged) under that row among those (where the
 are). ``--groups G`` splits a mechanism of many parts into G contiguous groups of its parts
 (e.g. the LoRA fine-tune's 30 layers into 5 groups of 6), each group one part.
 
-Cost: one teacher-forced pass of the factual model per string (shared by the rows), then one
-of the intervened model per evaluated subset: ``2^k`` for ``k`` parts (exact); the script
-prints the time per string and per pass.
+Cost: per string one teacher-forced pass of the factual model, then one of the intervened model
+per evaluated subset: ``2^k - 1`` for ``k`` parts (exact; the empty subset is the factual
+model). :func:`~pyro_lmscm.inference.attributions` batches them across the strings
+(``--batch-size`` strings per pass, each subset's sub-mechanism built once per ``--group``);
+the script prints the time per string and per string and pass.
 
     python benchmarks/paper_attribution.py --study /work/scratch/paper-study --rows memit-louvre --limit 32 --top 8
     python benchmarks/paper_attribution.py --summarize /work/scratch/paper-attribution.jsonl --csv docs/results/a.csv
@@ -75,7 +77,7 @@ def grouped(mechanism: Mechanism, count: int) -> Mechanism:
 
 def run(args: argparse.Namespace) -> None:
     from pyro_lmscm import LanguageModelSCM
-    from pyro_lmscm.inference import attribute
+    from pyro_lmscm.inference import attributions
     from pyro_lmscm.interventions.spec import parse_intervention
     from pyro_lmscm.loading import load_lm
     from pyro_lmscm.models import Decoding
@@ -93,7 +95,6 @@ def run(args: argparse.Namespace) -> None:
             except json.JSONDecodeError:
                 continue
             done.add((data["row"], data["index"]))
-    raw_cache: dict[int, torch.Tensor] = {}
     rows = [r for r in PAPER_ROWS if not args.rows or r.key in args.rows.split(",")]
     for row in rows:
         start = time.perf_counter()
@@ -119,31 +120,28 @@ def run(args: argparse.Namespace) -> None:
         scm = LanguageModelSCM(lm, config.max_new_tokens, decoding, mechanisms={key: mechanism})
         print(f"{row.key}: {mechanism!r}, {len(mechanism.parts())} parts {mechanism.parts()}; built in {build:.0f} s; "
               f"{len(records)} strings", flush=True)
-        for record in records:
-            if (row.key, record["index"]) in done:
-                continue
-            prompt = lm.encode(record["prompt"])
-            observed = torch.tensor(record["factual"]["ids"])
+        todo = [r for r in records if (row.key, r["index"]) not in done]
+        for group in range(0, len(todo), args.group):
+            chunk = todo[group : group + args.group]
+            prompts = [lm.encode(r["prompt"]) for r in chunk]
+            observed = [torch.tensor(r["factual"]["ids"]) for r in chunk]
             t0 = time.perf_counter()
-            index = record["index"]
-            if index not in raw_cache:
-                with torch.no_grad():
-                    raw_cache[index] = lm.logits(torch.cat([prompt, observed[:-1]]), logits_to_keep=len(observed))
-            t1 = time.perf_counter()
-            result = attribute(scm, prompt, observed, {"mechanism": key}, by=args.by, raw_logits=raw_cache[index],
-                               max_exact_parts=args.max_exact_parts, num_permutations=args.permutations, seed=0)
-            seconds = time.perf_counter() - t1
-            line = {
-                "row": row.key, "index": record["index"], "n": len(observed), "seconds": seconds,
-                "factual_seconds": t1 - t0, "study_prob_unchanged": record["exact"]["prob_unchanged"],
-                **result.to_dict(),
-            }
+            results = attributions(scm, prompts, observed, {"mechanism": key}, by=args.by,
+                                   max_exact_parts=args.max_exact_parts, num_permutations=args.permutations,
+                                   seed=0, batch_size=args.batch_size)
+            seconds = (time.perf_counter() - t0) / len(chunk)
             with open(out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-            whole = result.prob_unchanged_from[0] if args.by == "step" else result.prob_unchanged
-            print(f"  {row.key} #{record['index']}: P(unchanged) {whole:.4g} (study "
-                  f"{record['exact']['prob_unchanged']:.4g}), {result.num_passes} passes, {seconds:.1f} s "
-                  f"({seconds / max(result.num_passes, 1):.2f} s per pass)", flush=True)
+                for record, ids, result in zip(chunk, observed, results):
+                    line = {
+                        "row": row.key, "index": record["index"], "n": len(ids), "seconds": seconds,
+                        "strings_per_batch": min(args.batch_size, len(chunk)),
+                        "study_prob_unchanged": record["exact"]["prob_unchanged"], **result.to_dict(),
+                    }
+                    f.write(json.dumps(line) + "\n")
+            passes = results[0].num_passes
+            print(f"  {row.key}: strings {group + 1}-{group + len(chunk)} of {len(todo)}: {passes} passes each, "
+                  f"{seconds:.2f} s per string ({seconds / max(passes, 1):.3f} s per string and pass), "
+                  f"P(unchanged) of the first {results[0].to_dict().get('prob_unchanged')}", flush=True)
 
 
 def _ci(values: np.ndarray, rng: np.random.Generator, bootstrap: int) -> tuple[float, float, float]:
@@ -246,6 +244,8 @@ def main() -> None:
     parser.add_argument("--max-exact-parts", type=int, default=12)
     parser.add_argument("--permutations", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="strings per teacher-forced pass")
+    parser.add_argument("--group", type=int, default=50, help="strings per call of attributions() (one JSONL write)")
     parser.add_argument("--wait", action="store_true", help="wait until the study has the strings asked for")
     parser.add_argument("--out", default="/work/scratch/paper-attribution.jsonl", help="one JSON line per string")
     parser.add_argument("--summarize", help="summarize this JSONL instead of running")

@@ -1,20 +1,21 @@
 """The one seeding policy: :func:`seeded` runs a block under a seed (torch's global generators,
 which Pyro draws from), with every generator restored after; :func:`generator` gives a seeded
 side computation (resampling, random orders, the interventional baseline's prior noise) a
-generator of its own."""
+generator of its own, and :func:`numpy_generator` a numpy one (a study summary's bootstrap)."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 
 from .atomic import reversible
 from .errors import InferenceError, LMSCMError
 from .validation import as_seed
 
-__all__ = ["generator", "seeded"]
+__all__ = ["generator", "numpy_generator", "seeded"]
 
 
 class seeded(reversible):  # noqa: N801 - used as a function, like contextlib's helpers
@@ -76,3 +77,14 @@ def generator(seed: int | None, stream: str | None = None, device: torch.device 
     else:
         out.manual_seed(int(hashlib.sha256(f"pyro-lmscm {stream} {int(seed)}".encode()).hexdigest()[:15], 16))
     return out
+
+
+def numpy_generator(seed: int | None) -> np.random.Generator:
+    """A numpy generator of its own (``numpy.random.default_rng``): seeded with ``seed``, or
+    fresh entropy without one; for side computations in numpy, such as the bootstrap of a
+    study summary.
+
+    >>> int(numpy_generator(3).integers(0, 100)) == int(numpy_generator(3).integers(0, 100))
+    True
+    """
+    return np.random.default_rng(None if seed is None else int(seed))

@@ -18,7 +18,7 @@ from .abduction import (
     make_method,
     noise_statistics,
 )
-from .attribute import Attribution, StepAttribution, attribute
+from .attribute import Attribution, StepAttribution, attribute, attributions
 from .bounds import CounterfactualBounds, keep_bounds
 from .compare import (
     AbductionComparison,
@@ -48,6 +48,7 @@ __all__ = [
     "Attribution",
     "StepAttribution",
     "attribute",
+    "attributions",
     "DRAWS",
     "CounterfactualBounds",
     "keep_bounds",

@@ -24,6 +24,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -96,17 +97,37 @@ class ExactCounterfactual:
         data: dict,
         raw_logits: torch.Tensor | None = None,
     ) -> None:
-        self.scm = scm
         self.prompt_ids = prompt
         self.observed_ids = observed
-        self.intervention = data if isinstance(data, Action) else Action(data)
         guide = HindsightGumbelGuide(scm, observed, raw_logits=raw_logits)
         self._anchor = guide.anchor(prompt)  # the abduction's raw factual logits on the observed path
         self._factual = guide.decoded_logits(self._anchor).double()  # (n, V)
         self._active = guide.step_is_active(observed)  # (n,): steps whose noise is abducted
-        self._prompt, self._mechanism = world_inputs(scm, data, prompt)
+        self._intervene(scm, data)
+
+    def _intervene(self, scm: LanguageModelSCM, data: dict) -> None:
+        """Set the intervened world: ``scm`` and the ``poutine.do`` data."""
+        self.scm = scm
+        self.intervention = data if isinstance(data, Action) else Action(data)
+        self._prompt, self._mechanism = world_inputs(scm, data, self.prompt_ids)
         self._forced = forced_tokens(scm, data)
         self._excluded = excluded_tokens(scm, data)
+
+    def _under(self, scm: LanguageModelSCM, data: dict) -> ExactCounterfactual:
+        """The exact counterfactual of the same observation under the intervention ``data`` of
+        ``scm``, an SCM with this one's factual world (the same language model, decoding,
+        noise and horizon; other intervened mechanisms), sharing this one's abduction (its
+        factual logits) instead of redoing it.
+
+        :raises InferenceError: for an SCM with another factual world.
+        """
+        mine = self.scm
+        if (scm.lm is not mine.lm or scm.decoding != mine.decoding or scm.noise is not mine.noise
+                or scm.max_new_tokens != mine.max_new_tokens or scm.collapsed != mine.collapsed):
+            raise InferenceError("ExactCounterfactual: another intervention's SCM must share the factual world.")
+        out = copy.copy(self)
+        out._intervene(scm, data)
+        return out
 
     # -- the chain q(s_t | s_<t) ------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .. import seeding
+
 if TYPE_CHECKING:
     pass
 
@@ -215,7 +217,7 @@ def summarize(
     rows: list[SummaryRow] = []
     if not records:
         return rows
-    rng = np.random.default_rng(seed)
+    rng = seeding.numpy_generator(seed)
     resample = rng.integers(0, len(records), size=(bootstrap, len(records)))
     for metric in metrics:
         stats = {}

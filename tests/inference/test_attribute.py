@@ -320,3 +320,98 @@ def test_the_rest_of_the_intervention_is_in_every_world(lm, observed):
     total = math.log(result.prob_unchanged) - math.log(empty)
     assert abs(sum(result.shapley.values()) - total) < TOL
     assert abs(total - math.log(result.prob_unchanged)) > 1e-3  # baseline: adding up to log P(whole) fails
+
+
+# -- attributions(): many strings, the passes batched across them ------------------------------------------
+
+
+class _Forwards:
+    """Counts the model's forward calls."""
+
+    def __init__(self, lm):
+        self.calls = 0
+        self.handle = lm.model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _strings(lm, observed):
+    """Three strings: prompts and observations of different lengths (a batch needs padding)."""
+    scm = LanguageModelSCM(lm, max_new_tokens=T)
+    prompts = [PROMPT, torch.tensor([5, 9]), torch.tensor([7, 1, 8, 2, 6])]
+    with seeded(4):
+        others = [scm.model(p)[:n] for p, n in zip(prompts[1:], (4, 5))]
+    return prompts, [observed, *others]
+
+
+@pytest.mark.parametrize("case", ["weight edit", "sampled", "with a Messenger", "by step"])
+def test_attributions_of_many_strings_are_attribute_of_each(lm, observed, case):
+    """Each string's result of :func:`attributions` equals :func:`attribute` of that string:
+    the same numbers with ``batch_size=1``; to 1e-9 (float64) in one left-padded batch, whose
+    passes are one per subset for all strings (``2^3 = 8`` calls, not ``8 x 3``)."""
+    from pyro.poutine.messenger import Messenger
+
+    from pyro_lmscm.inference import attributions
+    from pyro_lmscm.models.ops import STEP_DECODED
+
+    class Boost(Messenger):
+        def _postprocess_message(self, msg):
+            if msg["type"] == STEP_DECODED:
+                boosted = msg["value"].clone()
+                boosted[..., 5] += 1.0
+                msg["value"] = boosted
+
+    prompts, strings = _strings(lm, observed)
+    options: dict = {}
+    intervention: object = {"mechanism": "m"}
+    mechanism: Mechanism = WeightDelta(layer_deltas(lm))
+    if case == "sampled":
+        options = {"max_exact_parts": 2, "num_permutations": 5, "seed": 3}
+    elif case == "with a Messenger":
+        intervention = [{"mechanism": "m"}, Boost()]
+    elif case == "by step":
+        mechanism = Combined([ActivationSteering(v, layer=i) for i, v in enumerate(steering_vectors())])
+        options = {"by": "step"}
+    scm = LanguageModelSCM(lm, max_new_tokens=T, mechanisms={"m": mechanism})
+    alone = [attribute(scm, p, o, intervention, **options).to_dict() for p, o in zip(prompts, strings)]
+    one_by_one = attributions(scm, prompts, strings, intervention, batch_size=1, **options)
+    assert [r.to_dict() for r in one_by_one] == alone
+    with _Forwards(lm) as forwards:
+        batched = attributions(scm, prompts, strings, intervention, batch_size=3, **options)
+    for result, expected in zip(batched, alone):
+        got = result.to_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            if isinstance(value, dict):
+                assert got[key].keys() == value.keys()
+                for part, x in value.items():
+                    assert x is None and got[key][part] is None or abs(got[key][part] - x) < TOL, (key, part)
+            elif isinstance(value, float):
+                assert abs(got[key] - value) < TOL, key
+            else:
+                assert got[key] == value, key
+    if case == "weight edit":
+        assert forwards.calls == 1 + 7  # the factual pass, then one per non-empty subset, for all three strings
+        assert [r.num_passes for r in batched] == [1 + 7] * 3
+    if case == "by step":  # each string's steps take passes of their own
+        assert forwards.calls == 1 + sum(len(o) for o in strings)
+
+
+def test_attributions_bad_input(lm, observed):
+    from pyro_lmscm.inference import attributions
+
+    scm = LanguageModelSCM(lm, max_new_tokens=T, mechanisms={"m": WeightDelta(layer_deltas(lm))})
+    with pytest.raises(InferenceError, match="one entry per string"):
+        attributions(scm, [PROMPT, PROMPT], [observed], {"mechanism": "m"})
+    with pytest.raises(InferenceError, match="batch_size"):
+        attributions(scm, [PROMPT], [observed], {"mechanism": "m"}, batch_size=0)
+    with pytest.raises(InferenceError, match="selects no mechanism"):
+        attributions(scm, [PROMPT], [observed], {})
+    assert attributions(scm, [], [], {"mechanism": "m"}) == []
