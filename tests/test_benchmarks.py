@@ -31,6 +31,8 @@ def test_quick_benchmark_prints_every_ratio(tmp_path):
         "cf(N=1), baseline / (forward + generate)",
         "batch N / N sequential",
         "batch N / N x paper",
+        "generate N rows / N x paper",
+        "batch N / generate N rows",
     }, result.stdout
     assert all(0.0 < value < 1e3 for value in rows.values()), rows
 
