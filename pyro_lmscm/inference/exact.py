@@ -338,9 +338,10 @@ class ExactCounterfactual:
         draw per row and step has the law of the closed form :meth:`next_token_probs`, which
         is by definition the law of :math:`f(\ell'_t, u_t)` under that posterior (for every
         noise model, decoding transform, exclusion, prompt and mechanism). The draw costs
-        :math:`O(V)` per row and step for Gumbel-max noise and the inverse-CDF mechanism in
-        vocabulary order (a few passes over the vocabulary, no sort; the closed form sorts
-        each row), the cost of the draws of :func:`~pyro_lmscm.counterfactual`. Every other
+        :math:`O(V)` per row and step, as the draws of :func:`~pyro_lmscm.counterfactual` do:
+        for Gumbel-max noise a few passes over the vocabulary and no sort (its closed form
+        sorts each row), for the inverse-CDF mechanism in vocabulary order a cumulative sum
+        (ordered by probability it sorts each row, as its closed form does). Every other
         query (:meth:`log_prob`, :meth:`next_token_probs`, :meth:`first_divergence`,
         :meth:`mode`, ...) keeps the closed form.
 
@@ -406,7 +407,8 @@ class ExactCounterfactual:
         ``t`` and whether each row has already ended ``(B,)``: the tokens certain there
         (:func:`_certain_tokens`), else the structural function of the logits and fresh noise,
         from the posterior at the abducted steps of the rows not ended
-        (:func:`_posterior_steps`), from the prior elsewhere; torch's generator as it is."""
+        (:func:`_posterior_steps`), from the prior elsewhere; drawn from torch's global
+        generator (which :meth:`sample` seeds)."""
         noise, rows = self.scm.noise, logits.shape[0]
         owners, steps = torch.zeros(rows, dtype=torch.long), range(t, t + 1)
         tokens = _certain_tokens([self], owners, ended[:, None], steps)[:, 0]
