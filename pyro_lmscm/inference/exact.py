@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -339,9 +339,32 @@ class ExactCounterfactual:
         return first_divergence_law(self.observed_token_log_probs(relabel))
 
     def sample(self, num_samples: int, seed: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
-        r"""``(num_samples, T)`` ancestral samples of the counterfactual string from the chain:
-        at each step :math:`s_t \sim q(\cdot \mid s_{<t})`, the closed-form law of the step
-        given the abducted noise (:meth:`next_token_probs`), drawn with ``torch.multinomial``.
+        r"""``(num_samples, T)`` ancestral samples of the counterfactual string from the chain
+        :math:`s_t \sim q(\cdot \mid s_{<t})`, each step drawn by the SCM's own mechanism
+        rather than from its closed-form law (:meth:`_step_sample`):
+
+        .. math::
+
+            u_t \sim p(u_t \mid f(\ell_t, u_t) = w_t), \qquad s_t = f(\ell'_t(s_{<t}), u_t)
+
+        at an abducted step (an observed step before the observed end, the row not ended), with
+        :math:`f` the noise model's :meth:`~pyro_lmscm.models.NoiseModel.structural` function,
+        :math:`p(u_t \mid \cdot)` its exact :meth:`~pyro_lmscm.models.NoiseModel.posterior`
+        (margin 0), :math:`\ell_t` the factual decoded logits of the abduction and
+        :math:`\ell'_t` the intervened decoded logits of the row's prefix; :math:`u_t` from the
+        prior past the observation (or after its end); the pad token after the row's own end
+        of sequence; and the token ``x`` of ``do(w_t = x)``: the cases of
+        :func:`chain_log_probs`. Given the observation the noise of step :math:`t` is
+        independent of the other steps' noise, hence of :math:`s_{<t}`, so one fresh posterior
+        draw per row and step has the law of the closed form :meth:`next_token_probs`, which
+        is by definition the law of :math:`f(\ell'_t, u_t)` under that posterior (for every
+        noise model, decoding transform, exclusion, prompt and mechanism). The draw costs
+        :math:`O(V)` per row and step, as the draws of :func:`~pyro_lmscm.counterfactual` do:
+        for Gumbel-max noise a few passes over the vocabulary and no sort (its closed form
+        sorts each row), for the inverse-CDF mechanism in vocabulary order a cumulative sum
+        (ordered by probability it sorts each row, as its closed form does). Every other
+        query (:meth:`log_prob`, :meth:`next_token_probs`, :meth:`first_divergence`,
+        :meth:`mode`, ...) keeps the closed form.
 
         The rows decode KV-cached, as :func:`~pyro_lmscm.counterfactual` does: one
         :class:`~pyro_lmscm.models.incremental.MechanismBatch` of the intervened mechanism per
@@ -357,8 +380,8 @@ class ExactCounterfactual:
         :param seed: seeds the draws (:func:`~pyro_lmscm.seeding.seeded`); ``None`` draws fresh.
         :param chunk_size: rows decoded at once (default: as many as fit
             :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES` with their cache and
-            the float64 laws of a step, a number that depends only on the model and ``T``, so a
-            seeded call draws the same strings on every run).
+            a step's float64 logits and noise, a number that depends only on the model and ``T``,
+            so a seeded call draws the same strings on every run).
         :returns: token ids ``(num_samples, T)``.
         """
         num_samples = as_int(num_samples, "num_samples", minimum=1)
@@ -369,13 +392,14 @@ class ExactCounterfactual:
 
     def _sample_chunk_size(self) -> int:
         """The rows :meth:`sample` decodes at once by default: the KV cache of prompt and
-        ``T`` tokens and about sixteen float64 vectors of ``V`` (decoded logits, the step's
-        law and the closed form's working memory) per row, within the device's
-        :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES`."""
+        ``T`` tokens and about eight float64 vectors of ``V`` (the decoded logits and their
+        decoding's temporaries, the posterior noise and its working memory, logits plus noise)
+        per row, within the device's :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES`
+        (the closed-form law with its sort took about sixteen)."""
         scm = self.scm
         budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
         tokens = self._prompt.shape[-1] + scm.max_new_tokens
-        per_row = scm.lm.cache_bytes_per_token() * tokens + 16 * 8 * scm.vocab_size
+        per_row = scm.lm.cache_bytes_per_token() * tokens + 8 * 8 * scm.vocab_size
         return max(1, budget // per_row)
 
     @torch.no_grad()
@@ -391,13 +415,37 @@ class ExactCounterfactual:
         for t in range(T):
             raw = batch.logits().expand(rows, -1)  # (the prompt's one row before the first step)
             logits = self._decoded(ids, raw[:, None], start=t).cpu()[:, 0]
-            probs = self._step_log_probs(t, logits, ended).exp()
-            ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
+            ids[:, t] = self._step_sample(t, logits, ended)
             report_progress("exact sampling (tokens)", 1, T)
             ended = ended | scm.is_end(ids[:, t])
             if t + 1 < T and not bool(ended.all()):  # an ended row only pads: it leaves the cache
                 batch.advance(ids[:, t].to(device), (~ended).to(device))
         return ids
+
+    def _step_sample(self, t: int, logits: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: one draw of :math:`s_t \\sim q(\\cdot \\mid s_{<t})` per row by the noise
+        model (see :meth:`sample`), given the counterfactual decoded logits ``(B, V)`` at step
+        ``t`` and whether each row has already ended ``(B,)``: the tokens certain there
+        (:func:`_certain_tokens`), else the structural function of the logits and fresh noise,
+        from the posterior at the abducted steps of the rows not ended
+        (:func:`_posterior_steps`), from the prior elsewhere; drawn from torch's global
+        generator (which :meth:`sample` seeds)."""
+        noise, rows = self.scm.noise, logits.shape[0]
+        owners, steps = torch.zeros(rows, dtype=torch.long), range(t, t + 1)
+        tokens = _certain_tokens([self], owners, ended[:, None], steps)[:, 0]
+        drawn = tokens < 0
+        if not bool(drawn.any()):
+            return tokens
+        going, factual, observed = _posterior_steps([self], owners, ended[:, None], steps)
+        going = going[:, 0]  # (an ended row is certain: never going)
+        if bool(going.any()):
+            u = noise.posterior(factual.to(logits.device), observed.to(logits.device)).sample()
+            tokens[going] = noise.structural(logits[going], u).to(tokens.device)
+        prior = drawn & ~going  # past the observation (or its end): the prior noise
+        if bool(prior.any()):
+            shape = torch.Size([int(prior.sum())]) + noise.event_shape(logits.shape[-1])
+            tokens[prior] = noise.structural(logits[prior], noise.sample_prior(shape, logits.device)).to(tokens.device)
+        return tokens
 
     def mode(self, num_beams: int = 4) -> tuple[torch.Tensor, float]:
         """The most probable counterfactual string ``(T,)`` and its log-probability, by beam
@@ -441,6 +489,22 @@ class ExactCounterfactual:
                 f"got {tuple(candidates.shape)}."
             )
         return candidates
+
+
+def _certain_tokens(
+    exacts: Sequence[ExactCounterfactual], owners: torch.Tensor, ended: torch.Tensor, steps: range
+) -> torch.Tensor:
+    """``(B, m)``: the token that candidates ``(B, m)`` of ``exacts[owners]`` take for certain
+    at ``steps``, ``-1`` where the noise decides: after the candidate's end of sequence the SCM
+    pads, unless ``do(w_t = x)`` says otherwise (as in the SCM: the forced token then, ended
+    or not)."""
+    certain = torch.where(ended, exacts[0].scm.lm.pad_token_id, -1)
+    for o, exact in enumerate(exacts):
+        mine = owners == o
+        for i, t in enumerate(steps):
+            if t in exact._forced:
+                certain[mine, i] = exact._forced[t]
+    return certain
 
 
 def _posterior_steps(
@@ -516,21 +580,14 @@ def chain_log_probs(
             log_q[prior] = logits[prior].log_softmax(-1)
         log_q[going] = scm.noise.counterfactual_log_probs(factual, logits[going], observed)
 
-    def point_mass(token: int, where: tuple[Any, ...]) -> torch.Tensor:
-        """log q of certainty at ``token``, for the rows ``log_q[where]``."""
+    certain = _certain_tokens(exacts, owners, ended, steps)  # the pad token, or the token of do(w_t = x)
+    fixed = certain >= 0
+    if bool(fixed.any()):
         if columns is None:
-            mass = torch.full_like(log_q[where], -math.inf)
-            mass[..., token] = 0.0
-            return mass
-        return torch.where(columns[where] == token, 0.0, -math.inf).to(log_q.dtype)
-
-    everything = (slice(None),)
-    log_q = torch.where(ended[..., None], point_mass(scm.lm.pad_token_id, everything), log_q)  # the SCM pads ...
-    for o, exact in enumerate(exacts):  # ... unless do(w_t = x) says otherwise, as in the SCM
-        mine = owners == o
-        for i, t in enumerate(steps):
-            if t in exact._forced:
-                log_q[mine, i] = point_mass(exact._forced[t], (mine, i))
+            mass = torch.full_like(log_q, -math.inf).scatter_(-1, certain.clamp(min=0)[..., None], 0.0)
+        else:
+            mass = torch.where(columns == certain[..., None], 0.0, -math.inf).to(log_q.dtype)
+        log_q = torch.where(fixed[..., None], mass, log_q)
     return log_q
 
 
@@ -560,14 +617,9 @@ def chain_token_log_probs(
         if bool(prior.any()):
             log_q[prior] = gathered_log_probs(logits[prior], tokens[prior])
         log_q[going] = scm.noise.counterfactual_token_log_probs(factual, logits[going], observed, tokens[going])
-    certain = torch.zeros_like(log_q)
-    log_q = torch.where(ended, torch.where(tokens == scm.lm.pad_token_id, certain, -math.inf), log_q)
-    for o, exact in enumerate(exacts):  # after its end the SCM pads, unless do(w_t = x) says otherwise
-        mine = owners == o
-        for i, t in enumerate(steps):
-            if t in exact._forced:
-                log_q[mine, i] = torch.where(tokens[mine, i] == exact._forced[t], certain[mine, i], -math.inf)
-    return log_q
+    certain = _certain_tokens(exacts, owners, ended, steps)  # the pad token, or the token of do(w_t = x)
+    mass = torch.where(tokens == certain, 0.0, -math.inf).to(log_q.dtype)
+    return torch.where(certain >= 0, mass, log_q)
 
 
 def _shared(exacts: Sequence[ExactCounterfactual], owner: str) -> tuple[LanguageModelSCM, int]:

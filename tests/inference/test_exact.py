@@ -13,7 +13,7 @@ from scipy import integrate, stats
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
 from pyro_lmscm.inference import step_counterfactual_log_probs
-from pyro_lmscm.models import Decoding
+from pyro_lmscm.models import Decoding, InverseCDF
 from pyro_lmscm.testing import tiny_llama
 
 INF = float("inf")
@@ -173,6 +173,8 @@ def _settings(models):
         "forced token": (LanguageModelSCM(lm, T, mechanisms=swap), {"mechanism": "other", "w_1": 8}),
         # anything but the observed token at step 1, the factual model otherwise
         "exclusion": (LanguageModelSCM(lm, T, Decoding(top_k=7)), {"exclude_1": "factual"}),
+        # the multinomial-style mechanism: the sampler draws its posterior noise, not Gumbels
+        "inverse-CDF": (LanguageModelSCM(lm, T, mechanisms=swap, noise=InverseCDF()), {"mechanism": "other"}),
     }
 
 
@@ -182,7 +184,7 @@ def _observed(scm):
 
 
 @pytest.mark.parametrize(
-    "setting", ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "exclusion"]
+    "setting", ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "exclusion", "inverse-CDF"]
 )
 def test_string_probabilities_sum_to_one_and_match_monte_carlo(models, setting):
     scm, intervention = _settings(models)[setting]

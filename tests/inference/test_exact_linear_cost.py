@@ -1,8 +1,8 @@
 """Linear cost in the string length: ``ExactCounterfactual.sample`` and the beam search decode
 KV-cached (one cached step per row and token), and give what the teacher-forced passes gave.
 
-The oracles are the teacher-forced implementations, kept here: the sampler that re-ran the
-whole prefix at each step (``_teacher_forced_sample``, the library's code before the change),
+The oracles are the teacher-forced implementations, kept here: a sampler that re-runs the
+whole prefix at each step and draws each step as the library does (``_teacher_forced_sample``),
 and a beam search that scores each beam's next token by a teacher-forced pass of its prefix
 (``_teacher_forced_beams``); and, independently, the law of every candidate string
 (``log_prob`` over all ``V^T`` candidates) for chi-square tests and brute-force top-k."""
@@ -18,12 +18,13 @@ import torch
 from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
 from pyro_lmscm.errors import InferenceError
 from pyro_lmscm.inference import most_probable, top_k_counterfactuals
-from pyro_lmscm.models import Decoding
+from pyro_lmscm.models import Decoding, InverseCDF
 from pyro_lmscm.testing import BoostTokens, chi_square_pvalue, tiny_llama
 
 V = 10
 PROMPT = torch.tensor([2, 3, 4])
-SETTINGS = ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "exclusion", "messenger"]
+SETTINGS = ["model swap", "temperature + top-k", "top-p", "prompt", "forced token", "exclusion", "messenger",
+            "inverse-CDF", "inverse-CDF by probability + top-k"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,11 @@ def _setting(models, name, T):
         return LanguageModelSCM(lm, T, mechanisms=swap), {"mechanism": "other", "w_1": 8}
     if name == "exclusion":  # anything but the observed token at step 1, the factual model otherwise
         return LanguageModelSCM(lm, T, Decoding(top_k=7)), {"exclude_1": "factual"}
+    if name == "inverse-CDF":  # the multinomial-style mechanism (vocabulary order)
+        return LanguageModelSCM(lm, T, mechanisms=swap, noise=InverseCDF()), {"mechanism": "other"}
+    if name == "inverse-CDF by probability + top-k":
+        scm = LanguageModelSCM(lm, T, Decoding(top_k=6), mechanisms=swap, noise=InverseCDF("probability"))
+        return scm, {"mechanism": "other"}
     scm = LanguageModelSCM(lm, T)  # a user's own Messenger on the factual model
     return scm, [BoostTokens(scm, [3, 5, 8], 2.0)]
 
@@ -58,8 +64,9 @@ def _exact(models, name, T, seed=3):
 
 @torch.no_grad()
 def _teacher_forced_sample(exact, num_samples, seed):
-    """The sampler before the KV cache, verbatim: at step t one teacher-forced pass of every
-    row's whole prefix, then the chain's law at t and ``torch.multinomial``."""
+    """The sampler without the KV cache: at step t one teacher-forced pass of every row's whole
+    prefix, then the step's draw by the noise model (``_step_sample``: the same calls of the
+    generator as the cached sampler makes, on teacher-forced logits)."""
     from pyro_lmscm.seeding import seeded
 
     T = exact.scm.max_new_tokens
@@ -67,8 +74,7 @@ def _teacher_forced_sample(exact, num_samples, seed):
     with seeded(seed):
         for t in range(T):
             logits = exact._counterfactual_logits(ids, t + 1).cpu()[:, t]
-            probs = exact._step_log_probs(t, logits, exact._ended_before(ids)[:, t]).exp()
-            ids[:, t] = torch.multinomial(probs, 1).squeeze(-1)
+            ids[:, t] = exact._step_sample(t, logits, exact._ended_before(ids)[:, t])
     return ids
 
 
@@ -146,6 +152,7 @@ def test_the_cached_sampler_follows_the_exact_law(models, setting):
 def test_the_sampler_is_seeded_and_chunks_by_the_model_alone(models):
     exact = _exact(models, "model swap", 4)
     assert torch.equal(exact.sample(50, seed=2), exact.sample(50, seed=2))
+    assert not torch.equal(exact.sample(50, seed=2), exact.sample(50, seed=3))  # (the seed matters)
     assert exact._sample_chunk_size() == exact._sample_chunk_size() >= 1
     with pytest.raises(InferenceError, match="chunk_size"):
         exact.sample(4, chunk_size=0)
