@@ -207,6 +207,12 @@ def test_chat_null_intervention_reproduces_the_reply(explorer):
         chat.run(ExploreRequest(PROMPT, "she went home", intervention={"system": "x"}))
 
 
+def _blocks(html: str) -> list[list[int]]:
+    """The steps of each block of the aligned table, from its step headers."""
+    return [[int(t) for t in re.findall(r"<th>(\d+)</th>", header)]
+            for header in re.findall(r'<tr class="steps">(.*?)</tr>', html)]
+
+
 def test_whitespace_is_visible_and_long_strings_wrap(explorer):
     from pyro_lmscm.explorer.render import STEPS_PER_LINE, visible
 
@@ -215,11 +221,44 @@ def test_whitespace_is_visible_and_long_strings_wrap(explorer):
                                         num_samples=2))
     html = render_worlds(found)
     steps = max(len(found.factual.ids), *(len(r.ids) for r in found.counterfactuals))
-    blocks = -(-steps // STEPS_PER_LINE)
-    assert steps > STEPS_PER_LINE and html.count('<tr class="steps">') == html.count("<tbody>") == blocks
-    assert html.count('<tr class="factual">') == blocks
+    blocks = _blocks(html)
+    assert steps > STEPS_PER_LINE and len(blocks) > 1 and html.count("<tbody>") == len(blocks)
+    assert [t for block in blocks for t in block] == list(range(steps))  # every step once, in order
+    assert html.count('<tr class="factual">') == len(blocks)  # each block with its step header and row labels
     assert re.findall(r'data-step="(\d+)"', "".join(re.findall(r'<tr class="factual">(.*?)</tr>', html))) == [
         str(t) for t in range(len(found.factual.ids))]
+
+
+@pytest.mark.parametrize("long_token", [None, " " + "y" * 30, "xxxxxxxxxxx"])
+def test_blocks_of_long_tokens_hold_fewer_steps_and_fit(explorer, long_token):
+    """The blocks are rows of one table: the token columns (each as wide as its widest token,
+    capped at TOKEN_WIDTH, plus a margin of 2) stay within BLOCK_WIDTH characters, and one
+    more step per block would not (or the block has STEPS_PER_LINE). Long tokens: fewer
+    steps per block; a token past TOKEN_WIDTH wraps in its cell."""
+    from pyro_lmscm.explorer.render import BLOCK_WIDTH, STEPS_PER_LINE, STYLE, TOKEN_WIDTH, visible
+
+    found = explorer.run(ExploreRequest(PROMPT, None, intervention={"exclude_1": "factual"}, max_new_tokens=30,
+                                        num_samples=4))
+    if long_token is not None:  # long tokens at every third step of the factual row
+        found.factual.tokens[::3] = [long_token] * len(found.factual.tokens[::3])
+    rows = [found.factual, *found.counterfactuals, found.mode]
+    steps = max(len(r.tokens) for r in rows)
+    widths = [max(min(len(visible(r.tokens[t])), TOKEN_WIDTH) + 2 for r in rows if t < len(r.tokens))
+              for t in range(steps)]
+
+    def table_width(k):
+        return sum(max(widths[j::k]) for j in range(k))
+
+    blocks = _blocks(render_worlds(found))
+    k = len(blocks[0])
+    assert [t for block in blocks for t in block] == list(range(steps))
+    assert all(len(block) == k for block in blocks[:-1])
+    assert table_width(k) <= BLOCK_WIDTH and (k == STEPS_PER_LINE or table_width(k + 1) > BLOCK_WIDTH)
+    if long_token is None:
+        assert k == STEPS_PER_LINE  # the tiny model's words are short
+    else:
+        assert k < STEPS_PER_LINE
+    assert f"max-width: {TOKEN_WIDTH}ch" in STYLE and "overflow-wrap: anywhere" in STYLE
 
 
 # -- the page in a real browser ---------------------------------------------------------------

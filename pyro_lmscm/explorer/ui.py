@@ -27,7 +27,7 @@ from .session import Explorer, ExploreRequest
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["INTERVENTIONS", "build_app", "chat_messages", "intervention_spec", "serve", "theme"]
+__all__ = ["INTERVENTIONS", "build_app", "chat_messages", "intervention_spec", "second_model_info", "serve", "theme"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,16 @@ def intervention_spec(
     if kind == NONE:
         return {}
     raise InterventionError(f"unknown intervention {kind!r}; choose one of {', '.join(INTERVENTIONS)}.")
+
+
+def second_model_info(explorer: Explorer) -> str:
+    """The help text of the second-model field: where that model loads. It loads on the
+    factual model's device and in its dtype (:func:`~pyro_lmscm.interventions.spec.parse_intervention`
+    ``model=``), since the counterfactual runs both models in one process; ``pyro-lmscm app
+    --device`` chooses that device for both."""
+    dtype = str(explorer.lm.dtype).removeprefix("torch.")
+    return (f"Loads on the app's device ({explorer.lm.device}) in {dtype}, beside the factual model: the "
+            "counterfactual runs both. Choose it with pyro-lmscm app --device.")
 
 
 def theme() -> Any:
@@ -294,7 +304,8 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                     action = gr.Radio([EXCLUDE, FORCE], value=EXCLUDE, label="Action", elem_id="action")
                     token = gr.Textbox(label="Token to force", elem_id="force-token")
                 with gr.Group(visible=False) as model_group:
-                    folder = gr.Textbox(label="Model folder (same tokenizer)", elem_id="model-folder")
+                    folder = gr.Textbox(label="Model folder (same tokenizer)", elem_id="model-folder",
+                                        info=second_model_info(explorer))
                 with gr.Accordion("Settings", open=False):
                     num_samples = gr.Slider(1, 64, value=DEFAULTS.num_samples, step=1, label="Counterfactual draws")
                     seed = gr.Number(DEFAULTS.seed, label="Seed", precision=0)
