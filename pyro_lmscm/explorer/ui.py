@@ -149,9 +149,11 @@ def _message(error: BaseException) -> str:
     return f"⚠️ **{type(error).__name__}:** {error}"
 
 
-#: The page's CSS (given to ``launch``): the aligned table may scroll sideways within the page.
+#: The page's CSS (given to ``launch``): the aligned table may scroll sideways within the page;
+#: the plots start below their labels (Gradio lays a plot's label over its top edge).
 CSS = """
 #worlds { max-width: 100%; overflow-x: auto; }
+#divergence .matplotlib, #attribution .matplotlib { padding-top: 32px; }
 """
 
 
@@ -269,8 +271,9 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                 with gr.Group(visible=False) as chat_group:
                     system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", elem_id="system")
                     user = gr.Textbox(DEFAULT_USER, label="User turn", elem_id="user")
-                observed = gr.Textbox(
-                    label="Observed continuation (paste one, or leave empty to sample one)", elem_id="observed"
+                observed = gr.Textbox(  # grows with its text: a long observation stays readable
+                    label="Observed continuation (paste one, or leave empty to sample one)", elem_id="observed",
+                    lines=3, max_lines=8,
                 )
                 with gr.Row():
                     sample_button = gr.Button("Sample one", elem_id="sample")
