@@ -54,7 +54,8 @@ STYLE = """
 #lmscm-worlds th, #lmscm-worlds td { padding: 2px 4px; border: 1px solid #e5e7eb; white-space: pre;
   vertical-align: top; line-height: 1.35; }
 #lmscm-worlds table, #lmscm-worlds tbody, #lmscm-worlds tr { border: none; }
-#lmscm-worlds td .tok { color: inherit; display: inline-block; max-width: TOKEN_WIDTHch; white-space: pre-wrap; overflow-wrap: anywhere; }
+#lmscm-worlds td .tok { color: inherit; display: inline-block; max-width: TOKEN_WIDTHch; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
 #lmscm-worlds th.world { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
   position: sticky; left: 0; background: #f9fafb; z-index: 1; white-space: normal; min-width: 7.5em;
   max-width: 10em; }
@@ -65,7 +66,7 @@ STYLE = """
 #lmscm-worlds td.changed { color: #a21caf; font-weight: 700; }
 #lmscm-worlds td.first-divergence { outline: 2px solid #ea580c; outline-offset: -2px; }
 #lmscm-worlds td.past { color: #9ca3af; font-style: italic; }
-#lmscm-worlds .ws { color: #9ca3af; }
+#lmscm-worlds .ws { opacity: 0.6; }  /* the cell's own colour, faded: readable on any shade */
 #lmscm-worlds tr.interventional th.world { color: #6b7280; }
 .lmscm-legend { font-family: ui-sans-serif, system-ui, sans-serif; font-size: 12px; color: #4b5563; margin: 4px 0; }
 </style>
