@@ -180,6 +180,75 @@ def test_attribution_to_the_parts_of_a_model_swap(explorer, tmp_path):
     assert off.attribution is None and "off" in off.attribution_note and attribution_figure(off) is None
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_the_second_model_loads_on_the_apps_device(device, tmp_path, monkeypatch):
+    """The second-model field loads its model on the factual model's device and in its dtype
+    (the counterfactual runs both in one process), and says so in its help text. load_lm is
+    given that device (on a CPU-only machine its default would be the CPU too; with CUDA, the
+    CPU case would load on CUDA under the default)."""
+    import pyro_lmscm.loading as loading
+    from pyro_lmscm.explorer.ui import second_model_info
+    from pyro_lmscm.interventions import ModelSwap
+
+    other = tiny_llama(seed=1)
+    other.model.save_pretrained(tmp_path)
+    other.tokenizer.save_pretrained(tmp_path)
+    lm = tiny_llama(seed=0)
+    lm.model.to(device)
+    explorer = Explorer(lm)
+    given, load_lm = [], loading.load_lm
+    monkeypatch.setattr(loading, "load_lm", lambda *a, **k: given.append(k) or load_lm(*a, **k))
+    found = explorer.run(ExploreRequest(PROMPT, None, intervention={"model": str(tmp_path)}, max_new_tokens=4,
+                                        num_samples=2, attribute=False))
+    assert found.description.startswith("do(model=") and found.prob_unchanged is not None
+    assert [torch.device(k["device"]) for k in given] == [lm.device]
+    [swap] = explorer._mechanisms.values()
+    assert isinstance(swap, ModelSwap)
+    assert {(p.device, p.dtype) for p in swap.other.model.parameters()} == {(lm.device, lm.dtype)}
+    info = second_model_info(explorer)
+    assert f"app's device ({lm.device})" in info and "float32" in info and "--device" in info
+
+
+# Gradio leaves sockets and event loops of its own for the garbage collector
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_the_second_model_field_shows_where_it_loads():
+    import gc
+
+    pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
+    from pyro_lmscm.explorer.ui import build_app, second_model_info
+
+    explorer = Explorer(tiny_llama(seed=0))
+    demo = build_app(explorer)
+    [field] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model-folder"]
+    assert field.info == second_model_info(explorer)
+    del demo, field
+    gc.collect()  # collect Gradio's leftovers here, under this test's filter, not in a later test
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "cuda:7", "garbage"])
+def test_a_bad_app_device_is_refused_before_anything_loads(device, tmp_path, monkeypatch):
+    """``pyro-lmscm app --device BAD``: one typed line (ModelLoadError, exit status 2) before
+    the model folder is read, fetched or served."""
+    pytest.importorskip("gradio", reason="the explorer needs the extra pyro-lmscm[app] (in the test extra)")
+    from typer.testing import CliRunner
+
+    import pyro_lmscm.explorer.ui as ui
+    import pyro_lmscm.loading as loading
+    from pyro_lmscm.cli import app
+    from pyro_lmscm.errors import ModelLoadError
+
+    touched = []
+    monkeypatch.setattr(loading, "_local_folder", lambda name: touched.append(("read", name)))
+    monkeypatch.setattr(loading, "fetch_embedded", lambda *a, **k: touched.append(("fetch", a)))
+    monkeypatch.setattr(ui, "serve", lambda *a, **k: touched.append(("serve", a)))
+    result = CliRunner().invoke(app, ["app", "--model", str(tmp_path), "--device", device])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and repr(device) in result.output and "Traceback" not in result.output
+    assert touched == []
+    with pytest.raises(ModelLoadError):
+        loading.check_device(device)
+
+
 def test_chat_null_intervention_reproduces_the_reply(explorer):
     """Chat mode on a tiny model with a chat template: the observation is the assistant's
     reply ended by the end-of-turn token, the null intervention keeps it exactly, and a
@@ -207,6 +276,12 @@ def test_chat_null_intervention_reproduces_the_reply(explorer):
         chat.run(ExploreRequest(PROMPT, "she went home", intervention={"system": "x"}))
 
 
+def _blocks(html: str) -> list[list[int]]:
+    """The steps of each block of the aligned table, from its step headers."""
+    return [[int(t) for t in re.findall(r"<th>(\d+)</th>", header)]
+            for header in re.findall(r'<tr class="steps">(.*?)</tr>', html)]
+
+
 def test_whitespace_is_visible_and_long_strings_wrap(explorer):
     from pyro_lmscm.explorer.render import STEPS_PER_LINE, visible
 
@@ -215,11 +290,44 @@ def test_whitespace_is_visible_and_long_strings_wrap(explorer):
                                         num_samples=2))
     html = render_worlds(found)
     steps = max(len(found.factual.ids), *(len(r.ids) for r in found.counterfactuals))
-    blocks = -(-steps // STEPS_PER_LINE)
-    assert steps > STEPS_PER_LINE and html.count('<tr class="steps">') == html.count("<tbody>") == blocks
-    assert html.count('<tr class="factual">') == blocks
+    blocks = _blocks(html)
+    assert steps > STEPS_PER_LINE and len(blocks) > 1 and html.count("<tbody>") == len(blocks)
+    assert [t for block in blocks for t in block] == list(range(steps))  # every step once, in order
+    assert html.count('<tr class="factual">') == len(blocks)  # each block with its step header and row labels
     assert re.findall(r'data-step="(\d+)"', "".join(re.findall(r'<tr class="factual">(.*?)</tr>', html))) == [
         str(t) for t in range(len(found.factual.ids))]
+
+
+@pytest.mark.parametrize("long_token", [None, " " + "y" * 30, "xxxxxxxxxxx"])
+def test_blocks_of_long_tokens_hold_fewer_steps_and_fit(explorer, long_token):
+    """The blocks are rows of one table: the token columns (each as wide as its widest token,
+    capped at TOKEN_WIDTH, plus a margin of 2) stay within BLOCK_WIDTH characters, and one
+    more step per block would not (or the block has STEPS_PER_LINE). Long tokens: fewer
+    steps per block; a token past TOKEN_WIDTH wraps in its cell."""
+    from pyro_lmscm.explorer.render import BLOCK_WIDTH, STEPS_PER_LINE, STYLE, TOKEN_WIDTH, visible
+
+    found = explorer.run(ExploreRequest(PROMPT, None, intervention={"exclude_1": "factual"}, max_new_tokens=30,
+                                        num_samples=4))
+    if long_token is not None:  # long tokens at every third step of the factual row
+        found.factual.tokens[::3] = [long_token] * len(found.factual.tokens[::3])
+    rows = [found.factual, *found.counterfactuals, found.mode]
+    steps = max(len(r.tokens) for r in rows)
+    widths = [max(min(len(visible(r.tokens[t])), TOKEN_WIDTH) + 2 for r in rows if t < len(r.tokens))
+              for t in range(steps)]
+
+    def table_width(k):
+        return sum(max(widths[j::k]) for j in range(k))
+
+    blocks = _blocks(render_worlds(found))
+    k = len(blocks[0])
+    assert [t for block in blocks for t in block] == list(range(steps))
+    assert all(len(block) == k for block in blocks[:-1])
+    assert table_width(k) <= BLOCK_WIDTH and (k == STEPS_PER_LINE or table_width(k + 1) > BLOCK_WIDTH)
+    if long_token is None:
+        assert k == STEPS_PER_LINE  # the tiny model's words are short
+    else:
+        assert k < STEPS_PER_LINE
+    assert f"max-width: {TOKEN_WIDTH}ch" in STYLE and "overflow-wrap: anywhere" in STYLE
 
 
 # -- the page in a real browser ---------------------------------------------------------------
@@ -308,6 +416,7 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     assert n >= 3, factual_row
     assert page.locator("#observed textarea").input_value()  # the sampled string, to edit or reuse
 
+
     # click factual token 2, then "Exclude it": every counterfactual changes at step 2 and
     # keeps the factual tokens before it; P(unchanged) is 0
     page.locator("#factual .token").nth(2).click()
@@ -345,6 +454,24 @@ def test_explorer_in_headless_chromium(served, chromium_context):
     page.locator("#run").click()
     expect(table.locator("caption")).to_contain_text("do(model=", timeout=60_000)
     expect(page.locator("#message")).to_have_text("")
+
+    # a 15-word observation of long words: the aligned table wraps into blocks that fit the
+    # page at 1400 and 1000 px (nothing clipped or scrolled away at the right, no token
+    # spilling out of its cell), each block with its step header (8 steps of these words with
+    # Gradio's cell padding overflowed 1000 px)
+    page.locator("#observed textarea").fill(
+        "the woman walked home and the nurse smiled and the doctor walked to the city")
+    page.locator("#run").click()
+    expect(table.locator("tr.steps").nth(1)).to_be_visible(timeout=60_000)
+    fits = """() => { const box = document.querySelector('#lmscm-worlds');
+        return [box.scrollWidth, box.clientWidth, document.querySelectorAll('#lmscm-worlds tbody').length,
+                document.querySelectorAll('#lmscm-worlds tr.steps').length,
+                [...box.querySelectorAll('td')].filter(c => c.scrollWidth > c.clientWidth).length]; }"""
+    for width in (1400, 1000):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(300)
+        scroll, box, blocks, headers, spilled = page.evaluate(fits)
+        assert scroll <= box and blocks == headers >= 2 and spilled == 0, (width, scroll, box, blocks, headers, spilled)
     assert problems == [] and external == []
 
 

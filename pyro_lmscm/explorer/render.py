@@ -4,8 +4,11 @@ Each column is a step ``t``. Each counterfactual token is shaded by its exact co
 probability q(s_t | s_<t) (white: certain; deep blue: improbable), with the value on hover
 (``title``); a token that differs from the factual one at its step is bold magenta, the first
 divergence of each row is outlined in orange, and steps past the observation are dimmed.
-Long strings wrap: every :data:`STEPS_PER_LINE` steps the table starts a new block with its
-own step header and row labels (and scrolls sideways where a block is still too wide).
+Long strings wrap: every ``k`` steps the table starts a new block with its own step header
+and row labels, ``k`` at most :data:`STEPS_PER_LINE` and small enough that the token columns
+stay within :data:`BLOCK_WIDTH` characters (:func:`steps_per_block`: long tokens, fewer steps
+per block); a token longer than :data:`TOKEN_WIDTH` characters wraps inside its cell. The
+table fits a 1000-pixel window; in a narrower one it scrolls sideways, its row labels kept.
 Whitespace is shown visibly (``␣`` for a token made of spaces, ``↵`` for a line break, ``⇥``
 for a tab), so that no chip is blank. (``␣``, not ``␠``: common fonts such as DejaVu have no
 ``␠``, which then shows as an empty box.) Every text is escaped. Pure functions: no Gradio here.
@@ -23,32 +26,71 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "STEPS_PER_LINE", "STYLE", "attribution_figure", "first_divergence_figure", "render_summary", "render_worlds",
-    "visible",
+    "BLOCK_WIDTH", "STEPS_PER_LINE", "STYLE", "TOKEN_WIDTH", "attribution_figure", "first_divergence_figure",
+    "render_summary", "render_worlds", "steps_per_block", "visible",
 ]
 
-#: Steps per block of the aligned table: longer strings wrap onto further blocks.
+#: The most steps of one block of the aligned table: longer strings wrap onto further blocks.
 STEPS_PER_LINE = 8
 
+#: The widest token cell, in characters of the table's monospace font: a longer token wraps.
+TOKEN_WIDTH = 12
+
+#: The most characters the token columns of the table take (each counts its widest token, at
+#: most :data:`TOKEN_WIDTH`, plus :data:`_CELL_MARGIN` for its padding and border): at most
+#: about 530 px at 13 px, which with the row labels (at most 10em) fits the 680 px the page
+#: gives the table in a 1000-pixel window.
+BLOCK_WIDTH = 72
+_CELL_MARGIN = 2
+
+# Every rule is under the table's id: Gradio's own `.prose td` rules (wide padding, dark
+# borders) would otherwise win over class selectors.
 STYLE = """
 <style>
-.lmscm-worlds { overflow-x: auto; max-width: 100%; }
-.lmscm-worlds table { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: 13px; }
-.lmscm-worlds caption { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
+#lmscm-worlds { overflow-x: auto; max-width: 100%; }
+#lmscm-worlds table { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: 13px; margin: 0; }
+#lmscm-worlds caption { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
   padding: 2px 0 4px 0; }
-.lmscm-worlds th, .lmscm-worlds td { padding: 2px 4px; border: 1px solid #e5e7eb; white-space: pre; }
-.lmscm-worlds th.world { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
-  position: sticky; left: 0; background: #f9fafb; z-index: 1; white-space: nowrap; }
-.lmscm-worlds tr.steps th { color: #6b7280; font-weight: 400; background: #f9fafb; }
-.lmscm-worlds tbody + tbody tr.steps th { border-top: 3px solid #d1d5db; }
-.lmscm-worlds td.changed { color: #a21caf; font-weight: 700; }
-.lmscm-worlds td.first-divergence { outline: 2px solid #ea580c; outline-offset: -2px; }
-.lmscm-worlds td.past { color: #9ca3af; font-style: italic; }
-.lmscm-worlds .ws { color: #9ca3af; }
-.lmscm-worlds tr.interventional th.world { color: #6b7280; }
+#lmscm-worlds th, #lmscm-worlds td { padding: 2px 4px; border: 1px solid #e5e7eb; white-space: pre;
+  vertical-align: top; line-height: 1.35; }
+#lmscm-worlds table, #lmscm-worlds tbody, #lmscm-worlds tr { border: none; }
+#lmscm-worlds td .tok { color: inherit; display: inline-block; max-width: TOKEN_WIDTHch; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
+#lmscm-worlds th.world { text-align: left; font-family: ui-sans-serif, system-ui, sans-serif; font-weight: 600;
+  position: sticky; left: 0; background: #f9fafb; z-index: 1; white-space: normal; min-width: 7.5em;
+  max-width: 10em; }
+#lmscm-worlds th.world .count { white-space: nowrap; font-weight: 400; }
+@media (min-width: 1200px) { #lmscm-worlds th.world { white-space: nowrap; max-width: none; } }
+#lmscm-worlds tr.steps th { color: #6b7280; font-weight: 400; background: #f9fafb; }
+#lmscm-worlds tbody + tbody tr.steps th { border-top: 3px solid #d1d5db; }
+#lmscm-worlds td.changed { color: #a21caf; font-weight: 700; }
+#lmscm-worlds td.first-divergence { outline: 2px solid #ea580c; outline-offset: -2px; }
+#lmscm-worlds td.past { color: #9ca3af; font-style: italic; }
+#lmscm-worlds .ws { opacity: 0.6; }  /* the cell's own colour, faded: readable on any shade */
+#lmscm-worlds tr.interventional th.world { color: #6b7280; }
 .lmscm-legend { font-family: ui-sans-serif, system-ui, sans-serif; font-size: 12px; color: #4b5563; margin: 4px 0; }
 </style>
-"""
+""".replace("TOKEN_WIDTHch", f"{TOKEN_WIDTH}ch")
+
+
+def steps_per_block(widths: list[int], width: int = BLOCK_WIDTH, most: int = STEPS_PER_LINE) -> int:
+    """How many steps each block of the aligned table holds: the most, up to ``most``, whose
+    token columns stay within ``width`` characters. The blocks are rows of one table, so
+    that the row labels align: column ``j`` is as wide as the widest token at steps ``j``,
+    ``j + k``, ``j + 2k``, ... (each at most :data:`TOKEN_WIDTH`, plus the cell's margin).
+    At least one step.
+
+    :param widths: the widest token of each step, in characters.
+
+    >>> steps_per_block([3] * 20), steps_per_block([12] * 6 + [1]), steps_per_block([3, 3, 30, 3, 3, 3])
+    (8, 5, 6)
+    """
+    cost = [min(max(w, 1), TOKEN_WIDTH) + _CELL_MARGIN for w in widths]
+    for k in range(max(min(most, len(cost)), 1), 1, -1):
+        if sum(max(cost[j::k]) for j in range(k)) <= width:
+            return k
+    return 1
+
 
 #: How whitespace shows: a line break, a tab, a carriage return.
 _WHITESPACE = {"\n": "↵", "\t": "⇥", "\r": "\\r"}
@@ -107,16 +149,19 @@ def _row(label: str, row: WorldRow, factual: WorldRow, steps: range, css: str, l
             title += f" · q(token | prefix) = {row.probs[t]:.4g}"
             style = f' style="{_shade(row.probs[t])}"'
         cls = f' class="{" ".join(classes)}"' if classes else ""
-        cells.append(f'<td{cls}{style} title="{escape(title)}" data-step="{t}">{_cell_text(row.tokens[t])}</td>')
+        cells.append(f'<td{cls}{style} title="{escape(title)}" data-step="{t}"><span class="tok">'
+                     f'{_cell_text(row.tokens[t])}</span></td>')
     title = f' title="{escape(label_title)}"' if label_title else ""
-    return f'<tr class="{css}"><th class="world"{title}>{escape(label)}</th>{"".join(cells)}</tr>'
+    name, _, count = label.partition(" (")  # the count or probability: kept on one line
+    shown = escape(name) + (f' <span class="count">({escape(count)}</span>' if count else "")
+    return f'<tr class="{css}"><th class="world"{title}>{shown}</th>{"".join(cells)}</tr>'
 
 
 def render_worlds(exploration: Exploration) -> str:
     """The aligned table of the factual string, the most probable counterfactual, the
     sampled counterfactuals (one row per distinct string, with its count) and the
-    interventional baseline: one ``<tbody>`` block per :data:`STEPS_PER_LINE` steps, each
-    with its step header."""
+    interventional baseline: one ``<tbody>`` block per :func:`steps_per_block` steps, each
+    with its step header and row labels."""
     worlds = [exploration.factual, *exploration.counterfactuals]
     if exploration.mode is not None:
         worlds.append(exploration.mode)
@@ -134,8 +179,10 @@ def render_worlds(exploration: Exploration) -> str:
     for i, row in enumerate(exploration.interventional or []):
         labelled.append((f"interventional #{i + 1} (×{row.count}/{n})", row, "interventional", ""))
     blocks = []
-    for start in range(0, max(steps, 1), STEPS_PER_LINE):
-        block = range(start, min(start + STEPS_PER_LINE, steps))
+    widths = [max((len(visible(w.tokens[t])) for w in worlds if t < len(w.tokens)), default=1) for t in range(steps)]
+    k = steps_per_block(widths)
+    for start in range(0, max(steps, 1), k):
+        block = range(start, min(start + k, steps))
         header = "".join(f"<th>{t}</th>" for t in block)
         rows = "".join(_row(label, row, factual, block, css, hint) for label, row, css, hint in labelled)
         blocks.append(f'<tbody><tr class="steps"><th class="world">step</th>{header}</tr>{rows}</tbody>')

@@ -27,7 +27,7 @@ from .session import Explorer, ExploreRequest
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["INTERVENTIONS", "build_app", "chat_messages", "intervention_spec", "serve", "theme"]
+__all__ = ["INTERVENTIONS", "build_app", "chat_messages", "intervention_spec", "second_model_info", "serve", "theme"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,16 @@ def intervention_spec(
     raise InterventionError(f"unknown intervention {kind!r}; choose one of {', '.join(INTERVENTIONS)}.")
 
 
+def second_model_info(explorer: Explorer) -> str:
+    """The help text of the second-model field: where that model loads. It loads on the
+    factual model's device and in its dtype (:func:`~pyro_lmscm.interventions.spec.parse_intervention`
+    ``model=``), since the counterfactual runs both models in one process; ``pyro-lmscm app
+    --device`` chooses that device for both."""
+    dtype = str(explorer.lm.dtype).removeprefix("torch.")
+    return (f"Loads on the app's device ({explorer.lm.device}) in {dtype}, beside the factual model: the "
+            "counterfactual runs both. Choose it with pyro-lmscm app --device.")
+
+
 def theme() -> Any:
     """Gradio's default theme on the system's fonts: some Gradio releases (6.0) fetch theirs
     from Google Fonts, and the page must work offline."""
@@ -139,9 +149,11 @@ def _message(error: BaseException) -> str:
     return f"⚠️ **{type(error).__name__}:** {error}"
 
 
-#: The page's CSS (given to ``launch``): the aligned table may scroll sideways within the page.
+#: The page's CSS (given to ``launch``): the aligned table may scroll sideways within the page;
+#: the plots start below their labels (Gradio lays a plot's label over its top edge).
 CSS = """
 #worlds { max-width: 100%; overflow-x: auto; }
+#divergence .matplotlib, #attribution .matplotlib { padding-top: 32px; }
 """
 
 
@@ -259,8 +271,9 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                 with gr.Group(visible=False) as chat_group:
                     system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", elem_id="system")
                     user = gr.Textbox(DEFAULT_USER, label="User turn", elem_id="user")
-                observed = gr.Textbox(
-                    label="Observed continuation (paste one, or leave empty to sample one)", elem_id="observed"
+                observed = gr.Textbox(  # grows with its text: a long observation stays readable
+                    label="Observed continuation (paste one, or leave empty to sample one)", elem_id="observed",
+                    lines=3, max_lines=8,
                 )
                 with gr.Row():
                     sample_button = gr.Button("Sample one", elem_id="sample")
@@ -294,7 +307,8 @@ def build_app(explorer: Explorer, model_name: str = "", title: str = "pyro-lmscm
                     action = gr.Radio([EXCLUDE, FORCE], value=EXCLUDE, label="Action", elem_id="action")
                     token = gr.Textbox(label="Token to force", elem_id="force-token")
                 with gr.Group(visible=False) as model_group:
-                    folder = gr.Textbox(label="Model folder (same tokenizer)", elem_id="model-folder")
+                    folder = gr.Textbox(label="Model folder (same tokenizer)", elem_id="model-folder",
+                                        info=second_model_info(explorer))
                 with gr.Accordion("Settings", open=False):
                     num_samples = gr.Slider(1, 64, value=DEFAULTS.num_samples, step=1, label="Counterfactual draws")
                     seed = gr.Number(DEFAULTS.seed, label="Seed", precision=0)
