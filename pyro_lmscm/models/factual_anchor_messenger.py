@@ -3,6 +3,7 @@ returns the logits that abduction used (see :mod:`pyro_lmscm.models.anchor`)."""
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -73,9 +74,14 @@ class FactualAnchorMessenger(Messenger):
         # where each run stands on the path: id(tokens) -> _Walk (see _on_path)
         self._walks: dict[int, _Walk] = {}
 
-    def __exit__(self, *args: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self._walks.clear()
-        super().__exit__(*args)
+        super().__exit__(exc_type, exc_value, traceback)
 
     def _pyro_lmscm_step_logits(self, msg: Message) -> None:
         scm, t, raw, prompt, mechanism, tokens = msg["args"]
