@@ -188,6 +188,8 @@ class HindsightGumbelGuide(GuideMessenger):
         super().__init__(_NoisePrior(scm, observed_ids.shape[:-1]))
         self.scm = scm
         self.observed_ids = observed_ids
+        # (once: a step's posterior reads its column, not the whole string's ends at every step)
+        self._observed_active = self.step_is_active(observed_ids)
         self.margin = as_real(margin, "margin", minimum=0.0) / float(scm.decoding.temperature)
         self.raw_logits = raw_logits
         self._steps = {scm.site(noise_site(t)): t for t in range(scm.max_new_tokens)}
@@ -296,9 +298,9 @@ class HindsightGumbelGuide(GuideMessenger):
 
         :param logits: the decoded factual logits ``(..., n, V)`` (:meth:`decoded_logits`).
         """
-        observed = self.observed_ids.expand(logits.shape[:-1])
-        active = self.step_is_active(observed)
-        return self.scm.noise.posterior(logits[..., t, :], observed[..., t], margin=self.margin, active=active[..., t])
+        batch = logits.shape[:-2]
+        observed, active = self.observed_ids[..., t].expand(batch), self._observed_active[..., t].expand(batch)
+        return self.scm.noise.posterior(logits[..., t, :], observed, margin=self.margin, active=active)
 
     def get_posterior(self, name: str, prior: TorchDistribution) -> TorchDistribution:  # type: ignore[override]
         """The posterior of site ``name`` given its prior (Pyro's ``GuideMessenger``

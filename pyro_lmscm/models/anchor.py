@@ -74,3 +74,12 @@ class FactualAnchor:
         if t >= self.length:
             return torch.zeros_like(on_path)
         return on_path & (w == self.observed_ids[..., t])
+
+    def follow_prefix(self, prefix: torch.Tensor, on_path: torch.Tensor) -> torch.Tensor:
+        """Rows still on the path after emitting ``prefix`` ``(..., t)`` at steps ``0 .. t - 1``,
+        ``t >= 1``: :meth:`follow` of each of its tokens in turn, in one comparison."""
+        t = prefix.shape[-1]
+        if t > self.length:
+            return torch.zeros(torch.broadcast_shapes(on_path.shape, prefix.shape[:-1]), dtype=torch.bool,
+                               device=on_path.device)
+        return on_path & (prefix == self.observed_ids[..., :t]).all(-1)

@@ -16,7 +16,7 @@ message has type ``"lmscm_step_decoded"`` and ``args = (scm, t, logits)``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, overload
 
 import torch
 from pyro.poutine.runtime import effectful
@@ -24,12 +24,63 @@ from pyro.poutine.runtime import effectful
 if TYPE_CHECKING:
     from .scm import LanguageModelSCM
 
-__all__ = ["STEP_DECODED", "STEP_LOGITS", "step_decoded", "step_logits"]
+__all__ = ["STEP_DECODED", "STEP_LOGITS", "TokenColumns", "step_decoded", "step_logits"]
 
 #: The message type of :func:`step_logits`.
 STEP_LOGITS = "lmscm_step_logits"
 #: The message type of :func:`step_decoded`.
 STEP_DECODED = "lmscm_step_decoded"
+
+
+class TokenColumns(Sequence[torch.Tensor]):
+    """The first ``len(self)`` tokens of strings held in one tensor, as the sequence of
+    tokens that :func:`step_logits` takes: item ``s`` is ``ids[..., s]``, made when asked
+    for. A teacher-forced pass
+    (:func:`~pyro_lmscm.models.teacher_forcing.decoded_steps`) passes one at every step,
+    grown by one token per step (:meth:`grow`), so that a step costs the same at any
+    ``t``, where a list of the columns so far would be rebuilt each call; a handler that
+    follows the prefix may read it whole from :meth:`prefix` (one tensor operation).
+
+    :param ids: token ids ``batch_shape + (k,)``, not modified while the sequence is in use.
+    :param length: how many of its columns are the tokens so far, ``0 <= length <= k``.
+    """
+
+    def __init__(self, ids: torch.Tensor, length: int) -> None:
+        if not 0 <= length <= ids.shape[-1]:
+            raise IndexError(f"TokenColumns: length {length} outside 0..{ids.shape[-1]}")
+        self.ids = ids
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(index, slice):
+            return [self.ids[..., s] for s in range(*index.indices(self._length))]
+        if not -self._length <= index < self._length:
+            raise IndexError(f"token {index} of {self._length}")
+        return self.ids[..., index % self._length]
+
+    def prefix(self, t: int) -> torch.Tensor:
+        """The first ``t <= len(self)`` tokens, ``batch_shape + (t,)`` (a view)."""
+        if not 0 <= t <= self._length:
+            raise IndexError(f"TokenColumns.prefix: {t} outside 0..{self._length}")
+        return self.ids[..., :t]
+
+    def grow(self) -> None:
+        """One more token: the next column of ``ids``."""
+        if self._length >= self.ids.shape[-1]:
+            raise IndexError(f"TokenColumns.grow: all {self._length} tokens are in")
+        self._length += 1
+
+    def __repr__(self) -> str:
+        return f"TokenColumns({self._length} of {tuple(self.ids.shape)})"
 
 
 def _step_logits(
@@ -45,7 +96,10 @@ def _step_logits(
     :param raw: what the mechanisms computed, shape ``batch_shape + (V,)``.
     :param prompt: the model's prompt ids ``(..., L)``.
     :param mechanism: the model's mechanism indices.
-    :param tokens: the tokens emitted so far, ``w_0 .. w_{t-1}``.
+    :param tokens: the tokens emitted so far, ``w_0 .. w_{t-1}``: within one run, the same
+        sequence at every step, grown by one token per step (a list appended to, or a
+        :class:`TokenColumns`), so that a handler may follow it token by token, as
+        :class:`~pyro_lmscm.models.FactualAnchorMessenger` does.
     """
     return raw
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .ops import step_decoded, step_logits
+from .ops import TokenColumns, step_decoded, step_logits
 
 if TYPE_CHECKING:
     from .scm import LanguageModelSCM
@@ -62,12 +62,12 @@ def decoded_steps(
     (True, False)
     """
     mechanism = torch.as_tensor(mechanism, device=raw.device).long()
-    prefix = [tokens[..., s] for s in range(start)]
+    prefix = TokenColumns(tokens, start)  # (no list of the t columns so far: a step costs the same at any t)
     out = []
     for i in range(raw.shape[-2]):
         t = start + i
         logits = step_logits(scm, t, raw[..., i, :], prompt, mechanism, prefix, name=scm.site(f"__logits_{t}"))
         out.append(step_decoded(scm, t, scm.decoding(logits), name=scm.site(f"__decoded_{t}")))
         if i + 1 < raw.shape[-2]:
-            prefix.append(tokens[..., t])
+            prefix.grow()
     return torch.stack(out, dim=-2)

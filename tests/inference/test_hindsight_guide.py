@@ -196,7 +196,7 @@ def test_each_run_abducts_for_its_own_prompt_and_leaves_no_logits(lm):
     """No memo: runs for two prompts each draw the posterior of their own prompt (the replay
     through that prompt's anchor gives the observation back; the other prompt's noise, the
     baseline, does not), and after the runs the guide holds no tensor but its observation
-    (and Pyro's trace of the last run)."""
+    and the observation's active steps, made once from it (and Pyro's trace of the last run)."""
     scm = LanguageModelSCM(lm, max_new_tokens=4)
     observed = torch.tensor([5, 9, 14, 7])
     guide = HindsightGumbelGuide(scm, observed)
@@ -209,7 +209,8 @@ def test_each_run_abducts_for_its_own_prompt_and_leaves_no_logits(lm):
         scm.model(prompts[1])
     runs = [guide.trace.nodes[noise_site(t)]["value"] for t in range(4)]
     held = {name for name, value in vars(guide).items() if name != "trace" and _tensors_in(value)}
-    assert held == {"observed_ids"}
+    assert held == {"observed_ids", "_observed_active"}
+    assert torch.equal(guide._observed_active, guide.step_is_active(observed))
     for i, prompt in enumerate(prompts):
         with pyro.plate("draws", 50, dim=-1), guide.anchored(prompt):
             own = poutine.replay(scm.model, trace=traces[i])(prompt)
