@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 PROMPT = "My brother is a doctor. Every morning, he"
 
@@ -49,23 +45,10 @@ def main() -> None:
     ids = Explorer(lm).sample(PROMPT, max_new_tokens=args.tokens, seed=1, top_k=50)
     observed = lm.decode([i for i in ids if i not in lm.eos_token_ids])
     del lm
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--model", args.model,
-               "--port", str(port)] + (["--threads", str(args.threads)] if args.threads else [])
+    from pyro_lmscm.testing import served_app
+
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None:
-                    raise SystemExit("the app exited") from None
-                time.sleep(0.5)
+    with served_app("--model", args.model, *(["--threads", str(args.threads)] if args.threads else [])) as url:
         print(f"app serving after {time.perf_counter() - started:.1f} s (model load included)")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, headless=True,
@@ -100,9 +83,6 @@ def main() -> None:
         print(f"| first (steering vector computed) | {times[0]:.1f} s | {done[0]:.1f} s |")
         if len(times) > 1:
             print(f"| later (median of {len(times) - 1}) | {median(times[1:]):.1f} s | {median(done[1:]):.1f} s |")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 TEXT = " she was tired after a long night shift at the hospital, so she went home and slept until noon."
@@ -41,22 +36,9 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", "--model", args.model,
-               "--port", str(port), "--threads", str(args.threads)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None:
-                    raise SystemExit("the app exited") from None
-                time.sleep(0.5)
+    from pyro_lmscm.testing import served_app
+
+    with served_app("--model", args.model, "--threads", str(args.threads)) as url:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, headless=True,
                                                  args=["--no-sandbox", "--disable-gpu"])
@@ -87,9 +69,6 @@ def main() -> None:
                 fits = "fits" if box[0] <= box[1] else "SCROLLS"
                 print(f"{png}: table {box[0]} px wide in a {box[1]} px box ({fits}), {box[2]} blocks of steps")
             browser.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ etc.), run in milliseconds and are deterministic under a seed. Nothing is downlo
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import IO, Any, Iterator, Sequence
 
 import pyro.poutine as poutine
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "by_hand",
     "chi_square_pvalue",
     "hooks",
+    "served_app",
     "snapshot",
     "tiny_llama",
     "tiny_tokenizer",
@@ -192,3 +194,48 @@ class BoostTokens(Messenger):
         boosted = current.clone()
         boosted[..., self.tokens.to(current.device)] += self.boost
         msg["value"] = boosted
+
+
+@contextlib.contextmanager
+def served_app(*args: str, log: IO[str] | None = None, seconds: float = 600.0) -> Iterator[str]:
+    """``pyro-lmscm app ARGS`` in a process of its own on a free port of 127.0.0.1 (for browser
+    tests, benchmarks and screenshots): yields its url once it answers HTTP 200, and stops the
+    process on exit.
+
+    :param args: the arguments of ``pyro-lmscm app`` (not ``--port``).
+    :param log: where the app's output goes (default: discarded).
+    :param seconds: how long to wait for it.
+    :raises RuntimeError: if the app exits or does not answer within ``seconds``.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", *args, "--port", str(port)]
+    process = subprocess.Popen(
+        command, stdout=log if log is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not start within {seconds:.0f} s (exit status {process.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -2,13 +2,7 @@
 served by ``pyro-lmscm app`` on a tiny model, driven in a real headless Chromium."""
 
 import contextlib
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -20,7 +14,7 @@ from pyro_lmscm.explorer import Explorer, ExploreRequest
 from pyro_lmscm.explorer.render import render_worlds
 from pyro_lmscm.inference import exact_counterfactual
 from pyro_lmscm.models import Decoding
-from pyro_lmscm.testing import tiny_llama
+from pyro_lmscm.testing import served_app, tiny_llama
 
 PROMPT = "the man said"
 
@@ -333,39 +327,17 @@ def test_blocks_of_long_tokens_hold_fewer_steps_and_fit(explorer, long_token):
 # -- the page in a real browser ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _app(root, *args: str, seconds: float):
-    """``pyro-lmscm app ARGS`` on a free port of 127.0.0.1, its log in ``root/app.log``: yields
-    its url once it answers HTTP 200 (fails with the log if it exits or takes over ``seconds``)."""
-    port = _free_port()
-    log = open(root / "app.log", "w")
-    command = [sys.executable, "-c", "from pyro_lmscm.cli import main; main()", "app", *args, "--port", str(port)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"the app did not start:\n{(root / 'app.log').read_text()}")
-            time.sleep(0.5)
+    """``pyro-lmscm app ARGS`` (:func:`~pyro_lmscm.testing.served_app`), its log in
+    ``root/app.log``: yields its url (fails with the log if it does not start)."""
+    with open(root / "app.log", "w") as log, contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(served_app(*args, log=log, seconds=seconds))
+        except RuntimeError as error:
+            log.flush()
+            pytest.fail(f"{error}:\n{(root / 'app.log').read_text()}")
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
