@@ -530,7 +530,7 @@ def _factual_logits(
 ) -> list[torch.Tensor]:
     """The raw factual logits ``(n_i, V)`` of each string's observed steps, from left-padded
     teacher-forced passes of ``batch_size`` strings at a time."""
-    out = []
+    out: list[torch.Tensor] = []
     for start in range(0, len(strings), batch_size):
         chunk = strings[start : start + batch_size]
         keep = max(o.shape[-1] for _, o in chunk)
