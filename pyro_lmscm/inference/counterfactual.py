@@ -16,7 +16,7 @@ from ..interventions.ops import Action, Intervention, as_do_data, check_interven
 from ..lm import left_pad
 from ..seeding import generator, seeded
 from ..validation import as_int, as_real
-from .budget import AUTO_CHUNK_BYTES
+from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
 from .hindsight_guide import HindsightGumbelGuide
@@ -258,7 +258,8 @@ def auto_chunk_size(
 ) -> int:
     """The number of posterior draws that ``counterfactual(chunk_size=None)`` decodes at once:
     as many as fit ``budget`` bytes (default :data:`AUTO_CHUNK_BYTES` of the model's device
-    type), at least one. A draw holds its KV cache over the prompt and ``T`` new tokens
+    type), and at least :data:`~pyro_lmscm.inference.budget.MIN_CHUNK_ROWS` rows (half as
+    many draws with ``baseline``). A draw holds its KV cache over the prompt and ``T`` new tokens
     (``scm.lm.cache_bytes_per_token()`` per position, from the model config) and about eight
     float32 vectors of ``V`` per step.
 
@@ -268,8 +269,9 @@ def auto_chunk_size(
     """
     if budget is None:
         budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
-    per_draw = _working_bytes_per_row(scm, prompt_length) * (2 if baseline else 1)
-    return max(1, budget // per_draw)
+    rows = 2 if baseline else 1
+    per_draw = _working_bytes_per_row(scm, prompt_length) * rows
+    return max(MIN_CHUNK_ROWS // rows, budget // per_draw)
 
 
 def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_length: int, baseline: bool) -> None:

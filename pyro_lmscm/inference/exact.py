@@ -40,7 +40,7 @@ from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
 from .bounds import CounterfactualBounds, any_step_bounds, observed_keep_bounds
-from .budget import AUTO_CHUNK_BYTES
+from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -395,12 +395,13 @@ class ExactCounterfactual:
         ``T`` tokens and about eight float64 vectors of ``V`` (the decoded logits and their
         decoding's temporaries, the posterior noise and its working memory, logits plus noise)
         per row, within the device's :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES`
-        (the closed-form law with its sort took about sixteen)."""
+        (the closed-form law with its sort took about sixteen), and at least
+        :data:`~pyro_lmscm.inference.budget.MIN_CHUNK_ROWS` rows."""
         scm = self.scm
         budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
         tokens = self._prompt.shape[-1] + scm.max_new_tokens
         per_row = scm.lm.cache_bytes_per_token() * tokens + 8 * 8 * scm.vocab_size
-        return max(1, budget // per_row)
+        return max(MIN_CHUNK_ROWS, budget // per_row)
 
     @torch.no_grad()
     def _sample_rows(self, rows: int) -> torch.Tensor:

@@ -119,25 +119,27 @@ def test_automatic_chunks_follow_the_memory_budget_and_equal_explicit_ones(scm, 
     import importlib
 
     from pyro_lmscm.inference import auto_chunk_size
+    from pyro_lmscm.inference.budget import MIN_CHUNK_ROWS
 
     cf_module = importlib.import_module("pyro_lmscm.inference.counterfactual")  # the module, not the function
     module_counterfactual = cf_module.counterfactual
 
     observed = torch.tensor([5, 9, 3, 7])
     per_row = scm.lm.cache_bytes_per_token() * (len(PROMPT) + scm.max_new_tokens) + 8 * scm.vocab_size * 4
-    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 3 * per_row + 1)
-    assert auto_chunk_size(scm, len(PROMPT)) == 3
-    assert auto_chunk_size(scm, len(PROMPT), baseline=True) == 1  # two rows per draw
+    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 11 * per_row + 1)
+    assert auto_chunk_size(scm, len(PROMPT)) == 11
+    assert auto_chunk_size(scm, len(PROMPT), baseline=True) == 5  # two rows per draw
     monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 1)
-    assert auto_chunk_size(scm, len(PROMPT)) == 1  # at least one draw
+    assert auto_chunk_size(scm, len(PROMPT)) == MIN_CHUNK_ROWS  # a floor of rows, whatever the budget
+    assert auto_chunk_size(scm, len(PROMPT), baseline=True) == MIN_CHUNK_ROWS // 2
 
-    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 3 * per_row + 1)
+    monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 11 * per_row + 1)
     args = (scm, PROMPT, observed, {"prompt": [2, 9, 4]})
-    automatic = module_counterfactual(*args, num_samples=10, seed=3)
-    _same(automatic, module_counterfactual(*args, num_samples=10, seed=3, chunk_size=3))
-    whole = module_counterfactual(*args, num_samples=10, seed=3, chunk_size=10)
+    automatic = module_counterfactual(*args, num_samples=25, seed=3)
+    _same(automatic, module_counterfactual(*args, num_samples=25, seed=3, chunk_size=11))
+    whole = module_counterfactual(*args, num_samples=25, seed=3, chunk_size=25)
     assert not torch.equal(automatic.counterfactual_ids, whole.counterfactual_ids)  # other draws, same generator
-    assert auto_chunk_size(scm, len(PROMPT), budget=5 * per_row) == 5  # a caller's own budget (the study's)
+    assert auto_chunk_size(scm, len(PROMPT), budget=12 * per_row) == 12  # a caller's own budget (the study's)
 
 
 def test_smollm2_fp32_at_64_steps_decodes_in_chunks_within_the_memory_budget():
@@ -162,6 +164,10 @@ def test_smollm2_fp32_at_64_steps_decodes_in_chunks_within_the_memory_budget():
     size = auto_chunk_size(scm, 8, budget=AUTO_CHUNK_BYTES["cpu"])
     cache = size * (8 + 64) * lm.cache_bytes_per_token()
     assert 12 <= size <= 20 and cache <= AUTO_CHUNK_BYTES["cpu"] < 64 * (8 + 64) * lm.cache_bytes_per_token()
+    # at T = 512 the budget holds 3 rows; the floor keeps 8 in one run (4 draws: one run, not 3 + 1)
+    long = LanguageModelSCM(lm, max_new_tokens=512)
+    assert AUTO_CHUNK_BYTES["cpu"] // ((8 + 512) * lm.cache_bytes_per_token()) == 3
+    assert auto_chunk_size(long, 8, budget=AUTO_CHUNK_BYTES["cpu"]) == 8
 
 
 @pytest.mark.parametrize(
