@@ -58,12 +58,17 @@ from .. import seeding
 from ..errors import InferenceError
 from ..interventions.model_swap import ModelSwap
 from ..interventions.ops import Action, as_do_data, world_inputs
-from ..lm import left_pad
 from ..models.mechanism import Factual, Mechanism
 from ..models.scm import LanguageModelSCM
 from ..models.sites import MECHANISM
 from ..validation import as_int
-from .exact import ExactCounterfactual, expected_first_divergence, first_divergence_law, observed_token_log_probs
+from .exact import (
+    ExactCounterfactual,
+    _intervened_pass,
+    expected_first_divergence,
+    first_divergence_law,
+    observed_token_log_probs,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -465,15 +470,14 @@ def attributions(
     checked = [
         (scm.check_prompt(p, single=True), scm.check_observed(o, single=True)) for p, o in zip(prompts, observed)
     ]
+    computed = raw_logits is None  # then each string takes part in a factual pass here
     if raw_logits is None:
         raw_logits = _factual_logits(scm, checked, batch_size)
-    first, mechanism = _worlds(scm, *checked[0], intervention, raw_logits[0], "attributions")
+    first, mechanism = _worlds(scm, *checked[0], intervention, raw_logits[0], "attributions", factual_pass=computed)
     made = [(first, mechanism)] + [
-        _worlds(scm, p, o, intervention, raw, "attributions", mechanism)
+        _worlds(scm, p, o, intervention, raw, "attributions", mechanism, factual_pass=computed)
         for (p, o), raw in zip(checked[1:], raw_logits[1:])
     ]
-    for worlds, _ in made:
-        worlds.passes = 1  # the factual pass (here or by the caller)
     if by == "layer":
         k = len(mechanism.parts())
         exact = k <= max_exact_parts
@@ -498,9 +502,11 @@ def _worlds(
     raw_logits: torch.Tensor | None,
     owner: str,
     mechanism: Mechanism | None = None,
+    factual_pass: bool | None = None,
 ) -> tuple[_Worlds, Mechanism]:
     """One string's :class:`_Worlds` and the mechanism whose parts take the credit (given:
-    that of another string of the same intervention)."""
+    that of another string of the same intervention); ``factual_pass``: whether the string's
+    factual logits count as a pass of this call (default: when computed here)."""
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)
     action = as_do_data(scm, intervention, observed)
@@ -516,11 +522,10 @@ def _worlds(
         if isinstance(mechanism, ModelSwap):
             mechanism = mechanism.as_weight_delta(scm.lm)
     rest = Action({key: value for key, value in action.items() if key != site}, getattr(action, "messengers", ()))
-    n = observed.shape[-1]
-    factual_pass = raw_logits is None
-    if raw_logits is None:  # as the abduction computes them (HindsightGumbelGuide.decoded_logits)
-        with torch.no_grad():
-            raw_logits = scm.lm.logits(torch.cat([prompt, observed[:-1]]), logits_to_keep=n)
+    if factual_pass is None:
+        factual_pass = raw_logits is None
+    if raw_logits is None:
+        raw_logits = _factual_logits(scm, [(prompt, observed)], 1)[0]
     return _Worlds(scm, prompt, observed, rest, raw_logits, passes=int(factual_pass)), mechanism
 
 
@@ -528,14 +533,13 @@ def _worlds(
 def _factual_logits(
     scm: LanguageModelSCM, strings: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int
 ) -> list[torch.Tensor]:
-    """The raw factual logits ``(n_i, V)`` of each string's observed steps, from left-padded
-    teacher-forced passes of ``batch_size`` strings at a time."""
+    """The raw factual logits ``(n_i, V)`` of each string's observed steps, as the abduction
+    computes them (:meth:`~pyro_lmscm.inference.HindsightGumbelGuide.decoded_logits`), from
+    left-padded teacher-forced passes of ``batch_size`` strings at a time."""
     out: list[torch.Tensor] = []
     for start in range(0, len(strings), batch_size):
         chunk = strings[start : start + batch_size]
-        keep = max(o.shape[-1] for _, o in chunk)
-        inputs = left_pad([torch.cat([p.cpu(), o.cpu()[:-1]]) for p, o in chunk]).to(scm.lm.device)
-        logits = scm.lm.logits(inputs, logits_to_keep=keep)
+        logits, keep = _intervened_pass(scm, 0, chunk)
         out.extend(row[keep - o.shape[-1] :] for row, (_, o) in zip(logits, chunk))
     return out
 

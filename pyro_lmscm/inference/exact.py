@@ -637,12 +637,12 @@ def _shared(exacts: Sequence[ExactCounterfactual], owner: str) -> tuple[Language
 
 
 def _intervened_pass(
-    scm: LanguageModelSCM, mechanism: int, pairs: Sequence[tuple[ExactCounterfactual, torch.Tensor]]
+    scm: LanguageModelSCM, mechanism: int, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, int]:
-    """The raw intervened logits of strings ``(exact, ids (m,))``, each after its exact
-    counterfactual's prompt: one teacher-forced pass, left-padded, of the last ``keep`` steps
-    (``keep``: the longest ``m``); row ``i``'s steps are ``[keep - m_i:]``."""
-    inputs = left_pad([torch.cat([exact._prompt.cpu(), ids.cpu()[:-1]]) for exact, ids in pairs])
+    """The raw logits of mechanism ``mechanism`` (0: the factual one) on strings
+    ``(prompt (L,), ids (m,))``, each after its prompt: one teacher-forced pass, left-padded, of
+    the last ``keep`` steps (``keep``: the longest ``m``); row ``i``'s steps are ``[keep - m_i:]``."""
+    inputs = left_pad([torch.cat([prompt.cpu(), ids.cpu()[:-1]]) for prompt, ids in pairs])
     keep = max(ids.shape[-1] for _, ids in pairs)
     with scm.mechanisms[mechanism].activate(scm.lm) as f:
         return f.logits(inputs.to(scm.lm.device), logits_to_keep=keep), keep
@@ -714,7 +714,7 @@ def _observed_logits(
     scm, mechanism = _shared(exacts, "observed_token_log_probs")
     for start in range(0, len(exacts), batch_size):
         chunk = exacts[start : start + batch_size]
-        raw, keep = _intervened_pass(scm, mechanism, [(e, e.observed_ids) for e in chunk])
+        raw, keep = _intervened_pass(scm, mechanism, [(e._prompt, e.observed_ids) for e in chunk])
         for row, exact in zip(raw, chunk):
             n = exact.observed_ids.shape[-1]
             yield exact, exact._decoded(exact.observed_ids.to(row.device)[None], row[keep - n :][None]).cpu()
@@ -750,7 +750,7 @@ def counterfactual_token_log_probs(
     out: list[list[torch.Tensor]] = [[] for _ in exacts]
     for start in range(0, len(flat), batch_size):
         chunk = flat[start : start + batch_size]
-        raw, keep = _intervened_pass(scm, mechanism, [(exacts[i], checked[i][row]) for i, row in chunk])
+        raw, keep = _intervened_pass(scm, mechanism, [(exacts[i]._prompt, checked[i][row]) for i, row in chunk])
         for i in dict.fromkeys(i for i, _ in chunk):  # the rows of each string in this chunk, together
             taken = [j for j, (owner, _) in enumerate(chunk) if owner == i]
             rows = checked[i][[chunk[j][1] for j in taken]]
