@@ -18,10 +18,10 @@ deleted afterwards. Later loads read the converted folder directly (well under a
 The folder is keyed by the ``transformers`` major version because ``save_pretrained`` writes a
 different format in each: a folder written by 5.x names its tokenizer class
 ``TokenizersBackend``, which 4.x cannot import, and keeps ``rope_theta`` inside
-``rope_parameters``, where 4.x does not look (it would run the model with its default RoPE base);
-4.x's GGUF conversion gives another tokenizer (``<|im_start|>`` as end of sequence, a
-beginning-of-sequence token prepended), which 5.x would read without complaint. So each major
-version converts its own copy, and two environments can share one cache. Within a major version
+``rope_parameters``, where 4.x does not look (it would run the model with its default RoPE base).
+So each major version converts its own copy, and two environments can share one cache. (4.x
+also reads the GGUF tokenizer with other special tokens; the conversion sets them as 5.x reads
+them, so both copies tokenize alike: see ``_match_special_tokens``.) Within a major version
 a folder is reused across minor releases: ``transformers`` reads checkpoints of earlier releases
 of its major version, and a folder that the installed release cannot read raises a
 :class:`~pyro_lmscm.errors.ModelLoadError` that names it and says to delete it. A folder of the
@@ -343,6 +343,7 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
             if tokenizer.model_max_length > 10**9:  # the GGUF tokenizer loses the context length
                 tokenizer.model_max_length = model.config.max_position_embeddings
+            _match_special_tokens(tokenizer, model.config)
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     except Exception as exc:
@@ -357,6 +358,22 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
         "license": spec.license,
     }
     (out / "pyro_lmscm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _match_special_tokens(tokenizer: PreTrainedTokenizerBase, config: object) -> None:
+    """Give a tokenizer read from a GGUF file the model's end-of-sequence and padding tokens, and no BOS.
+
+    transformers 4.x reads SmolLM2's GGUF tokenizer with ``<|im_start|>`` as end of sequence, no
+    padding token, and ``<|im_start|>`` prepended to every text; 5.x reads it as the original
+    release has it (``<|im_end|>`` ends and pads, nothing prepended), as the model's own config
+    says. After this both major versions save the same tokenizer.
+    """
+    for role in ("eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id", None) != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if getattr(tokenizer, "add_bos_token", False):  # 4.x's LlamaTokenizerFast rebuilds its post-processor
+        tokenizer.add_bos_token = False  # type: ignore[attr-defined]
 
 
 def _publish(src: Path, target: Path) -> None:

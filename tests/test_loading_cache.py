@@ -180,3 +180,17 @@ def test_models_command_shows_a_damaged_folder_and_lists_on(cache: Path) -> None
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0, result.output
     assert "unusable" in result.stdout and "is damaged" in result.stdout and SMOLLM2 in result.stdout
+
+
+def test_the_gguf_tokenizer_gets_the_models_end_and_padding_tokens() -> None:
+    from transformers import LlamaConfig
+
+    from pyro_lmscm.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()  # <pad> 0, </s> 1, <s> 2
+    tokenizer.eos_token = "<s>"  # as 4.x reads SmolLM2's GGUF tokenizer: the start token ends, no padding
+    tokenizer.pad_token = None
+    loading._match_special_tokens(tokenizer, LlamaConfig(eos_token_id=1, pad_token_id=0, bos_token_id=2))
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("</s>", 1, 0)
+    assert tokenizer.bos_token_id == 2
+    assert tokenizer("the man")["input_ids"] == tokenizer("the man", add_special_tokens=False)["input_ids"]
