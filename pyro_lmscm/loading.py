@@ -26,7 +26,8 @@ a folder is reused across minor releases: ``transformers`` reads checkpoints of 
 of its major version, and a folder that the installed release cannot read raises a
 :class:`~pyro_lmscm.errors.ModelLoadError` that names it and says to delete it. A folder of the
 older unkeyed name ``<name>-<sha12>`` is still read when its ``config.json`` was written by the
-installed major version, and ignored otherwise.
+installed major version, 5 or later, and ignored otherwise (earlier releases' 4.x conversions
+kept the wrong special tokens).
 
 No model folder runs code: every ``from_pretrained`` call passes ``trust_remote_code=False``,
 and a folder that would need code of its own (an ``auto_map`` in its ``config.json`` or
@@ -160,6 +161,11 @@ def _converted_dir(spec: EmbeddedModel) -> Path:
     return cache_dir() / f"{spec.name}-{spec.sha256[:12]}-tf{_major(_transformers_version())}"
 
 
+#: The unkeyed folder of earlier releases is read only when written by this major version or a
+#: later one: their 4.x conversions kept the GGUF tokenizer's wrong special tokens.
+_LEGACY_FROM_MAJOR = 5
+
+
 def _legacy_dir(spec: EmbeddedModel) -> Path:
     """The folder name of earlier pyro-lmscm releases, written by whichever ``transformers`` ran."""
     return cache_dir() / f"{spec.name}-{spec.sha256[:12]}"
@@ -207,7 +213,8 @@ def _cached_folder(spec: EmbeddedModel) -> Path | None:
     legacy = _legacy_dir(spec)
     with contextlib.suppress(ModelLoadError):  # a damaged or foreign old folder is not ours to judge
         saved = _saved_by(legacy) if (legacy / "config.json").is_file() else None
-        if saved is not None and _major(saved) == _major(running):
+        major = _major(saved) if saved is not None else None
+        if major is not None and major >= _LEGACY_FROM_MAJOR and major == _major(running):
             return legacy
     return None
 

