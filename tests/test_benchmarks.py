@@ -87,3 +87,23 @@ def test_quick_scaling_benchmark_prints_every_case_and_ratio(tmp_path):
     assert len(ratios) == 4 + 2 + 1 and all(float(r) > 0 for r in ratios.values()), result.stdout
     assert "sample(6) / counterfactual(N=6), T=4" in ratios
     assert "load average at start" in result.stdout
+
+
+def test_quick_ab_study_compares_a_checkout_with_itself(tmp_path):
+    """Two processes of the same checkout: both cases timed, and the same records written (the
+    digest that tells like work from unlike)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab_study.py"), str(ROOT), str(ROOT), "--quick", "--reps", "1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = r"^\| (MC, batch 16|exact-only, batch 64) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| [0-9., ]+ \| (yes|no) \|$"
+    rows = {name: rest for name, *rest in re.findall(row, result.stdout, flags=re.M)}
+    assert set(rows) == {"MC, batch 16", "exact-only, batch 64"}, result.stdout
+    assert all(float(value) > 0 for values in rows.values() for value in values[:3])
+    assert all(values[3] == "yes" for values in rows.values()), result.stdout
+
+
+def test_ab_study_refuses_a_folder_that_is_no_checkout(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab_study.py"), str(tmp_path), str(ROOT), "--quick"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "before:" in result.stderr and "not a pyro-lmscm checkout" in result.stderr
