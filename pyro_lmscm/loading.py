@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -67,7 +68,7 @@ from .errors import LMSCMWarning, ModelLoadError, RemoteCodeError
 from .reporting import quiet_third_party
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from .lm import HFLanguageModel
 
@@ -191,6 +192,109 @@ def _saved_by(folder: Path) -> str | None:
         )
     version = config.get("transformers_version")
     return version if isinstance(version, str) else None
+
+
+#: The ``rope_type`` values whose ``rope_parameters`` (transformers 5.x) translate into the
+#: top-level ``rope_theta`` / ``rope_scaling`` that transformers 4.x reads: their 4.x and 5.x
+#: frequency functions agree given the same base and dict (checked on Llama with both releases).
+_ROPE_TYPES_4X = frozenset({"default", "linear", "dynamic", "yarn", "longrope", "llama3"})
+
+
+def _newer_format_error(path: Path, what: str, saved: str | None) -> ModelLoadError:
+    running = _transformers_version()
+    return ModelLoadError(
+        f"{path} was written by transformers {saved or '(no version recorded)'} in a newer format that this "
+        f"transformers {running} does not read faithfully: {what}. Loading it would run a different model. "
+        f"Re-save the folder with transformers {running} (load it with the release that wrote it, then "
+        "save_pretrained), or upgrade transformers."
+    )
+
+
+def _rope_for_4x(path: Path, data: dict, saved: str | None) -> dict:
+    """The top-level ``rope_theta`` (and ``rope_scaling``, ``partial_rotary_factor``) that
+    transformers 4.x reads, from a 5.x ``rope_parameters`` dict; ``{}`` when there is none.
+
+    :raises ModelLoadError: when no translation is certain: per-layer-type parameters, a
+        ``rope_type`` outside :data:`_ROPE_TYPES_4X`, no ``rope_theta``, a top-level key that
+        disagrees, or a model type whose 4.x config takes no ``rope_theta`` / ``rope_scaling``.
+    """
+    params = data.get("rope_parameters")
+    if not params:
+        return {}
+    if not isinstance(params, dict) or any(isinstance(value, dict) or value is None for value in params.values()):
+        raise _newer_format_error(
+            path, f"its rope_parameters {params!r:.200} are per layer type, which transformers 4.x keeps in "
+            "model-specific keys", saved)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _ROPE_TYPES_4X:
+        raise _newer_format_error(path, f"its rope_parameters have rope_type {rope_type!r}", saved)
+    theta = params.get("rope_theta")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise _newer_format_error(path, f"its rope_parameters {params!r:.200} name no numeric rope_theta", saved)
+    wanted: dict = {"rope_theta": theta}
+    if "partial_rotary_factor" in params:
+        wanted["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if rope_type == "default":
+        wanted["rope_scaling"] = None
+    else:
+        scaling = {key: value for key, value in params.items() if key not in ("rope_theta", "partial_rotary_factor")}
+        wanted["rope_scaling"] = {**scaling, "rope_type": rope_type}
+    for key, value in wanted.items():
+        if data.get(key) is not None and data[key] != value:
+            raise _newer_format_error(
+                path, f"its top-level {key} {data[key]!r} disagrees with its rope_parameters {params!r:.200}", saved)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    takes = inspect.signature(CONFIG_MAPPING[data["model_type"]].__init__).parameters
+    if "rope_theta" not in takes or "rope_scaling" not in takes:
+        raise _newer_format_error(
+            path, f"its rope_parameters have no counterpart in the {data['model_type']!r} config of this release "
+            "(it takes no rope_theta / rope_scaling)", saved)
+    return wanted
+
+
+def _config_for_installed(folder: Path) -> PretrainedConfig | None:
+    """A config of ``folder`` that this ``transformers`` reads as the release that wrote it did,
+    or ``None`` when ``from_pretrained`` reads ``config.json`` right by itself.
+
+    ``save_pretrained`` of transformers 5.x keeps the RoPE parameters in ``rope_parameters``
+    (``{"rope_type": "default", "rope_theta": 100000.0}``) and writes no top-level
+    ``rope_theta``; transformers 4.x does not look there and would run the model with its
+    default base. Under 4.x such a folder gets a config whose ``rope_theta`` / ``rope_scaling``
+    are translated from ``rope_parameters`` (see :func:`_rope_for_4x`). A folder written by a
+    later major version than the installed one that needs no such translation loads as it is
+    under 4.x; under 5.x or later, whose format changes we do not know yet, it is refused.
+
+    :raises ModelLoadError: naming ``config.json`` when no faithful reading is certain.
+    """
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # from_pretrained reports it, with the usual hint
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        return None
+    saved = data.get("transformers_version") if isinstance(data.get("transformers_version"), str) else None
+    running = _major(_transformers_version()) or 0
+    saved_major = _major(saved) if saved is not None else None
+    if running >= 5:
+        if saved_major is not None and saved_major > running:
+            raise _newer_format_error(path, f"it is of transformers {saved_major}.x, this is {running}.x", saved)
+        return None
+    wanted = _rope_for_4x(path, data, saved)
+    if not wanted:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    translated = {key: value for key, value in data.items() if key != "rope_parameters"} | wanted
+    config = CONFIG_MAPPING[data["model_type"]].from_dict(translated)
+    if config.rope_theta != wanted["rope_theta"] or config.rope_scaling != wanted["rope_scaling"]:
+        raise _newer_format_error(path, f"its rope_parameters {data['rope_parameters']!r:.200} do not survive "
+                                  f"this release's config (rope_theta {config.rope_theta!r}, rope_scaling "
+                                  f"{config.rope_scaling!r})", saved)
+    return config
 
 
 def _cached_folder(spec: EmbeddedModel) -> Path | None:
@@ -682,13 +786,19 @@ def load_model_and_tokenizer(
         if cached is not None:
             refuse_remote_code(cached, name_or_path)
     else:
+        cached = Path(source)
         refuse_remote_code(source, name_or_path)
     # trust_remote_code=False: transformers refuses custom code (it raises, it does not ask)
     with contextlib.nullcontext() if verbose else quiet_third_party():
         try:
+            # a folder of a later major version: its config as the release that wrote it reads it
+            config = _config_for_installed(cached) if cached is not None else None
             model = AutoModelForCausalLM.from_pretrained(
-                source, local_files_only=local_files_only, trust_remote_code=False, **{_dtype_kwarg(): torch_dtype}
+                source, local_files_only=local_files_only, trust_remote_code=False, **{_dtype_kwarg(): torch_dtype},
+                **({} if config is None else {"config": config}),
             )
+        except ModelLoadError:
+            raise
         except Exception as exc:
             refused = _remote_code_error(name_or_path, exc)
             if refused is not None:
