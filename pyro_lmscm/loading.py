@@ -195,9 +195,10 @@ def _saved_by(folder: Path) -> str | None:
 
 
 #: The ``rope_type`` values whose ``rope_parameters`` (transformers 5.x) translate into the
-#: top-level ``rope_theta`` / ``rope_scaling`` that transformers 4.x reads: their 4.x and 5.x
-#: frequency functions agree given the same base and dict (checked on Llama with both releases).
-_ROPE_TYPES_4X = frozenset({"default", "linear", "dynamic", "yarn", "longrope", "llama3"})
+#: top-level ``rope_theta`` / ``rope_scaling`` that transformers 4.x reads: a tiny Llama saved by
+#: 5.25 with each of them gives the same logits under 4.56 with the translated config, past
+#: ``max_position_embeddings`` too. ``longrope`` is not among them (4.56 fails on the same dict).
+_ROPE_TYPES_4X = frozenset({"default", "linear", "dynamic", "yarn", "llama3"})
 
 
 def _newer_format_error(path: Path, what: str, saved: str | None) -> ModelLoadError:
@@ -205,8 +206,8 @@ def _newer_format_error(path: Path, what: str, saved: str | None) -> ModelLoadEr
     return ModelLoadError(
         f"{path} was written by transformers {saved or '(no version recorded)'} in a newer format that this "
         f"transformers {running} does not read faithfully: {what}. Loading it would run a different model. "
-        f"Re-save the folder with transformers {running} (load it with the release that wrote it, then "
-        "save_pretrained), or upgrade transformers."
+        f"Upgrade transformers to the release that wrote it, or re-save the model with transformers {running} "
+        "(save_pretrained from a checkpoint that this release reads)."
     )
 
 
@@ -215,7 +216,8 @@ def _rope_for_4x(path: Path, data: dict, saved: str | None) -> dict:
     transformers 4.x reads, from a 5.x ``rope_parameters`` dict; ``{}`` when there is none.
 
     :raises ModelLoadError: when no translation is certain: per-layer-type parameters, a
-        ``rope_type`` outside :data:`_ROPE_TYPES_4X`, no ``rope_theta``, a top-level key that
+        ``rope_type`` outside :data:`_ROPE_TYPES_4X`, no ``rope_theta``, a ``partial_rotary_factor``
+        other than 1 not also at the top level, a top-level key that
         disagrees, or a model type whose 4.x config takes no ``rope_theta`` / ``rope_scaling``.
     """
     params = data.get("rope_parameters")
@@ -231,9 +233,11 @@ def _rope_for_4x(path: Path, data: dict, saved: str | None) -> dict:
     theta = params.get("rope_theta")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise _newer_format_error(path, f"its rope_parameters {params!r:.200} name no numeric rope_theta", saved)
+    partial = params.get("partial_rotary_factor", 1.0)
+    if partial != 1.0 and data.get("partial_rotary_factor") != partial:
+        # 4.x reads it at the top level, and only for some models (4.56's Llama ignores it)
+        raise _newer_format_error(path, f"its rope_parameters have partial_rotary_factor {partial!r}", saved)
     wanted: dict = {"rope_theta": theta}
-    if "partial_rotary_factor" in params:
-        wanted["partial_rotary_factor"] = params["partial_rotary_factor"]
     if rope_type == "default":
         wanted["rope_scaling"] = None
     else:
