@@ -420,14 +420,6 @@ def test_bad_input_raises_a_typed_error_naming_it(bad, call, error, fragment):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    LM.model.save_pretrained(folder)
-    LM.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("the man said he\n")

@@ -84,15 +84,6 @@ def _assert_none(found: list[str]) -> None:
     assert not found, "third-party deprecations triggered by our calls:\n" + "\n".join(sorted(set(found)))
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny")
-    lm = tiny_llama(seed=0)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 PROMPT = torch.tensor([2, 3, 4])
 
 

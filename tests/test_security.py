@@ -126,16 +126,6 @@ def factual_lm():
     return tiny_llama(seed=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """tiny_llama(seed=0) saved with its tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny") / "tiny0"
-    lm = tiny_llama(seed=0)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("entry", ["load_lm", "load_model_and_tokenizer"])
 def test_a_model_folder_that_needs_code_is_refused(tmp_path, marker, prompts, kind, entry):
