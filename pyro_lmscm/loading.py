@@ -301,6 +301,18 @@ def _config_for_installed(folder: Path) -> PretrainedConfig | None:
     return config
 
 
+def _written_by_later_major(folder: Path) -> str | None:
+    """The ``transformers_version`` of ``folder/config.json`` if its major version is later than
+    the installed one, else ``None`` (also for no or an unreadable ``config.json``)."""
+    if not (folder / "config.json").is_file():
+        return None
+    with contextlib.suppress(ModelLoadError):
+        saved = _saved_by(folder)
+        if saved is not None and (_major(saved) or 0) > (_major(_transformers_version()) or 0):
+            return saved
+    return None
+
+
 def _cached_folder(spec: EmbeddedModel) -> Path | None:
     """The converted folder of ``spec`` that this ``transformers`` reads, ``None`` if there is none yet.
 
@@ -826,9 +838,15 @@ def load_model_and_tokenizer(
             files = [name for name in _TOKENIZER_FILES if (Path(source) / name).is_file()]
             if files or not isinstance(exc, (OSError, ValueError, TypeError, KeyError)):
                 # the folder has a tokenizer, and it is broken: not the same as none
+                later = _written_by_later_major(Path(source))
+                why = (
+                    f"the folder was written by transformers {later}, whose tokenizer files this transformers "
+                    f"{_transformers_version()} may not read: upgrade transformers, or re-save the tokenizer with "
+                    "this release" if later else "the file is corrupt or of another tokenizer"
+                )
                 raise ModelLoadError(
                     f"Could not load the tokenizer of {name_or_path!r} from its {', '.join(files) or 'files'} "
-                    f"({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt or of another tokenizer. "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); {why}. "
                     "Replace it, or delete the tokenizer files to work with token ids only."
                 ) from exc
             warnings.warn(

@@ -150,3 +150,18 @@ def test_later_major_version_is_refused(tiny_folder, tmp_path):
     with pytest.raises(ModelLoadError, match=rf"written by transformers {later}.*this is {MAJOR}\.x") as raised:
         load_model_and_tokenizer(str(folder), device="cpu")
     assert str(folder / "config.json") in str(raised.value)
+
+
+@pytest.mark.skipif(MAJOR >= 5, reason="transformers 5.x imports its own TokenizersBackend")
+def test_a_5x_tokenizer_under_4x_names_the_version(tiny_folder, tmp_path):
+    """5.x names its tokenizer class TokenizersBackend, which 4.x cannot import: the error says so."""
+    folder = _folder(tiny_folder, tmp_path, _as_5x({"rope_type": "default", "rope_theta": THETA}))
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": "TokenizersBackend"}))
+    with pytest.raises(ModelLoadError, match=r"written by transformers 5\.0\.0, whose tokenizer files"):
+        load_model_and_tokenizer(str(folder), device="cpu")
+    # the baseline: the same tokenizer written by this major version is only called corrupt
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_version": transformers.__version__}))
+    with pytest.raises(ModelLoadError, match="corrupt or of another tokenizer"):
+        load_model_and_tokenizer(str(folder), device="cpu")
