@@ -34,6 +34,12 @@ and a folder that would need code of its own (an ``auto_map`` in its ``config.js
 ``tokenizer_config.json``, or a ``model_type`` that ``transformers`` does not know) is refused
 with a :class:`~pyro_lmscm.errors.ModelLoadError` before ``transformers`` reads it, so its
 "Do you wish to run the custom code?" prompt is never shown.
+
+A user's own folder is read as the release that wrote it reads it: under transformers 4.x, the
+``rope_parameters`` of a folder written by 5.x become the top-level ``rope_theta`` /
+``rope_scaling`` that 4.x reads, or loading raises a :class:`~pyro_lmscm.errors.ModelLoadError`
+naming its ``config.json`` where no translation is certain; under 5.x, a folder of a later major
+version is refused (see ``_config_for_installed``).
 """
 
 from __future__ import annotations
