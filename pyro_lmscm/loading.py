@@ -273,7 +273,8 @@ def _config_for_installed(folder: Path) -> PretrainedConfig | None:
     default base. Under 4.x such a folder gets a config whose ``rope_theta`` / ``rope_scaling``
     are translated from ``rope_parameters`` (see :func:`_rope_for_4x`). A folder written by a
     later major version than the installed one that needs no such translation loads as it is
-    under 4.x; under 5.x or later, whose format changes we do not know yet, it is refused.
+    under 4.x; under 5.x or later, whose format changes we do not know yet, it loads with an
+    :class:`~pyro_lmscm.errors.LMSCMWarning` naming ``config.json``.
 
     :raises ModelLoadError: naming ``config.json`` when no faithful reading is certain.
     """
@@ -290,8 +291,14 @@ def _config_for_installed(folder: Path) -> PretrainedConfig | None:
     running = _major(_transformers_version()) or 0
     saved_major = _major(saved) if saved is not None else None
     if running >= 5:
-        if saved_major is not None and saved_major > running:
-            raise _newer_format_error(path, f"it is of transformers {saved_major}.x, this is {running}.x", saved)
+        if saved_major is not None and saved_major > running:  # its format changes are not known yet
+            warnings.warn(
+                f"{path} was written by transformers {saved}, a later major version than this "
+                f"transformers {_transformers_version()}; it is read as this release reads it, which may "
+                "not be how the release that wrote it does (check the model's outputs, or upgrade).",
+                LMSCMWarning,
+                stacklevel=3,
+            )
         return None
     wanted = _rope_for_4x(path, data, saved)
     if not wanted:
