@@ -16,7 +16,8 @@ machine's drift falls on both sides alike; each process warms up on 4 other stri
 It prints the seconds per string of each run, the medians, the ratio of the medians and the
 per-repetition ratios, and whether the two checkouts wrote the same records (a digest of each
 record's factual string, counterfactual draws, interventional draws and exact metrics: the
-same work).
+same work), and if not, which of those fields differ; exact metrics that one checkout
+computes and the other does not are named apart (work one side does and the other does not).
 
 Usage::
 
@@ -43,6 +44,24 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("MC, batch 16", "exact-only, batch 64")
+#: The fields of a record compared between the checkouts: the work itself.
+FIELDS = ("factual", "counterfactual", "interventional", "exact")
+
+
+def _digest(values: Any) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _compare(runs: list[dict[str, Any]]) -> str:
+    """Whether every run wrote the same records, field by field of :data:`FIELDS` and of the
+    exact metrics that all runs have; exact metrics that only some runs compute (a checkout's
+    new ones) are named apart: they are work the other checkout does not do."""
+    common = set.intersection(*(set(run["digests"]) for run in runs))
+    differ = sorted(key for key in common if len({run["digests"][key] for run in runs}) > 1)
+    fields = [set(run["exact_fields"]) for run in runs]
+    only = sorted(set.union(*fields) - set.intersection(*fields))
+    extra = f"; exact metrics of one checkout only: {', '.join(only)}" if only else ""
+    return ("yes" if not differ else "no: " + ", ".join(differ)) + extra
 
 
 def child(repo: Path, threads: int, quick: str | None) -> dict[str, Any]:
@@ -95,10 +114,12 @@ def child(repo: Path, threads: int, quick: str | None) -> dict[str, Any]:
             errors = [r["error"] for r in result.records if r.get("error")]
             if errors:
                 raise SystemExit(f"{name}: {errors[:3]}")
-            keys = ("factual", "counterfactual", "interventional", "exact")
-            work = [[r.get(k) for k in keys] for r in result.records]
-            digest = hashlib.sha256(json.dumps(work, sort_keys=True, default=str).encode()).hexdigest()[:12]
-            out[name] = {"seconds_per_string": seconds / result.computed, "strings": result.computed, "digest": digest}
+            digests = {field: _digest([r.get(field) for r in result.records]) for field in FIELDS[:-1]}
+            exact_fields = sorted({key for r in result.records for key in (r.get("exact") or {})})
+            digests |= {f"exact.{key}": _digest([(r.get("exact") or {}).get(key) for r in result.records])
+                        for key in exact_fields}
+            out[name] = {"seconds_per_string": seconds / result.computed, "strings": result.computed,
+                         "digests": digests, "exact_fields": exact_fields}
     return out
 
 
@@ -151,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         before = [r[case]["seconds_per_string"] for r in results["before"]]
         after = [r[case]["seconds_per_string"] for r in results["after"]]
         paired = ", ".join(f"{a / b:.3f}" for a, b in zip(after, before))
-        digests = {r[case]["digest"] for side in sides for r in results[side]}
+        same = {side: _compare([r[case] for r in results[side]]) for side in sides}  # run to run
+        across = _compare([r[case] for side in sides for r in results[side]])
         print(f"| {case} | {statistics.median(before):.3f} | {statistics.median(after):.3f} | "
               f"{statistics.median(after) / statistics.median(before):.3f} | {paired} | "
-              f"{'yes' if len(digests) == 1 else 'no'} |")
+              f"{across}{'' if set(same.values()) == {'yes'} else f' (run to run: {same})'} |")
 
 
 if __name__ == "__main__":
