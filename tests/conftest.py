@@ -1,11 +1,30 @@
 import os
 import shutil
+import signal
+import threading
 
 import pyro
 import pytest
 import torch
 
 from pyro_lmscm.testing import tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_as_python_sets_it():
+    """Python's own SIGINT handler (``KeyboardInterrupt``) for the session, as an interactive run
+    has it. A process started in the background by a shell without job control (``cmd &`` in a
+    script, ``nohup``) inherits SIGINT *ignored*, and Python then keeps ``SIG_IGN``: the interrupt
+    tests (tests/test_atomic.py, tests/interventions/test_restore.py) would raise signals that
+    never arrive. Put back at the end."""
+    inherited = signal.getsignal(signal.SIGINT)
+    main = threading.current_thread() is threading.main_thread()
+    if main and inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if main and inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, inherited)
+
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_ARGS = [
