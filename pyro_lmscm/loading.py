@@ -39,7 +39,7 @@ A user's own folder is read as the release that wrote it reads it: under transfo
 ``rope_parameters`` of a folder written by 5.x become the top-level ``rope_theta`` /
 ``rope_scaling`` that 4.x reads, or loading raises a :class:`~pyro_lmscm.errors.ModelLoadError`
 naming its ``config.json`` where no translation is certain; under 5.x, a folder of a later major
-version is refused (see ``_config_for_installed``).
+version loads with an :class:`~pyro_lmscm.errors.LMSCMWarning` (see ``_config_for_installed``).
 """
 
 from __future__ import annotations
