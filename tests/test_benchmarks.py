@@ -96,7 +96,8 @@ def test_quick_ab_study_compares_a_checkout_with_itself(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "ab_study.py"), str(ROOT), str(ROOT), "--quick", "--reps", "1"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    row = r"^\| (MC, batch 16|exact-only, batch 64) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| [0-9., ]+ \| (yes[^|]*|no[^|]*) \|$"
+    row = (r"^\| (MC, batch 16|exact-only, batch 64) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| [0-9., ]+ "
+           r"\| (yes[^|]*|no[^|]*) \|$")
     rows = {name: rest for name, *rest in re.findall(row, result.stdout, flags=re.M)}
     assert set(rows) == {"MC, batch 16", "exact-only, batch 64"}, result.stdout
     assert all(float(value) > 0 for values in rows.values() for value in values[:3])
