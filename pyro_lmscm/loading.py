@@ -288,10 +288,8 @@ def _config_for_installed(folder: Path) -> PretrainedConfig | None:
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         return None
     saved = data.get("transformers_version") if isinstance(data.get("transformers_version"), str) else None
-    running = _major(_transformers_version()) or 0
-    saved_major = _major(saved) if saved is not None else None
-    if running >= 5:
-        if saved_major is not None and saved_major > running:  # its format changes are not known yet
+    if (_major(_transformers_version()) or 0) >= 5:
+        if _later_major(saved):  # its format changes are not known yet
             warnings.warn(
                 f"{path} was written by transformers {saved}, a later major version than this "
                 f"transformers {_transformers_version()}; it is read as this release reads it, which may "
@@ -314,6 +312,11 @@ def _config_for_installed(folder: Path) -> PretrainedConfig | None:
     return config
 
 
+def _later_major(saved: str | None) -> bool:
+    """Whether ``saved``, a recorded ``transformers_version``, has a later major version than the installed one."""
+    return saved is not None and (_major(saved) or 0) > (_major(_transformers_version()) or 0)
+
+
 def _written_by_later_major(folder: Path) -> str | None:
     """The ``transformers_version`` of ``folder/config.json`` if its major version is later than
     the installed one, else ``None`` (also for no or an unreadable ``config.json``)."""
@@ -321,7 +324,7 @@ def _written_by_later_major(folder: Path) -> str | None:
         return None
     with contextlib.suppress(ModelLoadError):
         saved = _saved_by(folder)
-        if saved is not None and (_major(saved) or 0) > (_major(_transformers_version()) or 0):
+        if _later_major(saved):
             return saved
     return None
 
