@@ -73,6 +73,38 @@ def test_render_escapes_and_marks(explorer):
     assert lm.eos_token_ids  # the end of sequence shows as a glyph, not as its token text
 
 
+def _wcag_contrast(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """WCAG 2.x contrast ratio of two sRGB colours (0-255), from the standard's formula."""
+    def luminance(rgb: tuple[float, ...]) -> float:
+        c = [v / 255 for v in rgb]
+        c = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_every_token_colour_is_readable_on_every_shade():
+    """WCAG AA (4.5:1) for the token text on the shade of any probability, over the white page:
+    the default black, the magenta of a changed token and the grey of a step past the observation.
+    (The shade of before, blue-600 at alpha 0.75, gave the magenta 1.9:1 and the grey 1.3:1.)"""
+    from pyro_lmscm.explorer.render import STYLE, _shade
+
+    def rgb(hex_: str) -> tuple[int, ...]:
+        return tuple(int(hex_[i:i + 2], 16) for i in (1, 3, 5))
+
+    colours = {"default": (0, 0, 0)}
+    for css_class in ("changed", "past"):
+        match = re.search(rf"td\.{css_class} {{ color: (#[0-9a-f]{{6}});", STYLE)
+        assert match, css_class
+        colours[css_class] = rgb(match.group(1))
+    for prob in [i / 100 for i in range(101)]:
+        *shade, alpha = (float(v) for v in re.search(r"rgba\(([^)]*)\)", _shade(prob)).group(1).split(","))
+        background = tuple(alpha * c + (1 - alpha) * 255 for c in shade)
+        for name, colour in colours.items():
+            assert _wcag_contrast(colour, background) >= 4.5, (name, prob, background)
+
+
 @pytest.mark.parametrize(
     "request_, error, message",
     [

@@ -1,7 +1,7 @@
 """The explorer's worlds as one HTML table, aligned step by step with the factual string.
 
 Each column is a step ``t``. Each counterfactual token is shaded by its exact conditional
-probability q(s_t | s_<t) (white: certain; deep blue: improbable), with the value on hover
+probability q(s_t | s_<t) (white: certain; blue: improbable), with the value on hover
 (``title``); a token that differs from the factual one at its step is bold magenta, the first
 divergence of each row is outlined in orange, and steps past the observation are dimmed.
 Long strings wrap: every ``k`` steps the table starts a new block with its own step header
@@ -63,9 +63,9 @@ STYLE = """
 @media (min-width: 1200px) { #lmscm-worlds th.world { white-space: nowrap; max-width: none; } }
 #lmscm-worlds tr.steps th { color: #6b7280; font-weight: 400; background: #f9fafb; }
 #lmscm-worlds tbody + tbody tr.steps th { border-top: 3px solid #d1d5db; }
-#lmscm-worlds td.changed { color: #a21caf; font-weight: 700; }
+#lmscm-worlds td.changed { color: #701a75; font-weight: 700; }
 #lmscm-worlds td.first-divergence { outline: 2px solid #ea580c; outline-offset: -2px; }
-#lmscm-worlds td.past { color: #9ca3af; font-style: italic; }
+#lmscm-worlds td.past { color: #374151; font-style: italic; }
 #lmscm-worlds .ws { opacity: 0.6; }  /* the cell's own colour, faded: readable on any shade */
 #lmscm-worlds tr.interventional th.world { color: #6b7280; }
 .lmscm-legend { font-family: ui-sans-serif, system-ui, sans-serif; font-size: 12px; color: #4b5563; margin: 4px 0; }
@@ -122,11 +122,17 @@ def _cell_text(token: str) -> str:
     return "".join(out)
 
 
+#: The shade of a token of probability 0 (Tailwind's blue-300): light enough that the table's
+#: text colours (black, the magenta of ``td.changed``, the grey of ``td.past``) keep WCAG AA
+#: contrast (at least 4.5:1) on every shade.
+SHADE_RGB = (147, 197, 253)
+
+
 def _shade(prob: float) -> str:
-    """White at probability 1, deep blue toward 0 (on a square-root scale, so that 0.5 is
-    already visible)."""
-    alpha = min(max(1.0 - prob, 0.0), 1.0) ** 0.5 * 0.75
-    return f"background: rgba(37, 99, 235, {alpha:.3f});"
+    """White at probability 1, :data:`SHADE_RGB` toward 0 (on a square-root scale, so that 0.5
+    is already visible)."""
+    alpha = min(max(1.0 - prob, 0.0), 1.0) ** 0.5
+    return "background: rgba({}, {}, {}, {:.3f});".format(*SHADE_RGB, alpha)
 
 
 def _row(label: str, row: WorldRow, factual: WorldRow, steps: range, css: str, label_title: str = "") -> str:
@@ -189,7 +195,7 @@ def render_worlds(exploration: Exploration) -> str:
     legend = (
         '<div class="lmscm-legend">Shade: the exact conditional probability of the token under the '
         "counterfactual distribution (hover for the value; white = certain, blue = improbable). "
-        '<b style="color:#a21caf">Bold magenta</b>: differs from the factual token; '
+        '<b style="color:#701a75">Bold magenta</b>: differs from the factual token; '
         '<span style="outline:2px solid #ea580c">orange box</span>: first divergence; '
         "<i>grey</i>: past the observed string; ␣ a space, ↵ a line break, ⏎ the end of the text. "
         "Interventional rows: fresh noise (no shade).</div>"
