@@ -42,7 +42,8 @@ Also: ``--profile`` (pyinstrument) splits the time of ``counterfactual`` into Py
 handlers, this package's Python, and torch / transformers; ``--memory`` reports the peak
 resident memory of ``counterfactual(num_samples=64)`` with and without ``chunk_size``,
 each in a fresh subprocess (``--memory-only``: nothing else; ``--memory-runs null`` only the
-first, the null intervention without chunks).
+first, the null intervention without chunks); ``--floor`` times the matrix products alone of
+``counterfactual(num_samples=N)`` (``torch.profiler``) against the paper's procedure run N times.
 
 Usage::
 
@@ -50,6 +51,7 @@ Usage::
     python benchmarks/bench_counterfactual.py                  # SmolLM2 fp32 + bf16 + tiny
     python benchmarks/bench_counterfactual.py --models smollm2-fp32 --profile --memory
     python benchmarks/bench_counterfactual.py --memory-only --memory-runs null  # the memory target
+    python benchmarks/bench_counterfactual.py --models smollm2-fp32 --floor  # matrix products vs 16 x paper
 
 It prints measured ratios and asserts nothing.
 """
@@ -315,6 +317,62 @@ def profile(setup: Setup, draws: int) -> str:
     return "\n".join(lines)
 
 
+#: The matrix-product kernels of a forward pass (the linears, the LM head; attention runs in
+#: its own fused kernel and is not counted).
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_floor(setup: Setup, draws: int, reps: int) -> str:
+    """What the matrix products alone of ``counterfactual(num_samples=N)`` cost against the seed
+    paper's procedure run N times: the part of the ``batch N / N x paper`` ratio that no change
+    of ours can remove, since the N rows must go through the model's linears and LM head.
+
+    One run under ``torch.profiler`` gives the self time and FLOPs of :data:`GEMM_OPS`; the
+    paper's counterfactual is timed without a profiler (median of ``reps``). For scale: this
+    core's throughput on a large product (512 x 576 x 1536, the model's dtype), the best the
+    same kernels do here."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def run() -> None:
+        counterfactual(setup.scm, setup.prompt, setup.observed, {"prompt": setup.alt_prompt}, num_samples=draws)
+
+    paper = paper_counterfactual(setup)
+    run()
+    paper()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        paper()
+        times.append(time.perf_counter() - start)
+    paper_s = statistics.median(times)
+    with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        start = time.perf_counter()
+        run()
+        profiled_s = time.perf_counter() - start
+    events = [event for event in prof.key_averages() if event.key in GEMM_OPS]
+    gemm_s = sum(event.self_cpu_time_total for event in events) / 1e6
+    gflop = sum(event.flops for event in events) / 1e9
+    dtype = next(setup.lm.model.parameters()).dtype
+    a, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    torch.nn.functional.linear(a, w)
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        torch.nn.functional.linear(a, w)
+    best = 2 * 512 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
+    return "\n".join([
+        f"| GEMM floor, {setup.name} | value |",
+        "|---|---:|",
+        f"| cf(N={draws}) under the profiler (s) | {profiled_s:.4g} |",
+        f"| its matrix products ({', '.join(GEMM_OPS)}), self time (s) | {gemm_s:.4g} |",
+        f"| their work (GFLOP) / throughput (GFLOP/s) | {gflop:.4g} / {gflop / gemm_s:.1f} |",
+        f"| this core on a 512 x 576 x 1536 product, {dtype} (GFLOP/s) | {best:.1f} |",
+        f"| paper (1 CF), median of {reps} (s) | {paper_s:.4g} |",
+        f"| matrix products of cf(N={draws}) / {draws} x paper (the target of the whole: ≤ 0.12) | "
+        f"**{gemm_s / (draws * paper_s):.3f}** |",
+    ])
+
+
 def _category(path: str | None) -> str | None:
     if not path or path.startswith("<"):
         return None
@@ -474,6 +532,10 @@ def main(argv: list[str] | None = None) -> None:
         "on the tiny model, estimate on SmolLM2)",
     )
     parser.add_argument("--profile", action="store_true", help="pyinstrument: Pyro's share of the time")
+    parser.add_argument(
+        "--floor", action="store_true",
+        help="only the matrix products' share of batch N / N x paper (torch.profiler), per model",
+    )
     parser.add_argument("--memory", action="store_true", help="peak memory of num_samples=64 per chunk_size")
     parser.add_argument(
         "--memory-only", action="store_true",
@@ -504,6 +566,10 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models.split(",") if args.models else (["tiny"] if args.quick else list(MODELS))
     reps = args.reps or (3 if args.quick else 5)
     print(f"Machine: {machine(args.threads)}\n")
+    if args.floor:
+        for name in models:
+            print(gemm_floor(build(name, args.tokens), args.draws, reps) + "\n")
+        return
     print(f"T = {args.tokens} tokens, N = {args.draws} draws, median of {reps} interleaved repetitions "
           f"({4 * reps} on tiny).\n")
     results = {}

@@ -37,6 +37,22 @@ def test_quick_benchmark_prints_every_ratio(tmp_path):
     assert all(0.0 < value < 1e3 for value in rows.values()), rows
 
 
+def test_quick_floor_counts_the_matrix_products_inside_the_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_counterfactual.py"),
+        "--quick", "--floor", "--reps", "1", "--tokens", "8", "--draws", "4",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pattern = r"^\| (.+?) \| \**([0-9.]+)\**(?: / [0-9.]+)? \|$"
+    rows = {label: float(value) for label, value in re.findall(pattern, result.stdout, re.M)}
+    total = rows["cf(N=4) under the profiler (s)"]
+    gemm = next(value for label, value in rows.items() if label.startswith("its matrix products"))
+    assert 0.0 < gemm < total, result.stdout  # the products are found, and are part of the batch's time
+    assert rows["matrix products of cf(N=4) / 4 x paper (the target of the whole: ≤ 0.12)"] > 0.0, result.stdout
+
+
 def test_quick_study_benchmark_prints_every_rate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--quick", "--threads", "1"]
