@@ -82,8 +82,22 @@ from pyro_lmscm import HindsightGumbelGuide, LanguageModelSCM, counterfactual
 from pyro_lmscm.lm import HFLanguageModel
 
 MODELS = ("smollm2-fp32", "smollm2-bf16", "tiny")
+#: Timing stand-ins for SmolLM2 where its weights cannot be had (a device machine that reaches no
+#: package registry, and takes at most 64 MiB along): its architecture, the ``config.json`` of the
+#: embedded model, with random weights. Every step does the same work as with the real weights;
+#: the prompts are the real tokenizer's ids of :data:`PROMPT` and :data:`ALT_PROMPT`
+#: (``tests/test_benchmarks.py`` checks both against the embedded model).
+ARCH_MODELS = ("smollm2-arch-fp32", "smollm2-arch-bf16")
+SMOLLM2_ARCH = {
+    "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+    "rope_theta": 100000.0, "rms_norm_eps": 9.999999747378752e-06, "tie_word_embeddings": True,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+}
 PROMPT = "The old man walked to the city and"
 ALT_PROMPT = "The young woman walked to the city and"
+PROMPT_IDS = (504, 1573, 555, 13197, 288, 260, 2240, 284)
+ALT_PROMPT_IDS = (504, 1805, 4166, 13197, 288, 260, 2240, 284)
 TARGETS = {  # ratio name -> (target, True if the ratio must be at most the target)
     "abduction / forward": 1.25,
     "counterfactual / generate": 1.15,
@@ -106,24 +120,35 @@ class Setup:
     generate: Callable[[], torch.Tensor]
 
 
-def load(name: str) -> HFLanguageModel:
+def load(name: str, device: str | None = None) -> HFLanguageModel:
+    """A model of :data:`MODELS` or :data:`ARCH_MODELS` on ``device`` (default: ``load_lm``'s, a GPU if any)."""
+    from pyro_lmscm.loading import check_device, load_lm
+
     if name == "tiny":
         from pyro_lmscm.testing import tiny_llama
 
-        return tiny_llama()
-    from pyro_lmscm.loading import load_lm
+        lm = tiny_llama()
+        return HFLanguageModel(lm.model.to(check_device(device)), lm.tokenizer)
+    if name in ARCH_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    dtype = {"smollm2-fp32": "float32", "smollm2-bf16": "bfloat16"}[name]
-    return load_lm("smollm2-135m-instruct", dtype=dtype, progress=False)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_ARCH))
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        return HFLanguageModel(model.to(check_device(device), dtype).eval(), None)  # type: ignore[arg-type]
+    dtype_name = {"smollm2-fp32": "float32", "smollm2-bf16": "bfloat16"}[name]
+    return load_lm("smollm2-135m-instruct", dtype=dtype_name, device=device, progress=False)
 
 
-def build(name: str, tokens: int) -> Setup:
+def build(name: str, tokens: int, device: str | None = None) -> Setup:
     """The language model, an SCM that never stops early, two prompts, a T-token observation."""
     from transformers import GenerationConfig
 
-    lm = load(name)
+    lm = load(name, device)
     if lm.tokenizer is not None and name != "tiny":
         prompt, alt_prompt = lm.encode(PROMPT), lm.encode(ALT_PROMPT)
+    elif name in ARCH_MODELS:
+        prompt, alt_prompt = torch.tensor(PROMPT_IDS), torch.tensor(ALT_PROMPT_IDS)
     else:  # tiny vocabulary: words "the old man ..." by id
         prompt, alt_prompt = torch.tensor([2, 3, 14, 4, 26, 9, 12, 3]), torch.tensor([2, 3, 15, 5, 26, 9, 12, 3])
     assert prompt.shape == alt_prompt.shape, "the two prompts must have the same length"
@@ -222,7 +247,7 @@ def paper_counterfactual(setup: Setup) -> Callable[[], Any]:
     def run() -> torch.Tensor:
         logits = model(full).logits[0, prompt.shape[-1] - 1 : -1].float().cpu().numpy()
         noise = hindsight_noise(logits.astype(np.float64), observed.numpy(), rng)
-        processor = GumbelProcessor(torch.from_numpy(noise).float())
+        processor = GumbelProcessor(torch.from_numpy(noise).float().to(setup.lm.device))
         return model.generate(
             input_ids=alt, attention_mask=torch.ones_like(alt), generation_config=greedy,
             logits_processor=LogitsProcessorList([processor]),
@@ -231,14 +256,22 @@ def paper_counterfactual(setup: Setup) -> Callable[[], Any]:
     return run
 
 
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (nothing on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure(timed: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
     for fn in timed.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(reps):
         for name, fn in timed.items():
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -435,7 +468,7 @@ def memory_child(name: str, tokens: int, draws: int, chunk_size: int | None, bas
     the measured call's own peak."""
     import resource
 
-    setup = build(name, tokens)
+    setup = build(name, tokens, device="cpu")  # resident memory: the target is the CPU's
     if case == "null":
         from pyro_lmscm import LanguageModelSCM
 
@@ -465,7 +498,7 @@ def memory_child(name: str, tokens: int, draws: int, chunk_size: int | None, bas
 
 
 def memory(name: str, tokens: int, draws: int, runs: list[tuple[str, int | None, bool]], threads: int) -> str:
-    vocab = load(name).vocab_size if name == "tiny" else 49152
+    vocab = load(name, "cpu").vocab_size if name == "tiny" else 49152
     noise_mb = draws * tokens * vocab * 4 / 2**20
     lines = [
         (
@@ -508,8 +541,9 @@ def machine(threads: int) -> str:
     import transformers
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), " if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), transformers "
+        f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), transformers "
         f"{transformers.__version__}, pyro {pyro.__version__}, Python {platform.python_version()}; "
         f"load average at start {load:.1f}"
     )
@@ -518,7 +552,11 @@ def machine(threads: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, few repetitions (CI size)")
-    parser.add_argument("--models", default=None, help=f"comma-separated, from {MODELS}")
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {MODELS + ARCH_MODELS}")
+    parser.add_argument(
+        "--device", default=None,
+        help="cpu or cuda[:i] for the timed cases (default: a GPU if there is one); --memory and --floor: the CPU",
+    )
     parser.add_argument("--tokens", type=int, default=64, help="T, observed and generated tokens")
     parser.add_argument("--draws", type=int, default=16, help="N, posterior draws in one batch")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per case (median)")
@@ -568,13 +606,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine(args.threads)}\n")
     if args.floor:
         for name in models:
-            print(gemm_floor(build(name, args.tokens), args.draws, reps) + "\n")
+            print(gemm_floor(build(name, args.tokens, device="cpu"), args.draws, reps) + "\n")
         return
     print(f"T = {args.tokens} tokens, N = {args.draws} draws, median of {reps} interleaved repetitions "
           f"({4 * reps} on tiny).\n")
     results = {}
     for name in models:
-        setup = build(name, args.tokens)
+        setup = build(name, args.tokens, args.device)
         sequential = args.sequential or ("run" if name == "tiny" else "estimate")
         start = time.perf_counter()
         # the tiny model's cases take milliseconds: more repetitions against scheduler noise

@@ -152,7 +152,7 @@ class GumbelProcessor:
         self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores + self.noise[min(self.step, self.noise.shape[0] - 1)].to(scores.dtype)
+        out = scores + self.noise[min(self.step, self.noise.shape[0] - 1)].to(scores.device, scores.dtype)
         self.step += 1
         return out
 

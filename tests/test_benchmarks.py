@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -124,3 +126,29 @@ def test_ab_study_refuses_a_folder_that_is_no_checkout(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "ab_study.py"), str(tmp_path), str(ROOT), "--quick"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "before:" in result.stderr and "not a pyro-lmscm checkout" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_smollm2_stand_in_has_the_embedded_models_architecture_and_prompt_ids():
+    """benchmarks' smollm2-arch-* models time SmolLM2 where its weights cannot travel (a device machine):
+    same config, hence the same shapes and work per step, and the real tokenizer's prompt ids."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_counterfactual as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from pyro_lmscm.loading import load_lm
+
+    lm = load_lm("smollm2-135m-instruct", progress=False)
+    assert lm.encode(bench.PROMPT).tolist() == list(bench.PROMPT_IDS)
+    assert lm.encode(bench.ALT_PROMPT).tolist() == list(bench.ALT_PROMPT_IDS)
+    stand_in = bench.load("smollm2-arch-fp32", "cpu")
+    real, fake = lm.model.config, stand_in.model.config
+    for key in bench.SMOLLM2_ARCH:
+        if key != "rope_theta":
+            assert getattr(fake, key) == getattr(real, key), key
+    theta = [getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"] for c in (real, fake)]
+    assert theta[0] == theta[1] == bench.SMOLLM2_ARCH["rope_theta"]
+    shapes = {name: p.shape for name, p in lm.model.named_parameters()}
+    assert {name: p.shape for name, p in stand_in.model.named_parameters()} == shapes
+    assert stand_in.eos_token_ids == lm.eos_token_ids and stand_in.pad_token_id == lm.pad_token_id
