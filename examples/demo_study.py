@@ -128,7 +128,7 @@ if __name__ == "__main__":
     parser.add_argument("--output", default=None, help="results folder (default studies/demo)")
     parser.add_argument("--samples", type=int, default=None, help="draws per string (demo: 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="demo: 32")
-    parser.add_argument("--dtype", default=None, help="demo: bfloat16")
+    parser.add_argument("--dtype", default=None, help="demo: float32")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ray", action="store_true", help="run on a local Ray instance")

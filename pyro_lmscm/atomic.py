@@ -368,7 +368,7 @@ class ComputeLock:
     Every mechanism's activation (:class:`reversible`), every forward call of
     :class:`~pyro_lmscm.lm.HFLanguageModel`, every seeded region
     (:func:`~pyro_lmscm.seeding.seeded`, so every ``counterfactual()``) and every
-    :func:`~pyro_lmscm.lm.compute_scope` holds it, so threads sharing a model take turns:
+    :func:`~pyro_lmscm.runtime.compute_scope` holds it, so threads sharing a model take turns:
     each computation sees the model as no other thread's mechanism leaves it.
 
     A thread's outermost scope installs (in the main thread) a SIGINT handler that acts as the

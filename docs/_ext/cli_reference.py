@@ -3,7 +3,7 @@
 typer (0.22 and newer) carries its own copy of click, which sphinx-click does not accept, so
 this walks the click command that ``typer.main.get_command`` builds and writes one section
 per command: its help text and a table of its arguments and options. Directive:
-``.. pyro-lmscm-cli::`` (docs/cli.md).
+``.. pyro-lmscm-cli::`` (docs/api/cli.md).
 """
 
 from __future__ import annotations

@@ -325,10 +325,16 @@ def counterfactual(
 ) -> CounterfactualResult:
     r"""What would ``observed`` have been under ``intervention``?
 
-    1. *Abduction*: :class:`HindsightGumbelGuide` draws ``num_samples`` exact posterior
-       samples of the noise :math:`u \mid (\text{prompt}, \text{observed})`, vectorised under a plate.
-    2. *Action*: ``poutine.do(scm.model, data=intervention)`` (:func:`~pyro_lmscm.interventions.intervene`).
-    3. *Prediction*: ``poutine.replay`` of the intervened model on the noise.
+    1. *Abduction*: one teacher-forced pass (or, for a sampled observation, the logits that
+       sampled it) gives the factual logits, from which :class:`HindsightGumbelGuide` gives
+       each step's exact posterior of the noise
+       :math:`u_t \mid (\text{prompt}, \text{observed})`.
+    2. *Action*: ``poutine.do(scm.model, data=...)`` run inside the intervention's handlers
+       (:func:`~pyro_lmscm.interventions.ops.intervene`).
+    3. *Prediction*: :func:`~pyro_lmscm.inference.prediction.predict` decodes the intervened
+       model for ``num_samples`` rows under a plate, while
+       :class:`~pyro_lmscm.inference.PosteriorNoiseMessenger` draws each :math:`u_t` from its
+       posterior when the step is reached (no trace of the noise is kept).
 
     The cost is one teacher-forced forward pass (abduction), then KV-cached decoding runs of
     ``num_samples`` rows in all, in chunks (prediction), with each step's posterior noise
@@ -336,7 +342,7 @@ def counterfactual(
 
     With ``baseline=True`` the result also holds the interventional (rung 2) baseline:
     the same intervened model on fresh prior noise, decoded in the same batched run as the
-    counterfactuals (rows ``num_samples`` to ``2 num_samples`` of one replay). That is a
+    counterfactuals (rows ``num_samples`` to ``2 num_samples`` of one decoding run). That is a
     second query, so it is off by default: on a CPU it costs what decoding twice the rows
     costs.
 
@@ -362,7 +368,7 @@ def counterfactual(
         ``chunk_size=auto_chunk_size(scm, len(prompt), baseline)``.
     :param baseline: also decode the interventional baseline
         (:attr:`CounterfactualResult.interventional_ids`).
-    :param deterministic: decode every draw alone (see :func:`replay_noise`), so that in
+    :param deterministic: decode every draw alone (see :func:`~pyro_lmscm.inference.prediction.predict`), so that in
         bfloat16 a draw's counterfactual does not depend on the other draws of its batch;
         the noise, hence the distribution, is the same.
     :param scores: also score the draws while they are decoded
