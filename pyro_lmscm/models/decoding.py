@@ -71,10 +71,29 @@ class Temperature:
         self.temperature = float(temperature)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
+        out = logits / self.temperature
+        if self.temperature < 1.0 and out.numel() and not bool(out.abs().amax() < float("inf")):
+            _check_overflow(logits, out, self.temperature)
+        return out
 
     def __repr__(self) -> str:
         return f"Temperature({self.temperature})"
+
+
+def _check_overflow(logits: torch.Tensor, out: torch.Tensor, temperature: float) -> None:
+    """Refuse finite logits that ``/ temperature`` made infinite: a +inf is an argmax of
+    token 0 and a -inf a token ruled out, neither of which the model said.
+
+    :raises DecodingError: naming the temperature and the smallest one that fits.
+    """
+    overflow = torch.isinf(out) & torch.isfinite(logits)
+    if bool(overflow.any()):
+        largest = float(logits[overflow].abs().amax())
+        fits = largest / torch.finfo(out.dtype).max
+        raise DecodingError(
+            f"`temperature`={temperature:g} is too small: a logit of {largest:.3g} divided by it "
+            f"overflows {out.dtype} to infinity; use a temperature above {fits:.3g}."
+        )
 
 
 class TopK:

@@ -1,0 +1,42 @@
+"""Edges of the public API found by an adversarial audit: each test failed before its fix
+(a raw ``TypeError``/``AttributeError`` from deep inside, or a silently wrong answer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_lmscm import Decoding, LanguageModelSCM, counterfactual
+from pyro_lmscm.errors import DecodingError, LMSCMError
+from pyro_lmscm.testing import tiny_llama
+
+LM = tiny_llama(seed=0)
+PROMPT = torch.tensor([2, 3, 4])
+OBSERVED = torch.tensor([5, 6, 7])
+
+
+def _scm(**kwargs) -> LanguageModelSCM:
+    return LanguageModelSCM(LM, max_new_tokens=5, **kwargs)
+
+
+# -- a temperature so small that logits / temperature overflow float32 -------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45])
+@pytest.mark.parametrize("observed", [OBSERVED, None], ids=["observed", "sampled"])
+def test_an_overflowing_temperature_is_a_decoding_error(temperature, observed):
+    """Before: 1e-38 gave a null counterfactual of all pad tokens, not the observation (the
+    scaled logits were +inf and the argmax picked token 0); 1e-45 an AbductionError blaming
+    the model for a -inf logit (and, with nothing observed, an "observed token")."""
+    scm = _scm(decoding=Decoding(temperature=temperature))
+    with pytest.raises(DecodingError, match=r"`temperature`=1e-\d+ is too small") as info:
+        counterfactual(scm, PROMPT, observed, {}, num_samples=2, seed=0)
+    assert isinstance(info.value, LMSCMError)
+
+
+def test_a_small_temperature_that_fits_float32_still_reproduces_the_observation():
+    """The baseline: 1e-30 scales these logits (|l| < 100) to below float32's 3.4e38, and
+    the null counterfactual is the observation."""
+    scm = _scm(decoding=Decoding(temperature=1e-30))
+    result = counterfactual(scm, PROMPT, OBSERVED, {}, num_samples=2, seed=0)
+    assert bool((result.counterfactual_ids[:, :3] == OBSERVED).all())
