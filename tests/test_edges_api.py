@@ -40,3 +40,23 @@ def test_a_small_temperature_that_fits_float32_still_reproduces_the_observation(
     scm = _scm(decoding=Decoding(temperature=1e-30))
     result = counterfactual(scm, PROMPT, OBSERVED, {}, num_samples=2, seed=0)
     assert bool((result.counterfactual_ids[:, :3] == OBSERVED).all())
+
+
+# -- decoding settings: numbers, not bools --------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_decoding_refuses_a_bool(field):
+    """Before: Decoding(temperature=True) and Decoding(top_p=True) decoded as 1.0."""
+    with pytest.raises(DecodingError, match=f"`{field}`"):
+        Decoding(**{field: True})
+
+
+def test_decoding_takes_numpy_floats():
+    """Before: np.float32(0.9) was refused as "must be a float" (only Python floats passed)."""
+    np = pytest.importorskip("numpy")
+    decoding = Decoding(temperature=np.float32(0.5), top_p=np.float32(0.9))
+    assert (decoding.temperature, decoding.top_p) == (0.5, pytest.approx(0.9))
+    assert type(decoding.temperature) is float and type(decoding.top_p) is float
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.equal(decoding(logits), Decoding(temperature=0.5, top_p=float(np.float32(0.9)))(logits))
