@@ -18,7 +18,7 @@ import torch
 
 from .errors import InferenceError, LMSCMError
 
-__all__ = ["as_int", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = ["as_bool", "as_int", "as_real", "as_seed", "as_token_id", "is_integer"]
 
 #: torch's generators take seeds in ``[0, 2**64)``.
 MAX_SEED = 2**64 - 1
@@ -90,6 +90,24 @@ def as_real(
     if not math.isfinite(number) or below:
         raise error(f"{prefix}`{name}` must be {expected}, got {value!r}.")
     return number
+
+
+def as_bool(value: Any, name: str, error: type[LMSCMError] = InferenceError, owner: str = "") -> bool:
+    """``value`` if it is ``True`` or ``False`` (a NumPy bool too); never ``bool(value)``, for
+    which ``"no"``, ``"false"`` and ``[0]`` are true.
+
+    :raises error: naming ``name`` (after ``owner``, a class name), for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None
+    if np is not None and isinstance(value, np.bool_):
+        return bool(value)
+    prefix = f"{owner}: " if owner else ""
+    raise error(f"{prefix}`{name}` must be True or False, got {value!r:.80}.")
 
 
 def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError]) -> int:

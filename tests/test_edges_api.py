@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_lmscm import Decoding, LanguageModelSCM, counterfactual
-from pyro_lmscm.errors import DecodingError, LMSCMError
+from pyro_lmscm.errors import DecodingError, InferenceError, LMSCMError, MechanismError
 from pyro_lmscm.testing import tiny_llama
 
 LM = tiny_llama(seed=0)
@@ -60,3 +60,30 @@ def test_decoding_takes_numpy_floats():
     assert type(decoding.temperature) is float and type(decoding.top_p) is float
     logits = torch.tensor([1.0, 3.0, 2.0])
     assert torch.equal(decoding(logits), Decoding(temperature=0.5, top_p=float(np.float32(0.9)))(logits))
+
+
+# -- on/off switches are bools: "no" is true in Python -------------------------------------------
+
+
+def test_collapsed_no_is_refused_not_read_as_true():
+    """Before: LanguageModelSCM(collapsed="no") built a collapsed SCM (bool("no") is True)."""
+    with pytest.raises(MechanismError, match="`collapsed` must be True or False, got 'no'"):
+        _scm(collapsed="no")
+    assert _scm(collapsed=True).collapsed is True and _scm().collapsed is False  # the baseline
+
+
+def test_replay_factual_no_is_refused_before_anything_runs():
+    """Before: compare_abduction(replay_factual="no") replayed the factual model."""
+    from pyro_lmscm import compare_abduction
+
+    with pytest.raises(InferenceError, match="`replay_factual` must be True or False, got 'no'"):
+        compare_abduction(_scm(), PROMPT, OBSERVED, {}, methods=["exact"], num_samples=2, replay_factual="no")
+
+
+def test_autocorrelated_no_is_refused():
+    from pyro_lmscm import CounterfactualDistribution
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 9, 8]])
+    with pytest.raises(InferenceError, match="`autocorrelated` must be True or False, got 'no'"):
+        CounterfactualDistribution(_scm(), PROMPT, OBSERVED, ids, autocorrelated="no")
+    assert CounterfactualDistribution(_scm(), PROMPT, OBSERVED, ids, autocorrelated=True).autocorrelated is True

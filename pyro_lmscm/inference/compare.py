@@ -13,6 +13,7 @@ from ..errors import InferenceError
 from ..interventions.ops import as_do_data, check_intervention
 from ..reporting import report as report_progress
 from ..seeding import seeded
+from ..validation import as_bool
 from .abduction import (
     AbductionMethod,
     AbductionResult,
@@ -223,6 +224,7 @@ def compare_abduction(
     >>> exact.reproduction_rate, round(exact.ess, 3)  # ESS from computed weights: float32 rounding
     (1.0, 100.0)
     """
+    replay_factual = as_bool(replay_factual, "replay_factual")
     options = dict(options or {})
     resolved = []
     for method in methods:

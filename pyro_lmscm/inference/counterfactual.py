@@ -15,7 +15,7 @@ from ..errors import InferenceError
 from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
 from ..seeding import generator, seeded
-from ..validation import as_int, as_real
+from ..validation import as_bool, as_int, as_real
 from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
@@ -305,8 +305,7 @@ def _check_call(scm: Any, **flags: Any) -> None:
     if not isinstance(scm, LanguageModelSCM):
         raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise InferenceError(f"`{name}` must be True or False, got {value!r:.80}.")
+        as_bool(value, name)
 
 
 @locked

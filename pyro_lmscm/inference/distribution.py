@@ -19,7 +19,7 @@ from ..metrics import (
     token_edit_distance,
     trim_after_end,
 )
-from ..validation import is_integer
+from ..validation import as_bool, is_integer
 from .scoring import string_log_prob
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class CounterfactualDistribution:
                 f"`num_chains` must be a positive integer dividing the {n} draws, got {num_chains!r}."
             )
         self.num_chains = num_chains
-        self.autocorrelated = bool(autocorrelated)
+        self.autocorrelated = as_bool(autocorrelated, "autocorrelated")
         if log_weights is not None:
             log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
             if log_weights.shape != (n,):
