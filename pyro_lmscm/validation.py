@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .errors import InferenceError, LMSCMError
+from .errors import InferenceError, LMSCMError, MechanismError
 
-__all__ = ["as_bool", "as_int", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = ["as_bool", "as_int", "as_lm", "as_real", "as_seed", "as_token_id", "is_integer"]
 
 #: torch's generators take seeds in ``[0, 2**64)``.
 MAX_SEED = 2**64 - 1
@@ -108,6 +108,22 @@ def as_bool(value: Any, name: str, error: type[LMSCMError] = InferenceError, own
         return bool(value)
     prefix = f"{owner}: " if owner else ""
     raise error(f"{prefix}`{name}` must be True or False, got {value!r:.80}.")
+
+
+def as_lm(value: Any, name: str = "lm", owner: str = "", error: type[LMSCMError] = MechanismError) -> Any:
+    """``value`` if it is an :class:`~pyro_lmscm.lm.HFLanguageModel`, checked where it is
+    passed rather than at its first use (an ``AttributeError`` deep inside).
+
+    :raises error: naming ``name`` (after ``owner``), with a hint for a bare ``transformers``
+        model, which ``HFLanguageModel(model, tokenizer)`` wraps.
+    """
+    from .lm import HFLanguageModel
+
+    if isinstance(value, HFLanguageModel):
+        return value
+    prefix = f"{owner}: " if owner else ""
+    hint = " (wrap it: HFLanguageModel(model, tokenizer))" if hasattr(value, "forward") else ""
+    raise error(f"{prefix}`{name}` must be an HFLanguageModel{hint}, got {type(value).__name__}.")
 
 
 def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError]) -> int:

@@ -87,3 +87,63 @@ def test_autocorrelated_no_is_refused():
     with pytest.raises(InferenceError, match="`autocorrelated` must be True or False, got 'no'"):
         CounterfactualDistribution(_scm(), PROMPT, OBSERVED, ids, autocorrelated="no")
     assert CounterfactualDistribution(_scm(), PROMPT, OBSERVED, ids, autocorrelated=True).autocorrelated is True
+
+
+# -- every argument that takes a language model checks that it is one ----------------------------
+
+
+def _lm_takers():
+    from pyro_lmscm import ActivationSteering, AffineSteering, ModelSwap, rome_edit
+    from pyro_lmscm.explorer.session import Explorer
+    from pyro_lmscm.interventions.finetune import lora_finetune
+    from pyro_lmscm.interventions.memit import memit_edit
+    from pyro_lmscm.interventions.spec import parse_intervention
+
+    return {
+        "ModelSwap": (lambda lm: ModelSwap(lm), "ModelSwap: `other`"),
+        "ActivationSteering.from_contrastive": (
+            lambda lm: ActivationSteering.from_contrastive(lm, ["the man"], ["the woman"], layer=0),
+            "ActivationSteering.from_contrastive: `lm`"),
+        "AffineSteering.from_contrastive": (
+            lambda lm: AffineSteering.from_contrastive(lm, ["the man"], ["the woman"], layer=0),
+            "AffineSteering.from_contrastive: `lm`"),
+        "rome_edit": (lambda lm: rome_edit(lm, "the man said", "man", "she", layer=0), "rome_edit: `lm`"),
+        "memit_edit": (lambda lm: memit_edit(lm, [("the man said", "man", "she")]), "memit_edit: `lm`"),
+        "parse_intervention": (lambda lm: parse_intervention("w_0=3", lm), "parse_intervention: `lm`"),
+        "Explorer": (lambda lm: Explorer(lm), "Explorer: `lm`"),
+        "lora_finetune": (lambda lm: lora_finetune(lm, ["the man said"], steps=1), "lora_finetune: `lm`"),
+    }
+
+
+@pytest.mark.parametrize("taker", list(_lm_takers()))
+@pytest.mark.parametrize("bad", [None, "smollm2-135m-instruct", LM.model], ids=["None", "str", "bare HF model"])
+def test_a_language_model_argument_refuses_anything_else(taker, bad):
+    """Before: AttributeError ('NoneType' object has no attribute 'vocab_size' / 'model',
+    'LlamaForCausalLM' object has no attribute 'encode'), at construction or, for
+    ModelSwap and the Explorer, only at their first use."""
+    call, fragment = _lm_takers()[taker]
+    with pytest.raises(MechanismError, match="must be an HFLanguageModel") as info:
+        call(bad)
+    assert fragment in str(info.value)
+    if bad is LM.model:
+        assert "wrap it: HFLanguageModel(model, tokenizer)" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [None, "gpt2", torch.nn.Linear(2, 2)], ids=["None", "str", "a Linear"])
+def test_hf_language_model_refuses_what_is_no_causal_lm(bad):
+    """Before: AttributeError ('NoneType' object has no attribute 'eval', 'Linear' object has
+    no attribute 'config')."""
+    from pyro_lmscm import HFLanguageModel
+
+    with pytest.raises(MechanismError, match="HFLanguageModel: `model` must be a transformers model"):
+        HFLanguageModel(bad)
+
+
+def test_hf_language_model_refuses_a_tokenizer_that_is_no_tokenizer():
+    """Before: HFLanguageModel(model, "gpt2") was accepted, to fail at the first encode."""
+    from pyro_lmscm import HFLanguageModel
+    from pyro_lmscm.errors import TokenizationError
+
+    with pytest.raises(TokenizationError, match="HFLanguageModel: `tokenizer` must be a transformers tokenizer"):
+        HFLanguageModel(LM.model, "gpt2")
+    assert HFLanguageModel(LM.model, LM.tokenizer).encode("the man").tolist() == LM.encode("the man").tolist()

@@ -31,7 +31,7 @@ from ..defaults import DEFAULTS
 from ..errors import DecodingError, InferenceError, InterventionError, LMSCMError, ObservationError
 from ..interventions.spec import describe
 from ..metrics import first_divergence, trim_after_end
-from ..validation import as_bool, as_int, as_seed
+from ..validation import as_bool, as_int, as_lm, as_seed
 
 if TYPE_CHECKING:
     from ..inference.attribute import Attribution
@@ -201,7 +201,7 @@ class Explorer:
     """
 
     def __init__(self, lm: HFLanguageModel) -> None:
-        self.lm = lm
+        self.lm = as_lm(lm, owner="Explorer")
         self._mechanisms: dict[tuple[str, str], Mechanism] = {}
 
     def token_texts(self, ids: list[int]) -> list[str]:
