@@ -147,3 +147,38 @@ def test_hf_language_model_refuses_a_tokenizer_that_is_no_tokenizer():
     with pytest.raises(TokenizationError, match="HFLanguageModel: `tokenizer` must be a transformers tokenizer"):
         HFLanguageModel(LM.model, "gpt2")
     assert HFLanguageModel(LM.model, LM.tokenizer).encode("the man").tolist() == LM.encode("the man").tolist()
+
+
+# -- compare_abduction checks its own arguments, before anything runs ----------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(options={"exact": 5}), "`options['exact']` must be a mapping of abduct() options, got int 5"),
+        (dict(options=[("exact", {})]), "`options` must be a mapping from method names to options"),
+        (dict(seed=None), "`seed` must be an integer >= 0"),
+        (dict(reference_samples=0), "`reference_samples` must be a positive integer, got 0"),
+        (dict(num_samples=0), "`num_samples` must be a positive integer, got 0"),
+        (dict(methods="exact"), "`methods` must be a list of method names or AbductionMethod objects, got str"),
+        (dict(scm=None), "`scm` must be a LanguageModelSCM"),
+    ],
+)
+def test_compare_abduction_names_its_bad_argument(kwargs, fragment):
+    """Before: options={"exact": 5} and seed=None raised TypeError, reference_samples=0 was
+    blamed on `num_samples`, and methods="exact" on an unknown method 'e'."""
+    from pyro_lmscm import compare_abduction
+
+    call = dict(scm=_scm(), methods=["exact"], num_samples=2)
+    call.update(kwargs)
+    with pytest.raises(InferenceError) as info:
+        compare_abduction(call.pop("scm"), PROMPT, OBSERVED, {}, **call)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_compare_abduction_takes_the_largest_seed():
+    """Before: seed=2**64 - 1 ran the reference, then refused the methods' seed + 2 + i."""
+    from pyro_lmscm import compare_abduction
+
+    table = compare_abduction(_scm(), PROMPT, OBSERVED, {}, methods=["exact", "prior"], num_samples=2, seed=2**64 - 1)
+    assert [row.method for row in table.rows] == ["exact", "prior"]
