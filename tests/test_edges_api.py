@@ -182,3 +182,27 @@ def test_compare_abduction_takes_the_largest_seed():
 
     table = compare_abduction(_scm(), PROMPT, OBSERVED, {}, methods=["exact", "prior"], num_samples=2, seed=2**64 - 1)
     assert [row.method for row in table.rows] == ["exact", "prior"]
+
+
+# -- containers and tensors of the wrong kind ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompts, observed, fragment",
+    [
+        (None, None, "`prompts` must be a non-empty list"),
+        ((p for p in [PROMPT]), None, "`prompts` must be a non-empty list"),
+        (5, None, "`prompts` must be a non-empty list"),
+        ([PROMPT], "said", "`observed` must be None or a list of 1 observations"),
+        ([PROMPT], 5, "`observed` must be None or a list of 1 observations"),
+    ],
+    ids=["None", "a generator", "an int", "observed str", "observed int"],
+)
+def test_counterfactuals_refuses_what_is_no_list(prompts, observed, fragment):
+    """Before: TypeError "object of type 'generator' has no len()" (and for None, 5); an
+    observed str was counted by its characters ("1 prompts but 5 observations")."""
+    from pyro_lmscm import counterfactuals
+
+    with pytest.raises(InferenceError, match=fragment):
+        counterfactuals(_scm(), prompts, observed, num_samples=1, seed=0)
+    assert len(counterfactuals(_scm(), (PROMPT,), (OBSERVED,), num_samples=1, seed=0)) == 1  # a tuple is a list
