@@ -206,3 +206,13 @@ def test_counterfactuals_refuses_what_is_no_list(prompts, observed, fragment):
     with pytest.raises(InferenceError, match=fragment):
         counterfactuals(_scm(), prompts, observed, num_samples=1, seed=0)
     assert len(counterfactuals(_scm(), (PROMPT,), (OBSERVED,), num_samples=1, seed=0)) == 1  # a tuple is a list
+
+
+@pytest.mark.parametrize("raw_logits", ["x", [[0.0] * 28] * 3], ids=["str", "a nested list"])
+def test_raw_logits_must_be_a_tensor(raw_logits):
+    """Before: AttributeError "'str' object has no attribute 'shape'"."""
+    from pyro_lmscm import exact_counterfactual
+    from pyro_lmscm.errors import ObservationError
+
+    with pytest.raises(ObservationError, match=r"`raw_logits` must be a floating tensor of shape \(\.\.\., 3, 28\)"):
+        exact_counterfactual(_scm(), PROMPT, OBSERVED, {}, raw_logits=raw_logits)
