@@ -216,3 +216,13 @@ def test_raw_logits_must_be_a_tensor(raw_logits):
 
     with pytest.raises(ObservationError, match=r"`raw_logits` must be a floating tensor of shape \(\.\.\., 3, 28\)"):
         exact_counterfactual(_scm(), PROMPT, OBSERVED, {}, raw_logits=raw_logits)
+
+
+@pytest.mark.parametrize("delta", ["x", None, {"a": 1}], ids=["str", "None", "dict"])
+def test_a_weight_delta_must_be_numbers(delta):
+    """Before: TypeError "new(): invalid data type 'str'" (and for None, a dict)."""
+    from pyro_lmscm import WeightDelta
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    with pytest.raises(MechanismError, match=f"WeightDelta: the delta of '{name}' must be a floating tensor"):
+        WeightDelta({name: delta})
