@@ -35,7 +35,7 @@ def _attribute(value: str | None) -> Any:
     if value.lstrip().startswith("{"):
         try:
             return json.loads(value)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise StudyError(f"--attribute {value!r:.80} is not a valid JSON mapping: {error}.") from None
     return value
 

@@ -159,7 +159,7 @@ def _read_jsonl(text: str, name: str) -> list[CorpusItem]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+        except (ValueError, RecursionError) as error:  # nested too deep; an int over 4300 digits
             raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from None
         if not isinstance(row, Mapping):
             raise StudyError(f"{name}, line {number}: expected an object with a `prompt`, got {row!r}.")
