@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from .errors import InferenceError, LMSCMError, MechanismError
 
-__all__ = ["as_bool", "as_int", "as_lm", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = ["as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer"]
 
 #: torch's generators take seeds in ``[0, 2**64)``.
 MAX_SEED = 2**64 - 1
@@ -124,6 +125,17 @@ def as_lm(value: Any, name: str = "lm", owner: str = "", error: type[LMSCMError]
     prefix = f"{owner}: " if owner else ""
     hint = " (wrap it: HFLanguageModel(model, tokenizer))" if hasattr(value, "forward") else ""
     raise error(f"{prefix}`{name}` must be an HFLanguageModel{hint}, got {type(value).__name__}.")
+
+
+def as_path(value: Any, what: str, error: type[LMSCMError]) -> Path:
+    """``value`` (a ``str`` or an ``os.PathLike``) as a :class:`~pathlib.Path`.
+
+    :param what: how the message names the argument, e.g. ``"corpus file"``.
+    :raises error: naming ``what``, for anything else (``None``, a number, a list).
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise error(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__} {value!r:.80}.")
 
 
 def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError]) -> int:

@@ -226,3 +226,29 @@ def test_a_weight_delta_must_be_numbers(delta):
     name = "model.layers.0.mlp.down_proj.weight"
     with pytest.raises(MechanismError, match=f"WeightDelta: the delta of '{name}' must be a floating tensor"):
         WeightDelta({name: delta})
+
+
+# -- path arguments -------------------------------------------------------------------------------
+
+
+def _path_takers():
+    from pyro_lmscm.study import StudyConfig, load_study
+    from pyro_lmscm.study.corpus import read_corpus
+
+    return {
+        "StudyConfig.from_file": (StudyConfig.from_file, "study config file"),
+        "load_study": (load_study, "`output_dir`"),
+        "read_corpus": (read_corpus, "corpus file"),
+    }
+
+
+@pytest.mark.parametrize("taker", list(_path_takers()))
+@pytest.mark.parametrize("bad", [None, 5, ["a.yaml"]], ids=["None", "int", "list"])
+def test_a_path_argument_refuses_what_is_no_path(taker, bad):
+    """Before: TypeError "expected str, bytes or os.PathLike object, not NoneType" from pathlib."""
+    from pyro_lmscm.errors import StudyError
+
+    call, fragment = _path_takers()[taker]
+    with pytest.raises(StudyError, match="must be a path") as info:
+        call(bad)
+    assert fragment in str(info.value)

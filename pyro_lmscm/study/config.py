@@ -34,7 +34,7 @@ from typing import Any, Mapping, Union
 from ..defaults import DEFAULTS
 from ..errors import DecodingError, StudyError
 from ..models.decoding import Decoding
-from ..validation import as_int, as_seed, load_data_file
+from ..validation import as_int, as_path, as_seed, load_data_file
 from .attribute import check_code_allowed
 
 __all__ = [
@@ -312,7 +312,7 @@ class StudyConfig:
         :raises StudyError: if the file is missing or malformed, or sets ``allow_code`` or
             ``ray_address`` (a Ray cluster is trusted with the process: only an override sets it).
         """
-        path = Path(path)
+        path = as_path(path, "study config file", StudyError)
         if not path.exists():
             raise StudyError(f"study config file {str(path)!r} does not exist.")
         if not path.is_file():
