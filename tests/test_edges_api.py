@@ -252,3 +252,42 @@ def test_a_path_argument_refuses_what_is_no_path(taker, bad):
     with pytest.raises(StudyError, match="must be a path") as info:
         call(bad)
     assert fragment in str(info.value)
+
+
+# -- the exact queries check their token arguments --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exact():
+    from pyro_lmscm import exact_counterfactual
+
+    return exact_counterfactual(_scm(), PROMPT, OBSERVED, {"w_1": 3})
+
+
+@pytest.mark.parametrize(
+    "query, fragment",
+    [
+        (lambda e: e.next_token_probs([99]), "`prefix` has ids outside the vocabulary [0, 28): [99]"),
+        (lambda e: e.next_token_probs("the"), "`prefix` is a str"),
+        (lambda e: e.next_token_probs([5.7]), "`prefix` must hold integer token ids"),
+        (lambda e: e.prob_unchanged("x"), "`relabel` is a str"),
+        (lambda e: e.first_divergence(torch.arange(28) + 0.5), "`relabel` must hold integer token ids"),
+    ],
+    ids=["prefix out of vocabulary", "prefix str", "prefix float", "relabel str", "relabel float"],
+)
+def test_exact_queries_check_their_token_arguments(exact, query, fragment):
+    """Before: next_token_probs([99]) an IndexError from the embedding, a str prefix or
+    relabel a TypeError, and a float prefix or relabel was truncated to integers silently."""
+    from pyro_lmscm.errors import ObservationError
+
+    with pytest.raises(ObservationError) as info:
+        query(exact)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_an_empty_prefix_is_the_first_step(exact):
+    """The baseline: [] and None are the empty prefix, (1, t) a prefix of t tokens."""
+    first = exact.next_token_probs(None)
+    assert torch.equal(exact.next_token_probs([]), first)
+    assert torch.equal(exact.next_token_probs(torch.tensor([[5]])), exact.next_token_probs([5]))
+    assert float(first.sum()) == pytest.approx(1.0)
