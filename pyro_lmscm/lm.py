@@ -370,10 +370,13 @@ class HFLanguageModel:
             raise ObservationError(
                 f"`{what}` is a str; pass token ids (encode text with HFLanguageModel.encode)."
             )
+        given = ids
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise ObservationError(f"`{what}` must hold integer token ids, got {ids!r:.80}: {error}") from error
+        if ids.numel() == 0 and not isinstance(given, torch.Tensor):
+            ids = ids.long()  # an empty list holds no ids, not floats (torch.as_tensor([]) is float32)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ObservationError(f"`{what}` must hold integer token ids, got dtype {ids.dtype}.")
         if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch ops take them

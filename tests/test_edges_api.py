@@ -291,3 +291,14 @@ def test_an_empty_prefix_is_the_first_step(exact):
     assert torch.equal(exact.next_token_probs([]), first)
     assert torch.equal(exact.next_token_probs(torch.tensor([[5]])), exact.next_token_probs([5]))
     assert float(first.sum()) == pytest.approx(1.0)
+
+
+def test_an_empty_list_of_ids_is_called_empty():
+    """Before: counterfactual(scm, [], ...) said "`prompt` must hold integer token ids, got dtype
+    torch.float32" (torch.as_tensor([]) is float)."""
+    from pyro_lmscm.errors import ObservationError
+
+    with pytest.raises(ObservationError, match="`prompt` must hold at least one token id"):
+        counterfactual(_scm(), [], OBSERVED, {}, num_samples=1, seed=0)
+    with pytest.raises(ObservationError, match="the observation is empty"):
+        counterfactual(_scm(), PROMPT, [], {}, num_samples=1, seed=0)
