@@ -302,3 +302,37 @@ def test_an_empty_list_of_ids_is_called_empty():
         counterfactual(_scm(), [], OBSERVED, {}, num_samples=1, seed=0)
     with pytest.raises(ObservationError, match="the observation is empty"):
         counterfactual(_scm(), PROMPT, [], {}, num_samples=1, seed=0)
+
+
+# -- metrics take token ids: integers, not truncated floats ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda m: m.token_edit_distance([1.5], [1]), "`a` must hold integer token ids, got 1.5"),
+        (lambda m: m.token_edit_distance(None, [1]), "`a` must be token ids (a list or a 1-D integer tensor)"),
+        (lambda m: m.first_divergence([1], None), "`b` must be token ids"),
+        (lambda m: m.common_prefix_length([1, True], [1, 1]), "`a` must hold integer token ids, got True"),
+        (lambda m: m.trim_after_end([1, 2, 3], "x"), "`eos_token_ids` is a str"),
+        (lambda m: m.trim_after_end([1, 2, 3], [2.5]), "`eos_token_ids` must hold integer token ids, got 2.5"),
+    ],
+    ids=["float", "None", "None b", "bool", "eos str", "eos float"],
+)
+def test_token_metrics_refuse_what_is_no_token_ids(call, fragment):
+    """Before: token_edit_distance([1.5], [1]) was 0 (int() truncated 1.5 to 1), None a
+    TypeError (not iterable), an eos str a TypeError from `in`."""
+    from pyro_lmscm import metrics
+    from pyro_lmscm.errors import ObservationError
+
+    with pytest.raises(ObservationError) as info:
+        call(metrics)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_token_metrics_take_numpy_and_tensor_ids():
+    np = pytest.importorskip("numpy")
+    from pyro_lmscm import metrics
+
+    assert metrics.token_edit_distance(np.array([5, 6, 7]), torch.tensor([5, 7])) == 1
+    assert metrics.trim_after_end((5, 7, 1, 0), eos_token_ids={1}) == [5, 7, 1]
