@@ -336,3 +336,12 @@ def test_token_metrics_take_numpy_and_tensor_ids():
 
     assert metrics.token_edit_distance(np.array([5, 6, 7]), torch.tensor([5, 7])) == 1
     assert metrics.trim_after_end((5, 7, 1, 0), eos_token_ids={1}) == [5, 7, 1]
+
+
+@pytest.mark.parametrize("permutation", ["x", torch.arange(28) + 0.5], ids=["str", "floats"])
+def test_inverse_cdf_permutation_must_be_integer_ids(permutation):
+    """Before: a str was a TypeError; floats were truncated to a permutation silently."""
+    from pyro_lmscm import InverseCDF
+
+    with pytest.raises(InferenceError, match=r"InverseCDF\(permutation=...\) must be a permutation of range\(V\)"):
+        InverseCDF(permutation=permutation)
