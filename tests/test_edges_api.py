@@ -345,3 +345,18 @@ def test_inverse_cdf_permutation_must_be_integer_ids(permutation):
 
     with pytest.raises(InferenceError, match=r"InverseCDF\(permutation=...\) must be a permutation of range\(V\)"):
         InverseCDF(permutation=permutation)
+
+
+# -- seeds in range everywhere ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64], ids=["negative", "2**64"])
+def test_attribute_refuses_a_seed_torch_refuses(seed):
+    """Before: attribute(seed=-1) was accepted (checked as any integer); with more parts than
+    max_exact_parts, torch.Generator.manual_seed then raised a RuntimeError."""
+    from pyro_lmscm import ActivationSteering
+    from pyro_lmscm.inference import attribute
+
+    scm = _scm(mechanisms={"steer": ActivationSteering(torch.ones(32), layer=0)})
+    with pytest.raises(InferenceError, match="`seed` must be an integer >= 0 and <= 18446744073709551615"):
+        attribute(scm, PROMPT, OBSERVED, {"mechanism": "steer"}, seed=seed)
