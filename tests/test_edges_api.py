@@ -360,3 +360,23 @@ def test_attribute_refuses_a_seed_torch_refuses(seed):
     scm = _scm(mechanisms={"steer": ActivationSteering(torch.ones(32), layer=0)})
     with pytest.raises(InferenceError, match="`seed` must be an integer >= 0 and <= 18446744073709551615"):
         attribute(scm, PROMPT, OBSERVED, {"mechanism": "steer"}, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(scm=None), "`scm` must be a LanguageModelSCM, got NoneType"),
+        (dict(log_weights="x"), "`log_weights` must be a tensor of shape (1,), got 'x'"),
+        (dict(noise_stats=5), "`noise_stats` must be a mapping from names to tensors, got int"),
+    ],
+)
+def test_counterfactual_distribution_names_its_bad_argument(kwargs, fragment):
+    """Before: AttributeError ('NoneType' object has no attribute 'check_prompt', 'int' object
+    has no attribute 'items') and TypeError (new(): invalid data type 'str')."""
+    from pyro_lmscm import CounterfactualDistribution
+
+    call = dict(scm=_scm(), prompt_ids=PROMPT, factual_ids=OBSERVED, ids=torch.tensor([[5, 6, 7]]))
+    call.update(kwargs)
+    with pytest.raises(LMSCMError) as info:
+        CounterfactualDistribution(**call)
+    assert fragment in str(info.value), str(info.value)

@@ -149,8 +149,16 @@ class CounterfactualDistribution:
         autocorrelated: bool = False,
         method: str | None = None,
     ) -> None:
+        from ..models.scm import LanguageModelSCM
+
+        if not isinstance(scm, LanguageModelSCM):
+            raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
         if kind not in KINDS:
             raise InferenceError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+        if noise_stats is not None and not isinstance(noise_stats, Mapping):
+            raise InferenceError(
+                f"`noise_stats` must be a mapping from names to tensors, got {type(noise_stats).__name__}."
+            )
         self.scm = scm
         self.prompt_ids = scm.check_prompt(prompt_ids)
         self.factual_ids = scm.check_observed(factual_ids)
@@ -171,7 +179,12 @@ class CounterfactualDistribution:
         self.num_chains = num_chains
         self.autocorrelated = as_bool(autocorrelated, "autocorrelated")
         if log_weights is not None:
-            log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+            try:
+                log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError) as failure:
+                raise InferenceError(
+                    f"`log_weights` must be a tensor of shape ({n},), got {log_weights!r:.80} ({failure})."
+                ) from None
             if log_weights.shape != (n,):
                 raise InferenceError(f"`log_weights` must have shape ({n},), got {tuple(log_weights.shape)}.")
             if bool(torch.isnan(log_weights).any() | (log_weights == float("inf")).any()):
