@@ -101,11 +101,7 @@ def as_bool(value: Any, name: str, error: type[LMSCMError] = InferenceError, own
     """
     if isinstance(value, bool):
         return value
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np = None
-    if np is not None and isinstance(value, np.bool_):
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # np.True_
         return bool(value)
     prefix = f"{owner}: " if owner else ""
     raise error(f"{prefix}`{name}` must be True or False, got {value!r:.80}.")
