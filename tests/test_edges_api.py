@@ -380,3 +380,22 @@ def test_counterfactual_distribution_names_its_bad_argument(kwargs, fragment):
     with pytest.raises(LMSCMError) as info:
         CounterfactualDistribution(**call)
     assert fragment in str(info.value), str(info.value)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["no such host!", "203.0.113.7"], ids=["unresolvable", "not this machine's"])
+def test_app_refuses_a_host_it_cannot_serve_on_before_loading(tmp_path, host):
+    """Before: socket.gaierror / OSError tracebacks (exit 1) after the model had loaded.
+    (203.0.113.7 is TEST-NET-3, never a local address.) The model folder does not exist:
+    the host is checked first."""
+    from typer.testing import CliRunner
+
+    from pyro_lmscm.cli import app
+
+    result = CliRunner().invoke(app, ["app", "--model", str(tmp_path / "nope"), "--host", host, "--port", "0"])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: cannot serve on --host"), result.output
+    assert "Traceback" not in result.output

@@ -27,6 +27,9 @@ def app_command(
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry, no version check
     with one_line_errors():
+        from ..explorer.ui import check_address
+
+        check_address(host, port)  # before the model loads
         try:
             import gradio  # noqa: F401
         except ImportError:
