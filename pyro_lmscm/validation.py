@@ -19,7 +19,11 @@ import torch
 
 from .errors import InferenceError, LMSCMError, MechanismError
 
-__all__ = ["as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = ["MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer"]
+
+#: The most torch CPU threads a setting may ask for: far above any machine's cores, and far
+#: below the count at which libgomp's allocation aborts the process (``10**9``: 216 GB).
+MAX_THREADS = 1024
 
 #: torch's generators take seeds in ``[0, 2**64)``.
 MAX_SEED = 2**64 - 1

@@ -399,3 +399,32 @@ def test_app_refuses_a_host_it_cannot_serve_on_before_loading(tmp_path, host):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: cannot serve on --host"), result.output
     assert "Traceback" not in result.output
+
+
+# -- torch threads: a count libgomp can allocate ---------------------------------------------------
+
+
+def test_a_study_refuses_a_thread_count_past_the_limit():
+    """Before: StudyConfig(threads=10**9) was accepted, and run_study's torch.set_num_threads
+    then aborted the process (libgomp: out of memory allocating 216000001344 bytes)."""
+    from pyro_lmscm.errors import StudyError
+    from pyro_lmscm.study import StudyConfig
+    from pyro_lmscm.validation import MAX_THREADS
+
+    with pytest.raises(StudyError, match=f"`threads` must be an integer >= 1 and <= {MAX_THREADS}, got 1000000000"):
+        StudyConfig(corpus="demo", threads=10**9)
+    assert StudyConfig(corpus="demo", threads=MAX_THREADS).threads == MAX_THREADS  # the baseline
+
+
+@pytest.mark.parametrize("command", ["compare-mechanisms", "compare-inference", "study", "app"])
+def test_the_cli_refuses_a_thread_count_past_the_limit(command):
+    """Before: --threads 1000000000 aborted the process in torch.set_num_threads (run in a
+    child process, so that the baseline cannot take the test run down with it)."""
+    import subprocess
+    import sys
+
+    args = [command, "--threads", "1000000000"]
+    code = f"import sys; from pyro_lmscm.cli import app; sys.argv = ['pyro-lmscm', *{args!r}]; app()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Invalid value for '--threads'" in done.stderr and "1024" in done.stderr, done.stderr[-2000:]
