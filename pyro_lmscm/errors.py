@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "ObservationError",
     "RemoteCodeError",
+    "ServeError",
     "StudyError",
     "TokenizationError",
     "UnsupportedVersionError",
@@ -79,6 +80,11 @@ class InferenceError(LMSCMError, ValueError):
 class StudyError(LMSCMError, ValueError):
     """A study cannot run as configured: a bad setting, an unreadable corpus, or an output
     folder that holds the results of another study."""
+
+
+class ServeError(LMSCMError, ValueError):
+    """The explorer cannot serve on the address given: a host that does not resolve or is not
+    this machine's, or a port that is taken."""
 
 
 class UnsupportedVersionError(LMSCMError, NotImplementedError):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from .atomic import COMPUTE_LOCK
-from .errors import ChatError, ObservationError, TokenizationError
+from .errors import ChatError, MechanismError, ObservationError, TokenizationError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -250,6 +250,26 @@ def cache_keyword(model_class: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def _check_model(model: Any, tokenizer: Any) -> None:
+    """Refuse what is no causal language model (it needs ``config`` and an output head) and a
+    tokenizer that is none, here rather than at the first forward pass or encode.
+
+    :raises MechanismError: for the model; :raises TokenizationError: for the tokenizer.
+    """
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")
+            and callable(getattr(model, "get_output_embeddings", None))):
+        raise MechanismError(
+            "HFLanguageModel: `model` must be a transformers model with a language-model head (e.g. "
+            f"AutoModelForCausalLM.from_pretrained(...), or pyro_lmscm.load_lm), got {type(model).__name__}."
+        )
+    if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
+                                      and callable(getattr(tokenizer, "decode", None))):
+        raise TokenizationError(
+            "HFLanguageModel: `tokenizer` must be a transformers tokenizer (AutoTokenizer.from_pretrained(...)) "
+            f"or None, got {type(tokenizer).__name__} {tokenizer!r:.80}."
+        )
+
+
 def _as_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -274,6 +294,7 @@ class HFLanguageModel:
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
+        _check_model(model, tokenizer)
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config
@@ -349,10 +370,13 @@ class HFLanguageModel:
             raise ObservationError(
                 f"`{what}` is a str; pass token ids (encode text with HFLanguageModel.encode)."
             )
+        given = ids
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise ObservationError(f"`{what}` must hold integer token ids, got {ids!r:.80}: {error}") from error
+        if ids.numel() == 0 and not isinstance(given, torch.Tensor):
+            ids = ids.long()  # an empty list holds no ids, not floats (torch.as_tensor([]) is float32)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ObservationError(f"`{what}` must hold integer token ids, got dtype {ids.dtype}.")
         if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch ops take them

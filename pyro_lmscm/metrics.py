@@ -20,12 +20,13 @@ Log-probabilities of strings under the SCM live in :mod:`pyro_lmscm.inference.sc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 import torch
 from rapidfuzz.distance import Levenshtein
 
 from .errors import ObservationError
+from .validation import is_integer
 
 if TYPE_CHECKING:
     pass
@@ -62,7 +63,14 @@ def _as_list(ids: TokenIds, what: str = "ids") -> list[int]:
         raise ObservationError(
             f"`{what}` is a str; token metrics take token ids. Use char_edit_distance for texts."
         )
-    return [int(i) for i in ids]
+    if not hasattr(ids, "__iter__") or isinstance(ids, (bytes, Mapping)):
+        raise ObservationError(f"`{what}` must be token ids (a list or a 1-D integer tensor), got {ids!r:.80}.")
+    out = []
+    for token in ids:
+        if not is_integer(token):  # int(1.5) would be 1, int(True) 1
+            raise ObservationError(f"`{what}` must hold integer token ids, got {token!r:.80}.")
+        out.append(int(token))
+    return out
 
 
 def trim_after_end(ids: TokenIds, eos_token_ids: Sequence[int]) -> list[int]:
@@ -71,10 +79,11 @@ def trim_after_end(ids: TokenIds, eos_token_ids: Sequence[int]) -> list[int]:
     >>> trim_after_end([5, 7, 1, 0, 0], eos_token_ids=[1])
     [5, 7, 1]
     """
+    ends = set(_as_list(eos_token_ids, "eos_token_ids"))
     out = []
     for token in _as_list(ids):
         out.append(token)
-        if token in eos_token_ids:
+        if token in ends:
             break
     return out
 

@@ -11,14 +11,19 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import InferenceError, LMSCMError
+from .errors import InferenceError, LMSCMError, MechanismError
 
-__all__ = ["as_int", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = ["MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer"]
+
+#: The most torch CPU threads a setting may ask for: far above any machine's cores, and far
+#: below the count at which libgomp's allocation aborts the process (``10**9``: 216 GB).
+MAX_THREADS = 1024
 
 #: torch's generators take seeds in ``[0, 2**64)``.
 MAX_SEED = 2**64 - 1
@@ -90,6 +95,47 @@ def as_real(
     if not math.isfinite(number) or below:
         raise error(f"{prefix}`{name}` must be {expected}, got {value!r}.")
     return number
+
+
+def as_bool(value: Any, name: str, error: type[LMSCMError] = InferenceError, owner: str = "") -> bool:
+    """``value`` if it is ``True`` or ``False`` (a NumPy bool too); never ``bool(value)``, for
+    which ``"no"``, ``"false"`` and ``[0]`` are true.
+
+    :raises error: naming ``name`` (after ``owner``, a class name), for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # np.True_
+        return bool(value)
+    prefix = f"{owner}: " if owner else ""
+    raise error(f"{prefix}`{name}` must be True or False, got {value!r:.80}.")
+
+
+def as_lm(value: Any, name: str = "lm", owner: str = "", error: type[LMSCMError] = MechanismError) -> Any:
+    """``value`` if it is an :class:`~pyro_lmscm.lm.HFLanguageModel`, checked where it is
+    passed rather than at its first use (an ``AttributeError`` deep inside).
+
+    :raises error: naming ``name`` (after ``owner``), with a hint for a bare ``transformers``
+        model, which ``HFLanguageModel(model, tokenizer)`` wraps.
+    """
+    from .lm import HFLanguageModel
+
+    if isinstance(value, HFLanguageModel):
+        return value
+    prefix = f"{owner}: " if owner else ""
+    hint = " (wrap it: HFLanguageModel(model, tokenizer))" if hasattr(value, "forward") else ""
+    raise error(f"{prefix}`{name}` must be an HFLanguageModel{hint}, got {type(value).__name__}.")
+
+
+def as_path(value: Any, what: str, error: type[LMSCMError]) -> Path:
+    """``value`` (a ``str`` or an ``os.PathLike``) as a :class:`~pathlib.Path`.
+
+    :param what: how the message names the argument, e.g. ``"corpus file"``.
+    :raises error: naming ``what``, for anything else (``None``, a number, a list).
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise error(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__} {value!r:.80}.")
 
 
 def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError]) -> int:

@@ -259,11 +259,17 @@ def _chat_messages(system: str | None, user: str | None, messages_file: str | No
             raise typer.BadParameter("give --messages FILE.json or --system/--user, not both.")
         path = Path(messages_file)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as error:
             raise ChatError(f"--messages {messages_file}: cannot read the file ({error.strerror}).") from error
+        except UnicodeDecodeError as error:
+            raise ChatError(
+                f"--messages {messages_file}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+            ) from None
         except json.JSONDecodeError as error:
             raise ChatError(f"--messages {messages_file}: not JSON ({error}).") from error
+        except RecursionError:
+            raise ChatError(f"--messages {messages_file}: not JSON (nested too deep).") from None
         try:
             return check_messages(data)
         except ChatError as error:

@@ -27,6 +27,7 @@ from ..inference import (
 )
 from ..models import LanguageModelSCM
 from ..runtime import compute_scope
+from ..validation import MAX_THREADS
 from .app import (
     app,
     console,
@@ -70,7 +71,7 @@ def compare_inference(
     nuts_tree_depth: int = typer.Option(5, min=1),
     seed: int = typer.Option(DEFAULTS.seed, min=0),
     plot: Path = typer.Option(Path("compare_inference.png"), help="PNG to write."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="Torch CPU threads."),
     quiet: bool = quiet_option(),
 ) -> None:
     """Exact abduction vs importance sampling, relaxed SVI and NUTS: a table and an ArviZ plot."""

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..validation import MAX_THREADS
 from .app import app, device_option, dtype_option, err_console, model_option, one_line_errors
 
 __all__ = ["app_command"]
@@ -18,7 +19,7 @@ def app_command(
     port: int = typer.Option(7860, min=0, max=65535, help="Port (0: a free one)."),
     dtype: str = dtype_option(),
     device: Optional[str] = device_option(),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="Torch CPU threads."),
 ) -> None:
     """Serve the counterfactual explorer: type or sample a string, pick an intervention
     (steering, ROME, prompt, a token, a second model) and see the aligned counterfactuals
@@ -27,6 +28,9 @@ def app_command(
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry, no version check
     with one_line_errors():
+        from ..explorer.ui import check_address
+
+        check_address(host, port)  # before the model loads
         try:
             import gradio  # noqa: F401
         except ImportError:

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ..defaults import DEFAULTS
+from ..validation import MAX_THREADS
 from .app import (
     app,
     console,
@@ -49,7 +50,7 @@ def compare_mechanisms_command(
     dtype: str = dtype_option(),
     device: Optional[str] = device_option(),
     seed: int = typer.Option(DEFAULTS.seed, min=0),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, min=1, max=MAX_THREADS, help="Torch CPU threads."),
     json_output: bool = flag("--json", help="Print JSON instead of a table."),
     quiet: bool = quiet_option(),
 ) -> None:

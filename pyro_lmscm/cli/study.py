@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import LMSCMError, StudyError
+from ..validation import MAX_THREADS
 from .app import app, device_option, flag, one_line, progress_bar
 
 __all__ = ["study_command"]
@@ -35,7 +36,7 @@ def _attribute(value: str | None) -> Any:
     if value.lstrip().startswith("{"):
         try:
             return json.loads(value)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise StudyError(f"--attribute {value!r:.80} is not a valid JSON mapping: {error}.") from None
     return value
 
@@ -94,7 +95,9 @@ def study_command(
     seed: Optional[int] = typer.Option(None, min=0),
     attribute: Optional[str] = typer.Option(None, help="'gender', 'gender:male', 'none', or a JSON mapping."),
     format: Optional[str] = typer.Option(None, "--format", help="Records as jsonl or parquet."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads per process (and per Ray worker)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, max=MAX_THREADS, help="Torch threads per process (and per Ray worker)."
+    ),
     limit: Optional[int] = typer.Option(None, min=0, help="Only the first N strings."),
     bootstrap: Optional[int] = typer.Option(None, min=1, help="Bootstrap resamples."),
     ray: bool = flag("--ray", help="Run on a local Ray instance (or --ray-address)."),

@@ -31,7 +31,7 @@ from ..defaults import DEFAULTS
 from ..errors import DecodingError, InferenceError, InterventionError, LMSCMError, ObservationError
 from ..interventions.spec import describe
 from ..metrics import first_divergence, trim_after_end
-from ..validation import as_int, as_seed
+from ..validation import as_bool, as_int, as_lm, as_seed
 
 if TYPE_CHECKING:
     from ..inference.attribute import Attribution
@@ -119,11 +119,9 @@ class ExploreRequest:
             as_int(self.max_new_tokens, "max_new_tokens", minimum=1, error=InferenceError, owner=owner)
         if self.top_k is not None:
             as_int(self.top_k, "top_k", minimum=1, error=DecodingError, owner=owner)
-        if not isinstance(self.baseline, bool):
-            raise InferenceError(f"{owner}: `baseline` must be True or False, got {self.baseline!r:.80}.")
+        as_bool(self.baseline, "baseline", owner=owner)
         as_int(self.num_beams, "num_beams", minimum=1, error=InferenceError, owner=owner)
-        if not isinstance(self.attribute, bool):
-            raise InferenceError(f"{owner}: `attribute` must be True or False, got {self.attribute!r:.80}.")
+        as_bool(self.attribute, "attribute", owner=owner)
 
     @property
     def chat(self) -> bool:
@@ -203,7 +201,7 @@ class Explorer:
     """
 
     def __init__(self, lm: HFLanguageModel) -> None:
-        self.lm = lm
+        self.lm = as_lm(lm, owner="Explorer")
         self._mechanisms: dict[tuple[str, str], Mechanism] = {}
 
     def token_texts(self, ids: list[int]) -> list[str]:

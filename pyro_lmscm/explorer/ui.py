@@ -19,7 +19,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..defaults import DEFAULTS
-from ..errors import InferenceError, LMSCMError
+from ..errors import InferenceError, LMSCMError, ServeError
 from ..validation import as_int, as_real
 from .render import attribution_figure, first_divergence_figure, render_summary, render_worlds, visible
 from .session import Explorer, ExploreRequest
@@ -27,7 +27,10 @@ from .session import Explorer, ExploreRequest
 if TYPE_CHECKING:
     import gradio as gr
 
-__all__ = ["INTERVENTIONS", "build_app", "chat_messages", "intervention_spec", "second_model_info", "serve", "theme"]
+__all__ = [
+    "INTERVENTIONS", "build_app", "chat_messages", "check_address", "intervention_spec", "second_model_info", "serve",
+    "theme",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,15 +122,35 @@ def theme() -> Any:
     )
 
 
+def check_address(host: str, port: int) -> int:
+    """The port to serve on (a free one for ``port=0``), after binding ``(host, port)`` once.
+
+    :raises ServeError: naming ``--host`` or ``--port``, for a host that does not resolve or is
+        not this machine's, or a port that is taken.
+    """
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (OSError, UnicodeError) as error:
+        raise ServeError(f"cannot serve on --host {host!r}: {getattr(error, 'strerror', None) or error}.") from None
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            what = f"--host {host!r}" if port == 0 else f"--host {host!r} --port {port}"
+            raise ServeError(
+                f"cannot serve on {what}: {error.strerror or error} (is the address this machine's, the port free?)."
+            ) from None
+        return int(probe.getsockname()[1])
+
+
 def serve(explorer: Explorer, model_name: str = "", host: str = "127.0.0.1", port: int = 7860) -> None:
     """Build the page and serve it until interrupted, one run at a time (the model is
-    shared); ``port=0`` takes a free port."""
-    if port == 0:
-        import socket
+    shared); ``port=0`` takes a free port.
 
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    :raises ServeError: if ``(host, port)`` cannot be served on (:func:`check_address`)."""
+    port = check_address(host, port)
     demo = build_app(explorer, model_name=model_name)
     print(f"serving the explorer on http://{host}:{port} (Ctrl+C to stop)", flush=True)
     demo.queue(default_concurrency_limit=1).launch(

@@ -61,7 +61,7 @@ from ..interventions.ops import Action, as_do_data, world_inputs
 from ..models.mechanism import Factual, Mechanism
 from ..models.scm import LanguageModelSCM
 from ..models.sites import MECHANISM
-from ..validation import as_int
+from ..validation import MAX_SEED, as_int
 from .exact import (
     ExactCounterfactual,
     _intervened_pass,
@@ -491,7 +491,7 @@ def _check_options(by: str, max_exact_parts: int, num_permutations: int, seed: i
         raise InferenceError(f"{owner}(): `by` must be one of {BY}, got {by!r}.")
     as_int(max_exact_parts, "max_exact_parts", minimum=0, error=InferenceError)
     as_int(num_permutations, "num_permutations", minimum=1, error=InferenceError)
-    as_int(seed, "seed", error=InferenceError)
+    as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=InferenceError)
 
 
 def _worlds(

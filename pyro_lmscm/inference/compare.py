@@ -13,6 +13,7 @@ from ..errors import InferenceError
 from ..interventions.ops import as_do_data, check_intervention
 from ..reporting import report as report_progress
 from ..seeding import seeded
+from ..validation import MAX_SEED, as_int
 from .abduction import (
     AbductionMethod,
     AbductionResult,
@@ -22,7 +23,7 @@ from .abduction import (
     kish_ess,
     make_method,
 )
-from .counterfactual import sample_factual
+from .counterfactual import _check_call, sample_factual
 from .distribution import CounterfactualDistribution
 
 if TYPE_CHECKING:
@@ -223,12 +224,34 @@ def compare_abduction(
     >>> exact.reproduction_rate, round(exact.ess, 3)  # ESS from computed weights: float32 rounding
     (1.0, 100.0)
     """
+    _check_call(scm, replay_factual=replay_factual)
+    num_samples = as_int(num_samples, "num_samples", minimum=1)
+    reference_samples = num_samples if reference_samples is None else as_int(
+        reference_samples, "reference_samples", minimum=1
+    )
+    seed = as_int(seed, "seed", minimum=0, maximum=MAX_SEED)
+    if isinstance(methods, (str, Mapping)) or not isinstance(methods, Sequence):
+        raise InferenceError(
+            f"`methods` must be a list of method names or AbductionMethod objects, got {type(methods).__name__} "
+            f"{methods!r:.80}; e.g. ['exact', 'importance']."
+        )
+    if options is not None and not isinstance(options, Mapping):
+        raise InferenceError(
+            f"`options` must be a mapping from method names to options, got {type(options).__name__} {options!r:.80}; "
+            "e.g. {'relaxed-svi': {'temperature': 0.05}}."
+        )
     options = dict(options or {})
+    for name, settings in options.items():
+        if not isinstance(settings, Mapping):
+            raise InferenceError(
+                f"`options[{name!r}]` must be a mapping of abduct() options, got {type(settings).__name__} "
+                f"{settings!r:.80}."
+            )
     resolved = []
     for method in methods:
         settings = options.get(method, {}) if isinstance(method, str) else {}
         resolved.append(make_method(method, **settings))
-    unused = sorted(set(options) - {m for m in methods if isinstance(m, str)})
+    unused = sorted(set(options) - {m for m in methods if isinstance(m, str)}, key=repr)
     if unused:
         raise InferenceError(f"options given for methods not compared: {unused}.")
     labels = [m.label for m in resolved]
@@ -238,7 +261,6 @@ def compare_abduction(
         check = getattr(method, "check", None)
         if check is not None:
             check(scm)
-    reference_samples = num_samples if reference_samples is None else reference_samples
     prompt = scm.check_prompt(prompt, single=True)
     if observed is None:
         check_intervention(scm, intervention)  # before a string is sampled
@@ -255,7 +277,7 @@ def compare_abduction(
     interventional = None
     for i, method in enumerate(resolved):
         report_progress("inference methods", 1, len(resolved))
-        result = abduct(scm, prompt, observed, method, num_samples, seed=seed + 2 + i)
+        result = abduct(scm, prompt, observed, method, num_samples, seed=(seed + 2 + i) % (MAX_SEED + 1))
         results[method.label] = result
         reproduces = result.reproduces if replay_factual else result.consistent
         tv_first = tv_string = ks = math.nan
@@ -286,7 +308,7 @@ def compare_abduction(
             )
         )
     if interventional is None:
-        interventional = exact.interventional(data, seed=seed + 1)
+        interventional = exact.interventional(data, seed=(seed + 1) % (MAX_SEED + 1))
     return AbductionComparison(rows, results, counterfactuals, reference, interventional)
 
 

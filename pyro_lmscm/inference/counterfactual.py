@@ -15,7 +15,7 @@ from ..errors import InferenceError
 from ..interventions.ops import Action, Intervention, as_do_data, check_intervention, intervene
 from ..lm import left_pad
 from ..seeding import generator, seeded
-from ..validation import as_int, as_real
+from ..validation import as_bool, as_int, as_real
 from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
@@ -295,6 +295,12 @@ def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_len
     )
 
 
+def _sized(value: Any) -> bool:
+    """Whether ``value`` is a collection with a length and items (a list, a tuple, an array),
+    not a one-shot iterator, whose length is unknown."""
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__")
+
+
 def _check_call(scm: Any, **flags: Any) -> None:
     """The SCM and the on/off switches of a call: real bools, not ``"no"`` (which is true).
 
@@ -305,8 +311,7 @@ def _check_call(scm: Any, **flags: Any) -> None:
     if not isinstance(scm, LanguageModelSCM):
         raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise InferenceError(f"`{name}` must be True or False, got {value!r:.80}.")
+        as_bool(value, name)
 
 
 @locked
@@ -487,12 +492,18 @@ def counterfactuals(
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     margin = as_real(margin, "margin", minimum=0.0)
-    if isinstance(prompts, torch.Tensor) or not len(prompts):
+    if isinstance(prompts, (torch.Tensor, str, bytes)) or not _sized(prompts) or not len(prompts):
         raise InferenceError(
-            "`prompts` must be a non-empty list of prompts (L_i,); for one string use counterfactual()."
+            "`prompts` must be a non-empty list of prompts (L_i,); for one string use counterfactual(), "
+            f"got {type(prompts).__name__}."
         )
     singles = [scm.check_prompt(prompt, single=True) for prompt in prompts]
     if observed is not None:
+        if isinstance(observed, (str, bytes)) or not _sized(observed):
+            raise InferenceError(
+                f"`observed` must be None or a list of {len(singles)} observations (n,), got "
+                f"{type(observed).__name__} {observed!r:.80}."
+            )
         if len(observed) != len(singles):
             raise InferenceError(f"{len(singles)} prompts but {len(observed)} observations.")
         observed = [scm.check_observed(obs, single=True) for obs in observed]

@@ -19,7 +19,7 @@ from ..metrics import (
     token_edit_distance,
     trim_after_end,
 )
-from ..validation import is_integer
+from ..validation import as_bool, is_integer
 from .scoring import string_log_prob
 
 if TYPE_CHECKING:
@@ -149,8 +149,16 @@ class CounterfactualDistribution:
         autocorrelated: bool = False,
         method: str | None = None,
     ) -> None:
+        from ..models.scm import LanguageModelSCM
+
+        if not isinstance(scm, LanguageModelSCM):
+            raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
         if kind not in KINDS:
             raise InferenceError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+        if noise_stats is not None and not isinstance(noise_stats, Mapping):
+            raise InferenceError(
+                f"`noise_stats` must be a mapping from names to tensors, got {type(noise_stats).__name__}."
+            )
         self.scm = scm
         self.prompt_ids = scm.check_prompt(prompt_ids)
         self.factual_ids = scm.check_observed(factual_ids)
@@ -169,9 +177,14 @@ class CounterfactualDistribution:
                 f"`num_chains` must be a positive integer dividing the {n} draws, got {num_chains!r}."
             )
         self.num_chains = num_chains
-        self.autocorrelated = bool(autocorrelated)
+        self.autocorrelated = as_bool(autocorrelated, "autocorrelated")
         if log_weights is not None:
-            log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+            try:
+                log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError) as failure:
+                raise InferenceError(
+                    f"`log_weights` must be a tensor of shape ({n},), got {log_weights!r:.80} ({failure})."
+                ) from None
             if log_weights.shape != (n,):
                 raise InferenceError(f"`log_weights` must have shape ({n},), got {tuple(log_weights.shape)}.")
             if bool(torch.isnan(log_weights).any() | (log_weights == float("inf")).any()):

@@ -235,7 +235,8 @@ class ExactCounterfactual:
 
     def next_token_probs(self, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``(V,)`` float64: q(. | prefix), the counterfactual's next token after ``prefix``."""
-        prefix = torch.zeros(0, dtype=torch.long) if prefix is None else torch.as_tensor(prefix).long().reshape(-1)
+        prefix = torch.zeros(0, dtype=torch.long) if prefix is None else self.scm.lm.check_ids(prefix, "prefix")
+        prefix = prefix.cpu().reshape(-1)
         t = prefix.shape[-1]
         if t >= self.scm.max_new_tokens:
             raise ObservationError(f"the prefix has {t} tokens; the SCM stops after {self.scm.max_new_tokens}.")
@@ -325,7 +326,7 @@ class ExactCounterfactual:
     def _relabel(self, relabel: torch.Tensor | None) -> torch.Tensor | None:
         if relabel is None:
             return None
-        relabel = torch.as_tensor(relabel).long().cpu()
+        relabel = self.scm.lm.check_ids(relabel, "relabel").cpu()
         if not torch.equal(relabel.sort().values, torch.arange(self.scm.vocab_size)):
             raise ObservationError(f"`relabel` must be a permutation of range({self.scm.vocab_size}).")
         return relabel

@@ -40,6 +40,7 @@ import torch
 from ..atomic import restore_atomically, reversible
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
+from ..validation import as_lm
 from .weight_edit import part_of
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ class LoRAAdapter(Mechanism):
             (names without the adapter name, e.g. ``"model.layers.0.self_attn.q_proj.lora_A.weight"``).
         :raises MechanismError: if the name is taken, or the weights do not fit.
         """
+        as_lm(lm, owner="LoRAAdapter.from_config")
         _tuner_layer_class()
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 

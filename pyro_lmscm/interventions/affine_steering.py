@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import MechanismError
+from ..validation import as_lm
 from .internals import (
     _as_ids,
     _check_int,
@@ -184,6 +185,7 @@ class AffineSteering(_ResidualStreamEdit):
             or a bad ``shrinkage``.
         """
         owner = "AffineSteering.from_contrastive"
+        as_lm(lm, owner=owner)
         layer_index = _resolve_layer(lm.model, _check_int(layer, "layer", owner), owner)
         start = _check_int(start, "start", owner, minimum=0)
         shrinkage = _check_real(shrinkage, "shrinkage", owner)

@@ -17,6 +17,7 @@ import torch
 from ..atomic import restore_atomically
 from ..errors import MechanismError
 from ..seeding import seeded
+from ..validation import as_lm
 from .adapter import LoRAAdapter, _adapters_of, _tuner_layers
 from .internals import _check_int, _check_real
 
@@ -75,6 +76,7 @@ def lora_finetune(
     from peft import LoraConfig
 
     owner = "lora_finetune"
+    as_lm(lm, owner=owner)
     steps = _check_int(steps, "steps", owner, minimum=1)
     rank = _check_int(rank, "rank", owner, minimum=1)
     batch_size = _check_int(batch_size, "batch_size", owner, minimum=1)

@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import locked
 from ..errors import MechanismError
+from ..validation import as_lm
 from .internals import _check_int, _check_real, _decoder_layers, _layer_hidden_states, _resolve_layer
 from .ops import TextOrIds
 from .rome import _edit_texts, _key_moment, _Projection, _value_delta
@@ -145,6 +146,7 @@ def memit_edit(
         hyper-parameters.
     """
     owner = "memit_edit"
+    as_lm(lm, owner=owner)
     if isinstance(requests, (str, Mapping, EditRequest)) or not requests:
         raise MechanismError(f"{owner}: `requests` must be a non-empty list of requests.")
     batch = [EditRequest.coerce(r) for r in requests]

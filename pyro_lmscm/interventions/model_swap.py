@@ -9,6 +9,7 @@ import torch
 
 from ..errors import MechanismError
 from ..models.mechanism import Mechanism
+from ..validation import as_lm
 from .weight_edit import WeightDelta
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class ModelSwap(Mechanism):
     """
 
     def __init__(self, other: HFLanguageModel) -> None:
-        self.other = other
+        self.other = as_lm(other, "other", "ModelSwap")
 
     def check(self, lm: HFLanguageModel) -> None:
         if self.other.vocab_size != lm.vocab_size:

@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import forward_hook, locked
 from ..errors import MechanismError
+from ..validation import as_lm
 from .internals import (
     _as_ids,
     _check_int,
@@ -413,6 +414,7 @@ def rome_edit(
     'home'
     """
     owner = "rome_edit"
+    as_lm(lm, owner=owner)
     layer_index = _resolve_layer(lm.model, _check_int(layer, "layer", owner), owner)
     num_steps = _check_int(num_steps, "num_steps", owner, minimum=0)
     lr, kl_factor, weight_decay, clamp_norm_factor, cov_ridge = (

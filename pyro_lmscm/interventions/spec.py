@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import InterventionError, LMSCMError, RemoteCodeError
 from ..models.sites import EXCLUDE_PREFIX, MECHANISM, PROMPT, TOKEN_PREFIX, exclude_key, parse_step_site
-from ..validation import as_int, load_data_file
+from ..validation import as_int, as_lm, load_data_file
 from .gender import gender_steering
 from .model_swap import ModelSwap
 from .ops import FACTUAL_TOKEN
@@ -390,6 +390,7 @@ def parse_intervention(
     """
     from ..lm import is_messages
 
+    as_lm(lm, owner="parse_intervention")
     data = spec if isinstance(spec, Mapping) else read_spec("" if spec is None else spec)
     result = InterventionSpec()
     edits = {key: data[key] for key in CHAT_KEYS if key in data}

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from ..errors import MechanismError
+from ..validation import as_lm
 from .internals import (
     _as_ids,
     _check_int,
@@ -115,6 +116,7 @@ class ActivationSteering(_ResidualStreamEdit):
         :raises MechanismError: on an empty list or a bad layer.
         :raises TokenizationError: for text that does not round-trip through the tokenizer.
         """
+        as_lm(lm, owner="ActivationSteering.from_contrastive")
         layer_index = _resolve_layer(
             lm.model, _check_int(layer, "layer", "ActivationSteering"), "ActivationSteering"
         )

@@ -81,7 +81,13 @@ class WeightDelta(Mechanism):
         for name, delta in deltas.items():
             if not isinstance(name, str):
                 raise MechanismError(f"WeightDelta: parameter names must be strings, got {name!r}.")
-            delta = torch.as_tensor(delta)
+            try:
+                delta = torch.as_tensor(delta)
+            except (TypeError, ValueError, RuntimeError) as failure:
+                raise MechanismError(
+                    f"WeightDelta: the delta of {name!r} must be a floating tensor, got {type(delta).__name__} "
+                    f"{delta!r:.80} ({failure})."
+                ) from None
             if not delta.is_floating_point():
                 raise MechanismError(
                     f"WeightDelta: the delta of {name!r} must be floating, got {delta.dtype}."

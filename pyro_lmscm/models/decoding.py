@@ -22,6 +22,7 @@ References
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -54,6 +55,11 @@ def check_logits(raw: torch.Tensor, where: str) -> torch.Tensor:
     return raw
 
 
+def _is_real(value: object) -> bool:
+    """A real number (a Python or NumPy int or float), not a ``bool``, which would decode as 1."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class Temperature:
     r"""Divide the logits by a temperature: :math:`g(\ell) = \ell / \tau`.
 
@@ -63,7 +69,7 @@ class Temperature:
     """
 
     def __init__(self, temperature: float) -> None:
-        if not isinstance(temperature, (int, float)) or not (0.0 < float(temperature) < float("inf")):
+        if not _is_real(temperature) or not (0.0 < float(temperature) < float("inf")):
             raise DecodingError(
                 f"`temperature` must be a finite float > 0, got {temperature!r}. Greedy decoding "
                 "(temperature 0) has no noise to abduct; use a small positive temperature instead."
@@ -71,10 +77,29 @@ class Temperature:
         self.temperature = float(temperature)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
+        out = logits / self.temperature
+        if self.temperature < 1.0 and out.numel() and not bool(out.abs().amax() < float("inf")):
+            _check_overflow(logits, out, self.temperature)
+        return out
 
     def __repr__(self) -> str:
         return f"Temperature({self.temperature})"
+
+
+def _check_overflow(logits: torch.Tensor, out: torch.Tensor, temperature: float) -> None:
+    """Refuse finite logits that ``/ temperature`` made infinite: a +inf is an argmax of
+    token 0 and a -inf a token ruled out, neither of which the model said.
+
+    :raises DecodingError: naming the temperature and the smallest one that fits.
+    """
+    overflow = torch.isinf(out) & torch.isfinite(logits)
+    if bool(overflow.any()):
+        largest = float(logits[overflow].abs().amax())
+        fits = largest / torch.finfo(out.dtype).max
+        raise DecodingError(
+            f"`temperature`={temperature:g} is too small: a logit of {largest:.3g} divided by it "
+            f"overflows {out.dtype} to infinity; use a temperature above {fits:.3g}."
+        )
 
 
 class TopK:
@@ -124,7 +149,7 @@ class TopP:
     """
 
     def __init__(self, top_p: float) -> None:
-        if not isinstance(top_p, (int, float)) or not (0.0 < float(top_p) <= 1.0):
+        if not _is_real(top_p) or not (0.0 < float(top_p) <= 1.0):
             raise DecodingError(f"`top_p` must be a float in (0, 1], got {top_p!r}.")
         self.top_p = float(top_p)
 
@@ -163,19 +188,16 @@ class Decoding:
         top_k: int | None = DEFAULTS.top_k,
         top_p: float | None = DEFAULTS.top_p,
     ) -> None:
-        self.temperature = temperature
-        self.top_k = top_k
-        self.top_p = top_p
-        transforms: list = []
-        if temperature != 1.0:
-            transforms.append(Temperature(temperature))
-        else:
-            Temperature(temperature)  # validates the type
+        scale = Temperature(temperature)  # validates it
+        transforms: list = [] if scale.temperature == 1.0 else [scale]
         if top_k is not None:
             transforms.append(TopK(top_k))
         if top_p is not None:
             transforms.append(TopP(top_p))
         self.transforms: Sequence = tuple(transforms)
+        self.temperature = scale.temperature
+        self.top_k = None if top_k is None else transforms[-1 if top_p is None else -2].top_k
+        self.top_p = None if top_p is None else transforms[-1].top_p
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Decode raw logits of shape ``(..., vocab)``; returns a new float32 tensor."""

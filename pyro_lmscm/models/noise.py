@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -228,6 +229,24 @@ class InverseCDFPosterior(dist.Uniform):
         return torch.minimum(value, torch.nextafter(self.high, self.low).expand(value.shape))
 
 
+def _permutation(value: Any) -> torch.Tensor:
+    """``value`` as a ``(V,)`` long tensor holding each of ``range(V)`` once.
+
+    :raises InferenceError: for anything else: no integer ids (floats would be truncated into
+        a permutation silently), a repeat, a gap or no entries.
+    """
+    try:
+        ids = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        ids = None
+    integer = ids is not None and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+    if ids is None or not integer or not ids.numel() or not torch.equal(
+        ids.long().reshape(-1).sort().values, torch.arange(ids.numel())
+    ):
+        raise InferenceError(f"InverseCDF(permutation=...) must be a permutation of range(V), got {value!r:.80}.")
+    return ids.long().reshape(-1)
+
+
 class InverseCDF(NoiseModel):
     r""":math:`u_t \sim \mathrm{Uniform}(0, 1)` and :math:`w_t` the first token, in a fixed
     order, whose cumulative probability exceeds :math:`u_t`.
@@ -253,9 +272,7 @@ class InverseCDF(NoiseModel):
             raise InferenceError(f"InverseCDF(order=...) is 'vocabulary' or 'probability', got {order!r}.")
         self.order = order
         if permutation is not None:
-            permutation = torch.as_tensor(permutation).long().reshape(-1)
-            if not torch.equal(permutation.sort().values, torch.arange(permutation.numel())):
-                raise InferenceError("InverseCDF(permutation=...) must be a permutation of range(V).")
+            permutation = _permutation(permutation)
         self.permutation = permutation
 
     def permuted(self, permutation: torch.Tensor) -> InverseCDF:

@@ -11,7 +11,7 @@ import torch
 from ..atomic import locked
 from ..errors import DecodingError, MechanismError, ObservationError
 from ..reporting import report as report_progress
-from ..validation import as_int
+from ..validation import as_bool, as_int, as_lm
 from .anchor import FactualAnchor
 from .decoding import Decoding, check_logits
 from .distributions import IntegerDelta
@@ -95,11 +95,7 @@ class LanguageModelSCM:
         collapsed: bool = False,
         noise: NoiseModel | None = None,
     ) -> None:
-        from ..lm import HFLanguageModel
-
-        if not isinstance(lm, HFLanguageModel):
-            hint = " (wrap it: HFLanguageModel(model, tokenizer))" if hasattr(lm, "forward") else ""
-            raise MechanismError(f"`lm` must be an HFLanguageModel{hint}, got {type(lm).__name__}.")
+        as_lm(lm)
         max_new_tokens = as_int(max_new_tokens, "max_new_tokens", minimum=1, error=DecodingError)
         self.lm = lm
         self.max_new_tokens = max_new_tokens
@@ -125,7 +121,7 @@ class LanguageModelSCM:
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise MechanismError(f"`name` must be a non-empty string without '/', got {name!r}.")
         self.name = name
-        self.collapsed = bool(collapsed)
+        self.collapsed = as_bool(collapsed, "collapsed", error=MechanismError)
         noise = GumbelMax() if noise is None else noise
         if not isinstance(noise, NoiseModel):
             raise MechanismError(f"`noise` must be a pyro_lmscm NoiseModel, got {type(noise).__name__}.")

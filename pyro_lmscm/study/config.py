@@ -34,7 +34,7 @@ from typing import Any, Mapping, Union
 from ..defaults import DEFAULTS
 from ..errors import DecodingError, StudyError
 from ..models.decoding import Decoding
-from ..validation import as_int, as_seed, load_data_file
+from ..validation import MAX_THREADS, as_int, as_path, as_seed, load_data_file
 from .attribute import check_code_allowed
 
 __all__ = [
@@ -197,9 +197,10 @@ class StudyConfig:
             self.output = str(self.output)
         if self.batch_size == 0 and not isinstance(self.batch_size, bool):  # the default for the kind of study
             self.batch_size = DEFAULT_EXACT_BATCH_SIZE if self.exact_only is True else DEFAULT_BATCH_SIZE
-        counts = ("num_samples", "max_new_tokens", "threads", "num_workers", "shard_size", "bootstrap", "batch_size")
+        counts = ("num_samples", "max_new_tokens", "num_workers", "shard_size", "bootstrap", "batch_size")
         for name in counts:
             positive(name)
+        as_int(self.threads, "threads", minimum=1, maximum=MAX_THREADS, error=StudyError, owner="StudyConfig")
         if self.limit is not None:
             positive("limit", 0)
         as_seed(self.seed, error=StudyError)
@@ -312,7 +313,7 @@ class StudyConfig:
         :raises StudyError: if the file is missing or malformed, or sets ``allow_code`` or
             ``ray_address`` (a Ray cluster is trusted with the process: only an override sets it).
         """
-        path = Path(path)
+        path = as_path(path, "study config file", StudyError)
         if not path.exists():
             raise StudyError(f"study config file {str(path)!r} does not exist.")
         if not path.is_file():

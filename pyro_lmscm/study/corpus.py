@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..validation import as_path
 from .config import StudyError
 
 __all__ = ["CorpusItem", "read_corpus"]
@@ -159,7 +160,7 @@ def _read_jsonl(text: str, name: str) -> list[CorpusItem]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
+        except (ValueError, RecursionError) as error:  # nested too deep; an int over 4300 digits
             raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from None
         if not isinstance(row, Mapping):
             raise StudyError(f"{name}, line {number}: expected an object with a `prompt`, got {row!r}.")
@@ -191,7 +192,7 @@ def read_corpus(path: str | Path) -> list[CorpusItem]:
     >>> [(item.index, item.prompt, item.continuation, item.group) for item in read_corpus(path)]
     [(0, 'The man said that he', None, 'men'), (1, 'The cat', ' sat down.', 'men')]
     """
-    path = Path(path)
+    path = as_path(path, "corpus file", StudyError)
     if not path.exists():
         raise StudyError(f"corpus file {str(path)!r} does not exist.")
     if not path.is_file():

@@ -245,7 +245,7 @@ class JSONLStore(RecordStore):
         if tail.strip():  # a last line without its newline: check whether it is whole
             try:
                 json.loads(tail.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):
                 return out  # cut short by a crash: ignore it
             out.append(tail.decode("utf-8"))
         return out
@@ -256,7 +256,7 @@ class JSONLStore(RecordStore):
         for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as error:
+            except (ValueError, RecursionError) as error:  # (an int over 4300 digits is a ValueError)
                 raise StudyError(
                     f"{self.path}: line {number} of {len(lines)} is not valid JSON ({error}); the "
                     "file was edited or corrupted. Delete that line to resume."
@@ -276,7 +276,7 @@ class JSONLStore(RecordStore):
         tail = data[keep:]
         try:
             json.loads(tail.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             with open(self.path, "r+b") as handle:
                 handle.truncate(keep)
                 handle.flush()

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..loading import check_device
 from ..runtime import compute_scope
+from ..validation import as_path
 from .config import StudyConfig, StudyError
 from .corpus import CorpusItem, read_corpus
 from .fingerprint import batch_fingerprints, record_fingerprint, study_inputs
@@ -381,7 +382,7 @@ def load_study(output_dir: str | Path) -> tuple[StudyConfig, list[dict[str, Any]
 
     :raises StudyError: if the folder holds no study.
     """
-    output_dir = Path(output_dir)
+    output_dir = as_path(output_dir, "`output_dir`", StudyError)
     path = output_dir / META_FILE
     if not path.is_file():
         raise StudyError(f"{output_dir} holds no study ({META_FILE} is missing).")
