@@ -188,16 +188,15 @@ class Decoding:
         top_k: int | None = DEFAULTS.top_k,
         top_p: float | None = DEFAULTS.top_p,
     ) -> None:
-        scale = Temperature(temperature)  # validates it
-        transforms: list = [] if scale.temperature == 1.0 else [scale]
-        if top_k is not None:
-            transforms.append(TopK(top_k))
-        if top_p is not None:
-            transforms.append(TopP(top_p))
-        self.transforms: Sequence = tuple(transforms)
+        scale = Temperature(temperature)  # each validates its value
+        keep_k = None if top_k is None else TopK(top_k)
+        keep_p = None if top_p is None else TopP(top_p)
+        self.transforms: Sequence = tuple(
+            t for t in (None if scale.temperature == 1.0 else scale, keep_k, keep_p) if t is not None
+        )
         self.temperature = scale.temperature
-        self.top_k = None if top_k is None else transforms[-1 if top_p is None else -2].top_k
-        self.top_p = None if top_p is None else transforms[-1].top_p
+        self.top_k = None if keep_k is None else keep_k.top_k
+        self.top_p = None if keep_p is None else keep_p.top_p
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """Decode raw logits of shape ``(..., vocab)``; returns a new float32 tensor."""
