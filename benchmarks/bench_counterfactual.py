@@ -379,15 +379,8 @@ def gemm_floor(setup: Setup, draws: int, reps: int) -> str:
     def run() -> None:
         counterfactual(setup.scm, setup.prompt, setup.observed, {"prompt": setup.alt_prompt}, num_samples=draws)
 
-    paper = paper_counterfactual(setup)
-    run()
-    paper()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        paper()
-        times.append(time.perf_counter() - start)
-    paper_s = statistics.median(times)
+    run()  # warm-up
+    paper_s = measure({"paper": paper_counterfactual(setup)}, reps)["paper"]
     with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         start = time.perf_counter()
         run()
@@ -397,11 +390,7 @@ def gemm_floor(setup: Setup, draws: int, reps: int) -> str:
     gflop = sum(event.flops for event in events) / 1e9
     dtype = next(setup.lm.model.parameters()).dtype
     a, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-    torch.nn.functional.linear(a, w)
-    start, n = time.perf_counter(), 20
-    for _ in range(n):
-        torch.nn.functional.linear(a, w)
-    best = 2 * 512 * 576 * 1536 * n / (time.perf_counter() - start) / 1e9
+    best = 2 * 512 * 576 * 1536 / measure({"product": lambda: torch.nn.functional.linear(a, w)}, 20)["product"] / 1e9
     return "\n".join([
         f"| GEMM floor, {setup.name} | value |",
         "|---|---:|",

@@ -105,7 +105,9 @@ def as_bool(value: Any, name: str, error: type[LMSCMError] = InferenceError, own
     """
     if isinstance(value, bool):
         return value
-    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # np.True_
+    import numpy as np  # (as in is_integer)
+
+    if isinstance(value, np.bool_):  # np.True_
         return bool(value)
     prefix = f"{owner}: " if owner else ""
     raise error(f"{prefix}`{name}` must be True or False, got {value!r:.80}.")
