@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -428,3 +430,68 @@ def test_the_cli_refuses_a_thread_count_past_the_limit(command):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "Invalid value for '--threads'" in done.stderr and "1024" in done.stderr, done.stderr[-2000:]
+
+
+# -- a caller's pyro.plate around a call that draws its own plate ---------------------------------
+
+
+def _plated_calls():
+    from pyro_lmscm import abduct, compare_abduction, counterfactuals
+
+    return {
+        "counterfactual()": lambda: counterfactual(_scm(), PROMPT, OBSERVED, {"w_1": 9}, num_samples=2, seed=0),
+        "counterfactual(observed=None)": lambda: counterfactual(_scm(), PROMPT, None, {}, num_samples=2, seed=0),
+        "counterfactuals()": lambda: counterfactuals(_scm(), [PROMPT], [OBSERVED], {"w_1": 9}, num_samples=2, seed=0),
+        "abduct()": lambda: abduct(_scm(), PROMPT, OBSERVED, num_samples=2, seed=0),
+        "compare_abduction()": lambda: compare_abduction(_scm(), PROMPT, OBSERVED, {}, methods=["exact"],
+                                                         num_samples=2, seed=0),
+    }
+
+
+@pytest.mark.parametrize("dim", [-1, -2, None])
+@pytest.mark.parametrize("name", list(_plated_calls()))
+def test_a_call_inside_a_callers_plate_is_an_inference_error(name, dim):
+    """Before: Pyro's "plates '__draws' and 'data' collide at dim=-1" (a ValueError), or, for
+    a plate at another dim and nothing observed, torch's "stack expects each tensor to be
+    equal size": the draws are the call's own plate. The Pyro stack is left as it was."""
+    import pyro
+    from pyro.poutine.runtime import get_plates
+
+    call = _plated_calls()[name]
+    with pyro.plate("data", 3, dim=dim):
+        with pytest.raises(InferenceError, match=r"runs inside pyro.plate 'data' \(size 3, dim -[12]\)") as info:
+            call()
+        assert [frame.name for frame in get_plates()] == ["data"]
+    assert str(info.value).startswith(name.split("(")[0])
+    assert get_plates() == ()
+    call()  # the baseline: outside the plate the same call runs
+
+
+def test_exact_queries_run_inside_a_callers_plate():
+    """No plate of draws: exact_counterfactual() is unaffected by a plate around it."""
+    import pyro
+
+    from pyro_lmscm import exact_counterfactual
+
+    outside = exact_counterfactual(_scm(), PROMPT, OBSERVED, {"w_1": 9}).first_divergence()
+    with pyro.plate("data", 3):
+        inside = exact_counterfactual(_scm(), PROMPT, OBSERVED, {"w_1": 9}).first_divergence()
+    assert torch.equal(inside, outside)
+
+
+# -- do(prompt=...) is one string, as the `prompt` argument ------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2), (3, 2), (1, 1, 2)])
+def test_a_do_prompt_is_one_string(shape):
+    """Before: a (1, L) or (num_samples, L) prompt was taken (a batch of prompts, against the
+    `prompt` argument's (L,)), and any other batch raised Pyro's "Shape mismatch inside
+    plate('__draws')" or torch's expand error."""
+    from pyro_lmscm.errors import InterventionError
+
+    value = torch.tensor([2, 9]).expand(*shape)
+    message = f"do(prompt=...): `prompt` must have shape (L,), got {tuple(shape)}."
+    with pytest.raises(InterventionError, match=re.escape(message)):
+        counterfactual(_scm(), PROMPT, OBSERVED, {"prompt": value}, num_samples=2, seed=0)
+    result = counterfactual(_scm(), PROMPT, OBSERVED, {"prompt": torch.tensor([2, 9])}, num_samples=2, seed=0)
+    assert result.counterfactual_ids.shape == (2, 5)  # the baseline: one string

@@ -61,6 +61,7 @@ from .methods import (
     _Problem,
     make_method,
 )
+from .prediction import check_outside_plates
 from .relaxed import NUTS_MAX_VOCAB, RelaxedGumbelMaxModel, relaxed_site
 from .statistics import active_steps, kish_ess, noise_statistics
 
@@ -108,8 +109,8 @@ def abduct(
     :param options: settings of the method (see :class:`Exact`, :class:`RelaxedSVI`,
         :class:`RelaxedNUTS`), e.g. ``temperature=0.05``.
     :returns: :class:`AbductionResult` with ``noise`` ``{"u_t": (N, V)}`` for every step.
-    :raises InferenceError: for an unknown method or option, a bad setting, or NUTS above
-        its vocabulary limit.
+    :raises InferenceError: for an unknown method or option, a bad setting, NUTS above its
+        vocabulary limit, or a call inside a caller's ``pyro.plate``.
     :raises ObservationError, AbductionError: for a malformed or impossible observation.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
@@ -128,6 +129,7 @@ def abduct(
             "counterfactual() and exact_counterfactual() draw its exact posterior."
         )
     method = make_method(method, **options)
+    check_outside_plates("abduct()")
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)
     if isinstance(method, RelaxedNUTS):

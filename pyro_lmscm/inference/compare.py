@@ -224,7 +224,7 @@ def compare_abduction(
     >>> exact.reproduction_rate, round(exact.ess, 3)  # ESS from computed weights: float32 rounding
     (1.0, 100.0)
     """
-    _check_call(scm, replay_factual=replay_factual)
+    _check_call("compare_abduction()", scm, replay_factual=replay_factual)
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     reference_samples = num_samples if reference_samples is None else as_int(
         reference_samples, "reference_samples", minimum=1

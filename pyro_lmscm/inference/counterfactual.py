@@ -21,7 +21,7 @@ from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
 from .hindsight_guide import HindsightGumbelGuide
 from .posterior_noise_messenger import PosteriorNoiseMessenger
-from .prediction import predict
+from .prediction import check_outside_plates, predict
 from .statistics import active_steps
 from .token_score_messenger import TokenScoreMessenger
 
@@ -301,10 +301,11 @@ def _sized(value: Any) -> bool:
     return hasattr(value, "__len__") and hasattr(value, "__getitem__")
 
 
-def _check_call(scm: Any, **flags: Any) -> None:
-    """The SCM and the on/off switches of a call: real bools, not ``"no"`` (which is true).
+def _check_call(owner: str, scm: Any, **flags: Any) -> None:
+    """The SCM and the on/off switches of a call: real bools, not ``"no"`` (which is true);
+    and no caller's ``pyro.plate`` around it (:func:`~.prediction.check_outside_plates`).
 
-    :raises InferenceError: naming the argument.
+    :raises InferenceError: naming the argument, or ``owner`` and the plates.
     """
     from ..models.scm import LanguageModelSCM
 
@@ -312,6 +313,7 @@ def _check_call(scm: Any, **flags: Any) -> None:
         raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
     for name, value in flags.items():
         as_bool(value, name)
+    check_outside_plates(owner)
 
 
 @locked
@@ -388,7 +390,7 @@ def counterfactual(
     >>> bool((result.counterfactual_ids[:, : len(result.factual_ids)] == result.factual_ids).all())
     True
     """
-    _check_call(scm, baseline=baseline, deterministic=deterministic, scores=scores)
+    _check_call("counterfactual()", scm, baseline=baseline, deterministic=deterministic, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
@@ -487,7 +489,7 @@ def counterfactuals(
     >>> [tuple(r.counterfactual_ids.shape) for r in results]
     [(2, 4), (2, 4)]
     """
-    _check_call(scm, baseline=baseline, scores=scores)
+    _check_call("counterfactuals()", scm, baseline=baseline, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=0)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)

@@ -18,16 +18,36 @@ import pyro.poutine as poutine
 import torch
 
 from ..atomic import release_plate, reversible
+from ..errors import InferenceError
 from .hindsight_guide import noise_trace
 
 if TYPE_CHECKING:
     from ..models.anchor import FactualAnchor
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["DRAWS", "noise_handler", "predict"]
+__all__ = ["DRAWS", "check_outside_plates", "noise_handler", "predict"]
 
 #: The plate of posterior draws, in every prediction.
 DRAWS = "__draws"
+
+
+def check_outside_plates(owner: str) -> None:
+    """Refuse to run inside a caller's ``pyro.plate``: the draws are this call's own plate
+    (``num_samples`` of them, :data:`DRAWS`), and the SCM's strings are batched by prompt,
+    not by an enclosing plate.
+
+    :raises InferenceError: naming ``owner`` and the enclosing plates.
+    """
+    from pyro.poutine.runtime import get_plates
+
+    plates = get_plates()
+    if plates:
+        names = ", ".join(f"{frame.name!r} (size {frame.size}, dim {frame.dim})" for frame in plates)
+        raise InferenceError(
+            f"{owner} runs inside pyro.plate {names}: its posterior draws are its own plate "
+            f"({DRAWS!r}, num_samples of them). Call it outside the plate; for several draws pass "
+            "num_samples, for several observed strings use counterfactuals()."
+        )
 
 
 def noise_handler(scm: LanguageModelSCM, noise: torch.Tensor) -> ContextManager[None]:
@@ -57,7 +77,9 @@ def predict(
         token. It costs one decoding run per row.
     :returns: ids ``(rows, T)``; for prompts ``(S, 1, L)`` of ``S`` strings (a batch of
         observations, :func:`~pyro_lmscm.inference.counterfactuals`), ``(S, rows, T)``.
+    :raises InferenceError: inside a caller's ``pyro.plate`` (:func:`check_outside_plates`).
     """
+    check_outside_plates("predict()")
     spans: Sequence[tuple[int, int]] = [(i, i + 1) for i in range(rows)] if deterministic else [(0, rows)]
     out = []
     with ExitStack() as stack:

@@ -152,7 +152,7 @@ def as_do_data(
             chat = isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], Mapping)
             try:
                 ids = scm.lm.encode(value) if chat else value  # type: ignore[arg-type]
-                data[name] = scm.check_prompt(ids)  # ids; a str is refused, naming `prompt`
+                data[name] = scm.check_prompt(ids, single=True)  # one string (L,); a str is refused, naming `prompt`
             except (ObservationError, TokenizationError) as error:
                 raise InterventionError(f"do(prompt=...): {error}") from error
         else:
