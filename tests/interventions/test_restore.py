@@ -73,6 +73,20 @@ def _collected_first() -> Any:
             gc.enable()
 
 
+@contextlib.contextmanager
+def _frozen_heap() -> Any:
+    """Move every object alive now to the collector's permanent generation (``gc.freeze``)
+    for a harness's many runs: each run's :func:`_collected_first` then scans only the objects
+    made since (about 0.04 ms, against 180 ms over the 420,000 objects of torch, transformers
+    and peft)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _gc_callback(frame: Any) -> bool:
     """Whether ``frame`` is a garbage-collector callback's (e.g. hypothesis's timing callback,
     registered once a hypothesis test ran in this process): gc may call it between any two
@@ -150,6 +164,11 @@ MAX_RESTORE_POINTS = 300
 
 def _harness(lm, scenario: Callable[[], Any], wrapper: Any = WRAPPER, collect: bool = True) -> tuple[int, int]:
     """(restore points tried, corrupted states) for ``scenario``."""
+    with _frozen_heap():
+        return _harness_runs(lm, scenario, wrapper, collect)
+
+
+def _harness_runs(lm, scenario: Callable[[], Any], wrapper: Any, collect: bool) -> tuple[int, int]:
     before = _state(lm)
     total = _run_traced(scenario, wrapper, inject_at=None, collect=collect)
     assert _equal(_state(lm), before)
@@ -556,9 +575,15 @@ def _follow_is_wrong(follow: Callable[[], Any], clean: Any) -> bool:
 def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: int = 10) -> dict[str, Any]:
     """Inject ``points`` KeyboardInterrupts at random opcodes of scenario ``name``; returns the
     counts (points, corrupted states and their kinds, failed or wrong following calls)."""
+    lm, scenario, follow = _interrupt_scenarios()[name]()
+    with _frozen_heap():
+        return _random_points(name, lm, scenario, follow, points, seed, check_every)
+
+
+def _random_points(name: str, lm: Any, scenario: Callable[[], Any], follow: Callable[[], Any] | None,
+                   points: int, seed: int, check_every: int) -> dict[str, Any]:
     import random
 
-    lm, scenario, follow = _interrupt_scenarios()[name]()
     clean = follow() if follow is not None else None
     before = _clean_state(lm)
     total, _ = _opcode_run(scenario, None)
@@ -584,7 +609,7 @@ def random_interrupt_points(name: str, points: int, seed: int = 0, check_every: 
 @pytest.mark.parametrize("name", list(_interrupt_scenarios()))
 def test_random_interrupt_points_leave_no_trace(name):
     """A few random bytecode-level interrupt points per scenario in the fast suite; the
-    thousands run in the slow test below (and `benchmarks/interrupts.py`)."""
+    thousands run in the slow test below."""
     report = random_interrupt_points(name, points=2 if name.startswith("counterfactual") else 5, check_every=2)
     print(report)
     assert report["corrupted"] == 0 and report["wrong_following_calls"] == 0, report
@@ -636,8 +661,9 @@ SLOW_SIGINTS = {"activate WeightDelta": 100, "activate LoRAAdapter": 100, "count
 
 
 @pytest.mark.slow
-# an interrupt injected into a finalizer run by the garbage collector (transformers' objects)
-# is "ignored" by CPython, as a real Ctrl-C there would be: pytest reports it as unraisable;
+# an interrupt injected into a finalizer (a `__del__` of transformers' objects, run when its
+# last reference goes; the cyclic collector is off during each run, _collected_first) is
+# "ignored" by CPython, as a real Ctrl-C there would be: pytest reports it as unraisable;
 # what it may leave behind is what the state checks below look at
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_thousands_of_random_interrupt_points():
