@@ -214,8 +214,8 @@ def compare_abduction(
         ``{"relaxed-svi": {"temperature": 0.05}}``.
     :param replay_factual: measure reproduction by replaying the factual model (``N T``
         more language-model steps per method) instead of the equivalent argmax check.
-    :raises InferenceError: for an unknown method or option, repeated labels, or NUTS on a
-        large vocabulary (before anything runs).
+    :raises InferenceError: for an unknown method or option, repeated labels, NUTS on a
+        large vocabulary, or a call inside a caller's ``pyro.plate`` (before anything runs).
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
     >>> table = compare_abduction(scm, torch.tensor([2, 3]), None, {"prompt": [2, 9]},

@@ -384,6 +384,8 @@ def counterfactual(
         (:attr:`CounterfactualResult.counterfactual_scores`, ``interventional_scores``,
         ``counterfactual_log_q``, ``exact``), without a teacher-forced pass of the draws.
     :raises ObservationError, AbductionError, InterventionError: on bad input.
+    :raises InferenceError: for a bad setting, or a call inside a caller's ``pyro.plate``
+        (the draws are the call's own plate).
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=6)
     >>> result = counterfactual(scm, torch.tensor([1, 2]), intervention={}, num_samples=3, seed=0)
@@ -482,7 +484,8 @@ def counterfactuals(
     :param chunk_size: draws of each string decoded in one run (``S x chunk_size`` rows);
         ``None``: as many as fit :data:`AUTO_CHUNK_BYTES` for all ``S`` strings
         (:func:`auto_chunk_size` divided by ``S``).
-    :raises ObservationError, AbductionError, InterventionError, InferenceError: on bad input.
+    :raises ObservationError, AbductionError, InterventionError, InferenceError: on bad input
+        (InferenceError also for a call inside a caller's ``pyro.plate``).
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
     >>> results = counterfactuals(scm, [torch.tensor([1, 2]), torch.tensor([3])], num_samples=2, seed=0)

@@ -231,19 +231,9 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
         adapter = LoRAAdapter.from_config(lm, config).restricted(["layer 1"])
         return lm, lambda: _forward(adapter, lm)
 
-    def context():  # a user's context: two hooks, removed in its own `finally`
+    def context():
         lm = tiny_llama(seed=0)
-
-        @contextlib.contextmanager
-        def hooked(model):
-            handles = [model.model.layers[i].register_forward_hook(lambda m, a, out: out) for i in (0, 1)]
-            try:
-                yield
-            finally:
-                for handle in handles:
-                    handle.remove()
-
-        return lm, lambda: _forward(ContextMechanism(hooked), lm)
+        return lm, _user_context(lm)
 
     def hooks():
         lm = tiny_llama(seed=0)
@@ -265,6 +255,25 @@ def _scenarios() -> dict[str, Callable[[], tuple[Any, Callable[[], Any]]]]:
             "ContextMechanism": context, "HookMechanism": hooks}
 
 
+def _user_context(lm, collect: bool = False) -> Callable[[], Any]:
+    """A scenario of a user's context: two hooks, removed in its own ``finally``. With
+    ``collect``, a garbage collection runs there first, inside the restore window (as the
+    allocator may start one at any allocation there)."""
+
+    @contextlib.contextmanager
+    def hooked(model):
+        handles = [model.model.layers[i].register_forward_hook(lambda m, a, out: out) for i in (0, 1)]
+        try:
+            yield
+        finally:
+            if collect:
+                gc.collect()
+            for handle in handles:
+                handle.remove()
+
+    return lambda: _forward(ContextMechanism(hooked), lm)
+
+
 def _forward(mechanism, lm) -> None:
     with mechanism.activate(lm) as f:
         f.logits(IDS)
@@ -282,22 +291,6 @@ def test_interrupt_at_every_restore_line_leaves_the_model_intact(name):
     assert total > 0 and corrupted == 0
 
 
-def _collecting_context(lm) -> Callable[[], Any]:
-    """A user's context that runs a garbage collection in its exit, inside the restore window
-    (as the allocator may start one at any allocation there)."""
-
-    @contextlib.contextmanager
-    def hooked(model):
-        handles = [model.model.layers[i].register_forward_hook(lambda m, a, out: out) for i in (0, 1)]
-        try:
-            yield
-        finally:
-            gc.collect()
-            for handle in handles:
-                handle.remove()
-
-    mechanism = ContextMechanism(hooked)
-    return lambda: _forward(mechanism, lm)
 
 
 def test_a_collection_inside_a_restore_spends_no_point():
@@ -308,7 +301,7 @@ def test_a_collection_inside_a_restore_spends_no_point():
     The harness collects before each run and keeps the collector off during it; the baseline,
     with the collector left as it is, fails here every time."""
     lm = tiny_llama(seed=0)
-    total, corrupted = _harness(lm, _collecting_context(lm))
+    total, corrupted = _harness(lm, _user_context(lm, collect=True))
     assert total > 0 and corrupted == 0
 
 
@@ -316,7 +309,7 @@ def test_a_collection_inside_a_restore_spends_no_point():
 def test_the_baseline_harness_spends_points_in_a_collection():
     lm = tiny_llama(seed=0)
     with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
-        _harness(lm, _collecting_context(lm), collect=False)
+        _harness(lm, _user_context(lm, collect=True), collect=False)
 
 
 def test_the_harness_finds_the_old_restore_loop_unsafe():
