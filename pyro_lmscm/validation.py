@@ -19,7 +19,10 @@ import torch
 
 from .errors import InferenceError, LMSCMError, MechanismError
 
-__all__ = ["MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer"]
+__all__ = [
+    "MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer",
+    "is_real",
+]
 
 #: The most torch CPU threads a setting may ask for: far above any machine's cores, and far
 #: below the count at which libgomp's allocation aborts the process (``10**9``: 216 GB).
@@ -74,6 +77,12 @@ def as_int(
     return number
 
 
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number (a Python or NumPy int or float), not a ``bool``,
+    which would count as 1."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def as_real(
     value: Any,
     name: str,
@@ -88,7 +97,7 @@ def as_real(
     """
     expected = "a finite number" + ("" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}")
     prefix = f"{owner}: " if owner else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise error(f"{prefix}`{name}` must be {expected}, got {value!r:.80} ({type(value).__name__}).")
     number = float(value)
     below = minimum is not None and (number <= minimum if exclusive else number < minimum)

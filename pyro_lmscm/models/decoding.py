@@ -22,14 +22,13 @@ References
 
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 
 from ..defaults import DEFAULTS
 from ..errors import DecodingError, MechanismError
-from ..validation import as_int
+from ..validation import as_int, is_real
 
 __all__ = ["Decoding", "Temperature", "TopK", "TopP", "check_logits"]
 
@@ -55,11 +54,6 @@ def check_logits(raw: torch.Tensor, where: str) -> torch.Tensor:
     return raw
 
 
-def _is_real(value: object) -> bool:
-    """A real number (a Python or NumPy int or float), not a ``bool``, which would decode as 1."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 class Temperature:
     r"""Divide the logits by a temperature: :math:`g(\ell) = \ell / \tau`.
 
@@ -69,7 +63,7 @@ class Temperature:
     """
 
     def __init__(self, temperature: float) -> None:
-        if not _is_real(temperature) or not (0.0 < float(temperature) < float("inf")):
+        if not is_real(temperature) or not (0.0 < float(temperature) < float("inf")):
             raise DecodingError(
                 f"`temperature` must be a finite float > 0, got {temperature!r}. Greedy decoding "
                 "(temperature 0) has no noise to abduct; use a small positive temperature instead."
@@ -149,7 +143,7 @@ class TopP:
     """
 
     def __init__(self, top_p: float) -> None:
-        if not _is_real(top_p) or not (0.0 < float(top_p) <= 1.0):
+        if not is_real(top_p) or not (0.0 < float(top_p) <= 1.0):
             raise DecodingError(f"`top_p` must be a float in (0, 1], got {top_p!r}.")
         self.top_p = float(top_p)
 
