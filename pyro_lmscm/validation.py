@@ -20,8 +20,8 @@ import torch
 from .errors import InferenceError, LMSCMError, MechanismError
 
 __all__ = [
-    "MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id", "is_integer",
-    "is_real",
+    "MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id",
+    "has_integer_dtype", "is_integer", "is_real",
 ]
 
 #: The most torch CPU threads a setting may ask for: far above any machine's cores, and far
@@ -32,13 +32,18 @@ MAX_THREADS = 1024
 MAX_SEED = 2**64 - 1
 
 
+def has_integer_dtype(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds integers: not floating, complex or ``bool``."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
 def is_integer(value: Any) -> bool:
     """Whether ``value`` is an integer scalar: ``int``, a NumPy integer or a 0-d or
     one-element integer tensor, and not ``bool``."""
     if isinstance(value, bool):
         return False
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return value.numel() == 1 and has_integer_dtype(value)
     if isinstance(value, numbers.Integral):
         return True
     try:

@@ -34,6 +34,7 @@ import pyro.distributions as dist
 import torch
 
 from ..errors import AbductionError, InferenceError
+from ..validation import has_integer_dtype
 from .gumbel_max_counterfactual import stay_log_prob, step_counterfactual_log_probs
 from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density, standard_gumbel
 
@@ -239,7 +240,7 @@ def _permutation(value: Any) -> torch.Tensor:
         ids = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError, OverflowError):
         ids = None
-    integer = ids is not None and not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+    integer = ids is not None and has_integer_dtype(ids)
     if ids is None or not integer or not ids.numel() or not torch.equal(
         ids.long().reshape(-1).sort().values, torch.arange(ids.numel())
     ):
