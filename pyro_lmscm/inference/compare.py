@@ -23,7 +23,7 @@ from .abduction import (
     kish_ess,
     make_method,
 )
-from .counterfactual import _check_call, sample_factual
+from .counterfactual import check_call, sample_factual
 from .distribution import CounterfactualDistribution
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def compare_abduction(
     >>> exact.reproduction_rate, round(exact.ess, 3)  # ESS from computed weights: float32 rounding
     (1.0, 100.0)
     """
-    _check_call("compare_abduction()", scm, replay_factual=replay_factual)
+    check_call("compare_abduction()", scm, replay_factual=replay_factual)
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     reference_samples = num_samples if reference_samples is None else as_int(
         reference_samples, "reference_samples", minimum=1

@@ -301,9 +301,11 @@ def _sized(value: Any) -> bool:
     return hasattr(value, "__len__") and hasattr(value, "__getitem__")
 
 
-def _check_call(owner: str, scm: Any, **flags: Any) -> None:
+def check_call(owner: str, scm: Any, **flags: Any) -> None:
     """The SCM and the on/off switches of a call: real bools, not ``"no"`` (which is true);
     and no caller's ``pyro.plate`` around it (:func:`~.prediction.check_outside_plates`).
+    The entry check of :func:`counterfactual`, :func:`counterfactuals` and
+    :func:`~pyro_lmscm.inference.compare.compare_abduction`.
 
     :raises InferenceError: naming the argument, or ``owner`` and the plates.
     """
@@ -392,7 +394,7 @@ def counterfactual(
     >>> bool((result.counterfactual_ids[:, : len(result.factual_ids)] == result.factual_ids).all())
     True
     """
-    _check_call("counterfactual()", scm, baseline=baseline, deterministic=deterministic, scores=scores)
+    check_call("counterfactual()", scm, baseline=baseline, deterministic=deterministic, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
@@ -492,7 +494,7 @@ def counterfactuals(
     >>> [tuple(r.counterfactual_ids.shape) for r in results]
     [(2, 4), (2, 4)]
     """
-    _check_call("counterfactuals()", scm, baseline=baseline, scores=scores)
+    check_call("counterfactuals()", scm, baseline=baseline, scores=scores)
     num_samples = as_int(num_samples, "num_samples", minimum=0)
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
