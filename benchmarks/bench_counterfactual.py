@@ -43,7 +43,9 @@ handlers, this package's Python, and torch / transformers; ``--memory`` reports 
 resident memory of ``counterfactual(num_samples=64)`` with and without ``chunk_size``,
 each in a fresh subprocess (``--memory-only``: nothing else; ``--memory-runs null`` only the
 first, the null intervention without chunks); ``--floor`` times the matrix products alone of
-``counterfactual(num_samples=N)`` (``torch.profiler``) against the paper's procedure run N times.
+``counterfactual(num_samples=N)`` (``torch.profiler``) against the paper's procedure run N times;
+``--prefixes`` counts how many of the N x T row-steps have a prefix that no earlier row had
+(the most a decoder that shares prefixes could save).
 
 Usage::
 
@@ -52,6 +54,7 @@ Usage::
     python benchmarks/bench_counterfactual.py --models smollm2-fp32 --profile --memory
     python benchmarks/bench_counterfactual.py --memory-only --memory-runs null  # the memory target
     python benchmarks/bench_counterfactual.py --models smollm2-fp32 --floor  # matrix products vs 16 x paper
+    python benchmarks/bench_counterfactual.py --models smollm2-fp32,smollm2-bf16 --prefixes  # shared prefixes
 
 It prints measured ratios and asserts nothing.
 """
@@ -404,6 +407,32 @@ def gemm_floor(setup: Setup, draws: int, reps: int) -> str:
     ])
 
 
+def shared_prefixes(setup: Setup, draws: int, seeds: int) -> str:
+    """How much decoding work sharing prefixes could save in ``counterfactual(num_samples=N)``:
+    rows that have emitted the same tokens so far have the same next-token logits, so a decoder
+    that ran each distinct prefix once would run, at step ``t``, only the distinct ``w_<t`` of the
+    N rows. Reported over ``seeds`` calls: that share of the N x T row-steps, and the mean step at
+    which a draw first leaves the observed string (before it, every row's prefix is the observed
+    one, which one teacher-forced pass could cover). Counts, not times: the best any such
+    scheme could do for the ``batch N / N x paper`` ratio."""
+    tokens = setup.observed.shape[-1]
+    distinct, divergence = [], []
+    for seed in range(seeds):
+        ids = counterfactual(
+            setup.scm, setup.prompt, setup.observed, {"prompt": setup.alt_prompt}, num_samples=draws, seed=seed
+        ).counterfactual_ids.cpu()
+        rows = ids.tolist()
+        distinct.append(sum(len({tuple(row[:t]) for row in rows}) for t in range(tokens)) / (draws * tokens))
+        same = (ids == setup.observed).long().cumprod(-1).sum(-1)
+        divergence.append(float(same.float().mean()))
+    return "\n".join([
+        f"| shared prefixes, {setup.name}, N = {draws}, T = {tokens}, {seeds} seeds | value |",
+        "|---|---:|",
+        f"| row-steps with a distinct prefix (what a prefix-sharing decoder runs) | {statistics.mean(distinct):.3f} |",
+        f"| mean first step off the observed string (of {tokens}) | {statistics.mean(divergence):.2f} |",
+    ])
+
+
 def _category(path: str | None) -> str | None:
     if not path or path.startswith("<"):
         return None
@@ -572,6 +601,10 @@ def main(argv: list[str] | None = None) -> None:
         "--floor", action="store_true",
         help="only the matrix products' share of batch N / N x paper (torch.profiler), per model",
     )
+    parser.add_argument(
+        "--prefixes", action="store_true",
+        help="only the share of the N x T row-steps with a distinct prefix (what sharing prefixes could save)",
+    )
     parser.add_argument("--memory", action="store_true", help="peak memory of num_samples=64 per chunk_size")
     parser.add_argument(
         "--memory-only", action="store_true",
@@ -602,6 +635,10 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models.split(",") if args.models else (["tiny"] if args.quick else list(MODELS))
     reps = args.reps or (3 if args.quick else 5)
     print(f"Machine: {machine(args.threads)}\n")
+    if args.prefixes:
+        for name in models:
+            print(shared_prefixes(build(name, args.tokens, device="cpu"), args.draws, 5) + "\n")
+        return
     if args.floor:
         for name in models:
             print(gemm_floor(build(name, args.tokens, device="cpu"), args.draws, reps) + "\n")

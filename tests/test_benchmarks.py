@@ -55,6 +55,23 @@ def test_quick_floor_counts_the_matrix_products_inside_the_batch(tmp_path):
     assert rows["matrix products of cf(N=4) / 4 x paper (the target of the whole: ≤ 0.12)"] > 0.0, result.stdout
 
 
+def test_quick_prefixes_count_the_shared_row_steps(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    draws, tokens = 4, 8
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "bench_counterfactual.py"),
+        "--quick", "--prefixes", "--tokens", str(tokens), "--draws", str(draws),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {label: float(value) for label, value in re.findall(r"^\| (.+?) \| ([0-9.]+) \|$", result.stdout, re.M)}
+    share = next(value for label, value in rows.items() if label.startswith("row-steps with a distinct prefix"))
+    first = next(value for label, value in rows.items() if label.startswith("mean first step off"))
+    # at least one prefix per step; at step 0 the N rows share the empty prefix
+    assert 1 / draws <= share <= 1 - (draws - 1) / (draws * tokens), result.stdout
+    assert 0.0 <= first <= tokens, result.stdout
+
+
 def test_quick_study_benchmark_prints_every_rate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--quick", "--threads", "1"]
