@@ -122,9 +122,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import AbductionError, InferenceError
+from ..errors import AbductionError, InferenceError, ObservationError
 from ..models.gumbel_max_counterfactual import TIE_ULPS, stay_log_prob
 from ..models.noise import GumbelMax
+from ..validation import has_integer_dtype, is_integer
 
 if TYPE_CHECKING:
     from ..models.noise import NoiseModel
@@ -166,6 +167,11 @@ def keep_bounds(
     :param observed: the observed tokens ``(...)``.
     :returns: ``{"stable": (low, high), "any": (low, high)}``, each ``(...)`` float64.
     :raises AbductionError: if an observed token has factual probability zero.
+    :raises InferenceError: naming the argument, for logits that are not real tensors of one
+        vocabulary with broadcastable rows, hold NaN or :math:`+\infty`, or (intervened) rule
+        out every token.
+    :raises ObservationError: for observed tokens that are not integer ids in ``[0, V)`` of
+        the rows' shape.
 
     ``do`` "anything but token 2": stable mechanisms must keep token 1 (tied ratios exchange
     nothing), others need not.
@@ -174,8 +180,58 @@ def keep_bounds(
     >>> [(round(float(lo), 3), round(float(hi), 3)) for lo, hi in keep_bounds(p, q, torch.tensor(1)).values()]
     [(1.0, 1.0), (0.0, 1.0)]
     """
+    factual_logits, counterfactual_logits, (observed,) = _checked_step(
+        "keep_bounds", factual_logits, counterfactual_logits, observed=observed
+    )
     log_low, log_high = _log_keep_bounds(factual_logits, counterfactual_logits, observed)
     return {name: (low.exp(), log_high.exp()) for name, low in log_low.items()}
+
+
+def _checked_step(
+    owner: str, factual_logits: Any, counterfactual_logits: Any, **tokens: Any
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The arguments of one step's bounds (:func:`keep_bounds`, :func:`any_step_bounds`),
+    checked: two real logit tensors ``(..., V)`` with broadcastable rows, no NaN or
+    :math:`+\\infty` (a law of neither), an intervened row with some token possible; ``tokens``
+    (by argument name) integer ids in ``[0, V)`` that expand to the rows' shape.
+
+    :raises InferenceError: naming the logits argument.
+    :raises ObservationError: naming the token argument.
+    """
+    checked = []
+    for name, logits in (("factual_logits", factual_logits), ("counterfactual_logits", counterfactual_logits)):
+        if not _is_real_tensor(logits) or logits.dim() == 0 or logits.shape[-1] == 0:
+            raise InferenceError(f"{owner}(): `{name}` must be a real tensor (..., V), V >= 1, got {_kind(logits)}.")
+        if bool((torch.isnan(logits) | (logits == math.inf)).any()):
+            raise InferenceError(f"{owner}(): `{name}` holds NaN or +inf entries: no law of the next token.")
+        checked.append(logits)
+    factual, counterfactual = checked
+    vocab = factual.shape[-1]
+    try:
+        rows = torch.broadcast_shapes(factual.shape, counterfactual.shape)
+    except RuntimeError:
+        rows = None
+    if rows is None or counterfactual.shape[-1] != vocab:
+        raise InferenceError(f"{owner}(): `factual_logits` {tuple(factual.shape)} and `counterfactual_logits` "
+                             f"{tuple(counterfactual.shape)} must have one vocabulary and broadcastable rows.")
+    if not bool((counterfactual > -math.inf).any(-1).all()):
+        raise InferenceError(f"{owner}(): a row of `counterfactual_logits` is -inf everywhere: no token is possible.")
+    ids = []
+    for name, value in tokens.items():
+        if is_integer(value) and not isinstance(value, torch.Tensor):
+            value = torch.tensor(int(value))
+        if not isinstance(value, torch.Tensor) or not has_integer_dtype(value):
+            raise ObservationError(f"{owner}(): `{name}` must be an integer tensor of token ids, got {_kind(value)}.")
+        try:
+            value.expand(rows[:-1])
+        except RuntimeError:
+            raise ObservationError(f"{owner}(): `{name}` {tuple(value.shape)} must have the rows' shape "
+                                   f"{tuple(rows[:-1])}.") from None
+        if value.numel() and not (0 <= int(value.min()) and int(value.max()) < vocab):
+            raise ObservationError(f"{owner}(): `{name}` must hold token ids in [0, {vocab}), got "
+                                   f"{int(value.min())} .. {int(value.max())}.")
+        ids.append(value)
+    return factual, counterfactual, ids
 
 
 def _log_keep_bounds(
@@ -228,11 +284,16 @@ def any_step_bounds(
     :param token: the counterfactual tokens :math:`j` ``(...)``.
     :returns: ``(low, high)`` log-probabilities, each ``(...)`` float64.
     :raises AbductionError: if an observed token has factual probability zero.
+    :raises InferenceError: as :func:`keep_bounds`.
+    :raises ObservationError: as :func:`keep_bounds`, for ``observed`` or ``token``.
 
     >>> p, q = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.2, 0.3, 0.5]).log()
     >>> [round(float(x.exp()), 3) for x in any_step_bounds(p, q, torch.tensor(0), torch.tensor(2))]
     [0.0, 1.0]
     """
+    factual_logits, counterfactual_logits, (observed, token) = _checked_step(
+        "any_step_bounds", factual_logits, counterfactual_logits, observed=observed, token=token
+    )
     log_low, log_high = _log_keep_bounds(factual_logits, counterfactual_logits, observed)
     factual, counterfactual = torch.broadcast_tensors(factual_logits.double(), counterfactual_logits.double())
     k = observed.to(factual.device).long().expand(factual.shape[:-1])[..., None]
@@ -248,19 +309,52 @@ def any_step_bounds(
 
 
 def prob_unchanged_of(keep: torch.Tensor) -> float:
-    """:math:`\\prod_t a_t` of keep probabilities ``(n,)``."""
-    return _prob_unchanged(keep.double().log())
+    """:math:`\\prod_t a_t` of keep probabilities ``(n,)``.
+
+    :raises InferenceError: for ``keep`` not a real tensor ``(n,)`` of probabilities in ``[0, 1]``.
+    """
+    return _prob_unchanged(_log_keep(keep, "prob_unchanged_of"))
 
 
 def expected_first_divergence_of(keep: torch.Tensor) -> float:
-    r""":math:`E[D] = \sum_{t < n} \prod_{s \le t} a_s` of keep probabilities ``(n,)``."""
-    return _expected_first_divergence(keep.double().log())
+    r""":math:`E[D] = \sum_{t < n} \prod_{s \le t} a_s` of keep probabilities ``(n,)``.
+
+    :raises InferenceError: as :func:`prob_unchanged_of`.
+    """
+    return _expected_first_divergence(_log_keep(keep, "expected_first_divergence_of"))
 
 
 def first_divergence_cdf_of(keep: torch.Tensor) -> torch.Tensor:
     r"""``(n + 1,)`` float64: :math:`P(D \le t) = 1 - \prod_{s \le t} a_s` for :math:`t < n`, and 1
-    at :math:`t = n`, of keep probabilities ``(n,)``."""
-    return _first_divergence_cdf(keep.double().log())
+    at :math:`t = n`, of keep probabilities ``(n,)``.
+
+    :raises InferenceError: as :func:`prob_unchanged_of`.
+    """
+    return _first_divergence_cdf(_log_keep(keep, "first_divergence_cdf_of"))
+
+
+def _is_real_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype != torch.bool and not value.is_complex()
+
+
+def _kind(value: Any) -> str:
+    """What a bad argument is, for a message: a tensor's shape and dtype, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}, {value.dtype}"
+    return type(value).__name__
+
+
+def _log_keep(keep: Any, owner: str) -> torch.Tensor:
+    """``log keep`` (float64) of checked keep probabilities: a real tensor ``(n,)`` in ``[0, 1]``.
+
+    :raises InferenceError: naming ``keep``.
+    """
+    if not _is_real_tensor(keep) or keep.dim() != 1:
+        raise InferenceError(f"{owner}(): `keep` must be a real tensor (n,) of probabilities, got {_kind(keep)}.")
+    keep = keep.double()
+    if not bool(((keep >= 0) & (keep <= 1)).all()):  # (NaN fails both)
+        raise InferenceError(f"{owner}(): `keep` must hold probabilities in [0, 1], got {keep.tolist()!r:.120}.")
+    return keep.log()
 
 
 def _prob_unchanged(log_keep: torch.Tensor) -> float:

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap, counterfactual, exact_counterfactual
-from pyro_lmscm.errors import AbductionError
+from pyro_lmscm.errors import AbductionError, InferenceError, ObservationError
 from pyro_lmscm.inference.bounds import (
+    any_step_bounds,
     expected_first_divergence_of,
     first_divergence_cdf_of,
     keep_bounds,
@@ -141,6 +142,50 @@ def test_a_step_whose_laws_are_equal_keeps_its_token_under_every_mechanism():
 def test_an_observed_token_of_probability_zero_is_refused():
     with pytest.raises(AbductionError, match="probability zero"):
         keep_bounds(torch.tensor([0.0, -math.inf]), torch.tensor([0.0, 0.0]), torch.tensor(1))
+
+
+_P, _Q = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.2, 0.3, 0.5]).log()
+_BAD_STEPS = {  # (arguments, error, the argument the message names); each a raw torch error or a silent answer before
+    "observed out of the vocabulary": ((_P, _Q, torch.tensor(5)), ObservationError, "`observed`"),
+    "observed negative": ((_P, _Q, torch.tensor(-1)), ObservationError, "`observed`"),
+    "observed float (was truncated)": ((_P, _Q, torch.tensor(1.7)), ObservationError, "`observed`"),
+    "observed bool": ((_P, _Q, torch.tensor(True)), ObservationError, "`observed`"),
+    "observed of another shape": ((_P, _Q, torch.tensor([0, 1])), ObservationError, "`observed`"),
+    "vocabularies differ": ((_P, _Q[:2], torch.tensor(1)), InferenceError, "`counterfactual_logits`"),
+    "NaN logits (were NaN bounds)": ((torch.tensor([0.0, math.nan, 0.0]), _Q, torch.tensor(0)), InferenceError,
+                                     "`factual_logits`"),
+    "+inf logits": ((_P, torch.tensor([0.0, math.inf, 0.0]), torch.tensor(0)), InferenceError,
+                    "`counterfactual_logits`"),
+    "no possible intervened token": ((_P, torch.full((3,), -math.inf), torch.tensor(0)), InferenceError,
+                                     "`counterfactual_logits`"),
+    "a list": (([0.0, 1.0], [0.0, 1.0], torch.tensor(0)), InferenceError, "`factual_logits`"),
+    "no vocabulary axis": ((torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0)), InferenceError,
+                           "`factual_logits`"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_STEPS))
+def test_bad_step_arguments_are_refused_naming_the_argument(case):
+    """Each case raised a raw RuntimeError / AttributeError / IndexError, or returned bounds
+    (NaN ones, or those of a truncated token id), before the check."""
+    arguments, error, name = _BAD_STEPS[case]
+    with pytest.raises(error, match=name):
+        keep_bounds(*arguments)
+
+
+def test_bad_candidate_token_is_refused():
+    with pytest.raises(ObservationError, match="`token`"):
+        any_step_bounds(_P, _Q, torch.tensor(0), torch.tensor(7))
+    low, high = any_step_bounds(_P, _Q, 0, 2)  # plain ints are ids too
+    assert (float(low.exp()), float(high.exp())) == pytest.approx((0.0, 1.0), abs=1e-6)
+
+
+@pytest.mark.parametrize("helper", [prob_unchanged_of, expected_first_divergence_of, first_divergence_cdf_of])
+@pytest.mark.parametrize("keep", [[1.5, 0.5], [-0.5, 0.5], [math.nan, 0.5], [[0.5, 0.5]]])
+def test_keep_probabilities_outside_the_unit_interval_are_refused(helper, keep):
+    """Before: 0.75, nan, or a raw RuntimeError (a (1, n) tensor)."""
+    with pytest.raises(InferenceError, match="`keep`"):
+        helper(torch.tensor(keep))
 
 
 def test_a_token_the_intervention_makes_impossible_is_never_kept():
