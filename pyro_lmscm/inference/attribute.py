@@ -61,7 +61,7 @@ from ..interventions.ops import Action, as_do_data, world_inputs
 from ..models.mechanism import Factual, Mechanism
 from ..models.scm import LanguageModelSCM
 from ..models.sites import MECHANISM
-from ..validation import MAX_SEED, as_int
+from ..validation import MAX_SEED, as_int, as_real
 from .exact import (
     ExactCounterfactual,
     _intervened_pass,
@@ -391,10 +391,11 @@ def attribute(
     :param seed: the seed of the orders.
     :param raw_logits: the raw factual logits ``(n, V)`` of the observed steps, if known (as
         :func:`~pyro_lmscm.inference.exact_counterfactual`); else one pass computes them.
-    :param tol: ``by="step"``: the least absolute effect on log P(unchanged) that matters.
+    :param tol: ``by="step"``: the least absolute effect on log P(unchanged) that matters, a
+        finite number ``>= 0``.
     :returns: an :class:`Attribution` or, for ``by="step"``, a :class:`StepAttribution`.
-    :raises InferenceError: for an unknown ``by``, an intervention that selects no mechanism,
-        or bad counts.
+    :raises InferenceError: for an ``scm`` that is no :class:`~pyro_lmscm.LanguageModelSCM`,
+        an unknown ``by``, an intervention that selects no mechanism, bad counts or a bad ``tol``.
     :raises MechanismError: for ``by="step"`` with a mechanism that acts at every position
         (a weight edit, an adapter, a model swap).
 
@@ -408,7 +409,7 @@ def attribute(
     >>> abs(total - math.log(result.prob_unchanged)) < 1e-9, result.num_passes
     (True, 4)
     """
-    _check_options(by, max_exact_parts, num_permutations, seed, "attribute")
+    _check_options(scm, by, max_exact_parts, num_permutations, seed, tol, "attribute")
     worlds, mechanism = _worlds(scm, prompt, observed, intervention, raw_logits, "attribute")
     return _attribution(worlds, mechanism, by, int(max_exact_parts), int(num_permutations), int(seed), tol)
 
@@ -443,8 +444,8 @@ def attributions(
     :param intervention: as :func:`attribute`, for every string.
     :param raw_logits: per string, as :func:`attribute`; else computed in batched passes.
     :param batch_size: strings per teacher-forced pass.
-    :raises InferenceError: as :func:`attribute`, for lists of other lengths or a bad
-        ``batch_size``.
+    :raises InferenceError: as :func:`attribute`, for ``prompts``, ``observed`` or ``raw_logits``
+        that are not sequences, lists of other lengths or a bad ``batch_size``.
 
     >>> from pyro_lmscm.inference import attributions
     >>> from pyro_lmscm.interventions import ActivationSteering, Combined
@@ -456,9 +457,10 @@ def attributions(
     >>> results[1].shapley == alone.shapley, [r.num_passes for r in results]
     (True, [4, 4])
     """
-    _check_options(by, max_exact_parts, num_permutations, seed, "attributions")
+    _check_options(scm, by, max_exact_parts, num_permutations, seed, tol, "attributions")
     batch_size = as_int(batch_size, "batch_size", minimum=1, error=InferenceError)
-    prompts, observed = list(prompts), list(observed)
+    prompts, observed = _listed(prompts, "prompts"), _listed(observed, "observed")
+    raw_logits = None if raw_logits is None else _listed(raw_logits, "raw_logits")
     if len(prompts) != len(observed) or (raw_logits is not None and len(raw_logits) != len(prompts)):
         raise InferenceError(
             f"attributions(): `prompts` ({len(prompts)}), `observed` ({len(observed)})"
@@ -486,12 +488,28 @@ def attributions(
     return [_attribution(w, m, by, int(max_exact_parts), int(num_permutations), int(seed), tol) for w, m in made]
 
 
-def _check_options(by: str, max_exact_parts: int, num_permutations: int, seed: int, owner: str) -> None:
+def _check_options(
+    scm: Any, by: str, max_exact_parts: int, num_permutations: int, seed: int, tol: float, owner: str
+) -> None:
+    if not isinstance(scm, LanguageModelSCM):
+        raise InferenceError(f"{owner}(): `scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
     if by not in BY:
         raise InferenceError(f"{owner}(): `by` must be one of {BY}, got {by!r}.")
     as_int(max_exact_parts, "max_exact_parts", minimum=0, error=InferenceError)
     as_int(num_permutations, "num_permutations", minimum=1, error=InferenceError)
     as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=InferenceError)
+    as_real(tol, "tol", minimum=0.0, error=InferenceError, owner=f"{owner}()")
+
+
+def _listed(values: Any, name: str) -> list:
+    """``values``, one entry per string, as a list.
+
+    :raises InferenceError: naming ``name``, for a value that is no sequence (``None``, a number).
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
+        raise InferenceError(f"attributions(): `{name}` must be a sequence with one entry per string, "
+                             f"got {type(values).__name__}.")
+    return list(values)
 
 
 def _worlds(

@@ -415,3 +415,53 @@ def test_attributions_bad_input(lm, observed):
     with pytest.raises(InferenceError, match="selects no mechanism"):
         attributions(scm, [PROMPT], [observed], {})
     assert attributions(scm, [], [], {"mechanism": "m"}) == []
+
+
+def _steered(lm):
+    steer = Combined([ActivationSteering(v, layer=i, alpha=0.1) for i, v in enumerate(steering_vectors())])
+    return LanguageModelSCM(lm, max_new_tokens=T, mechanisms={"steer": steer})
+
+
+@pytest.mark.parametrize("tol", ["1e-9", math.nan, -1.0, math.inf, None])
+@pytest.mark.parametrize("by", ["layer", "step"])
+def test_a_bad_tol_is_refused_naming_it(lm, observed, tol, by):
+    """Before: a raw TypeError for a str under by="step" (and nothing under by="layer"), and
+    NaN, a negative or None silently taken: NaN and -1 made every step "matter"."""
+    from pyro_lmscm.inference import attributions
+
+    scm = _steered(lm)
+    with pytest.raises(InferenceError, match="`tol`"):
+        attribute(scm, PROMPT, observed, {"mechanism": "steer"}, by=by, tol=tol)
+    with pytest.raises(InferenceError, match="`tol`"):
+        attributions(scm, [PROMPT], [observed], {"mechanism": "steer"}, by=by, tol=tol)
+
+
+def test_tol_zero_is_a_threshold(lm, observed):
+    """The baseline of the refusal: 0 is a valid ``tol`` (every nonzero effect matters)."""
+    result = attribute(_steered(lm), PROMPT, observed, {"mechanism": "steer"}, by="step", tol=0)
+    assert result.first_step_that_matters == 0
+
+
+def test_an_scm_that_is_no_scm_is_refused(lm, observed):
+    """Before: AttributeError: 'HFLanguageModel' object has no attribute 'check_prompt'."""
+    from pyro_lmscm.inference import attributions
+
+    with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
+        attribute(lm, PROMPT, observed, {"mechanism": "steer"})
+    with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
+        attributions(lm, [PROMPT], [observed], {"mechanism": "steer"})
+
+
+@pytest.mark.parametrize("name", ["prompts", "observed", "raw_logits"])
+@pytest.mark.parametrize("value", [None, 3, "ab"])
+def test_attributions_of_no_sequence_are_refused_naming_the_argument(lm, observed, name, value):
+    """Before: TypeError ('NoneType' / 'int' object is not iterable), or a str split into letters."""
+    from pyro_lmscm.inference import attributions
+
+    arguments = {"prompts": [PROMPT], "observed": [observed], "raw_logits": None, name: value}
+    if name == "raw_logits" and value is None:
+        return  # (None: computed)
+    with pytest.raises(InferenceError, match=f"`{name}` must be a sequence"):
+        attributions(_steered(lm), arguments["prompts"], arguments["observed"], {"mechanism": "steer"},
+                     raw_logits=arguments["raw_logits"])
+
