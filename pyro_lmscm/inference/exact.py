@@ -99,6 +99,10 @@ class ExactCounterfactual:
     ) -> None:
         self.prompt_ids = prompt
         self.observed_ids = observed
+        if isinstance(raw_logits, torch.Tensor) and raw_logits.dim() != 2:  # (the guide takes a batch (..., n, V))
+            raise ObservationError(
+                f"`raw_logits` must have shape (n, V) of the one observed string, got {tuple(raw_logits.shape)}."
+            )
         guide = HindsightGumbelGuide(scm, observed, raw_logits=raw_logits)
         self._anchor = guide.anchor(prompt)  # the abduction's raw factual logits on the observed path
         self._factual = guide.decoded_logits(self._anchor).double()  # (n, V)

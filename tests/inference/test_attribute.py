@@ -465,3 +465,18 @@ def test_attributions_of_no_sequence_are_refused_naming_the_argument(lm, observe
         attributions(_steered(lm), arguments["prompts"], arguments["observed"], {"mechanism": "steer"},
                      raw_logits=arguments["raw_logits"])
 
+
+def test_raw_logits_of_a_batch_are_refused_for_one_string(lm, observed):
+    """``raw_logits`` ``(1, n, V)`` passed the guide's ``(..., n, V)`` check and then failed as an
+    IndexError inside the exact counterfactual; now an ObservationError naming it, for
+    attribute() and exact_counterfactual() alike. ``(n, V)`` gives the values of no raw_logits."""
+    from pyro_lmscm.errors import ObservationError
+
+    scm = _steered(lm)
+    raw = lm.logits(torch.cat([PROMPT, observed[:-1]]), logits_to_keep=T)
+    with pytest.raises(ObservationError, match="`raw_logits` must have shape \\(n, V\\)"):
+        attribute(scm, PROMPT, observed, {"mechanism": "steer"}, raw_logits=raw[None])
+    with pytest.raises(ObservationError, match="`raw_logits` must have shape \\(n, V\\)"):
+        exact_counterfactual(scm, PROMPT, observed, {"mechanism": "steer"}, raw_logits=raw[None])
+    given = attribute(scm, PROMPT, observed, {"mechanism": "steer"}, raw_logits=raw)
+    assert abs(given.prob_unchanged - attribute(scm, PROMPT, observed, {"mechanism": "steer"}).prob_unchanged) < TOL
