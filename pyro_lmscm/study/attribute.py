@@ -99,11 +99,27 @@ class WordListAttribute(AttributeCheck):
                 f"attribute {self.name!r}: labels must differ and not be 'both' or 'none', got "
                 f"{self.source_label!r} and {self.target_label!r}."
             )
-        self.source_words = tuple(w.lower() for w in self.source_words)
-        self.target_words = tuple(w.lower() for w in self.target_words)
+        self.source_words = self._words("source_words", self.source_words)
+        self.target_words = self._words("target_words", self.target_words)
         if not self.source_words or not self.target_words:
             raise StudyError(f"attribute {self.name!r}: both word lists must be non-empty.")
         self._source, self._target = set(self.source_words), set(self.target_words)
+
+    def _words(self, field: str, words: Any) -> tuple[str, ...]:
+        """``words`` lower-cased: a list of single words of the letters a-z, which is what
+        :meth:`label` matches (a str would be its letters, "New York" or "café" never match).
+
+        :raises StudyError: naming ``field`` and the first entry that is no such word.
+        """
+        if isinstance(words, (str, bytes)) or not isinstance(words, (list, tuple)):
+            raise StudyError(f"attribute {self.name!r}: `{field}` must be a list of words, got {words!r:.80}.")
+        for word in words:
+            if not isinstance(word, str) or not _WORD.fullmatch(word.lower()):
+                raise StudyError(
+                    f"attribute {self.name!r}: `{field}` holds {word!r}, which is no single word of the letters "
+                    "a-z: texts are matched word by word on those letters, so it could never match."
+                )
+        return tuple(word.lower() for word in words)
 
     @property
     def target(self) -> str:  # type: ignore[override]
@@ -138,6 +154,14 @@ class CallableAttribute(AttributeCheck):
     source: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.function, str):
+            raise StudyError(f"attribute {self.name!r}: `function` must be 'package.module:function', "
+                             f"got {self.function!r:.80}.")
+        if self.target is None:
+            raise StudyError(f"attribute {self.name!r}: `target` must be a label, got None.")
+        # the labels are compared with str(function(text)): a YAML `target: 0` is the label '0'
+        self.target = str(self.target)
+        self.source = None if self.source is None else str(self.source)
         module, _, attr = self.function.partition(":")
         try:
             fn = getattr(importlib.import_module(module), attr)
@@ -211,9 +235,9 @@ def make_attribute(spec: str | Mapping[str, Any] | None, allow_code: bool = Fals
         return WordListAttribute(
             name=name,
             source_label=str(options.pop("source_label", "source")),
-            source_words=tuple(options.pop("source_words")),
+            source_words=options.pop("source_words"),
             target_label=str(options.pop("target_label", "target")),
-            target_words=tuple(options.pop("target_words")),
+            target_words=options.pop("target_words"),
             **options,
         )
     except (KeyError, TypeError) as error:

@@ -81,3 +81,51 @@ def test_code_in_a_config_is_opt_in(tmp_path):
     assert StudyConfig.from_file(config, allow_code=True).allow_code is True
     assert isinstance(make_attribute(spec, allow_code=True), CallableAttribute)
     assert isinstance(make_attribute("gender"), WordListAttribute)  # word lists stay data
+
+
+@pytest.mark.parametrize(
+    "words, match",
+    [
+        ("he him", "`source_words` must be a list of words"),  # was split into its letters: 'h', 'e', ' ', ...
+        ([1, 2], "holds 1"),  # was AttributeError: 'int' object has no attribute 'lower'
+        ([True], "holds True"),  # YAML `[yes]`
+        (["New York"], "holds 'New York'"),  # could never match: texts are split into words of a-z
+        (["mr."], "holds 'mr.'"),
+        (["café"], "holds 'café'"),
+    ],
+)
+def test_word_lists_that_cannot_match_are_refused(words, match):
+    """Before: the str "he him" became the one-letter words 'h', 'e', ' ', 'i', 'm', which match
+    no ordinary text, so every text was labelled 'none' (never eligible); ints a raw
+    AttributeError; "New York", "mr." and "café" entries that can never match a text."""
+    spec = {"name": "x", "source_words": words, "target_words": ["she"]}
+    with pytest.raises(StudyError, match=match):
+        make_attribute(spec)
+    with pytest.raises(StudyError, match=match.replace("source", "target")):
+        make_attribute({"name": "x", "source_words": ["he"], "target_words": words})
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"name": "x", "function": 3, "target": "a"}, "`function` must be"),  # was AttributeError (partition)
+        ({"name": "x", "function": f"{__name__}:shouting", "target": None}, "`target` must be a label"),
+    ],
+)
+def test_bad_callable_attributes(spec, match):
+    with pytest.raises(StudyError, match=match):
+        make_attribute(spec, allow_code=True)
+
+
+def test_a_callable_target_is_compared_as_the_labels_are():
+    """A YAML ``target: 0`` is the int 0; labels are ``str(function(text))``, so before, no draw
+    could ever flip (``"0" != 0``)."""
+    check = make_attribute({"name": "count", "function": f"{__name__}:exclamations", "target": 0,
+                            "source": 1}, allow_code=True)
+    assert check.flipped(check.label("stop!"), check.label("stop")) is True
+    assert check.flipped(check.label("stop"), check.label("stop")) is None
+
+
+def exclamations(text: str) -> int:
+    """A user check returning an int label, for test_a_callable_target_is_compared_as_the_labels_are."""
+    return text.count("!")
