@@ -59,7 +59,7 @@ from ..errors import InferenceError
 from ..interventions.model_swap import ModelSwap
 from ..interventions.ops import Action, as_do_data, world_inputs
 from ..models.mechanism import Factual, Mechanism
-from ..models.scm import LanguageModelSCM
+from ..models.scm import LanguageModelSCM, as_scm
 from ..models.sites import MECHANISM
 from ..validation import MAX_SEED, as_int, as_real
 from .exact import (
@@ -491,8 +491,7 @@ def attributions(
 def _check_options(
     scm: Any, by: str, max_exact_parts: int, num_permutations: int, seed: int, tol: float, owner: str
 ) -> None:
-    if not isinstance(scm, LanguageModelSCM):
-        raise InferenceError(f"{owner}(): `scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
+    as_scm(scm, f"{owner}()")
     if by not in BY:
         raise InferenceError(f"{owner}(): `by` must be one of {BY}, got {by!r}.")
     as_int(max_exact_parts, "max_exact_parts", minimum=0, error=InferenceError)

@@ -309,10 +309,9 @@ def check_call(owner: str, scm: Any, **flags: Any) -> None:
 
     :raises InferenceError: naming the argument, or ``owner`` and the plates.
     """
-    from ..models.scm import LanguageModelSCM
+    from ..models.scm import as_scm
 
-    if not isinstance(scm, LanguageModelSCM):
-        raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
+    as_scm(scm)
     for name, value in flags.items():
         as_bool(value, name)
     check_outside_plates(owner)

@@ -149,10 +149,9 @@ class CounterfactualDistribution:
         autocorrelated: bool = False,
         method: str | None = None,
     ) -> None:
-        from ..models.scm import LanguageModelSCM
+        from ..models.scm import as_scm
 
-        if not isinstance(scm, LanguageModelSCM):
-            raise InferenceError(f"`scm` must be a LanguageModelSCM, got {type(scm).__name__}.")
+        as_scm(scm)
         if kind not in KINDS:
             raise InferenceError(f"`kind` must be one of {KINDS}, got {kind!r}.")
         if noise_stats is not None and not isinstance(noise_stats, Mapping):

@@ -35,6 +35,7 @@ from ..errors import AbductionError, InferenceError, ObservationError
 from ..interventions.ops import Action, as_do_data, excluded_tokens, forced_tokens, world, world_inputs
 from ..lm import left_pad
 from ..models.incremental import MechanismBatch
+from ..models.scm import as_scm
 from ..models.teacher_forcing import decoded_steps
 from ..reporting import report as report_progress
 from ..seeding import seeded
@@ -1021,6 +1022,7 @@ def exact_counterfactual(
         rounds otherwise than the sampling run, and under top-k can rank the sampled token
         outside the k.
     :raises ObservationError, AbductionError, InterventionError: on bad input.
+    :raises InferenceError: for an ``scm`` that is no :class:`~pyro_lmscm.LanguageModelSCM`.
 
     >>> from pyro_lmscm.inference import exact_counterfactual
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=3)
@@ -1028,6 +1030,7 @@ def exact_counterfactual(
     >>> exact.prob_unchanged()
     1.0
     """
+    scm = as_scm(scm, "exact_counterfactual()")
     prompt = scm.check_prompt(prompt, single=True)
     observed = scm.check_observed(observed, single=True)
     return ExactCounterfactual(scm, prompt, observed, as_do_data(scm, intervention, observed), raw_logits=raw_logits)

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 
 from ..atomic import locked
-from ..errors import DecodingError, MechanismError, ObservationError
+from ..errors import DecodingError, InferenceError, LMSCMError, MechanismError, ObservationError
 from ..reporting import report as report_progress
 from ..validation import as_bool, as_int, as_lm
 from .anchor import FactualAnchor
@@ -26,7 +26,7 @@ from .sites import MECHANISM, PROMPT, noise_site, token_site
 if TYPE_CHECKING:
     from ..lm import HFLanguageModel
 
-__all__ = ["FACTUAL", "LanguageModelSCM"]
+__all__ = ["FACTUAL", "LanguageModelSCM", "as_scm"]
 
 FACTUAL = "factual"
 
@@ -311,3 +311,16 @@ class LanguageModelSCM:
             f"LanguageModelSCM({self.lm!r}, max_new_tokens={self.max_new_tokens}, "
             f"decoding={self.decoding!r}, mechanisms={self.mechanism_names[1:]}, noise={self.noise!r})"
         )
+
+
+def as_scm(value: Any, owner: str = "", error: type[LMSCMError] = InferenceError) -> LanguageModelSCM:
+    """``value`` if it is a :class:`LanguageModelSCM`, checked where it is passed rather than at
+    its first use (an ``AttributeError`` deep inside, e.g. for an ``HFLanguageModel``).
+
+    :raises error: naming ``scm`` (after ``owner``).
+    """
+    if isinstance(value, LanguageModelSCM):
+        return value
+    prefix = f"{owner}: " if owner else ""
+    hint = " (build one: LanguageModelSCM(lm, max_new_tokens))" if hasattr(value, "check_ids") else ""
+    raise error(f"{prefix}`scm` must be a LanguageModelSCM{hint}, got {type(value).__name__}.")

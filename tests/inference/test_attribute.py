@@ -442,14 +442,19 @@ def test_tol_zero_is_a_threshold(lm, observed):
     assert result.first_step_that_matters == 0
 
 
-def test_an_scm_that_is_no_scm_is_refused(lm, observed):
-    """Before: AttributeError: 'HFLanguageModel' object has no attribute 'check_prompt'."""
+@pytest.mark.parametrize("owner", ["attribute", "attributions", "exact_counterfactual"])
+def test_an_scm_that_is_no_scm_is_refused(lm, observed, owner):
+    """Before: AttributeError: 'HFLanguageModel' object has no attribute 'check_prompt' (the
+    language model passed where its SCM goes), from each of the three."""
     from pyro_lmscm.inference import attributions
 
-    with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
-        attribute(lm, PROMPT, observed, {"mechanism": "steer"})
-    with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
-        attributions(lm, [PROMPT], [observed], {"mechanism": "steer"})
+    call = {
+        "attribute": lambda: attribute(lm, PROMPT, observed, {"mechanism": "steer"}),
+        "attributions": lambda: attributions(lm, [PROMPT], [observed], {"mechanism": "steer"}),
+        "exact_counterfactual": lambda: exact_counterfactual(lm, PROMPT, observed, {"mechanism": "steer"}),
+    }[owner]
+    with pytest.raises(InferenceError, match=f"{owner}\\(\\): `scm` must be a LanguageModelSCM \\(build one"):
+        call()
 
 
 @pytest.mark.parametrize("name", ["prompts", "observed", "raw_logits"])
