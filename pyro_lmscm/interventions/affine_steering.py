@@ -128,8 +128,8 @@ class AffineSteering(_ResidualStreamEdit):
         self.matrix: torch.Tensor = (matrix + matrix.T) / 2
         self.source_mean = source_mean
         self.target_mean = target_mean
-        # T(h) = A h + b with b = mu_t - A mu_s, float32 per device for the hook
-        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # T(h) = A h + b with b = mu_t - A mu_s, per device and dtype of the hidden states the hook edits
+        self._affine: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dim(self) -> int:
@@ -143,11 +143,12 @@ class AffineSteering(_ResidualStreamEdit):
         return target + (hidden - source) @ matrix.T
 
     def edit(self, hidden: torch.Tensor) -> torch.Tensor:
-        affine = self._affine.get(hidden.device)
+        key = (hidden.device, hidden.dtype)
+        affine = self._affine.get(key)
         if affine is None:
             offset = self.target_mean - self.matrix @ self.source_mean
-            affine = (self.matrix.T.float().to(hidden.device), offset.float().to(hidden.device))
-            self._affine[hidden.device] = affine
+            affine = (self.matrix.T.to(hidden.device, hidden.dtype), offset.to(hidden.device, hidden.dtype))
+            self._affine[key] = affine
         mapped = hidden @ affine[0] + affine[1]
         return hidden + self.alpha * (mapped - hidden)
 

@@ -159,7 +159,10 @@ class _ResidualStreamEdit(Mechanism):
     r"""Base of the mechanisms that replace the output :math:`h_{L,i}` of decoder layer
     :math:`L` at absolute positions :math:`i \geq s` by :math:`\phi(h_{L,i})`.
 
-    Subclasses define :math:`\phi` in :meth:`edit` (float32 in, float32 out).
+    Subclasses define :math:`\phi` in :meth:`edit`, in the dtype of the hidden states they
+    get: float32, or the model's dtype where it is wider (float64). A bfloat16 or float16
+    model's hidden states are edited in float32 and rounded back; a float64 model's are not
+    rounded to float32, so that an edit that is the identity leaves them unchanged.
     """
 
     def __init__(self, layer: int, start: int = 0) -> None:
@@ -187,7 +190,7 @@ class _ResidualStreamEdit(Mechanism):
 
     def _hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         hidden, rebuild = _split_output(output)
-        edited = self.edit(hidden.float()).to(hidden.dtype)
+        edited = self.edit(hidden.to(torch.promote_types(hidden.dtype, torch.float32))).to(hidden.dtype)
         if self.start > 0:
             positions = _absolute_positions(kwargs, type(self).__name__).to(hidden.device)
             edited = torch.where((positions >= self.start)[..., None], edited, hidden)

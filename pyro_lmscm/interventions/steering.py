@@ -86,7 +86,7 @@ class ActivationSteering(_ResidualStreamEdit):
         return self.vector.shape[0]
 
     def edit(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.alpha * self.vector.to(hidden.device)
+        return hidden + self.alpha * self.vector.to(hidden.device, hidden.dtype)
 
     @classmethod
     def from_contrastive(

@@ -58,8 +58,8 @@ def exact_of(lm, mechanism, observed):
 
 class HandSteering(Mechanism):
     """Steering written out by hand: ``v_L`` added after layer ``L`` at sequence index
-    ``>= from_index`` of a teacher-forced pass (one string, no cache), in float32 as the
-    steering mechanisms compute."""
+    ``>= from_index`` of a teacher-forced pass (one string, no cache), in float32 or the
+    model's dtype if wider (this file's float64), as the steering mechanisms compute."""
 
     def __init__(self, vectors, alpha, from_index=0):
         self.vectors, self.alpha, self.from_index = vectors, alpha, from_index
@@ -72,7 +72,8 @@ class HandSteering(Mechanism):
                     hidden = output[0] if isinstance(output, tuple) else output
                     edited = hidden.clone()
                     tail = hidden[:, self.from_index :]
-                    edited[:, self.from_index :] = (tail.float() + self.alpha * vector).to(hidden.dtype)
+                    wide = torch.promote_types(hidden.dtype, torch.float32)
+                    edited[:, self.from_index :] = (tail.to(wide) + self.alpha * vector.to(wide)).to(hidden.dtype)
                     return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
                 stack.enter_context(forward_hook(lm.model.model.layers[layer], hook))

@@ -9,6 +9,7 @@ from pyro_lmscm.testing import (
     assert_rows_match_separate_runs,
     by_hand,
     snapshot,
+    tiny_llama,
 )
 
 PROMPT = torch.tensor([2, 3, 4])
@@ -65,6 +66,27 @@ def test_map_is_the_identity_when_source_equals_target(lm):
     with mimic.activate(lm) as f:
         torch.testing.assert_close(f.logits(ids), lm.logits(ids), atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_zero_is_the_model_in_its_dtype(dtype):
+    """With alpha = 0 the edit is the identity, bit for bit, in float32 and in float64 (whose
+    hidden states the hook once rounded to float32); alpha = 1 in float64 is the map applied in
+    float64 (an oracle written here), not in float32."""
+    lm = tiny_llama(seed=0, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    d = 32
+    source, target = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    source_cov, target_cov = random_cov(d, g), random_cov(d, g, scale=2.0)
+    mimic = AffineSteering(0, source, target, source_cov, target_cov, alpha=0.0)  # (see test_steering's)
+    ids = torch.cat([PROMPT, CONTINUATION])
+    with torch.no_grad(), mimic.activate(lm) as f:  # (the model's own dtype, not the wrapper's float32)
+        assert torch.equal(f.model(ids[None]).logits, lm.model(ids[None]).logits)
+    if dtype == torch.float64:
+        full = AffineSteering(0, source, target, source_cov, target_cov, alpha=1.0)
+        hidden = torch.randn(5, d, generator=g, dtype=torch.float64)
+        oracle = (hidden - source) @ full.matrix.T + target
+        torch.testing.assert_close(full.edit(hidden), oracle, atol=1e-12, rtol=0)
 
 @pytest.mark.parametrize("start", [0, 4])
 @pytest.mark.parametrize("alpha", [1.0, 0.4])

@@ -4,12 +4,14 @@ from torch import nn
 
 from pyro_lmscm import LanguageModelSCM, counterfactual
 from pyro_lmscm.errors import MechanismError
+from pyro_lmscm.inference import exact_counterfactual
 from pyro_lmscm.interventions import ActivationSteering
 from pyro_lmscm.testing import (
     assert_restored,
     assert_rows_match_separate_runs,
     by_hand,
     snapshot,
+    tiny_llama,
 )
 
 PROMPT = torch.tensor([2, 3, 4])
@@ -69,17 +71,21 @@ def test_restores_the_model_exactly(lm, vector, fail):
     assert_restored(lm.model, state)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
 def test_alpha_zero_reproduces_the_observation(lm, lm_bf16, vector, dtype):
-    """The hook computes in float32 and casts back: with alpha = 0 the hidden states are unchanged."""
-    lm = lm if dtype == "fp32" else lm_bf16
+    """The hook computes in float32, or in the model's dtype if wider, and casts back: with
+    alpha = 0 the hidden states are unchanged (a float64 model's were rounded to float32, so its
+    exact P(unchanged) was below 1). Layer 0: the last layer's output goes through the final
+    norm, which rounds to float32 in any dtype and would hide the rounding."""
+    lm = {"fp32": lm, "bf16": lm_bf16, "fp64": tiny_llama(seed=0, dtype=torch.float64)}[dtype]
     ids = torch.cat([PROMPT, CONTINUATION])
-    with ActivationSteering(vector, 1, alpha=0.0).activate(lm) as f:
-        assert torch.equal(f.logits(ids), lm.logits(ids))
+    with torch.no_grad(), ActivationSteering(vector, 0, alpha=0.0).activate(lm) as f:  # (the model's own dtype)
+        assert torch.equal(f.model(ids[None]).logits, lm.model(ids[None]).logits)
     scm = LanguageModelSCM(
-        lm, max_new_tokens=6, mechanisms={"steer": ActivationSteering(vector, 1, alpha=0.0)}
+        lm, max_new_tokens=6, mechanisms={"steer": ActivationSteering(vector, 0, alpha=0.0)}
     )
     observed = counterfactual(scm, PROMPT, None, {}, seed=1).factual_ids
+    assert exact_counterfactual(scm, PROMPT, observed, {"mechanism": "steer"}).prob_unchanged() == 1.0
     result = counterfactual(scm, PROMPT, observed, {"mechanism": "steer"}, num_samples=20, seed=0)
     n = len(observed)
     assert torch.equal(result.counterfactual_ids[:, :n], observed.expand(20, n))
