@@ -37,7 +37,9 @@ step that an interrupt cannot split (hooks, children, replaced tensors, flags, t
 weights; an unguarded weight edited in place cannot be, and the error says so), and then refused
 with a :class:`~pyro_lmscm.errors.MechanismError` naming what changed. The context's own
 ``__exit__`` runs once, inside the same atomic restore, so Ctrl-C during it is held until
-the model is whole again.
+the model is whole again. An ``__exit__`` that raises is compared all the same: a change
+it left is refused (the :class:`~pyro_lmscm.errors.MechanismError` chained from its error),
+else its error is raised.
 """
 
 from __future__ import annotations
@@ -355,14 +357,21 @@ class ContextMechanism(Mechanism):
             error = raised
             raise
         finally:
-            restore_atomically(leave, repair)
+            failed: Exception | None = None
+            try:
+                restore_atomically(leave, repair)
+            except Exception as raised:  # the context's own __exit__ failed: its edits are compared all the same
+                failed = raised
             problems.extend(self._compare_values(state, digests, guarded, full))
             if problems:
                 raise MechanismError(
-                    f"ContextMechanism({self.name}): the context left the model changed on exit: "
-                    + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+                    f"ContextMechanism({self.name}): the context left the model changed on exit"
+                    + (f" (its __exit__ raised {type(failed).__name__}: {failed})" if failed is not None else "")
+                    + ": " + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
                     + ". A context must undo every change it makes (remove its hooks, restore its weights)."
-                )
+                ) from failed
+            if failed is not None:
+                raise failed
 
     def _compare_values(
         self, state: _State, digests: dict[str, tuple[int, int, bytes]], guarded: set[str], full: bool

@@ -237,6 +237,51 @@ def test_an_exception_inside_is_raised_and_the_model_restored(lm):
     assert_restored(lm.model, state)
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["first-activation", "after-check"])
+def test_an_exit_that_raises_before_undoing_its_edit_is_still_compared(checked):
+    """A context whose own ``__exit__`` raises before it restores the weight it edited in
+    place: the edit is found and named (a MechanismError chained from the exit's error), and
+    put back where a copy exists; it is not taken as the model's new state. The baseline: an
+    exit that raises after a full undo gives the context's own error, the model intact."""
+    lm = tiny_llama(seed=0)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    weight = lm.model.get_parameter(name)
+    state = snapshot(lm.model)
+    undo = [True]
+
+    @contextlib.contextmanager
+    def edit(model):
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(0.5)
+        yield
+        if undo[0]:
+            with torch.no_grad():
+                weight.copy_(saved)
+        raise RuntimeError("exit failed")
+
+    with pytest.raises(RuntimeError, match="exit failed"):  # the baseline: undone, then raises
+        with ContextMechanism(edit).activate(lm) as f:
+            f.logits(PROMPT)
+    assert_restored(lm.model, state)
+    mechanism = ContextMechanism(edit)
+    if checked:  # marks the tensor as edited in place: copied before each entry
+        with pytest.raises(RuntimeError, match="exit failed"):
+            mechanism.check(lm)
+    undo[0] = False
+    found = f"RuntimeError: exit failed.*{name} was edited in place and not restored "
+    with pytest.raises(MechanismError, match=found + (r"\(put back\)" if checked else r"\(NOT put back")) as caught:
+        with mechanism.activate(lm) as f:
+            f.logits(PROMPT)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    if not checked:  # nothing to put it back from; once reloaded, the next entry is guarded by a copy
+        lm.model.load_state_dict(state[0])
+        with pytest.raises(MechanismError, match=found + r"\(put back\)"):
+            with mechanism.activate(lm) as f:
+                f.logits(PROMPT)
+    assert_restored(lm.model, state)
+
+
 @pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5,
     reason="transformers 4.x captures hidden states by replacing the layers' `forward` for good, which "
