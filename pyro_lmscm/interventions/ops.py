@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 
 from ..errors import InterventionError, MechanismError, ObservationError
 from ..models.exclude_tokens_messenger import ExcludeTokensMessenger
@@ -242,12 +243,25 @@ def world(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> Iterator[N
     :func:`intervene` and every teacher-forced pass of the intervened world (exact
     probabilities, the scorer, beam search) run inside it, so each handler acts the same on
     all of them. The site data (``poutine.do``) is not entered here: a decoding run reads it
-    at the sites, a teacher-forced pass from :func:`world_inputs`."""
+    at the sites, a teacher-forced pass from :func:`world_inputs`.
+
+    :raises InterventionError: for a Messenger of the intervention that is active already
+        (entered around the call: it would act on the factual world too, and Pyro cannot
+        install one instance twice).
+    """
     excluded = excluded_tokens(scm, data)
+    messengers = getattr(data, "messengers", ())
+    active = [messenger for messenger in messengers if messenger in _PYRO_STACK]
+    if active:
+        raise InterventionError(
+            f"the intervention's Messenger {active[0]!r:.80} is active already (entered around this call), so it "
+            "would act on the factual world too; pass it as the intervention only (it acts on the intervened "
+            "world), or enter it around the call only (it acts on both worlds)."
+        )
     with ExitStack() as stack:
         if excluded:
             stack.enter_context(ExcludeTokensMessenger(scm, excluded))
-        for messenger in getattr(data, "messengers", ()):
+        for messenger in messengers:
             stack.enter_context(messenger)
         yield
 

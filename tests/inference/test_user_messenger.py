@@ -133,3 +133,26 @@ def test_the_same_messenger_twice_is_refused(setting):
     boost = BoostTokens(scm, [3], 1.0)
     with pytest.raises(InterventionError, match="twice"):
         counterfactual(scm, prompt, observed, [boost, boost], num_samples=1, seed=0)
+
+
+def test_a_messenger_already_active_around_the_call_is_refused(setting):
+    """The intervention's Messenger entered around the call as well would act on the factual
+    world too (and Pyro cannot install one instance twice): a typed error, the Pyro stack
+    as it was. The baseline: the same calls without the surrounding ``with`` run."""
+    from pyro.poutine.runtime import _PYRO_STACK
+
+    scm, prompt, observed = setting
+    boost = BoostTokens(scm, [3, 4, 6, 8], 2.5)
+    calls = {
+        "counterfactual": lambda: counterfactual(scm, prompt, observed, boost, num_samples=2, seed=0),
+        "exact": lambda: exact_counterfactual(scm, prompt, observed, [{"w_3": 5}, boost]).prob_unchanged(),
+        "scores": lambda: token_log_probs(scm, prompt, observed[None], boost),
+    }
+    for name, call in calls.items():
+        call()  # the baseline
+        with boost:
+            with pytest.raises(InterventionError, match="active already"):
+                call()
+            assert _PYRO_STACK == [boost], name
+        assert _PYRO_STACK == [], name
+        call()
