@@ -100,40 +100,48 @@ def _has_records(output_dir: Path) -> bool:
 
 
 def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -> bool:
-    """Write ``study.json``, or check that an existing one describes the same study: the same
-    result settings and the same model contents.
+    """Check that an existing ``study.json`` describes the same study: the same result
+    settings and the same model contents (reads only; :func:`_write_meta` writes it).
 
     :returns: whether the stored records are all stale (only with ``force_recompute``).
     :raises StudyError: listing what changed, without ``force_recompute``.
     """
     path = output_dir / META_FILE
-    settings = json.loads(json.dumps(config.result_settings(), default=str))
-    stale = False
-    if path.is_file() and _has_records(output_dir):  # without records it describes no results yet
-        meta = _read_meta(path)
-        old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
-        new = {**settings, **inputs}
-        # a dropped attribution changes the records as an added one does (older settings dropped keys
-        # whose value became a default: those still resume)
-        keys = [*new, *(["attribution"] if "attribution" in old and "attribution" not in new else [])]
-        diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
-        if diff and not config.force_recompute:
-            raise StudyError(
-                f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "
-                "output folder, delete this one, or pass --force-recompute (force_recompute=True) to "
-                "recompute every record."
-            )
-        stale = bool(diff)
+    if not (path.is_file() and _has_records(output_dir)):  # without records it describes no results yet
+        return False
+    meta = _read_meta(path)
+    old = {**meta.get("result_settings", {}), **meta.get("inputs", inputs)}
+    new = {**_settings(config), **inputs}
+    # a dropped attribution changes the records as an added one does (older settings dropped keys
+    # whose value became a default: those still resume)
+    keys = [*new, *(["attribution"] if "attribution" in old and "attribution" not in new else [])]
+    diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
+    if diff and not config.force_recompute:
+        raise StudyError(
+            f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "
+            "output folder, delete this one, or pass --force-recompute (force_recompute=True) to "
+            "recompute every record."
+        )
+    return bool(diff)
+
+
+def _settings(config: StudyConfig) -> dict[str, Any]:
+    """The result settings as ``study.json`` holds them (JSON values)."""
+    return json.loads(json.dumps(config.result_settings(), default=str))  # type: ignore[no-any-return]
+
+
+def _write_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -> None:
+    """Write ``study.json`` (aside, then renamed)."""
+    path = output_dir / META_FILE
     meta = {
         "fingerprint": config.fingerprint(),
-        "result_settings": settings,
+        "result_settings": _settings(config),
         "inputs": inputs,
         "config": config.to_dict(),
     }
     tmp = path.with_name(f".{META_FILE}.tmp")
     tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return stale
 
 
 def _shown(indices: list[int]) -> str:
@@ -300,20 +308,10 @@ def run_study(
     if output_dir.exists() and not output_dir.is_dir():
         raise StudyError(f"the output folder {str(output_dir)!r} is a file; choose another output folder.")
     check_device(config.device)  # an unknown or missing device writes nothing
-    worker = None
-    if items and not config.ray and not _has_records(output_dir):
-        # a new study: the model, dtype, device, intervention and attribute check are checked
-        # (the worker built) before anything is written, so a bad config leaves nothing behind
-        with torch_threads(config.threads):
-            worker = StudyWorker(config, lm=lm, messengers=messengers)
-        worker.check_chat(items)  # a chat corpus for a model without a chat template
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file on the way, no permission, a read-only disk
-        raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
     inputs = study_inputs(config)
     if messengers:
         inputs["messengers"] = json.dumps(sorted(messengers))
+    # what to run is worked out from the folder as it is (nothing written yet)
     all_stale = _check_meta(output_dir, config, inputs)
     fingerprints = {item.index: record_fingerprint(item, config, inputs) for item in items}
     by_batch = batch_fingerprints(corpus, config, inputs)
@@ -324,11 +322,8 @@ def run_study(
             stale = [r["index"] for r in stored]
         else:
             stale = _stale_records(stored, items, fingerprints, by_batch, config)
-        if stale:
-            store.remove(stale)
-            stored = store.load()
         recomputed = sum(index < len(items) for index in stale)
-        done = {record["index"] for record in stored}
+        done = {record["index"] for record in stored} - set(stale)
         missing = {item.index for item in items if item.index not in done}
         # whole batches of the corpus only: a batch of which some records are stored (or
         # that a `limit` cuts) runs in full and stores the missing ones, so a resumed or
@@ -337,6 +332,21 @@ def run_study(
         todo = [item for item in corpus if any(i in missing for i in _block(item.index, size, len(corpus)))]
         skipped = len(items) - len(missing)
         computed = len(missing)
+        worker = None
+        if todo and not config.ray:
+            # the model, dtype, device, intervention and attribute check are checked (the worker
+            # built) before anything is written or a stored record dropped, so a bad config
+            # leaves the folder as it was
+            with torch_threads(config.threads):
+                worker = StudyWorker(config, lm=lm, messengers=messengers)
+            worker.check_chat(todo)  # a chat corpus for a model without a chat template
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on the way, no permission, a read-only disk
+            raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
+        _write_meta(output_dir, config, inputs)
+        if stale:
+            store.remove(stale)
 
         with _Progress(config.progress, len(items), skipped, config.name) as bar:
 
@@ -355,10 +365,8 @@ def run_study(
                 from .ray_backend import run_on_ray
 
                 run_on_ray(config, todo, store_record)
-            elif todo:
+            elif worker is not None:
                 with torch_threads(config.threads):
-                    worker = worker if worker is not None else StudyWorker(config, lm=lm, messengers=messengers)
-                    worker.check_chat(todo)
                     # one set of float32 weight copies for the study, not one per block, and
                     # one heap kept for it (the scopes of each process_many call nest in these)
                     with compute_scope(worker.lm):

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pyro_lmscm.errors import InterventionError, ModelLoadError
 from pyro_lmscm.study import StudyError, load_study, run_study
 from pyro_lmscm.study import runner as runner_module
 
@@ -155,6 +156,29 @@ def test_new_weights_at_the_same_path_are_refused(make_config, tiny_folders, tmp
         run_study(make_config(model=str(folder), limit=3))
     again = run_study(make_config(model=str(folder), limit=3, force_recompute=True))
     assert again.computed == 3 and again.records != first.records
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ({"intervention": "bogus=1"}, InterventionError, "bogus"),
+        ({"dtype": "float99"}, ModelLoadError, "float99"),
+        ({"attribute": 3}, StudyError, "attribute"),
+    ],
+    ids=["intervention", "dtype", "attribute"],
+)
+def test_a_bad_config_with_force_recompute_leaves_the_folder_as_it_was(make_config, bad, error, match):
+    """force_recompute drops the stored records it recomputes; a config whose model, dtype,
+    intervention or attribute check is bad is refused before that (and before study.json is
+    rewritten). The baseline: the same folder with a good changed config is recomputed."""
+    config = make_config(limit=3)
+    run_study(config)
+    files = {path.name: path.read_bytes() for path in config.output_dir.iterdir()}
+    with pytest.raises(error, match=match):
+        run_study(make_config(limit=3, force_recompute=True, **bad))
+    assert {path.name: path.read_bytes() for path in config.output_dir.iterdir()} == files
+    again = run_study(make_config(limit=3, force_recompute=True, num_samples=2))
+    assert again.recomputed == 3 and again.computed == 3
 
 
 def test_a_bf16_study_makes_its_float32_copies_once_not_per_block(make_config, monkeypatch):
