@@ -233,6 +233,11 @@ class StudyConfig:
             Decoding(self.temperature, top_k, self.top_p)
         except DecodingError as error:
             raise StudyError(f"StudyConfig: {error}") from None
+        # one value, one type: `temperature: 1` (YAML) and `--temperature 1` (a float) are one study,
+        # with one fingerprint
+        self.temperature = float(self.temperature)
+        if self.top_p is not None:
+            self.top_p = float(self.top_p)
         check_code_allowed(self.attribute, self.allow_code)
         self.attribution_options()  # checked now, not per string
 

@@ -115,7 +115,9 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
     # a dropped attribution changes the records as an added one does (older settings dropped keys
     # whose value became a default: those still resume)
     keys = [*new, *(["attribution"] if "attribution" in old and "attribution" not in new else [])]
-    diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
+    # compared as JSON text, so that 1 and 1.0 differ here as they do in the records' fingerprints
+    diff = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys
+            if _json(old.get(key)) != _json(new.get(key))]
     if diff and not config.force_recompute:
         raise StudyError(
             f"{output_dir} holds the results of another study ({'; '.join(diff)}); choose another "
@@ -123,6 +125,10 @@ def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -
             "recompute every record."
         )
     return bool(diff)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _settings(config: StudyConfig) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pyro_lmscm.errors import InterventionError, ModelLoadError
-from pyro_lmscm.study import StudyError, load_study, run_study
+from pyro_lmscm.study import StudyConfig, StudyError, load_study, run_study
 from pyro_lmscm.study import runner as runner_module
 
 
@@ -179,6 +179,27 @@ def test_a_bad_config_with_force_recompute_leaves_the_folder_as_it_was(make_conf
     assert {path.name: path.read_bytes() for path in config.output_dir.iterdir()} == files
     again = run_study(make_config(limit=3, force_recompute=True, num_samples=2))
     assert again.recomputed == 3 and again.computed == 3
+
+
+def test_an_integer_temperature_and_its_float_are_one_study(make_config, tmp_path):
+    """``temperature: 1`` in a YAML file and ``--temperature 1`` (a float) on a resume are the
+    same study: resumed, not refused as a changed corpus. The baseline: another temperature
+    is refused, naming it. A folder whose records were hashed with the integer (an older
+    version kept it) is refused naming the temperature, not the corpus."""
+    config = make_config(limit=3)
+    fields = {**config.to_dict(), "temperature": 1, "top_p": 1}
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(fields))  # JSON is YAML
+    first = run_study(StudyConfig.from_file(path))
+    again = run_study(StudyConfig.from_file(path, temperature=1.0, top_p=1.0))
+    assert again.computed == 0 and again.records == first.records
+    with pytest.raises(StudyError, match=r"another study \(temperature: 1.0 -> 0.9\)"):
+        run_study(StudyConfig.from_file(path, temperature=0.9))
+    legacy = make_config(limit=3, output=str(tmp_path / "legacy"))
+    legacy.temperature = 1  # as an older version stored it
+    run_study(legacy)
+    with pytest.raises(StudyError, match=r"another study \(temperature: 1 -> 1.0\)"):
+        run_study(make_config(limit=3, output=str(tmp_path / "legacy"), temperature=1.0))
 
 
 def test_a_bf16_study_makes_its_float32_copies_once_not_per_block(make_config, monkeypatch):
