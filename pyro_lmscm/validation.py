@@ -8,6 +8,7 @@ Integers may be Python or NumPy integers (and 0-d integer tensors), never ``bool
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -174,9 +175,74 @@ def as_seed(seed: Any, error: type[LMSCMError] = InferenceError) -> int | None:
     return as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=error)
 
 
+#: The most values (mappings, lists and scalars, repeats counted) a data file may stand for.
+#: A YAML alias repeats a node without copying it, so a file of a few lines can stand for
+#: billions of values (each settings hash would write them all out) or hold itself.
+MAX_DATA_VALUES = 1_000_000
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (``json`` keeps the last)."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last); the keys a merge (``<<: *anchor``) brings may still be overridden."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        repeated = key in seen
+                    except TypeError:  # an unhashable key: refused by PyYAML itself
+                        continue
+                    if repeated:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"the key {key!r} is given twice", key_node.start_mark,
+                        )
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _within_size(data: Any, limit: int) -> bool:
+    """Whether ``data`` holds at most ``limit`` values, counting a shared one each time it
+    appears (a structure that holds itself never ends, and is over any limit)."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+    return True
+
+
 def load_data_file(path: Path, what: str, error: type[LMSCMError]) -> Any:
     """The parsed content of a JSON file (``.json``) or a YAML file (any other suffix), read
     safely (no YAML tags run code); every failure is an ``error`` naming ``what`` and the file.
+    A key given twice in one mapping is refused (the parsers would keep the last silently),
+    and so is content of more than :data:`MAX_DATA_VALUES` values once YAML aliases are
+    expanded, or that holds itself.
 
     :param what: how the message names the file, e.g. ``"study config"``.
     """
@@ -190,8 +256,15 @@ def load_data_file(path: Path, what: str, error: type[LMSCMError]) -> Any:
         ) from None
     except OSError as failure:
         raise error(f"{what} {str(path)!r} cannot be read: {failure.strerror or failure}.") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = (json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON"
+                else yaml.load(text, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader
     except (ValueError, RecursionError, yaml.YAMLError) as failure:
-        kind = "JSON" if path.suffix == ".json" else "YAML"
         raise error(f"{what} {str(path)!r} is not valid {kind}: {failure}") from None
+    if not _within_size(data, MAX_DATA_VALUES):
+        raise error(
+            f"{what} {str(path)!r} stands for more than {MAX_DATA_VALUES:,} values once its YAML aliases "
+            "(*name) are expanded, or holds itself; write the values out."
+        )
+    return data

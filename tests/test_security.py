@@ -546,7 +546,7 @@ def _python_tag(marker: Path) -> str:
 
 
 def test_yaml_files_are_read_safely(tmp_path, factual_lm):
-    """Python tags in a study config or an intervention file construct nothing (yaml.safe_load)."""
+    """Python tags in a study config or an intervention file construct nothing (a yaml.SafeLoader)."""
     import yaml
 
     from pyro_lmscm.interventions.spec import parse_intervention

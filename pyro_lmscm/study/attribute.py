@@ -199,9 +199,10 @@ def check_code_allowed(spec: Any, allow_code: bool) -> None:
 def make_attribute(spec: str | Mapping[str, Any] | None, allow_code: bool = False) -> AttributeCheck | None:
     """Build an attribute check from a config value.
 
-    A config reads as data (it is parsed with ``yaml.safe_load``), so a mapping that names a
-    function to import and run on every generated text is refused unless ``allow_code`` is
-    true (``--allow-code``, or ``allow_code=True`` in Python; never a key of the config).
+    A config reads as data (it is parsed with PyYAML's safe loader,
+    :func:`~pyro_lmscm.validation.load_data_file`), so a mapping that names a function to
+    import and run on every generated text is refused unless ``allow_code`` is true
+    (``--allow-code``, or ``allow_code=True`` in Python; never a key of the config).
 
     * ``None``: no check;
     * ``"gender"`` (male to female words) or ``"gender:male"`` (female to male);

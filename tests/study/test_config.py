@@ -78,3 +78,43 @@ def test_demo_config_and_corpus():
     assert all(item.continuation is None for item in items)
     assert len({item.prompt for item in items}) == 50
     assert StudyConfig(corpus="demo").corpus_path == config.corpus_path
+
+
+_LAUGHS = "x0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 8)
+)  # 10**8 values in eight lines
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("twice.yaml", "corpus: c.txt\nseed: 1\nseed: 2\n", "'seed' is given twice"),
+        ("twice.json", '{"corpus": "c.txt", "seed": 1, "seed": 2}', "'seed' is given twice"),
+        ("nested.yaml", "corpus: c.txt\nattribution: {by: layer, by: step}\n", "'by' is given twice"),
+        ("itself.yaml", "corpus: c.txt\nintervention: &a {w_0: *a}\n", "holds itself"),
+        ("laughs.yaml", "corpus: c.txt\nintervention:\n  " + _LAUGHS.replace("\n", "\n  "), "1,000,000 values"),
+    ],
+)
+def test_data_file_tricks_are_refused_naming_the_file(tmp_path, name, text, match):
+    """A key given twice (YAML and JSON keep the last one silently), a config that holds
+    itself through a YAML alias (a bare ValueError from the settings hash) or stands for 10**8
+    values (minutes of hashing) are StudyErrors naming the file, as is the same in an
+    intervention file. The baseline: a merge key may be overridden, and aliases that expand
+    to a few values are read."""
+    from pyro_lmscm.errors import InterventionError
+    from pyro_lmscm.interventions.spec import read_spec
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(StudyError, match=f"(?s){name}'.*{match}"):
+        StudyConfig.from_file(path)
+    spec = tmp_path / f"spec{path.suffix}"
+    spec.write_text(text)
+    with pytest.raises(InterventionError, match=f"(?s){spec.name}'.*{match}"):
+        read_spec(str(spec))
+    (tmp_path / "ok.yaml").write_text(
+        "corpus: c.txt\nattribution: &opts {by: layer, max_exact_parts: 3}\n"
+        "intervention: {w_0: &t 3, w_1: *t}\n<<: {seed: 1, num_samples: 3}\nseed: 2\n"
+    )
+    config = StudyConfig.from_file(tmp_path / "ok.yaml")
+    assert (config.seed, config.num_samples, config.intervention) == (2, 3, {"w_0": 3, "w_1": 3})
