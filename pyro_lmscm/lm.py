@@ -522,18 +522,40 @@ class HFLanguageModel:
 
     def encode_reply(self, text: str) -> torch.Tensor:
         """An assistant's reply as an observation: the ids of ``text`` followed by the
-        end-of-turn token (the tokenizer's end of sequence, e.g. SmolLM2's ``<|im_end|>``,
-        when it is one of :attr:`eos_token_ids`, else the first of them), so that the
-        observed string ends where the turn ends.
+        end-of-turn token, so that the observed string ends where the turn ends. That token
+        is the one the chat template writes right after an assistant's content (SmolLM2's
+        ``<|im_end|>``, Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``) when it is one of
+        :attr:`eos_token_ids`; else (no template, or one that writes none) the tokenizer's
+        end of sequence when it is one of them, else the first of them.
 
         :raises TokenizationError: as :meth:`encode`, or when the model has no end of sequence.
         """
         ids = self.encode(text)
         if not self.eos_token_ids:
             raise TokenizationError("the model has no end-of-sequence token to end a reply with.")
-        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        end = tokenizer_eos if tokenizer_eos in self.eos_token_ids else self.eos_token_ids[0]
+        end = self._end_of_turn()
+        if end is None:
+            tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+            end = tokenizer_eos if tokenizer_eos in self.eos_token_ids else self.eos_token_ids[0]
         return torch.cat([ids, torch.tensor([end], dtype=torch.long)])
+
+    def _end_of_turn(self) -> int | None:
+        """The first token the chat template writes after an assistant's content, if it is
+        one of :attr:`eos_token_ids` (``None`` without a template, or if it writes another)."""
+        tokenizer = self.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return None
+        mark = "\u2063pyro-lmscm reply\u2063"  # text no template writes itself
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": mark}], tokenize=False
+            )
+        except Exception:  # noqa: BLE001 - the template's own checks: no template-given token
+            return None
+        if not isinstance(text, str) or mark not in text:
+            return None
+        after = tokenizer(text[text.rindex(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
+        return int(after[0]) if after and int(after[0]) in self.eos_token_ids else None
 
     def _encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         tokenizer = self._require_tokenizer()

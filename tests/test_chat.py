@@ -53,6 +53,33 @@ def test_encode_reply_ends_with_the_end_of_turn(chat_lm):
     assert reply[:-1].tolist() == chat_lm.encode(REPLY).tolist() and int(reply[-1]) == 1  # </s>
 
 
+def test_the_reply_ends_with_the_token_the_template_ends_the_turn_with():
+    """A model whose turns end with another token than the tokenizer's end of sequence (as
+    Gemma's <end_of_turn> and Phi-3's <|end|>): the observation ends with the token the chat
+    template writes after the assistant's content, so the prompt and the observation are
+    exactly the template's conversation with the reply (the oracle: the template rendered with
+    the reply as an assistant message). The baseline: the tokenizer's end of sequence, which
+    encode_reply appended before, is not what the template writes."""
+    lm = tiny_llama(seed=0)
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.chat_template = TEMPLATE.replace("{{ message['content'] }} </s>", "{{ message['content'] }} <s>")
+    model = copy.deepcopy(lm.model)
+    model.generation_config.eos_token_id = [1, 2]  # </s> and the end of turn <s>
+    chat = HFLanguageModel(model, tokenizer)
+    assert tokenizer.eos_token_id == 1 and chat.eos_token_ids == [1, 2]
+    prompt, observed = chat.encode(MESSAGES), chat.encode_reply(REPLY)
+    whole = tokenizer.apply_chat_template(
+        [*MESSAGES, {"role": "assistant", "content": REPLY}], tokenize=True, return_dict=False
+    )
+    whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+    assert prompt.tolist() + observed.tolist() == whole[: len(prompt) + len(observed)]
+    assert observed.tolist() == chat.encode(REPLY).tolist() + [2]
+    assert whole[len(prompt) + len(observed) - 1] != tokenizer.eos_token_id  # the baseline
+    # a template that writes no end-of-sequence token after the reply: the tokenizer's, as before
+    tokenizer.chat_template = TEMPLATE.replace("{{ message['content'] }} </s>", "{{ message['content'] }} man")
+    assert HFLanguageModel(model, tokenizer).encode_reply(REPLY).tolist()[-1] == 1
+
+
 @pytest.mark.parametrize(
     "messages, match",
     [
