@@ -8,7 +8,8 @@ A study is fully described by a :class:`StudyConfig`. Its fields are of two kind
   ``batch_size`` (unless 1), ``exact_only`` (if set) and ``draw_scores`` (if off) are result
   fields too.
 * **execution fields** decide only how the work is done: output format, threads, Ray,
-  workers, shard size, device, progress bar, bootstrap size. Changing them between runs is allowed.
+  workers, shard size, device, progress bar, bootstrap size. Changing them between runs is
+  allowed, except the output format once records are stored (a folder holds one store).
 
 In a YAML or JSON file, relative paths (``corpus``) are read from the file's folder; the
 output folder is relative to the working directory (default ``studies/<name>``).
@@ -116,7 +117,8 @@ class StudyConfig:
         ``--allow-code``); a config file or mapping that holds the key is refused.
     :param force_recompute: on resume, recompute the records whose inputs changed (see
         :func:`~pyro_lmscm.study.runner.run_study`) instead of refusing.
-    :param format: ``"jsonl"`` or ``"parquet"`` (needs ``pyarrow``).
+    :param format: ``"jsonl"`` or ``"parquet"`` (needs ``pyarrow``); a folder with records
+        resumes in its own format only.
     :param threads: torch threads per process (also per Ray worker).
     :param limit: process only the first ``limit`` strings of the corpus.
     :param bootstrap: bootstrap resamples for the confidence intervals.

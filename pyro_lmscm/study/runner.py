@@ -93,10 +93,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _has_records(output_dir: Path) -> bool:
-    """Whether the folder holds any stored record, in either format."""
+def _has_records(output_dir: Path, format: str | None = None) -> bool:
+    """Whether the folder holds any stored record in ``format`` (either format: ``None``)."""
     jsonl, parquet = output_dir / "records.jsonl", output_dir / "records.parquet"
-    return (jsonl.is_file() and jsonl.stat().st_size > 0) or (parquet.is_dir() and any(parquet.glob("part-*")))
+    return (format != "parquet" and jsonl.is_file() and jsonl.stat().st_size > 0) or (
+        format != "jsonl" and parquet.is_dir() and any(parquet.glob("part-*"))
+    )
 
 
 def _check_meta(output_dir: Path, config: StudyConfig, inputs: dict[str, str]) -> bool:
@@ -313,6 +315,13 @@ def run_study(
     output_dir = config.output_dir
     if output_dir.exists() and not output_dir.is_dir():
         raise StudyError(f"the output folder {str(output_dir)!r} is a file; choose another output folder.")
+    other = next(kind for kind in ("jsonl", "parquet") if kind != config.format)
+    if _has_records(output_dir, other):  # one store per folder: a resume reads the config's format only
+        raise StudyError(
+            f"{output_dir} holds records in the {other!r} format, but the config asks for format="
+            f"{config.format!r}, which would compute them all again beside them; resume with format={other!r}, "
+            "or choose another output folder."
+        )
     check_device(config.device)  # an unknown or missing device writes nothing
     inputs = study_inputs(config)
     if messengers:

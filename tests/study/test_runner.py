@@ -36,6 +36,22 @@ def test_a_different_study_in_the_same_folder_is_refused(make_config):
     run_study(make_config(limit=2, threads=2, bootstrap=50))  # execution settings may change
 
 
+@pytest.mark.parametrize("first, then", [("jsonl", "parquet"), ("parquet", "jsonl")])
+def test_another_record_format_on_resume_is_refused(make_config, first, then):
+    """A folder holds one record store: resuming with the other format, which would compute
+    every record again beside the stored ones (two stores, one of them of older settings after
+    a forced recompute), is refused naming the format, and nothing is written. The baseline:
+    the same format resumes with nothing to compute."""
+    pytest.importorskip("pyarrow")
+    config = make_config(limit=3, format=first)
+    run_study(config)
+    files = sorted(path.name for path in config.output_dir.iterdir())
+    with pytest.raises(StudyError, match=f"holds records in the '{first}' format.*format='{then}'"):
+        run_study(make_config(limit=3, format=then))
+    assert sorted(path.name for path in config.output_dir.iterdir()) == files
+    assert run_study(make_config(limit=3, format=first)).computed == 0
+
+
 def test_a_changed_corpus_is_refused(make_config, corpus_file):
     run_study(make_config(limit=2))
     corpus_file.write_text(corpus_file.read_text().replace("the man said he", "the man said"))
