@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ..errors import LMSCMError
 from .config import StudyError
 from .worker import StudyWorker
 
@@ -37,9 +38,20 @@ class _RayWorker:
         import torch
 
         torch.set_num_threads(int(config["threads"]))
-        self.worker = StudyWorker(config, allow_code=allow_code)
+        self.worker: StudyWorker | None = None
+        self.error: LMSCMError | None = None
+        try:
+            self.worker = StudyWorker(config, allow_code=allow_code)
+        except LMSCMError as error:  # a bad config: handed to the driver, not a dead actor
+            self.error = error
+
+    def refusal(self) -> LMSCMError | None:
+        """The typed error that building the worker raised (a bad model, dtype, intervention
+        or attribute check), or ``None``."""
+        return self.error
 
     def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert self.worker is not None  # run_on_ray asks for `refusal` first
         return self.worker.process_many(items)
 
 
@@ -55,6 +67,8 @@ def run_on_ray(
     if this call started it.
 
     :raises StudyError: if ray is not installed.
+    :raises LMSCMError: the error of a config the actors refuse (a bad model, dtype,
+        intervention or attribute check), before any shard is handed out.
     """
     try:
         import ray
@@ -82,6 +96,9 @@ def run_on_ray(
         for i in range(0, len(blocks), per_shard)
     ]
     try:
+        for refusal in ray.get([actor.refusal.remote() for actor in actors]):
+            if refusal is not None:
+                raise refusal
         pending: dict[Any, Any] = {}
         queue = list(reversed(shards))
         for actor in actors:

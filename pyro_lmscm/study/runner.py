@@ -359,15 +359,26 @@ def run_study(
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a file on the way, no permission, a read-only disk
             raise StudyError(f"cannot create the output folder {str(output_dir)!r}: {error}.") from None
-        _write_meta(output_dir, config, inputs)
-        if stale:
-            store.remove(stale)
+        written: list[bool] = []
+
+        def write() -> None:
+            """study.json and the removal of the stale records, once: when the first new record
+            is stored (a Ray actor refuses a bad config only once it is started) or at the end."""
+            if not written:
+                written.append(True)
+                _write_meta(output_dir, config, inputs)
+                if stale:
+                    store.remove(stale)
+
+        if not todo:
+            write()
 
         with _Progress(config.progress, len(items), skipped, config.name) as bar:
 
             def store_record(record: dict[str, Any]) -> None:
                 if record["index"] not in missing:
                     return  # a stored string of a batch that ran again
+                write()
                 missing.discard(record["index"])
                 record["fingerprint"] = fingerprints[record["index"]]
                 record["batch_fingerprint"] = by_batch[record["index"]]
@@ -388,6 +399,7 @@ def run_study(
                         for _, block in itertools.groupby(todo, key=lambda item: item.index // size):
                             for record in worker.process_many(list(block)):
                                 store_record(record)
+        write()
         records = [record for record in store.load() if record["index"] < len(items)]
     finally:
         store.close()

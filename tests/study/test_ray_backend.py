@@ -16,3 +16,22 @@ def test_ray_equals_local(make_config, tmp_path):
     assert on_ray.skipped == 3 and on_ray.computed == 6
     assert on_ray.records == local.records
     assert not ray.is_initialized()  # the backend shuts down the instance it started
+
+
+def test_a_bad_config_on_ray_is_typed_and_leaves_the_folder_as_it_was(make_config, tmp_path):
+    """The actors refuse a bad intervention: the driver raises its InterventionError (not
+    Ray's ActorDiedError), and with force_recompute the stored records and study.json are as
+    they were. The baseline: the good config then runs on Ray."""
+    from pyro_lmscm.errors import InterventionError
+
+    config = make_config(limit=2, batch_size=2)
+    run_study(config)
+    files = {path.name: path.read_bytes() for path in config.output_dir.iterdir()}
+    with pytest.raises(InterventionError, match="bogus"):
+        run_study(make_config(limit=2, batch_size=2, ray=True, num_workers=1, intervention="bogus=1",
+                              force_recompute=True))
+    assert {path.name: path.read_bytes() for path in config.output_dir.iterdir()} == files
+    assert not ray.is_initialized()
+    again = run_study(make_config(limit=2, batch_size=2, ray=True, num_workers=1, num_samples=2,
+                                  force_recompute=True))
+    assert again.computed == 2 and again.recomputed == 2
