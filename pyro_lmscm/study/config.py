@@ -42,6 +42,7 @@ __all__ = [
     "DEMO_CONFIG",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_EXACT_BATCH_SIZE",
+    "MAX_BOOTSTRAP",
     "RESULT_FIELDS",
     "StudyConfig",
     "StudyError",
@@ -77,6 +78,10 @@ DEFAULT_BATCH_SIZE = 16
 #: The same for an exact-only study (25 tokens, top-k 50: 0.34, 0.29, 0.29 and 0.28 s per
 #: string at 16, 32, 64 and 128; larger batches hold more memory for little more speed).
 DEFAULT_EXACT_BATCH_SIZE = 64
+
+#: The most bootstrap resamples (:attr:`StudyConfig.bootstrap`): the summary draws a
+#: ``(bootstrap, strings)`` table of indices at once (10**5 resamples of 1000 strings: 800 MB).
+MAX_BOOTSTRAP = 100_000
 
 #: The packaged demo study (``pyro-lmscm study --demo``).
 DEMO_CONFIG = "demo_study.yaml"
@@ -121,7 +126,7 @@ class StudyConfig:
         resumes in its own format only.
     :param threads: torch threads per process (also per Ray worker).
     :param limit: process only the first ``limit`` strings of the corpus.
-    :param bootstrap: bootstrap resamples for the confidence intervals.
+    :param bootstrap: bootstrap resamples for the confidence intervals, at most :data:`MAX_BOOTSTRAP`.
     :param confidence: the confidence level of the intervals.
     :param ray: run on Ray (a local instance unless ``ray_address`` is given).
     :param ray_address: the address of a Ray cluster (implies ``ray``).
@@ -202,6 +207,7 @@ class StudyConfig:
         counts = ("num_samples", "max_new_tokens", "num_workers", "shard_size", "bootstrap", "batch_size")
         for name in counts:
             positive(name)
+        as_int(self.bootstrap, "bootstrap", minimum=1, maximum=MAX_BOOTSTRAP, error=StudyError, owner="StudyConfig")
         as_int(self.threads, "threads", minimum=1, maximum=MAX_THREADS, error=StudyError, owner="StudyConfig")
         if self.limit is not None:
             positive("limit", 0)

@@ -51,6 +51,7 @@ def test_overrides_and_fingerprint(tmp_path, corpus_file):
         ({"confidence": 1.5}, "confidence"),
         ({"intervention": 3}, "intervention"),
         ({"name": "a/b"}, "name"),
+        ({"bootstrap": 10**14}, r"`bootstrap` must be an integer >= 1 and <= 100000"),  # 1.4 PiB at the report
     ],
 )
 def test_bad_values_name_the_field(bad, match):
