@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import LMSCMError
 from .config import StudyError
+from .corpus import CorpusItem
 from .worker import StudyWorker
 
 if TYPE_CHECKING:
     from .config import StudyConfig
-    from .corpus import CorpusItem
 
 __all__ = ["run_on_ray"]
 
@@ -45,9 +45,15 @@ class _RayWorker:
         except LMSCMError as error:  # a bad config: handed to the driver, not a dead actor
             self.error = error
 
-    def refusal(self) -> LMSCMError | None:
+    def refusal(self, items: Sequence[CorpusItem] = ()) -> LMSCMError | None:
         """The typed error that building the worker raised (a bad model, dtype, intervention
-        or attribute check), or ``None``."""
+        or attribute check), or that :meth:`~pyro_lmscm.study.worker.StudyWorker.check_chat`
+        raises for ``items`` (chat rows for a model without a chat template), or ``None``."""
+        if self.worker is not None:
+            try:
+                self.worker.check_chat(items)
+            except LMSCMError as error:
+                return error
         return self.error
 
     def process(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,7 +74,8 @@ def run_on_ray(
 
     :raises StudyError: if ray is not installed.
     :raises LMSCMError: the error of a config the actors refuse (a bad model, dtype,
-        intervention or attribute check), before any shard is handed out.
+        intervention or attribute check, chat rows for a model without a chat template),
+        before any shard is handed out.
     """
     try:
         import ray
@@ -96,7 +103,8 @@ def run_on_ray(
         for i in range(0, len(blocks), per_shard)
     ]
     try:
-        for refusal in ray.get([actor.refusal.remote() for actor in actors]):
+        chat = [item for item in items if item.messages is not None][:1]  # the first chat row, if any
+        for refusal in ray.get([actor.refusal.remote(chat) for actor in actors]):
             if refusal is not None:
                 raise refusal
         pending: dict[Any, Any] = {}

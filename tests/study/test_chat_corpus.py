@@ -86,6 +86,18 @@ def test_a_model_without_a_chat_template_is_refused(make_config, chat_corpus):
     assert not (config.output_dir / "records.jsonl").exists()
 
 
+def test_a_model_without_a_chat_template_is_refused_on_ray(make_config, chat_corpus):
+    """As in a local run, before any string runs: not a study of error records. The
+    baseline: a text corpus on the same model runs on Ray."""
+    pytest.importorskip("ray")
+    config = make_config(corpus=str(chat_corpus), intervention="", ray=True, num_workers=1, batch_size=2)
+    with pytest.raises(StudyError, match="no chat template"):
+        run_study(config)
+    assert not (config.output_dir / "records.jsonl").exists()
+    assert run_study(make_config(intervention="", ray=True, num_workers=1, batch_size=2, limit=2,
+                                 output=str(config.output_dir.parent / "text"))).computed == 2
+
+
 @pytest.mark.parametrize("batch_size, exact_only", [(1, False), (4, False), (4, True)])
 def test_system_prompt_counterfactual_and_its_null(make_config, chat_corpus, chat_lm, batch_size, exact_only):
     """``system=`` with each row's own system prompt is the null intervention: P(unchanged) 1 and
