@@ -22,7 +22,7 @@ from .errors import InferenceError, LMSCMError, MechanismError
 
 __all__ = [
     "MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id",
-    "has_integer_dtype", "is_integer", "is_real",
+    "has_integer_dtype", "is_integer", "is_real", "unique_keys",
 ]
 
 #: The most torch CPU threads a setting may ask for: far above any machine's cores, and far
@@ -181,8 +181,12 @@ def as_seed(seed: Any, error: type[LMSCMError] = InferenceError) -> int | None:
 MAX_DATA_VALUES = 1_000_000
 
 
-def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """A JSON object's pairs as a dict, refusing a key given twice (``json`` keeps the last)."""
+def unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A JSON object's pairs as a dict, refusing a key given twice (``json`` keeps the last):
+    the ``object_pairs_hook`` of every JSON file the package reads as data.
+
+    :raises ValueError: naming the key.
+    """
     out: dict[Any, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -258,7 +262,7 @@ def load_data_file(path: Path, what: str, error: type[LMSCMError]) -> Any:
         raise error(f"{what} {str(path)!r} cannot be read: {failure.strerror or failure}.") from None
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = (json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON"
+        data = (json.loads(text, object_pairs_hook=unique_keys) if kind == "JSON"
                 else yaml.load(text, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader
     except (ValueError, RecursionError, yaml.YAMLError) as failure:
         raise error(f"{what} {str(path)!r} is not valid {kind}: {failure}") from None

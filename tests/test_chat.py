@@ -204,9 +204,12 @@ def test_cli_system_prompt_counterfactual(chat_folder, chat_lm, tmp_path):
         (["--system", "he"], "--system needs --user"),
         (["--prompt", "the man", "--intervention", "system=he"], "edits a chat prompt"),
         (["--messages", "missing.json"], "cannot read the file"),
+        (["--messages", "twice.json"], "'content' is given twice"),
     ],
 )
-def test_cli_bad_chat_options(chat_folder, args, message):
+def test_cli_bad_chat_options(chat_folder, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twice.json").write_text('[{"role": "user", "content": "the man", "content": "he said"}]')
     result = _run("counterfactual", "--model", chat_folder, "--text", REPLY, *args)
     assert result.exit_code == 2 and message in result.output
 

@@ -253,20 +253,21 @@ def _chat_messages(system: str | None, user: str | None, messages_file: str | No
 
     from ..errors import ChatError
     from ..lm import check_messages
+    from ..validation import unique_keys
 
     if messages_file is not None:
         if user is not None or system is not None:
             raise typer.BadParameter("give --messages FILE.json or --system/--user, not both.")
         path = Path(messages_file)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
         except OSError as error:
             raise ChatError(f"--messages {messages_file}: cannot read the file ({error.strerror}).") from error
         except UnicodeDecodeError as error:
             raise ChatError(
                 f"--messages {messages_file}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
             ) from None
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # JSONDecodeError, or a key given twice
             raise ChatError(f"--messages {messages_file}: not JSON ({error}).") from error
         except RecursionError:
             raise ChatError(f"--messages {messages_file}: not JSON (nested too deep).") from None

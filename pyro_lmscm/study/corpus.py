@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..validation import as_path
+from ..validation import as_path, unique_keys
 from .config import StudyError
 
 __all__ = ["CorpusItem", "read_corpus"]
@@ -159,7 +159,7 @@ def _read_jsonl(text: str, name: str) -> list[CorpusItem]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as error:  # nested too deep; an int over 4300 digits
             raise StudyError(f"{name}, line {number}: not valid JSON ({error}).") from None
         if not isinstance(row, Mapping):

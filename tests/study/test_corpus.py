@@ -27,6 +27,7 @@ def test_jsonl_and_csv(tmp_path):
     [
         ("c.jsonl", '{"prompt": "a"}\n{"prompt": \n', "line 2"),
         ("c.jsonl", '{"text": "a"}\n', "prompt"),
+        ("c.jsonl", '{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n', "line 2.*'prompt' is given twice"),
         ("c.csv", "text\na\n", "prompt"),
         ("c.txt", "# only a comment\n", "no prompts"),
         ("c.md", "a\n", "expected a .txt"),
