@@ -48,7 +48,8 @@ class _RayWorker:
     def refusal(self, items: Sequence[CorpusItem] = ()) -> LMSCMError | None:
         """The typed error that building the worker raised (a bad model, dtype, intervention
         or attribute check), or that :meth:`~pyro_lmscm.study.worker.StudyWorker.check_chat`
-        raises for ``items`` (chat rows for a model without a chat template), or ``None``."""
+        raises for ``items`` (chat rows for a model without a chat template, text rows for
+        chat edits), or ``None``."""
         if self.worker is not None:
             try:
                 self.worker.check_chat(items)
@@ -74,8 +75,8 @@ def run_on_ray(
 
     :raises StudyError: if ray is not installed.
     :raises LMSCMError: the error of a config the actors refuse (a bad model, dtype,
-        intervention or attribute check, chat rows for a model without a chat template),
-        before any shard is handed out.
+        intervention or attribute check, chat rows for a model without a chat template, text
+        rows for chat edits), before any shard is handed out.
     """
     try:
         import ray
@@ -103,8 +104,10 @@ def run_on_ray(
         for i in range(0, len(blocks), per_shard)
     ]
     try:
-        chat = [item for item in items if item.messages is not None][:1]  # the first chat row, if any
-        for refusal in ray.get([actor.refusal.remote(chat) for actor in actors]):
+        # the first chat row and the first text row, if any: what StudyWorker.check_chat looks at
+        kinds = [next((item for item in items if (item.messages is None) == text), None) for text in (False, True)]
+        firsts = [item for item in kinds if item is not None]
+        for refusal in ray.get([actor.refusal.remote(firsts) for actor in actors]):
             if refusal is not None:
                 raise refusal
         pending: dict[Any, Any] = {}

@@ -366,10 +366,23 @@ class StudyWorker:
         return [spec.intervention, *self._messengers] if self._messengers else spec.intervention
 
     def check_chat(self, items: Sequence[CorpusItem]) -> None:
-        """Refuse a corpus of chat rows for a model without a chat template, before any string runs.
+        """Refuse, before any string runs, a corpus of chat rows for a model without a chat
+        template, and an intervention with chat edits (``system=``, ``user=``) for a corpus
+        with text rows (each would be an error record).
 
-        :raises StudyError: naming the model and the first chat row.
+        :raises StudyError: naming the model and the first chat row, or the intervention's
+            chat edits and the first text row.
         """
+        text = next((item for item in items if item.messages is None), None)
+        if self._chat_spec is not None and text is not None:
+            from ..interventions.spec import CHAT_KEYS
+
+            edits = "/".join(key for key in CHAT_KEYS if key in self._chat_spec)
+            raise StudyError(
+                f"`intervention` edits a chat prompt ({edits}=), but the corpus has text rows (`prompt`, first "
+                f"at index {text.index}), which have no conversation to edit; give every row as chat "
+                "`messages`, or use another intervention."
+            )
         chat = next((item for item in items if item.messages is not None), None)
         if chat is not None and not getattr(self.lm.tokenizer, "chat_template", None):
             raise StudyError(

@@ -86,6 +86,29 @@ def test_a_model_without_a_chat_template_is_refused(make_config, chat_corpus):
     assert not (config.output_dir / "records.jsonl").exists()
 
 
+@pytest.mark.parametrize("ray", [False, True], ids=["local", "ray"])
+def test_chat_edits_of_a_corpus_with_text_rows_are_refused(make_config, chat_corpus, chat_lm, tmp_path, ray):
+    """system=/user= edit a row's conversation: a text row has none, so a corpus with one is
+    refused before any string runs (it ran to a table of error records), naming the
+    intervention and the first text row. The baseline: the chat rows alone run."""
+    if ray:
+        pytest.importorskip("ray")
+    mixed = _write(tmp_path / "mixed.jsonl", [*ROWS[:2], {"prompt": "the man said"}, ROWS[2]])
+    options = dict(intervention="system=the city was old", attribute=None, batch_size=2, limit=3)
+    if ray:  # the actors load the model from a folder
+        folder = tmp_path / "chat-model"
+        chat_lm.model.save_pretrained(folder)
+        chat_lm.tokenizer.save_pretrained(folder)
+        options.update(model=str(folder), ray=True, num_workers=1)
+    lm = None if ray else chat_lm
+    config = make_config(corpus=str(mixed), **options)
+    with pytest.raises(StudyError, match=r"`intervention` edits a chat prompt \(system=\).*first at index 2"):
+        run_study(config, lm=lm)
+    assert not (config.output_dir / "records.jsonl").exists()
+    result = run_study(make_config(corpus=str(chat_corpus), **options), lm=lm)
+    assert result.computed == 3 and all(record["error"] is None for record in result.records)
+
+
 def test_a_model_without_a_chat_template_is_refused_on_ray(make_config, chat_corpus):
     """As in a local run, before any string runs: not a study of error records. The
     baseline: a text corpus on the same model runs on Ray."""
