@@ -555,7 +555,7 @@ def steering_vector_mechanism(vector: Any, multiplier: float = 1.0, **apply_kwar
     :raises MechanismError: for another kind of ``vector``, a non-finite ``multiplier``, or
         ``min_token_index`` / ``token_indices``.
     """
-    from ..validation import as_real
+    from ..validation import as_real, is_integer
 
     if not callable(getattr(vector, "apply", None)) or not isinstance(getattr(vector, "layer_activations", None), dict):
         raise MechanismError(
@@ -564,7 +564,9 @@ def steering_vector_mechanism(vector: Any, multiplier: float = 1.0, **apply_kwar
         )
     alpha = as_real(multiplier, "multiplier", error=MechanismError, owner="steering_vector_mechanism")
     positional = sorted({"min_token_index", "token_indices"} & set(apply_kwargs))
-    if any(apply_kwargs[key] not in (None, 0) for key in positional):
+    # every position: no token_indices (a list, slice or tensor of them), and a first index of 0
+    first = apply_kwargs.get("min_token_index")
+    if apply_kwargs.get("token_indices") is not None or not (first is None or (is_integer(first) and int(first) == 0)):
         raise MechanismError(
             f"steering_vector_mechanism: {positional} count positions within one forward call, which differ "
             "between cached decoding and a teacher-forced pass; steer every position, or use "

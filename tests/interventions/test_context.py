@@ -18,7 +18,7 @@ import transformers
 from pyro_lmscm import LanguageModelSCM, counterfactual
 from pyro_lmscm.errors import MechanismError
 from pyro_lmscm.inference import exact_counterfactual
-from pyro_lmscm.interventions import ContextMechanism, HookMechanism, ModelSwap
+from pyro_lmscm.interventions import ContextMechanism, HookMechanism, ModelSwap, steering_vector_mechanism
 from pyro_lmscm.lm import HFLanguageModel
 from pyro_lmscm.testing import assert_restored, assert_rows_match_separate_runs, snapshot, tiny_llama
 
@@ -303,6 +303,33 @@ def test_transformers_capture_hooks_are_not_the_context(lm):
 
 
 # ------------------------------------------------------------------ steering-vectors
+
+
+class _FakeSteeringVector:
+    """What steering_vector_mechanism reads of a steering_vectors.SteeringVector."""
+
+    layer_activations = {1: SHIFT.float()}
+
+    def apply(self, model, multiplier=1.0, **kwargs):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [{"token_indices": torch.tensor([0, 1])}, {"token_indices": [0]}, {"token_indices": torch.tensor([0])},
+     {"token_indices": slice(0, None)}, {"min_token_index": 3}, {"min_token_index": torch.tensor([1, 2])},
+     {"min_token_index": "0"}],
+    ids=["tensor", "list", "one-element-tensor", "slice", "min-3", "min-tensor", "min-str"],
+)
+def test_steering_vector_positions_are_refused_by_type_too(positions):
+    """steering-vectors takes token_indices as a list, slice or tensor; any of them (and a first
+    index other than 0) is a MechanismError, not the bare RuntimeError that a tensor of several
+    indices raised when asked for its truth value. The baseline: every position (None, or a
+    first index of 0, also as a 0-d tensor) is accepted."""
+    with pytest.raises(MechanismError, match="count positions within one forward call"):
+        steering_vector_mechanism(_FakeSteeringVector(), **positions)
+    for every in ({}, {"min_token_index": 0}, {"min_token_index": torch.tensor(0)}, {"token_indices": None}):
+        assert isinstance(steering_vector_mechanism(_FakeSteeringVector(), **every), ContextMechanism)
 
 
 def test_a_steering_vector_equals_activation_steering(lm):
