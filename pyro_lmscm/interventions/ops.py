@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
 
 from ..errors import InterventionError, MechanismError, ObservationError
 from ..models.exclude_tokens_messenger import ExcludeTokensMessenger
@@ -250,19 +249,20 @@ def world(scm: LanguageModelSCM, data: Mapping[str, torch.Tensor]) -> Iterator[N
         install one instance twice).
     """
     excluded = excluded_tokens(scm, data)
-    messengers = getattr(data, "messengers", ())
-    active = [messenger for messenger in messengers if messenger in _PYRO_STACK]
-    if active:
-        raise InterventionError(
-            f"the intervention's Messenger {active[0]!r:.80} is active already (entered around this call), so it "
-            "would act on the factual world too; pass it as the intervention only (it acts on the intervened "
-            "world), or enter it around the call only (it acts on both worlds)."
-        )
     with ExitStack() as stack:
         if excluded:
             stack.enter_context(ExcludeTokensMessenger(scm, excluded))
-        for messenger in messengers:
-            stack.enter_context(messenger)
+        for messenger in getattr(data, "messengers", ()):
+            try:
+                stack.enter_context(messenger)
+            except ValueError as error:  # Pyro's refusal to install one instance twice (its stack is private)
+                if "twice" not in str(error):
+                    raise
+                raise InterventionError(
+                    f"the intervention's Messenger {messenger!r:.80} is active already (entered around this call), "
+                    "so it would act on the factual world too; pass it as the intervention only (it acts on the "
+                    "intervened world), or enter it around the call only (it acts on both worlds)."
+                ) from None
         yield
 
 
