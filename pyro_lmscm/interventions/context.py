@@ -344,10 +344,11 @@ class ContextMechanism(Mechanism):
         try:
             with sigint_deferred():
                 context = self.factory(model)
-                if not (hasattr(context, "__enter__") and hasattr(context, "__exit__")):
+                if isinstance(context, type) or not (hasattr(context, "__enter__") and hasattr(context, "__exit__")):
+                    kind = f"the class {context.__qualname__}" if isinstance(context, type) else type(context).__name__
                     raise MechanismError(
-                        f"ContextMechanism({self.name}): the factory returned {type(context).__name__}, "
-                        "not a context manager; return one, e.g. `vector.apply(model)` or a "
+                        f"ContextMechanism({self.name}): the factory returned {kind}, "
+                        "not a context manager; return one (an instance), e.g. `vector.apply(model)` or a "
                         "@contextlib.contextmanager generator."
                     )
                 context.__enter__()

@@ -96,6 +96,13 @@ def test_bad_arguments_are_typed(lm):
         ContextMechanism("not callable")  # type: ignore[arg-type]
     with pytest.raises(MechanismError, match="not a context manager"):
         ContextMechanism(lambda model: 3).check(lm)
+    # a class, not an instance (it has __enter__ and __exit__, unbound): was a bare TypeError
+    with pytest.raises(MechanismError, match="the class nullcontext, not a context manager"):
+        ContextMechanism(lambda model: contextlib.nullcontext).check(lm)
+    before = snapshot(lm.model)
+    with ContextMechanism(lambda model: contextlib.nullcontext()).activate(lm) as f:  # the baseline: an instance
+        assert torch.equal(f.logits(PROMPT), lm.logits(PROMPT))
+    assert_restored(lm.model, before)
     with pytest.raises(MechanismError, match="non-empty mapping"):
         HookMechanism({})
     with pytest.raises(MechanismError, match="must be callable"):
