@@ -180,10 +180,11 @@ class HindsightGumbelGuide(GuideMessenger):
             )
         observed_ids = scm.check_observed(_observed_ids(observations, scm.site("")))
         n, vocab = observed_ids.shape[-1], scm.vocab_size
-        if raw_logits is not None and not isinstance(raw_logits, torch.Tensor):
+        if raw_logits is not None and not (isinstance(raw_logits, torch.Tensor) and raw_logits.is_floating_point()):
+            kind = f"a {raw_logits.dtype} tensor" if isinstance(raw_logits, torch.Tensor) else type(raw_logits).__name__
             raise ObservationError(
                 f"`raw_logits` must be a floating tensor of shape (..., {n}, {vocab}) for {n} observed "
-                f"tokens, got {type(raw_logits).__name__}."
+                f"tokens, got {kind}."
             )
         if raw_logits is not None and tuple(raw_logits.shape[-2:]) != (n, vocab):
             raise ObservationError(

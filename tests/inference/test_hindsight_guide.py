@@ -462,6 +462,10 @@ def test_abduction_on_the_sampler_logits(lm):
     assert torch.equal(replayed, observed.expand(10, 3))
     with pytest.raises(ObservationError, match="raw_logits"):
         HindsightGumbelGuide(scm, observed, raw_logits=raw[:2])
+    # logits of another dtype than floating were used as numbers (bool: 0 and 1), silently
+    for dtype in (torch.bool, torch.long, torch.complex64):
+        with pytest.raises(ObservationError, match=f"floating tensor .* got a {dtype} tensor"):
+            HindsightGumbelGuide(scm, observed, raw_logits=raw.to(dtype))
 
 
 def test_sampled_observation_is_abducted_on_recorded_logits(lm):
