@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import InferenceError, LMSCMError
-from ..metrics import normalized_token_edit_distance
 from ..models.noise import GumbelMax, InverseCDF
 from ..reporting import report as report_progress
 from ..seeding import seeded
@@ -46,7 +45,9 @@ class MechanismRow:
     :ivar prob_unchanged: exact P(counterfactual = observation).
     :ivar expected_first_divergence: exact expected number of leading tokens kept (n if unchanged).
     :ivar edit_distance: normalised token edit distance of ``num_samples`` sampled
-        counterfactuals per string to the observation.
+        counterfactual strings per observation to it (each string up to its end of sequence,
+        over the window of :class:`~pyro_lmscm.inference.CounterfactualDistribution`: its
+        ``"normalized_edit_distance"``).
     :ivar relabel_shift: mean over strings of the absolute change of E[first divergence] when
         the vocabulary is relabelled by a random permutation (tokens); ``relabel_shift_max``
         its maximum.
@@ -123,10 +124,8 @@ def compare_mechanisms(
                 expected = expected_first_divergence(divergence)
                 shift = abs(expected_first_divergence(exact.first_divergence(relabel)) - expected)
                 draws = counterfactual(variant, prompt, obs, intervention, num_samples=num_samples, seed=seed + i)
-                n = obs.shape[-1]
-                distance = _mean(
-                    [normalized_token_edit_distance(obs.tolist(), row[:n].tolist()) for row in draws.counterfactual_ids]
-                )
+                # strings up to their end of sequence, over the observation's window
+                distance = draws.counterfactual.expectation("normalized_edit_distance").value
                 results.append((unchanged, expected, distance, shift))
             except LMSCMError:  # e.g. a token below float64's resolution under one mechanism
                 usable[i] = False

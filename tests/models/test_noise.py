@@ -171,6 +171,35 @@ def test_compare_mechanisms_reports_every_noise_model(models):
     assert all(r.prob_unchanged == 1.0 and r.edit_distance == 0.0 for r in null)
 
 
+def _levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
+def test_compare_mechanisms_edit_distance_is_between_strings_not_padded_rows():
+    """The edit distance column compares each counterfactual string up to its end of sequence
+    with the observation (an oracle written here); it compared rows cut at the observation's
+    length, padding included: a counterfactual [1] (ended at once) was at distance 1 from [0, 1],
+    not 1/2, and one running past the observed end was cut short."""
+    lm = tiny_llama(vocab_size=6, seed=5, logit_scale=6.0, with_tokenizer=False)
+    scm = LanguageModelSCM(lm, max_new_tokens=3)
+    prompt, observed, intervention = torch.tensor([2, 3]), torch.tensor([0, 1]), {"prompt": [2, 4]}
+    row = compare_mechanisms(scm, [prompt], intervention, [observed], [GumbelMax()], num_samples=50, seed=0)[0]
+    draws = counterfactual(scm, prompt, observed, intervention, num_samples=50, seed=0).counterfactual_ids.tolist()
+
+    def string(ids):  # up to and including the end of sequence (id 1)
+        return ids[: ids.index(1) + 1] if 1 in ids else ids
+
+    by_hand = [_levenshtein(string(r), [0, 1]) / max(len(string(r)), 2) for r in draws]
+    assert row.edit_distance == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-12)
+    cut = [_levenshtein(r[:2], [0, 1]) / 2 for r in draws]  # the rows cut at n = 2: another value
+    assert abs(sum(cut) / len(cut) - row.edit_distance) > 0.02
+
+
 def test_bad_noise_models_are_typed_errors(models):
     with pytest.raises(InferenceError, match="'vocabulary' or 'probability'"):
         InverseCDF("alphabetical")
