@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import InferenceError, LMSCMError
+from ..interventions.ops import check_intervention
 from ..models.noise import GumbelMax, InverseCDF
+from ..models.scm import as_scm
 from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
@@ -70,6 +72,20 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+def _entries(value: Any, name: str, entry: str) -> list:
+    """``value`` as a list: a sequence, or the rows of a 2-d tensor of ids.
+
+    :raises InferenceError: naming ``name`` for anything else."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        return list(value)
+    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Sequence):
+        raise InferenceError(
+            f"compare_mechanisms(): `{name}` must be a list, one entry per {entry}, "
+            f"got {type(value).__name__} {value!r:.80}."
+        )
+    return list(value)
+
+
 def compare_mechanisms(
     scm: LanguageModelSCM,
     prompts: Sequence[torch.Tensor],
@@ -82,7 +98,7 @@ def compare_mechanisms(
     """Compare noise models on the same observations under one intervention.
 
     :param scm: the SCM (its own noise model is replaced by each of ``noise_models``).
-    :param prompts: prompt ids, one ``(L,)`` per string.
+    :param prompts: prompt ids, one ``(L,)`` per string (a list, or the rows of ``(S, L)``).
     :param intervention: as :func:`~pyro_lmscm.counterfactual`.
     :param observed: observed continuations (``None`` entries, or no list, are sampled once
         from the factual model; every noise model gives the same law of strings, so they
@@ -90,15 +106,23 @@ def compare_mechanisms(
     :param num_samples: sampled counterfactuals per string and noise model (edit distance).
     :param seed: seeds the sampled observations, the draws and the relabelling permutation.
     :returns: one row per noise model, in order.
-    :raises InferenceError: with no noise model or no prompt.
+    :raises InferenceError: with no noise model or no prompt, for ``prompts``, ``observed``
+        or ``noise_models`` that are no lists, or an ``scm`` that is no SCM.
+    :raises InterventionError: for a bad intervention (before anything runs; a string that
+        one noise model cannot abduct is left out of every row instead).
     """
+    scm = as_scm(scm, "compare_mechanisms()")
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     seed = as_int(seed, "seed", minimum=0)
+    prompts = _entries(prompts, "prompts", "string")
+    observed = None if observed is None else _entries(observed, "observed", "string")
+    noise_models = _entries(noise_models, "noise_models", "noise model")
     if not noise_models:
         raise InferenceError("compare_mechanisms needs at least one noise model.")
     if not prompts:
         raise InferenceError("compare_mechanisms needs at least one prompt.")
-    observed = list(observed) if observed is not None else [None] * len(prompts)
+    check_intervention(scm, intervention)
+    observed = observed if observed is not None else [None] * len(prompts)
     if len(observed) != len(prompts):
         raise InferenceError(f"{len(prompts)} prompts but {len(observed)} observations.")
     with seeded(seed):

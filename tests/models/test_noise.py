@@ -200,6 +200,33 @@ def test_compare_mechanisms_edit_distance_is_between_strings_not_padded_rows():
     assert abs(sum(cut) / len(cut) - row.edit_distance) > 0.02
 
 
+def test_compare_mechanisms_refuses_bad_arguments_before_it_runs(models):
+    """A bad intervention is an InterventionError: it gave rows of NaN over 0 strings (each
+    string's error was taken for one that a noise model cannot abduct). Arguments that are no
+    lists, and an scm that is no SCM, are InferenceErrors naming them, not raw TypeErrors."""
+    from pyro_lmscm.errors import InterventionError
+
+    lm, other = models
+    scm = LanguageModelSCM(lm, T, mechanisms={"other": ModelSwap(other)})
+    prompts = [torch.tensor([2, 3, 4]), torch.tensor([2, 5, 6])]
+    with pytest.raises(InterventionError, match="nope"):
+        compare_mechanisms(scm, prompts, {"nope": 1}, num_samples=2)
+    with pytest.raises(InterventionError, match="mechanism"):
+        compare_mechanisms(scm, prompts, {"mechanism": "missing"}, num_samples=2)
+    bad = {"prompts": 5, "observed": torch.tensor([5, 6]), "noise_models": GumbelMax()}
+    for name, value in bad.items():
+        arguments = {"prompts": prompts, "noise_models": [GumbelMax()], name: value}
+        with pytest.raises(InferenceError, match=f"`{name}` must be a list"):
+            compare_mechanisms(scm, intervention={}, num_samples=2, **arguments)
+    with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
+        compare_mechanisms(lm, prompts, {})
+    # the baseline: the rows of a 2-d tensor are a list of prompts, and give its rows
+    as_list = compare_mechanisms(scm, prompts, {"mechanism": "other"}, noise_models=[GumbelMax()], num_samples=2)
+    stacked = torch.stack(prompts)
+    as_rows = compare_mechanisms(scm, stacked, {"mechanism": "other"}, noise_models=[GumbelMax()], num_samples=2)
+    assert as_rows == as_list and as_list[0].strings == 2
+
+
 def test_bad_noise_models_are_typed_errors(models):
     with pytest.raises(InferenceError, match="'vocabulary' or 'probability'"):
         InverseCDF("alphabetical")
