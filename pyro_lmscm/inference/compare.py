@@ -55,18 +55,57 @@ _COLUMNS = {
 }
 
 
+def _weighted_sample(values: Any, weights: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` flattened and their normalised weights, float64 on the CPU (for :func:`ks_statistic`).
+
+    :raises InferenceError: naming ``name`` (or ``weights_<name>``) for a bad sample or weights.
+    """
+    try:
+        sample = torch.as_tensor(values).detach().cpu()
+        weight = None if weights is None else torch.as_tensor(weights).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as failure:
+        raise InferenceError(f"ks_statistic(): `{name}` and its weights must be tensors ({failure}).") from None
+    if sample.is_complex() or sample.dtype == torch.bool or sample.numel() == 0 or bool(sample.isnan().any()):
+        raise InferenceError(
+            f"ks_statistic(): `{name}` must hold at least one real number and no NaN, got {tuple(sample.shape)} "
+            f"{sample.dtype}."
+        )
+    sample = sample.double().flatten()
+    if weight is None:
+        return sample, torch.full_like(sample, 1.0 / len(sample))
+    real = not weight.is_complex() and weight.dtype != torch.bool
+    weight = weight.double().flatten() if real else weight
+    if (
+        not real
+        or weight.shape != sample.shape
+        or not bool(torch.isfinite(weight).all() & (weight >= 0).all())
+        or not float(weight.sum()) > 0
+    ):
+        raise InferenceError(
+            f"ks_statistic(): `weights_{name}` must be {len(sample)} finite non-negative weights, not all zero, "
+            f"got {weight.flatten()[:5].tolist()}{'...' if weight.numel() > 5 else ''} (shape {tuple(weight.shape)})."
+        )
+    return sample, weight / weight.sum()
+
+
 def ks_statistic(
     a: torch.Tensor, b: torch.Tensor, weights_a: torch.Tensor | None = None, weights_b: torch.Tensor | None = None
 ) -> float:
     r"""Two-sample Kolmogorov-Smirnov statistic :math:`\sup_x |F_a(x) - F_b(x)|` between
     (optionally weighted) empirical CDFs.
 
+    :param a: the first sample, any shape (flattened).
+    :param b: the second sample.
+    :param weights_a: non-negative weights of ``a``'s values (same number), ``None`` for uniform.
+    :param weights_b: as ``weights_a``, of ``b``.
+    :raises InferenceError: for an empty sample, values that are not real numbers or are NaN,
+        or weights of another number, negative, not finite or all zero.
+
     >>> ks_statistic(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0]))
     1.0
     """
-    a, b = a.double().flatten().cpu(), b.double().flatten().cpu()
-    wa = torch.full_like(a, 1.0 / len(a)) if weights_a is None else weights_a.double().cpu() / weights_a.sum()
-    wb = torch.full_like(b, 1.0 / len(b)) if weights_b is None else weights_b.double().cpu() / weights_b.sum()
+    a, wa = _weighted_sample(a, weights_a, "a")
+    b, wb = _weighted_sample(b, weights_b, "b")
     points = torch.cat([a, b]).sort().values
 
     def cdf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -131,3 +131,27 @@ def test_ks_statistic_matches_scipy():
         stats.ks_2samp(repeated.numpy(), b.numpy()).statistic
     )
     assert ks_statistic(a, a) == 0.0
+
+
+@pytest.mark.parametrize(
+    "arguments, name",
+    [
+        ((torch.tensor([]), torch.tensor([1.0])), "`a`"),  # was a ZeroDivisionError
+        ((torch.tensor([1.0]), torch.tensor([float("nan"), 2.0])), "`b`"),  # was silently 0.5 or 0
+        ((torch.tensor([1.0, 2.0]), torch.tensor([1.0]), torch.tensor([1.0])), "`weights_a`"),  # an IndexError
+        ((torch.tensor([1.0, 2.0]), torch.tensor([1.0]), torch.tensor([1.0, -1.0])), "`weights_a`"),  # NaN
+        ((torch.tensor([1.0, 2.0]), torch.tensor([1.0]), torch.tensor([0.0, 0.0])), "`weights_a`"),  # NaN
+        ((torch.tensor([1.0, 2.0]), torch.tensor([1.0]), None, torch.tensor([float("inf")])), "`weights_b`"),
+    ],
+)
+def test_ks_statistic_refuses_bad_samples_and_weights(arguments, name):
+    with pytest.raises(InferenceError, match=name):
+        ks_statistic(*arguments)
+
+
+def test_ks_statistic_takes_lists_and_weights_of_zero():
+    """Lists are samples (they were an AttributeError); a draw of weight zero is left out, as
+    the weighted counterfactual distributions leave out inconsistent draws."""
+    a, b = [0.0, 1.0, 5.0], [0.5, 2.0]
+    assert ks_statistic(a, b) == pytest.approx(stats.ks_2samp(a, b).statistic)
+    assert ks_statistic(a, b, weights_a=[1.0, 1.0, 0.0]) == pytest.approx(stats.ks_2samp(a[:2], b).statistic)
