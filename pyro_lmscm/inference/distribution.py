@@ -122,7 +122,7 @@ class CounterfactualDistribution:
     :param autocorrelated: the draws are MCMC chains, in order (not independent).
     :param method: the name of the abduction method, for labels.
     :raises ObservationError: on malformed ids.
-    :raises InferenceError: on malformed weights, chains or noise summaries.
+    :raises InferenceError: on malformed weights, chains, noise summaries or intervention.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
     >>> result = counterfactual(scm, torch.tensor([2, 3]), intervention={"prompt": [2, 9]},
@@ -157,6 +157,11 @@ class CounterfactualDistribution:
         if noise_stats is not None and not isinstance(noise_stats, Mapping):
             raise InferenceError(
                 f"`noise_stats` must be a mapping from names to tensors, got {type(noise_stats).__name__}."
+            )
+        if intervention is not None and not isinstance(intervention, Mapping):
+            raise InferenceError(
+                f"`intervention` must be the poutine.do data (a mapping from site names to values) or None, "
+                f"got {type(intervention).__name__} {intervention!r:.80}."
             )
         self.scm = scm
         self.prompt_ids = scm.check_prompt(prompt_ids)
@@ -194,8 +199,14 @@ class CounterfactualDistribution:
                     "with the observation. Draw more samples or use the exact method."
                 )
         self.log_weights = log_weights
-        self.noise_stats = {k: torch.as_tensor(v).detach().cpu() for k, v in (noise_stats or {}).items()}
-        for name, value in self.noise_stats.items():
+        self.noise_stats = {}
+        for name, value in (noise_stats or {}).items():
+            try:
+                value = self.noise_stats[name] = torch.as_tensor(value).detach().cpu()
+            except (TypeError, ValueError, RuntimeError) as failure:
+                raise InferenceError(
+                    f"noise statistic {name!r} must be a tensor of shape ({n}, steps), got {value!r:.80} ({failure})."
+                ) from None
             if value.dim() != 2 or value.shape[0] != n:
                 raise InferenceError(
                     f"noise statistic {name!r} must have shape ({n}, steps), got {tuple(value.shape)}."
@@ -279,7 +290,13 @@ class CounterfactualDistribution:
 
         Between two finite samples this is biased upwards (it is positive even for two
         samples of one distribution); compare it with the same quantity for two exact samples.
+
+        :raises InferenceError: if ``other`` is no :class:`CounterfactualDistribution`.
         """
+        if not isinstance(other, CounterfactualDistribution):
+            raise InferenceError(
+                f"total_variation(): `other` must be a CounterfactualDistribution, got {type(other).__name__}."
+            )
         p, q = self.probabilities(key), other.probabilities(key)
         return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 

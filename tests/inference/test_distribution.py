@@ -214,6 +214,8 @@ def test_estimate_arithmetic():
         ({"log_weights": torch.tensor([0.0, float("nan")])}, InferenceError, "NaN"),
         ({"num_chains": 3}, InferenceError, "num_chains"),
         ({"noise_stats": {"observed_noise": torch.zeros(3, 2)}}, InferenceError, "observed_noise"),
+        ({"noise_stats": {"observed_noise": "x"}}, InferenceError, "observed_noise"),  # was a TypeError
+        ({"intervention": 5}, InferenceError, "`intervention`"),  # was a TypeError
     ],
 )
 def test_bad_input(lm, kwargs, error, match):
@@ -232,3 +234,6 @@ def test_bad_statistics(lm):
         cf.expectation(len, on="tokens")
     with pytest.raises(InferenceError, match=r"shape \(2,\)"):
         cf.expectation(torch.zeros(3))
+    with pytest.raises(InferenceError, match="`other`"):  # was an AttributeError
+        cf.total_variation(cf.probabilities())
+    assert cf.total_variation(cf) == 0.0  # the baseline: another distribution is taken
