@@ -21,7 +21,7 @@ per ArviZ major version turns them into its data structure. ArviZ 0.x
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ with warnings.catch_warnings():
 
 from .. import seeding
 from ..errors import InferenceError, UnsupportedVersionError
-from ..validation import is_integer
+from ..validation import MAX_SEED, as_int, is_integer
 
 if TYPE_CHECKING:
     from .distribution import CounterfactualDistribution
@@ -90,8 +90,20 @@ def draws_to_dict(
         divide the number of draws (so that ``r_hat`` is defined).
     :param seed: for the resampling of weighted draws.
     :returns: ``(variables, dims, coords)``.
+    :raises InferenceError: for a ``distribution`` that is no
+        :class:`~pyro_lmscm.inference.CounterfactualDistribution`, ``names`` that are no tuple
+        of names, or a bad ``chains`` or ``seed``.
     """
-    values = distribution.per_draw(names)
+    from .distribution import CounterfactualDistribution
+
+    if not isinstance(distribution, CounterfactualDistribution):
+        raise InferenceError(
+            f"`distribution` must be a CounterfactualDistribution, got {type(distribution).__name__}."
+        )
+    if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
+        raise InferenceError(f"`names` must be a tuple of statistic names, e.g. ('changed',), got {names!r:.80}.")
+    seed = as_int(seed, "seed", minimum=0, maximum=MAX_SEED)
+    values = distribution.per_draw(None if names is None else tuple(names))
     index = torch.arange(distribution.num_samples)
     native = distribution.num_chains if distribution.autocorrelated else None
     if distribution.log_weights is not None:
@@ -162,6 +174,7 @@ def to_inference_data(
     :param chains: see :func:`draws_to_dict`.
     :param seed: see :func:`draws_to_dict`.
     :raises NotImplementedError: for an ArviZ major version without a converter.
+    :raises InferenceError: as :func:`draws_to_dict`, also for the ``baseline``.
 
     >>> from pyro_lmscm.inference.arviz import to_inference_data
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=4)
@@ -177,6 +190,10 @@ def to_inference_data(
             f"no converter for ArviZ {az.__version__}; pyro_lmscm supports ArviZ "
             f"{sorted(CONVERTERS)}.x (install 'arviz<1') or add one to CONVERTERS."
         )
+    from .distribution import CounterfactualDistribution
+
+    if baseline is not None and not isinstance(baseline, CounterfactualDistribution):
+        raise InferenceError(f"`baseline` must be a CounterfactualDistribution or None, got {type(baseline).__name__}.")
     posterior = draws_to_dict(distribution, names, chains, seed)
     prior = None
     if baseline is not None:

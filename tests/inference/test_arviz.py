@@ -136,3 +136,20 @@ def test_arviz_major_version_dispatch(result, monkeypatch):
 
 def test_log_weights_attr_is_finite(result):
     assert math.isfinite(result.to_arviz().posterior.attrs["ess_kish"])
+
+
+def test_bad_arguments_are_typed_errors(result):
+    """A baseline that is no distribution was an AttributeError, names given as one string
+    were read letter by letter ("unknown statistic 'c'"), and a negative seed was taken
+    (torch wraps it to 2**64 - 1)."""
+    with pytest.raises(InferenceError, match="`baseline`"):
+        result.counterfactual.to_arviz(baseline=5)
+    with pytest.raises(InferenceError, match="`names`"):
+        result.counterfactual.to_arviz(names="changed")
+    with pytest.raises(InferenceError, match="`distribution`"):
+        draws_to_dict(result.counterfactual_ids)
+    with pytest.raises(InferenceError, match="`seed`"):
+        result.counterfactual.to_arviz(seed=-1)
+    # the baseline: the same arguments, well formed, are taken
+    idata = result.counterfactual.to_arviz(baseline=result.interventional, names=("changed",), seed=2**64 - 1)
+    assert "changed" in idata.prior
