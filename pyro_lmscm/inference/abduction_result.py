@@ -14,7 +14,7 @@ from ..errors import InferenceError
 from ..interventions.ops import as_do_data, intervene
 from ..models.sites import noise_site
 from ..seeding import seeded
-from ..validation import as_int
+from ..validation import as_int, has_integer_dtype
 from .distribution import CounterfactualDistribution
 from .prediction import noise_handler, predict
 from .statistics import consistent_draws, kish_ess, log_prior, noise_statistics
@@ -116,9 +116,22 @@ class AbductionResult:
         :param rows: replay only these draws (indices); default all.
         :param batch_size: draws per batched model run.
         :returns: ids ``(N, T)``, or ``(len(rows), T)``.
+        :raises InferenceError: for ``rows`` that are no indices of draws or a bad ``batch_size``.
         """
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
         data = as_do_data(self.scm, intervention, self.observed_ids)
-        rows = torch.arange(self.num_samples) if rows is None else torch.as_tensor(rows).long().cpu()
+        if rows is None:
+            rows = torch.arange(self.num_samples)
+        else:
+            try:
+                rows = torch.as_tensor(rows).cpu()
+            except (TypeError, ValueError, RuntimeError) as failure:
+                raise InferenceError(f"`rows` must be indices of draws, got {rows!r:.80} ({failure}).") from None
+            if rows.dim() != 1 or not has_integer_dtype(rows) or bool(((rows < 0) | (rows >= self.num_samples)).any()):
+                raise InferenceError(
+                    f"`rows` must be a 1-d tensor of indices in [0, {self.num_samples}), got {rows.tolist()!r:.80}."
+                )
+            rows = rows.long()
         key = repr((sorted((k, v.tolist()) for k, v in data.items()), rows.tolist()))
         if key not in self._replays:
             intervened = intervene(self.scm, data)

@@ -193,6 +193,24 @@ def test_prediction_is_the_intervened_model_on_the_noise(lm, other_lm):
     assert baseline.kind == "interventional" and baseline.num_samples == 20
 
 
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"rows": [10]}, "`rows`"),  # was an IndexError deep in the replay
+        ({"rows": [0.5]}, "`rows`"),  # was truncated to row 0
+        ({"rows": "0"}, "`rows`"),  # was a TypeError
+        ({"batch_size": 0}, "`batch_size`"),  # was a RuntimeError from split
+    ],
+)
+def test_replay_refuses_bad_rows_and_batch_sizes(lm, arguments, match):
+    scm = LanguageModelSCM(lm, max_new_tokens=3)
+    result = abduct(scm, PROMPT, sampled_string(scm, 0), "exact", num_samples=4, seed=0)
+    with pytest.raises(InferenceError, match=match):
+        result.replay(**arguments)
+    # the baseline: rows that are draws replay those draws, in any batch size
+    assert torch.equal(result.replay(rows=[3, 1], batch_size=1), result.replay()[[3, 1]])
+
+
 def test_importance_counterfactual_keeps_only_weighted_draws(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=3)
     observed = sampled_string(scm, 0)[:1]
