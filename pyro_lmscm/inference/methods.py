@@ -89,6 +89,10 @@ class Exact(AbductionMethod):
     def __init__(self, margin: float = 0.0) -> None:
         self.margin = as_real(margin, "margin", minimum=0.0)
 
+    @property
+    def label(self) -> str:
+        return self.name + (f" δ={self.margin:g}" if self.margin else "")
+
     def draw(self, problem: _Problem, num_samples: int) -> _Draws:
         guide = problem.guide
         if self.margin != guide.margin:

@@ -6,7 +6,7 @@ from scipy import stats
 
 from pyro_lmscm import LanguageModelSCM, ModelSwap
 from pyro_lmscm.errors import InferenceError
-from pyro_lmscm.inference import RelaxedSVI, compare_abduction, ks_statistic
+from pyro_lmscm.inference import Exact, RelaxedSVI, compare_abduction, ks_statistic
 from pyro_lmscm.testing import tiny_llama
 
 PROMPT = torch.tensor([2, 3])
@@ -105,6 +105,14 @@ def test_two_temperatures_in_one_table(six):
     warm, cold = table.rows
     assert warm.method == "relaxed-svi τ=1" and cold.method == "relaxed-svi τ=0.02"
     assert cold.reproduction_rate > warm.reproduction_rate
+
+
+def test_exact_guides_of_two_margins_are_two_rows(six):
+    """The margin is in the label: two exact guides of different margins were refused as
+    rows of one label ("exact"), and a table could not tell them apart."""
+    table = compare_abduction(six, PROMPT, None, None, methods=[Exact(), Exact(margin=0.5)], num_samples=50, seed=0)
+    assert [row.method for row in table.rows] == ["exact", "exact δ=0.5"]
+    assert table.results["exact δ=0.5"].diagnostics["margin"] == 0.5
 
 
 def test_settings_are_checked_before_anything_runs(six, lm):
