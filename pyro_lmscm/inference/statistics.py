@@ -26,13 +26,28 @@ def active_steps(scm: LanguageModelSCM, observed: torch.Tensor) -> int:
 
 def kish_ess(log_weights: torch.Tensor | None, num_samples: int | None = None) -> float:
     r"""Kish's effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of log weights;
-    ``num_samples`` for ``None`` (uniform weights), ``0.0`` when every weight is zero."""
+    ``num_samples`` for ``None`` (uniform weights), ``0.0`` when every weight is zero.
+
+    :raises InferenceError: for log weights that are not ``(N,)`` real numbers, or hold NaN or
+        :math:`+\infty`.
+    """
     if log_weights is None:
         if num_samples is None:
             raise InferenceError("`num_samples` is needed for uniform weights.")
         return float(num_samples)
+    try:
+        log_w = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as failure:
+        raise InferenceError(
+            f"`log_weights` must be a tensor of shape (N,), got {log_weights!r:.80} ({failure})."
+        ) from None
+    if log_w.dim() != 1 or bool(torch.isnan(log_w).any() | (log_w == float("inf")).any()):
+        raise InferenceError(
+            f"`log_weights` must have shape (N,) and hold no NaN or +inf, got shape {tuple(log_w.shape)}: "
+            f"{log_w.flatten()[:5].tolist()}."
+        )
     weights = LogWeightsMixin()  # Pyro's own: exp(-logsumexp(2 log w_normalised))
-    weights.log_weights = log_weights.double()
+    weights.log_weights = log_w
     if not bool(torch.isfinite(weights.log_weights).any()):
         return 0.0
     return float(weights.get_ESS())

@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pyro.poutine as poutine
 import pytest
@@ -228,6 +230,11 @@ def test_importance_counterfactual_keeps_only_weighted_draws(lm):
 def test_kish_ess():
     assert kish_ess(None, 7) == 7.0
     assert kish_ess(torch.zeros(5)) == pytest.approx(5.0)
+    # a list is log weights (was an AttributeError); NaN and +inf gave NaN, a matrix a ValueError
+    assert kish_ess([0.0, math.log(3.0)]) == pytest.approx(16 / 10)
+    for bad in (torch.tensor([0.0, float("nan")]), torch.tensor([float("inf"), 0.0]), torch.zeros(2, 3), "w"):
+        with pytest.raises(InferenceError, match="`log_weights`"):
+            kish_ess(bad)
     assert kish_ess(torch.tensor([0.0, float("-inf")])) == pytest.approx(1.0)
     assert kish_ess(torch.full((3,), float("-inf"))) == 0.0
 
