@@ -55,6 +55,13 @@ def _chains(num_draws: int, chains: int | None, native: int | None) -> int:
     return next(c for c in (4, 2, 1) if num_draws % c == 0 and num_draws // c >= 4 or c == 1)
 
 
+def _check_distribution(value: Any, name: str) -> None:
+    """:raises InferenceError: naming ``name`` if ``value`` is no counterfactual distribution
+    (told by its per-draw statistics: the distribution module imports this one)."""
+    if not callable(getattr(value, "per_draw", None)) or not hasattr(value, "num_samples"):
+        raise InferenceError(f"`{name}` must be a CounterfactualDistribution, got {type(value).__name__}.")
+
+
 def _unweighted(distribution: CounterfactualDistribution, seed: int) -> torch.Tensor:
     """Indices of draws that represent the weighted distribution without weights.
 
@@ -94,12 +101,7 @@ def draws_to_dict(
         :class:`~pyro_lmscm.inference.CounterfactualDistribution`, ``names`` that are no tuple
         of names, or a bad ``chains`` or ``seed``.
     """
-    from .distribution import CounterfactualDistribution
-
-    if not isinstance(distribution, CounterfactualDistribution):
-        raise InferenceError(
-            f"`distribution` must be a CounterfactualDistribution, got {type(distribution).__name__}."
-        )
+    _check_distribution(distribution, "distribution")
     if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
         raise InferenceError(f"`names` must be a tuple of statistic names, e.g. ('changed',), got {names!r:.80}.")
     seed = as_int(seed, "seed", minimum=0, maximum=MAX_SEED)
@@ -190,10 +192,8 @@ def to_inference_data(
             f"no converter for ArviZ {az.__version__}; pyro_lmscm supports ArviZ "
             f"{sorted(CONVERTERS)}.x (install 'arviz<1') or add one to CONVERTERS."
         )
-    from .distribution import CounterfactualDistribution
-
-    if baseline is not None and not isinstance(baseline, CounterfactualDistribution):
-        raise InferenceError(f"`baseline` must be a CounterfactualDistribution or None, got {type(baseline).__name__}.")
+    if baseline is not None:
+        _check_distribution(baseline, "baseline")
     posterior = draws_to_dict(distribution, names, chains, seed)
     prior = None
     if baseline is not None:
