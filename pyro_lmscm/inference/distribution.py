@@ -21,6 +21,7 @@ from ..metrics import (
 )
 from ..validation import as_bool, is_integer
 from .scoring import string_log_prob
+from .statistics import as_log_weights
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -183,16 +184,7 @@ class CounterfactualDistribution:
         self.num_chains = num_chains
         self.autocorrelated = as_bool(autocorrelated, "autocorrelated")
         if log_weights is not None:
-            try:
-                log_weights = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
-            except (TypeError, ValueError, RuntimeError) as failure:
-                raise InferenceError(
-                    f"`log_weights` must be a tensor of shape ({n},), got {log_weights!r:.80} ({failure})."
-                ) from None
-            if log_weights.shape != (n,):
-                raise InferenceError(f"`log_weights` must have shape ({n},), got {tuple(log_weights.shape)}.")
-            if bool(torch.isnan(log_weights).any() | (log_weights == float("inf")).any()):
-                raise InferenceError("`log_weights` holds NaN or +inf.")
+            log_weights = as_log_weights(log_weights, n)
             if not bool(torch.isfinite(log_weights).any()):
                 raise InferenceError(
                     "every draw has weight zero (all `log_weights` are -inf): no draw is consistent "

@@ -3,7 +3,7 @@ log prior and the consistency check, shared by the methods, their result and pre
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from pyro.infer.importance import LogWeightsMixin
@@ -15,13 +15,33 @@ from ..models.sites import noise_site
 if TYPE_CHECKING:
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["active_steps", "consistent_draws", "kish_ess", "log_prior", "noise_statistics"]
+__all__ = ["active_steps", "as_log_weights", "consistent_draws", "kish_ess", "log_prior", "noise_statistics"]
 
 
 def active_steps(scm: LanguageModelSCM, observed: torch.Tensor) -> int:
     """Number of observed steps that the model generates: up to and including the first end."""
     ended = scm.finished_after(observed)
     return int((~ended).sum()) + (1 if bool(ended.any()) else 0)
+
+
+def as_log_weights(log_weights: Any, num_samples: int | None = None) -> torch.Tensor:
+    r"""``log_weights`` as a float64 CPU tensor ``(N,)`` (``N = num_samples`` if given), holding
+    no NaN or :math:`+\infty` (:math:`-\infty` is a weight of zero).
+
+    :raises InferenceError: naming ``log_weights`` otherwise.
+    """
+    shape = "(N,)" if num_samples is None else f"({num_samples},)"
+    try:
+        log_w = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as failure:
+        raise InferenceError(
+            f"`log_weights` must be a tensor of shape {shape}, got {log_weights!r:.80} ({failure})."
+        ) from None
+    if log_w.dim() != 1 or (num_samples is not None and log_w.shape[0] != num_samples):
+        raise InferenceError(f"`log_weights` must have shape {shape}, got {tuple(log_w.shape)}.")
+    if bool(torch.isnan(log_w).any() | (log_w == float("inf")).any()):
+        raise InferenceError(f"`log_weights` holds NaN or +inf: {log_w[~torch.isfinite(log_w)][:5].tolist()}.")
+    return log_w
 
 
 def kish_ess(log_weights: torch.Tensor | None, num_samples: int | None = None) -> float:
@@ -35,17 +55,7 @@ def kish_ess(log_weights: torch.Tensor | None, num_samples: int | None = None) -
         if num_samples is None:
             raise InferenceError("`num_samples` is needed for uniform weights.")
         return float(num_samples)
-    try:
-        log_w = torch.as_tensor(log_weights, dtype=torch.float64).detach().cpu()
-    except (TypeError, ValueError, RuntimeError) as failure:
-        raise InferenceError(
-            f"`log_weights` must be a tensor of shape (N,), got {log_weights!r:.80} ({failure})."
-        ) from None
-    if log_w.dim() != 1 or bool(torch.isnan(log_w).any() | (log_w == float("inf")).any()):
-        raise InferenceError(
-            f"`log_weights` must have shape (N,) and hold no NaN or +inf, got shape {tuple(log_w.shape)}: "
-            f"{log_w.flatten()[:5].tolist()}."
-        )
+    log_w = as_log_weights(log_weights)
     weights = LogWeightsMixin()  # Pyro's own: exp(-logsumexp(2 log w_normalised))
     weights.log_weights = log_w
     if not bool(torch.isfinite(weights.log_weights).any()):
