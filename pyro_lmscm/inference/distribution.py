@@ -122,7 +122,7 @@ class CounterfactualDistribution:
     :param num_chains: the draws are ``num_chains`` consecutive chains of equal length.
     :param autocorrelated: the draws are MCMC chains, in order (not independent).
     :param method: the name of the abduction method, for labels.
-    :raises ObservationError: on malformed ids.
+    :raises ObservationError: on malformed ids, or draws shorter than the observation.
     :raises InferenceError: on malformed weights, chains, noise summaries or intervention.
 
     >>> scm = LanguageModelSCM(tiny_lm, max_new_tokens=5)
@@ -205,6 +205,11 @@ class CounterfactualDistribution:
                 )
         factual = trim_after_end(self.factual_ids, scm.lm.eos_token_ids)
         self.factual: tuple[int, ...] = tuple(factual)
+        if len(factual) > ids.shape[1]:
+            raise ObservationError(
+                f"`ids` have {ids.shape[1]} tokens a draw, fewer than the {len(factual)} of the observation "
+                f"{self.factual} (up to its end): they cannot be compared with it."
+            )
         ends = len(factual) < len(self.factual_ids) or factual[-1] in scm.lm.eos_token_ids
         self.window = ids.shape[1] if ends else min(len(factual), ids.shape[1])
         windowed = self.ids[:, : self.window]

@@ -216,6 +216,8 @@ def test_estimate_arithmetic():
         ({"noise_stats": {"observed_noise": torch.zeros(3, 2)}}, InferenceError, "observed_noise"),
         ({"noise_stats": {"observed_noise": "x"}}, InferenceError, "observed_noise"),  # was a TypeError
         ({"intervention": 5}, InferenceError, "`intervention`"),  # was a TypeError
+        # draws shorter than the observation: every draw was "changed", [5, 6] too
+        ({"ids": torch.tensor([[5, 6], [5, 8]])}, ObservationError, "fewer than the 3"),
     ],
 )
 def test_bad_input(lm, kwargs, error, match):
