@@ -271,12 +271,16 @@ class CounterfactualDistribution:
         """The weighted distribution of ``key(string)`` (default: the string itself).
 
         ``key=lambda s: s[:1]`` gives the distribution of the first token.
+
+        :raises InferenceError: if ``key`` returns an unhashable value (such as a list).
         """
         mass = torch.zeros(len(self._unique_strings), dtype=torch.float64).index_add_(0, self._inverse, self.weights)
         out: dict[Hashable, float] = {}
         for string, p in zip(self._unique_strings, mass.tolist()):
             if p > 0:
                 k = string if key is None else key(string)
+                if not isinstance(k, Hashable):
+                    raise InferenceError(f"`key` must return a hashable value, got {k!r:.80} ({type(k).__name__}).")
                 out[k] = out.get(k, 0.0) + p
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -305,7 +309,8 @@ class CounterfactualDistribution:
         :param fn: a name from :data:`STATISTICS`, a function of one string (its id tuple, or
             its text with ``on="text"``) returning a number or bool, or per-draw values ``(N,)``.
         :param on: ``"ids"`` or ``"text"``; what a function receives.
-        :raises InferenceError: for an unknown name, a bad ``on`` or values of the wrong shape.
+        :raises InferenceError: for an unknown name, a bad ``on``, values of the wrong shape or a
+            function that returns no number.
         """
         if isinstance(fn, torch.Tensor):
             values = fn.detach().to(dtype=torch.float64, device="cpu")
@@ -324,8 +329,17 @@ class CounterfactualDistribution:
             inputs = self._unique_texts()
         else:
             raise InferenceError(f'`on` must be "ids" or "text", got {on!r}.')
-        values = torch.tensor([float(fn(x)) for x in inputs], dtype=torch.float64)
-        return values[self._inverse]
+        numbers = []
+        for x in inputs:
+            value = fn(x)
+            try:
+                numbers.append(float(value))
+            except (TypeError, ValueError):
+                raise InferenceError(
+                    f"a statistic function must return a number or bool, got {value!r:.80} "
+                    f"({type(value).__name__}) for {x!r:.80}."
+                ) from None
+        return torch.tensor(numbers, dtype=torch.float64)[self._inverse]
 
     def _named(self, name: str) -> torch.Tensor:
         """Values of a named statistic, one per distinct string."""

@@ -239,3 +239,8 @@ def test_bad_statistics(lm):
     with pytest.raises(InferenceError, match="`other`"):  # was an AttributeError
         cf.total_variation(cf.probabilities())
     assert cf.total_variation(cf) == 0.0  # the baseline: another distribution is taken
+    with pytest.raises(InferenceError, match="must return a number"):  # was a ValueError
+        cf.expectation(lambda s: "abc")
+    with pytest.raises(InferenceError, match="hashable"):  # was a TypeError
+        cf.probabilities(key=list)
+    assert cf.probabilities(key=tuple) == cf.probabilities()  # the baseline: a hashable key
