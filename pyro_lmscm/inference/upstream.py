@@ -82,12 +82,22 @@ def upstream_marginals(
     :param sites: names of the discrete upstream sample sites.
     :param max_plate_nesting: the model's plate nesting.
     :returns: ``{site: Categorical or Bernoulli-like posterior}`` from
-        ``TraceEnum_ELBO.compute_marginals``.
+        ``TraceEnum_ELBO.compute_marginals``. A Bernoulli value of posterior probability
+        0 (the observation is impossible under it, e.g. outside a top-k) has the log
+        probability of the largest finite float below zero, not :math:`-\infty`: torch's
+        ``Bernoulli.log_prob`` is NaN at infinite logits.
     """
     elbo = TraceEnum_ELBO(max_plate_nesting=max_plate_nesting)
     model = _conditioned(collapsed_model, scm, observed)
     marginals = elbo.compute_marginals(model, lambda *a, **k: None, *args, **kwargs)
-    return {name: marginals[name] for name in sites}
+    out = {}
+    for name in sites:
+        marginal = marginals[name]
+        if isinstance(marginal, dist.Bernoulli) and not bool(torch.isfinite(marginal.logits).all()):
+            largest = torch.finfo(marginal.logits.dtype).max  # log_prob is -x z + ..., NaN at x z = inf 0
+            marginal = dist.Bernoulli(logits=marginal.logits.clamp(-largest, largest))
+        out[name] = marginal
+    return out
 
 
 class UpstreamHindsightGuide:

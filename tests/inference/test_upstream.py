@@ -1,5 +1,7 @@
 """The SCM inside a larger Pyro model: upstream gender -> prompt -> text -> downstream verdict."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -53,6 +55,37 @@ def test_enumerated_upstream_posterior_matches_bayes_rule(lm):
     assert torch.allclose(enumerated, bayes, atol=1e-5), (enumerated, bayes)
     # baseline: the prior is not the posterior here
     assert abs(float(bayes[1]) - P_WOMAN) > 1e-3
+
+
+def test_a_value_that_cannot_write_the_observation_has_posterior_zero_not_nan():
+    """Under top-k the observed first token is outside the k under one prompt: its value has
+    posterior 0. Pyro's Bernoulli marginal has logits -inf there, whose log_prob is NaN for
+    both values (it was returned as is). Oracle: Bayes' rule on the raw logits, top-k by hand."""
+    from pyro_lmscm.models import Decoding
+    from pyro_lmscm.testing import tiny_llama
+
+    lm = tiny_llama(vocab_size=6, seed=5, logit_scale=6.0, with_tokenizer=False)
+    scm = LanguageModelSCM(lm, max_new_tokens=3, decoding=Decoding(top_k=4), name="lm", collapsed=True)
+    prompts, observed = torch.tensor([[2, 3], [2, 4]]), torch.tensor([0, 2, 5])
+
+    def story():
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        return scm.model(prompts[z.long()])
+
+    def log_likelihood(prompt):
+        with torch.no_grad():
+            logits = lm.model(torch.cat([prompt, observed])[None]).logits[0, len(prompt) - 1 : -1].double()
+        kth = logits.topk(4, dim=-1).values[:, -1:]
+        kept = logits.masked_fill(logits < kth, float("-inf"))
+        return float(kept.log_softmax(-1).gather(-1, observed[:, None]).sum())
+
+    bayes = torch.tensor([math.log(0.7) + log_likelihood(prompts[0]), math.log(0.3) + log_likelihood(prompts[1])])
+    bayes = bayes.softmax(0)
+    assert float(bayes[1]) == 0.0 and float(bayes[0]) == 1.0  # the case is the one meant
+    marginal = upstream_marginals(story, scm, observed, ["z"])["z"]
+    probabilities = marginal.log_prob(torch.tensor([0.0, 1.0])).exp()
+    assert torch.equal(probabilities, bayes.float()), probabilities
+    assert float(marginal.probs) == 0.0
 
 
 def test_upstream_guide_draws_gender_from_its_posterior_and_reproduces_the_text(lm):
