@@ -9,8 +9,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..errors import InferenceError
 from ..models.sites import noise_site, token_site
-from ..validation import as_real
+from ..validation import as_real, has_integer_dtype
 
 __all__ = ["NUTS_MAX_VOCAB", "RELAXED_PREFIX", "RelaxedGumbelMaxModel", "relaxed_site"]
 
@@ -41,6 +42,8 @@ class RelaxedGumbelMaxModel:
     :param logits: decoded factual logits :math:`\ell`, ``(n_a, V)``.
     :param observed: observed ids :math:`k`, ``(n_a,)``.
     :param temperature: the relaxation temperature :math:`\tau > 0` (not the decoding one).
+    :raises InferenceError: for logits that are no ``(n_a, V)`` float tensor, observed ids
+        that are not ``n_a`` ids in the vocabulary, or an observed token of logit :math:`-\infty`.
 
     >>> logits = torch.tensor([[0.0, 1.0, -1.0]])
     >>> u_wins, u_loses = {"u_0": torch.tensor([0.0, 0.0, 5.0])}, {"u_0": torch.tensor([0.0, 0.0, 0.0])}
@@ -51,6 +54,24 @@ class RelaxedGumbelMaxModel:
 
     def __init__(self, logits: torch.Tensor, observed: torch.Tensor, temperature: float) -> None:
         as_real(temperature, "temperature", minimum=0.0, exclusive=True)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+            raise InferenceError(
+                f"`logits` must be a float tensor of shape (n_a, V), got {type(logits).__name__} "
+                f"{tuple(getattr(logits, 'shape', ()))}."
+            )
+        if (
+            not isinstance(observed, torch.Tensor)
+            or observed.shape != logits.shape[:1]
+            or not has_integer_dtype(observed)
+            or bool(((observed < 0) | (observed >= logits.shape[-1])).any())
+        ):
+            raise InferenceError(
+                f"`observed` must be {logits.shape[0]} token ids in [0, {logits.shape[-1]}), one per row of "
+                f"`logits`, got {observed!r:.80}."
+            )
+        chosen = logits.detach().gather(-1, observed.to(logits.device).long()[:, None])
+        if not bool(torch.isfinite(chosen).all()):
+            raise InferenceError("an observed token has logit -inf (or a non-finite one): it has probability zero.")
         self.logits = logits.detach()
         self.observed = observed
         self.temperature = float(temperature)

@@ -170,6 +170,23 @@ def test_relaxed_likelihood_tends_to_the_indicator():
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6, errors
 
 
+@pytest.mark.parametrize(
+    "logits, observed, match",
+    [
+        (torch.zeros(1, 3), torch.tensor([0, 1]), "`observed`"),  # was an IndexError at the call
+        (torch.zeros(1, 3), torch.tensor([5]), "`observed`"),  # an IndexError
+        (torch.zeros(3), torch.tensor([0]), "`logits`"),  # was taken: step 0 read one scalar logit
+        ([[0.0, 1.0]], torch.tensor([0]), "`logits`"),  # an AttributeError
+        (torch.tensor([[float("-inf"), 0.0]]), torch.tensor([0]), "-inf"),  # likelihood -inf for every u
+    ],
+)
+def test_relaxed_model_refuses_malformed_logits_and_observations(logits, observed, match):
+    with pytest.raises(InferenceError, match=match):
+        RelaxedGumbelMaxModel(logits, observed, 0.1)
+    # the baseline: well-formed (1, 3) logits and one observed id are taken
+    assert RelaxedGumbelMaxModel(torch.zeros(1, 3), torch.tensor([2]), 0.1).observed.tolist() == [2]
+
+
 def test_seeds(lm):
     scm = LanguageModelSCM(lm, max_new_tokens=3)
     observed = torch.tensor([5, 9])
