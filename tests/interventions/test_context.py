@@ -169,15 +169,9 @@ def test_a_context_that_leaves_the_model_changed_is_refused_and_put_back(factory
     assert flags == ([p.requires_grad for p in lm.model.parameters()], [m.training for m in lm.model.modules()])
 
 
-def test_an_in_place_edit_not_undone_is_refused():
-    """Caught bit for bit at the check (by digest: nothing to put it back from), then, once
-    the tensor is known to be edited in place, from a copy taken before each entry, and put
-    back."""
-    lm = tiny_llama(seed=0)
-    name = "model.layers.1.self_attn.q_proj.weight"
-    weight = lm.model.get_parameter(name)
-    state = snapshot(lm.model)
-    undo = [True]
+def _edit_in_place(weight, undo, exit_error=None):
+    """A context factory that adds 0.5 to ``weight`` in place, puts it back on exit while
+    ``undo[0]``, then raises ``RuntimeError(exit_error)`` if given."""
 
     @contextlib.contextmanager
     def edit(model):
@@ -188,7 +182,21 @@ def test_an_in_place_edit_not_undone_is_refused():
         if undo[0]:
             with torch.no_grad():
                 weight.copy_(saved)
+        if exit_error is not None:
+            raise RuntimeError(exit_error)
 
+    return edit
+
+
+def test_an_in_place_edit_not_undone_is_refused():
+    """Caught bit for bit at the check (by digest: nothing to put it back from), then, once
+    the tensor is known to be edited in place, from a copy taken before each entry, and put
+    back."""
+    lm = tiny_llama(seed=0)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    state = snapshot(lm.model)
+    undo = [True]
+    edit = _edit_in_place(lm.model.get_parameter(name), undo)
     mechanism = ContextMechanism(edit)
     mechanism.check(lm)  # a proper undo passes, and marks the tensor as edited in place
     with mechanism.activate(lm) as f:
@@ -252,21 +260,9 @@ def test_an_exit_that_raises_before_undoing_its_edit_is_still_compared(checked):
     exit that raises after a full undo gives the context's own error, the model intact."""
     lm = tiny_llama(seed=0)
     name = "model.layers.1.self_attn.q_proj.weight"
-    weight = lm.model.get_parameter(name)
     state = snapshot(lm.model)
     undo = [True]
-
-    @contextlib.contextmanager
-    def edit(model):
-        saved = weight.detach().clone()
-        with torch.no_grad():
-            weight.add_(0.5)
-        yield
-        if undo[0]:
-            with torch.no_grad():
-                weight.copy_(saved)
-        raise RuntimeError("exit failed")
-
+    edit = _edit_in_place(lm.model.get_parameter(name), undo, exit_error="exit failed")
     with pytest.raises(RuntimeError, match="exit failed"):  # the baseline: undone, then raises
         with ContextMechanism(edit).activate(lm) as f:
             f.logits(PROMPT)
