@@ -14,14 +14,14 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .errors import InferenceError, LMSCMError, MechanismError
 
 __all__ = [
-    "MAX_THREADS", "as_bool", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id",
+    "MAX_THREADS", "as_bool", "as_entries", "as_int", "as_lm", "as_path", "as_real", "as_seed", "as_token_id",
     "has_integer_dtype", "is_integer", "is_real", "unique_keys",
 ]
 
@@ -166,6 +166,24 @@ def as_token_id(value: Any, vocab_size: int, what: str, error: type[LMSCMError])
     if not 0 <= token < vocab_size:
         raise error(f"{what}: expected one token id in [0, {vocab_size}), got {token}.")
     return token
+
+
+def as_entries(
+    value: Any, name: str, owner: str, entry: str = "string", error: type[LMSCMError] = InferenceError
+) -> list[Any]:
+    """``value``, one entry per ``entry``, as a list: a sequence (not a ``str`` or ``bytes``,
+    whose letters are no entries), or a tensor of at least two dims, one entry per row
+    (prompts ``(S, L)``, logits ``(S, n, V)``).
+
+    :raises error: naming ``owner`` and ``name``, for anything else (``None``, a number, one
+        ``(L,)`` tensor, a string).
+    """
+    if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        return list(value)
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Sequence):
+        kind = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise error(f"{owner}: `{name}` must be a sequence with one entry per {entry}, got {kind}.")
+    return list(value)
 
 
 def as_seed(seed: Any, error: type[LMSCMError] = InferenceError) -> int | None:

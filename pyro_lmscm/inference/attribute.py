@@ -61,7 +61,7 @@ from ..interventions.ops import Action, as_do_data, world_inputs
 from ..models.mechanism import Factual, Mechanism
 from ..models.scm import LanguageModelSCM, as_scm
 from ..models.sites import MECHANISM
-from ..validation import MAX_SEED, as_int, as_real
+from ..validation import MAX_SEED, as_entries, as_int, as_real
 from .exact import (
     ExactCounterfactual,
     _intervened_pass,
@@ -459,8 +459,9 @@ def attributions(
     """
     _check_options(scm, by, max_exact_parts, num_permutations, seed, tol, "attributions")
     batch_size = as_int(batch_size, "batch_size", minimum=1, error=InferenceError)
-    prompts, observed = _listed(prompts, "prompts"), _listed(observed, "observed")
-    raw_logits = None if raw_logits is None else _listed(raw_logits, "raw_logits")
+    prompts = as_entries(prompts, "prompts", "attributions()")
+    observed = as_entries(observed, "observed", "attributions()")
+    raw_logits = None if raw_logits is None else as_entries(raw_logits, "raw_logits", "attributions()")
     if len(prompts) != len(observed) or (raw_logits is not None and len(raw_logits) != len(prompts)):
         raise InferenceError(
             f"attributions(): `prompts` ({len(prompts)}), `observed` ({len(observed)})"
@@ -498,17 +499,6 @@ def _check_options(
     as_int(num_permutations, "num_permutations", minimum=1, error=InferenceError)
     as_int(seed, "seed", minimum=0, maximum=MAX_SEED, error=InferenceError)
     as_real(tol, "tol", minimum=0.0, error=InferenceError, owner=f"{owner}()")
-
-
-def _listed(values: Any, name: str) -> list:
-    """``values``, one entry per string, as a list.
-
-    :raises InferenceError: naming ``name``, for a value that is no sequence (``None``, a number).
-    """
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
-        raise InferenceError(f"attributions(): `{name}` must be a sequence with one entry per string, "
-                             f"got {type(values).__name__}.")
-    return list(values)
 
 
 def _worlds(

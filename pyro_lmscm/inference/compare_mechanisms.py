@@ -21,7 +21,7 @@ from ..models.noise import GumbelMax, InverseCDF
 from ..models.scm import as_scm
 from ..reporting import report as report_progress
 from ..seeding import seeded
-from ..validation import as_int
+from ..validation import as_entries, as_int
 from .counterfactual import counterfactual, sample_factual
 from .exact import exact_counterfactual, expected_first_divergence
 
@@ -72,20 +72,6 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def _entries(value: Any, name: str, entry: str) -> list:
-    """``value`` as a list: a sequence, or the rows of a 2-d tensor of ids.
-
-    :raises InferenceError: naming ``name`` for anything else."""
-    if isinstance(value, torch.Tensor) and value.dim() == 2:
-        return list(value)
-    if isinstance(value, (str, torch.Tensor)) or not isinstance(value, Sequence):
-        raise InferenceError(
-            f"compare_mechanisms(): `{name}` must be a list, one entry per {entry}, "
-            f"got {type(value).__name__} {value!r:.80}."
-        )
-    return list(value)
-
-
 def compare_mechanisms(
     scm: LanguageModelSCM,
     prompts: Sequence[torch.Tensor],
@@ -114,9 +100,9 @@ def compare_mechanisms(
     scm = as_scm(scm, "compare_mechanisms()")
     num_samples = as_int(num_samples, "num_samples", minimum=1)
     seed = as_int(seed, "seed", minimum=0)
-    prompts = _entries(prompts, "prompts", "string")
-    observed = None if observed is None else _entries(observed, "observed", "string")
-    noise_models = _entries(noise_models, "noise_models", "noise model")
+    prompts = as_entries(prompts, "prompts", "compare_mechanisms()")
+    observed = None if observed is None else as_entries(observed, "observed", "compare_mechanisms()")
+    noise_models = as_entries(noise_models, "noise_models", "compare_mechanisms()", entry="noise model")
     if not noise_models:
         raise InferenceError("compare_mechanisms needs at least one noise model.")
     if not prompts:

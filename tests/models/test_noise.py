@@ -216,7 +216,7 @@ def test_compare_mechanisms_refuses_bad_arguments_before_it_runs(models):
     bad = {"prompts": 5, "observed": torch.tensor([5, 6]), "noise_models": GumbelMax()}
     for name, value in bad.items():
         arguments = {"prompts": prompts, "noise_models": [GumbelMax()], name: value}
-        with pytest.raises(InferenceError, match=f"`{name}` must be a list"):
+        with pytest.raises(InferenceError, match=f"`{name}` must be a sequence with one entry per"):
             compare_mechanisms(scm, intervention={}, num_samples=2, **arguments)
     with pytest.raises(InferenceError, match="`scm` must be a LanguageModelSCM"):
         compare_mechanisms(lm, prompts, {})
