@@ -198,6 +198,80 @@ def _with_capacity(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
     return buffer
 
 
+def _rebuffer(layers: list[Any], rows: torch.Tensor | None, capacity: int | None = None) -> None:
+    """Give the preallocated ``layers`` new buffers in **one** allocation for all of them, a
+    block ``(layers, 2, n, heads, capacity, head_dim)`` whose slices are each layer's keys and
+    values: row ``i`` of the new buffers is row ``rows[i]`` of the old ones (``None``: every
+    row, in order), their first positions the layer's, and ``capacity`` positions (default:
+    the old buffers').
+
+    One block rather than two buffers per layer: a chunk of draws opens and reorders its cache
+    a few times, and blocks of a megabyte each, freed while others live, leave holes in the C
+    heap; a block of tens of megabytes is mapped from the operating system on its own (glibc
+    maps every block above its largest mmap threshold, 32 MiB) and given back whole when the
+    chunk ends. Layers whose buffers differ in dtype or shape are blocks of their own, and
+    keys and values of other shapes (other head counts or widths) two blocks."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for layer in layers:
+        keys, values = layer.key_buffer, layer.value_buffer
+        groups.setdefault((keys.shape[1::2], values.shape[1::2], keys.dtype, keys.device), []).append(layer)
+    for (key_shape, value_shape, _, _), group in groups.items():
+        first = group[0].key_buffer
+        n = first.shape[0] if rows is None else rows.numel()
+        size = first.shape[-2] if capacity is None else capacity
+        if key_shape == value_shape:
+            block = first.new_empty((len(group), 2, n, key_shape[0], size, key_shape[1]))
+            keys, values = block[:, 0], block[:, 1]
+        else:
+            keys = first.new_empty((len(group), n, key_shape[0], size, key_shape[1]))
+            values = first.new_empty((len(group), n, value_shape[0], size, value_shape[1]))
+        for layer, new_keys, new_values in zip(group, keys, values):
+            length = 0 if layer.keys is None else layer.keys.shape[-2]
+            for old, new in ((layer.key_buffer, new_keys), (layer.value_buffer, new_values)):
+                if rows is None:
+                    new[:, :, :length] = old[:, :, :length]
+                else:
+                    torch.index_select(old[:, :, :length], 0, rows, out=new[:, :, :length])
+            layer._buffers(new_keys, new_values)
+
+
+@functools.cache
+def _preallocated_cache(cache_class: Any) -> Any:
+    """A subclass of ``cache_class`` whose reorders (a batch that grows, rows that leave, a
+    beam search) give all its preallocated layers new buffers in one block (:func:`_rebuffer`);
+    its other layers reorder as ``cache_class``'s do."""
+    layer_class = _preallocated_layer()
+
+    class PreallocatedCache(cache_class):  # type: ignore[misc, valid-type]
+        def _select(self, rows: torch.Tensor) -> None:
+            mine = [layer for layer in self.layers if isinstance(layer, layer_class)]
+            if mine:
+                _rebuffer(mine, rows.to(mine[0].key_buffer.device))
+            for layer in self.layers:
+                if not isinstance(layer, layer_class):
+                    layer.reorder_cache(rows)
+
+        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+            self._select(beam_idx)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if indices.dtype == torch.bool:
+                indices = torch.nonzero(indices).flatten()
+            self._select(indices)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            mine = [layer for layer in self.layers if isinstance(layer, layer_class)]
+            if mine:
+                batch = mine[0].key_buffer.shape[0]
+                device = mine[0].key_buffer.device
+                self._select(torch.arange(batch, device=device).repeat_interleave(repeats))
+            else:
+                super().batch_repeat_interleave(repeats)
+
+    PreallocatedCache.__name__ = PreallocatedCache.__qualname__ = f"Preallocated{cache_class.__name__}"
+    return PreallocatedCache
+
+
 def preallocate(cache: Any, max_length: int) -> Any:
     r"""Give each full-attention layer of a transformers ``DynamicCache`` buffers of
     ``max_length`` positions, allocated once, and return the cache.
@@ -205,12 +279,13 @@ def preallocate(cache: Any, max_length: int) -> Any:
     A ``DynamicCache`` grows by one ``torch.cat`` per layer and token: each step allocates
     the whole cache anew and frees the old one, a block a little larger each time, which
     the C allocator cannot reuse and so keeps resident. Here each layer's keys and values
-    become views ``[:, :, :length]`` of buffers ``(batch, heads, max_length, head_dim)``;
-    a step writes its position in place, and attention reads the same ``length`` positions
-    as before. Reordering the rows (``reorder_cache``: rows that finish, a batch that
-    grows) copies the buffers once. A layer of any other kind (a sliding window, a linear
-    attention state) is left as it is, and a layer asked for more than ``max_length``
-    positions grows, so this only ever changes where the cache lives.
+    become views ``[:, :, :length]`` of buffers ``(batch, heads, max_length, head_dim)``,
+    slices of one block for all layers (:func:`_rebuffer`); a step writes its position in
+    place, and attention reads the same ``length`` positions as before. Reordering the rows
+    (``reorder_cache``: rows that finish, a batch that grows) copies the block once, into one
+    new block. A layer of any other kind (a sliding window, a linear attention state) is left
+    as it is, and a layer asked for more than ``max_length`` positions grows, so this only
+    ever changes where the cache lives.
 
     :param cache: what the model returned under ``use_cache=True``.
     :param max_length: the positions the cache will hold: its prefix and every token
@@ -222,16 +297,23 @@ def preallocate(cache: Any, max_length: int) -> Any:
     if not isinstance(layers, list):
         return cache
     layer_class = _preallocated_layer()
+    mine = []
     for i, layer in enumerate(layers):
         keys, values = layer.keys, layer.values
         if type(layer) is not DynamicLayer or keys is None or values is None or keys.dim() != 4:
             continue
         new = layer_class.__new__(layer_class)
         new.__dict__.update(layer.__dict__)
-        capacity = max(max_length, keys.shape[-2])
-        new._buffers(_with_capacity(keys, capacity), _with_capacity(values, capacity))
+        new.key_buffer, new.value_buffer = keys, values  # (the block is allocated below)
         layers[i] = new
-    return cache
+        mine.append(new)
+    if not mine:
+        return cache
+    _rebuffer(mine, None, max(max_length, *(layer.keys.shape[-2] for layer in mine)))
+    preallocated = _preallocated_cache(type(cache))  # type: ignore[arg-type]  # classes hash
+    new_cache = preallocated.__new__(preallocated)
+    new_cache.__dict__.update(cache.__dict__)
+    return new_cache
 
 
 @functools.lru_cache(maxsize=None)

@@ -150,6 +150,34 @@ def test_a_preallocated_cache_decodes_bit_for_bit_as_a_growing_one(lm, lm_bf16, 
     assert layer.keys.shape[-2] == 16 and layer.key_buffer.shape[-2] == (16 if max_length == 16 else 18)
 
 
+def test_a_preallocated_cache_lives_in_one_block_for_all_layers(lm):
+    """Memory by design: ``prefill`` gives every layer's keys and values slices of one
+    allocation ``(layers, 2, n, heads, capacity, head_dim)``, and a reorder (a batch that grows
+    from one prompt to its draws, rows that leave) copies them into one new allocation, not two
+    per layer (a block of tens of megabytes is mapped on its own and given back whole).
+    Baseline: the growing ``DynamicCache``, whose layers each hold their own allocations."""
+    ids = torch.randint(2, lm.vocab_size, (1, 5))
+    n_layers = len(lm.model.model.layers)
+
+    def storages(cache):
+        return {t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)}
+
+    _, cache = lm.prefill(ids, 9)
+    layer = cache.layers[0]
+    block = layer.key_buffer.untyped_storage()
+    assert storages(cache) == {block.data_ptr()}
+    assert block.nbytes() == n_layers * 2 * layer.key_buffer.numel() * layer.key_buffer.element_size()
+    cache.reorder_cache(torch.zeros(6, dtype=torch.long))  # one prompt -> six draws
+    grown = cache.layers[0].key_buffer.untyped_storage()
+    assert storages(cache) == {grown.data_ptr()} and grown.data_ptr() != block.data_ptr()
+    assert grown.nbytes() == 6 * block.nbytes() and cache.layers[0].keys.shape[0] == 6
+    _, cache = lm.step(torch.arange(6) + 2, cache)
+    cache.batch_select_indices(torch.tensor([True, False, True, False, False, True]))  # rows that leave
+    assert len(storages(cache)) == 1 and cache.layers[-1].keys.shape[:3] == (3, layer.keys.shape[1], 6)
+    _, growing = lm.prefill(ids, None)
+    assert len(storages(growing)) == 2 * n_layers
+
+
 def test_a_preallocated_cache_writes_each_step_in_place(lm):
     """Memory by design: between two reorders a step allocates no cache memory (every layer's
     keys stay a view of the buffer allocated at ``prefill``). Baseline: the growing cache,

@@ -16,7 +16,7 @@ from ..interventions.ops import Action, Intervention, as_do_data, check_interven
 from ..lm import left_pad
 from ..seeding import generator, seeded
 from ..validation import as_bool, as_int, as_real
-from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
+from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS, even_chunk_size
 from .distribution import CounterfactualDistribution
 from .exact import ExactCounterfactual
 from .hindsight_guide import HindsightGumbelGuide
@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from ..models.anchor import FactualAnchor
     from ..models.scm import LanguageModelSCM
 
-__all__ = ["AUTO_CHUNK_BYTES", "CounterfactualResult", "auto_chunk_size", "counterfactual", "counterfactuals"]
+__all__ = [
+    "AUTO_CHUNK_BYTES",
+    "CounterfactualResult",
+    "auto_chunk_size",
+    "counterfactual",
+    "counterfactuals",
+]
 
 
 @dataclass
@@ -254,24 +260,38 @@ def _working_bytes_per_row(scm: LanguageModelSCM, prompt_length: int) -> int:
 
 
 def auto_chunk_size(
-    scm: LanguageModelSCM, prompt_length: int, baseline: bool = False, budget: int | None = None
+    scm: LanguageModelSCM,
+    prompt_length: int,
+    baseline: bool = False,
+    budget: int | None = None,
+    num_samples: int | None = None,
 ) -> int:
     """The number of posterior draws that ``counterfactual(chunk_size=None)`` decodes at once:
     as many as fit ``budget`` bytes (default :data:`AUTO_CHUNK_BYTES` of the model's device
     type), and at least :data:`~pyro_lmscm.inference.budget.MIN_CHUNK_ROWS` rows (half as
-    many draws with ``baseline``). A draw holds its KV cache over the prompt and ``T`` new tokens
-    (``scm.lm.cache_bytes_per_token()`` per position, from the model config) and about eight
-    float32 vectors of ``V`` per step.
+    many draws with ``baseline``). A draw holds its KV cache over the prompt and ``T`` new
+    tokens (``scm.lm.cache_bytes_per_token()`` per position, from the model config) and about
+    eight float32 vectors of ``V`` per step.
+
+    With ``num_samples``, the draws of one call: the size that splits them into as few chunks
+    as the budget allows, all of one size but the last, which is smaller by fewer draws than
+    there are chunks (:func:`~pyro_lmscm.inference.budget.even_chunk_size`; 64 draws of
+    SmolLM2 fp32 at T = 64 run as 4 x 16, not 17 + 17 + 17 + 13): a call's chunks then
+    allocate blocks of the same sizes, which the C heap reuses, where a last, smaller chunk's
+    blocks of other sizes left the freed ones in holes and made the peak wander
+    (benchmarks/README.md, "Issue 34: chunks of one size").
 
     It depends only on the model's config and dtype, the device type, ``T``, the prompt
-    length and ``baseline`` (each draw then decodes two rows), never on the memory free at
-    the time, so that a seeded call draws the same noise in the same chunks on every run.
+    length, ``baseline`` (each draw then decodes two rows) and ``num_samples``, never on the
+    memory free at the time, so that a seeded call draws the same noise in the same chunks on
+    every run.
     """
     if budget is None:
         budget = AUTO_CHUNK_BYTES.get(scm.lm.device.type, AUTO_CHUNK_BYTES["cuda"])
     rows = 2 if baseline else 1
     per_draw = _working_bytes_per_row(scm, prompt_length) * rows
-    return max(MIN_CHUNK_ROWS // rows, budget // per_draw)
+    fits = max(MIN_CHUNK_ROWS // rows, budget // per_draw)
+    return fits if num_samples is None else even_chunk_size(fits, num_samples)
 
 
 def _check_memory(scm: LanguageModelSCM, num_samples: int, size: int, prompt_length: int, baseline: bool) -> None:
@@ -373,7 +393,8 @@ def counterfactual(
         per device type). With a ``seed`` the result is reproducible for a given
         ``chunk_size``: chunks draw the noise one after another from the same generator, so
         another ``chunk_size`` gives other (equally distributed) draws, and ``None`` equals
-        ``chunk_size=auto_chunk_size(scm, len(prompt), baseline)``.
+        ``chunk_size=auto_chunk_size(scm, len(prompt), baseline, num_samples=num_samples)``
+        (chunks of one size).
     :param baseline: also decode the interventional baseline
         (:attr:`CounterfactualResult.interventional_ids`).
     :param deterministic: decode every draw alone (see :func:`~pyro_lmscm.inference.prediction.predict`), so that in
@@ -484,7 +505,8 @@ def counterfactuals(
     :param scores: as :func:`counterfactual`, for every string.
     :param chunk_size: draws of each string decoded in one run (``S x chunk_size`` rows);
         ``None``: as many as fit :data:`AUTO_CHUNK_BYTES` for all ``S`` strings
-        (:func:`auto_chunk_size` divided by ``S``).
+        (:func:`auto_chunk_size` divided by ``S``), evened out over ``num_samples``
+        (:func:`~pyro_lmscm.inference.budget.even_chunk_size`).
     :raises ObservationError, AbductionError, InterventionError, InferenceError: on bad input
         (InferenceError also for a call inside a caller's ``pyro.plate``).
 
@@ -547,8 +569,8 @@ def _counterfactuals(
     """
     S = len(singles)
     batch = scm.check_prompt(left_pad([p.cpu() for p in singles]).to(scm.lm.device))  # (S, L)
-    if chunk_size is None:
-        chunk_size = max(1, auto_chunk_size(scm, batch.shape[-1], baseline) // S)
+    if chunk_size is None:  # the budget's draws per string, in chunks of one size
+        chunk_size = even_chunk_size(auto_chunk_size(scm, batch.shape[-1], baseline) // S, num_samples)
     size = max(1, min(chunk_size, num_samples))
     _check_memory(scm, S * num_samples, S * size, batch.shape[-1], baseline)
     if observed is not None:

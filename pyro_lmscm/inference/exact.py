@@ -41,7 +41,7 @@ from ..reporting import report as report_progress
 from ..seeding import seeded
 from ..validation import as_int
 from .bounds import CounterfactualBounds, any_step_bounds, observed_keep_bounds
-from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS
+from .budget import AUTO_CHUNK_BYTES, MIN_CHUNK_ROWS, even_chunk_size
 from .hindsight_guide import HindsightGumbelGuide
 from .scoring import gathered_log_probs
 
@@ -387,11 +387,15 @@ class ExactCounterfactual:
         :param chunk_size: rows decoded at once (default: as many as fit
             :data:`~pyro_lmscm.inference.budget.AUTO_CHUNK_BYTES` with their cache and
             a step's float64 logits and noise, a number that depends only on the model and ``T``,
-            so a seeded call draws the same strings on every run).
+            so a seeded call draws the same strings on every run; ``num_samples`` then run in as
+            few chunks as fit, of one size: :func:`~pyro_lmscm.inference.budget.even_chunk_size`).
         :returns: token ids ``(num_samples, T)``.
         """
         num_samples = as_int(num_samples, "num_samples", minimum=1)
-        size = self._sample_chunk_size() if chunk_size is None else as_int(chunk_size, "chunk_size", minimum=1)
+        if chunk_size is None:  # the budget's rows, in chunks of one size (as counterfactual's)
+            size = even_chunk_size(self._sample_chunk_size(), num_samples)
+        else:
+            size = as_int(chunk_size, "chunk_size", minimum=1)
         with seeded(seed):
             chunks = [self._sample_rows(min(size, num_samples - start)) for start in range(0, num_samples, size)]
         return torch.cat(chunks)

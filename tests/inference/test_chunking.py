@@ -136,10 +136,28 @@ def test_automatic_chunks_follow_the_memory_budget_and_equal_explicit_ones(scm, 
     monkeypatch.setitem(cf_module.AUTO_CHUNK_BYTES, "cpu", 11 * per_row + 1)
     args = (scm, PROMPT, observed, {"prompt": [2, 9, 4]})
     automatic = module_counterfactual(*args, num_samples=25, seed=3)
-    _same(automatic, module_counterfactual(*args, num_samples=25, seed=3, chunk_size=11))
+    # 25 draws in as few chunks of at most 11 as fit, of one size: 9 + 9 + 7, not 11 + 11 + 3
+    assert auto_chunk_size(scm, len(PROMPT), num_samples=25) == 9
+    _same(automatic, module_counterfactual(*args, num_samples=25, seed=3, chunk_size=9))
+    uneven = module_counterfactual(*args, num_samples=25, seed=3, chunk_size=11)
+    assert not torch.equal(automatic.counterfactual_ids, uneven.counterfactual_ids)
     whole = module_counterfactual(*args, num_samples=25, seed=3, chunk_size=25)
     assert not torch.equal(automatic.counterfactual_ids, whole.counterfactual_ids)  # other draws, same generator
     assert auto_chunk_size(scm, len(PROMPT), budget=12 * per_row) == 12  # a caller's own budget (the study's)
+
+
+@pytest.mark.parametrize("fits", range(1, 25))
+def test_even_chunks_are_the_fewest_and_the_smallest_that_fit(fits):
+    """:func:`even_chunk_size` against brute force: of the chunk sizes within ``fits`` that split
+    ``n`` draws into the fewest chunks, the smallest (the chunks closest to one size)."""
+    from pyro_lmscm.inference.budget import even_chunk_size
+
+    def chunks(n, size):
+        return -(-n // size)
+
+    for n in range(1, 121):
+        oracle = min(s for s in range(1, fits + 1) if chunks(n, s) == chunks(n, fits))
+        assert even_chunk_size(fits, n) == oracle, (fits, n)
 
 
 def test_smollm2_fp32_at_64_steps_decodes_in_chunks_within_the_memory_budget():
@@ -164,6 +182,10 @@ def test_smollm2_fp32_at_64_steps_decodes_in_chunks_within_the_memory_budget():
     size = auto_chunk_size(scm, 8, budget=AUTO_CHUNK_BYTES["cpu"])
     cache = size * (8 + 64) * lm.cache_bytes_per_token()
     assert 12 <= size <= 20 and cache <= AUTO_CHUNK_BYTES["cpu"] < 64 * (8 + 64) * lm.cache_bytes_per_token()
+    # the 64 draws run in chunks of one size (4 x 16, not 17 + 17 + 17 + 13), and 16 in one chunk
+    cpu = AUTO_CHUNK_BYTES["cpu"]
+    assert auto_chunk_size(scm, 8, budget=cpu, num_samples=64) == 16
+    assert auto_chunk_size(scm, 8, budget=cpu, num_samples=16) == 16
     # at T = 512 the budget holds 3 rows; the floor keeps 8 in one run (4 draws: one run, not 3 + 1)
     long = LanguageModelSCM(lm, max_new_tokens=512)
     assert AUTO_CHUNK_BYTES["cpu"] // ((8 + 512) * lm.cache_bytes_per_token()) == 3
