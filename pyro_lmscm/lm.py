@@ -174,16 +174,15 @@ def _preallocated_layer() -> Any:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        # (a PreallocatedCache reorders all its layers at once; these serve a layer alone)
         def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            index = beam_idx.to(self.key_buffer.device)
-            self._buffers(self.key_buffer.index_select(0, index), self.value_buffer.index_select(0, index))
+            _rebuffer([self], beam_idx)
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._buffers(self.key_buffer[indices], self.value_buffer[indices])
+            _rebuffer([self], indices)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            keys, values = self.key_buffer, self.value_buffer
-            self._buffers(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
+            _rebuffer([self], _repeated_rows([self], repeats))
 
         def reset(self) -> None:
             self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
@@ -202,8 +201,8 @@ def _rebuffer(layers: list[Any], rows: torch.Tensor | None, capacity: int | None
     """Give the preallocated ``layers`` new buffers in **one** allocation for all of them, a
     block ``(layers, 2, n, heads, capacity, head_dim)`` whose slices are each layer's keys and
     values: row ``i`` of the new buffers is row ``rows[i]`` of the old ones (``None``: every
-    row, in order), their first positions the layer's, and ``capacity`` positions (default:
-    the old buffers').
+    row, in order; a bool mask: the rows it keeps), their first positions the layer's, and
+    ``capacity`` positions (default: the old buffers').
 
     One block rather than two buffers per layer: a chunk of draws opens and reorders its cache
     a few times, and blocks of a megabyte each, freed while others live, leave holes in the C
@@ -211,6 +210,10 @@ def _rebuffer(layers: list[Any], rows: torch.Tensor | None, capacity: int | None
     maps every block above its largest mmap threshold, 32 MiB) and given back whole when the
     chunk ends. Layers whose buffers differ in dtype or shape are blocks of their own, and
     keys and values of other shapes (other head counts or widths) two blocks."""
+    if rows is not None:
+        rows = rows.to(layers[0].key_buffer.device)
+        if rows.dtype == torch.bool:  # (a mask of the rows kept, as batch_select_indices may get)
+            rows = torch.nonzero(rows).flatten()
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for layer in layers:
         keys, values = layer.key_buffer, layer.value_buffer
@@ -235,6 +238,15 @@ def _rebuffer(layers: list[Any], rows: torch.Tensor | None, capacity: int | None
             layer._buffers(new_keys, new_values)
 
 
+def _repeated_rows(layers: list[Any], repeats: int) -> torch.Tensor | None:
+    """The rows of ``batch_repeat_interleave(repeats)``: each row of ``layers`` ``repeats``
+    times in a row (``None`` without layers)."""
+    if not layers:
+        return None
+    buffer = layers[0].key_buffer
+    return torch.arange(buffer.shape[0], device=buffer.device).repeat_interleave(repeats)
+
+
 @functools.cache
 def _preallocated_cache(cache_class: Any) -> Any:
     """A subclass of ``cache_class`` whose reorders (a batch that grows, rows that leave, a
@@ -243,30 +255,24 @@ def _preallocated_cache(cache_class: Any) -> Any:
     layer_class = _preallocated_layer()
 
     class PreallocatedCache(cache_class):  # type: ignore[misc, valid-type]
-        def _select(self, rows: torch.Tensor) -> None:
+        def _select(self, rows: torch.Tensor | None, method: str, *args: Any) -> None:
+            """``rows`` of every preallocated layer in one block; the other layers' own ``method``."""
             mine = [layer for layer in self.layers if isinstance(layer, layer_class)]
-            if mine:
-                _rebuffer(mine, rows.to(mine[0].key_buffer.device))
+            if mine and rows is not None:
+                _rebuffer(mine, rows)
             for layer in self.layers:
                 if not isinstance(layer, layer_class):
-                    layer.reorder_cache(rows)
+                    getattr(layer, method)(*args)
 
         def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            self._select(beam_idx)
+            self._select(beam_idx, "reorder_cache", beam_idx)
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if indices.dtype == torch.bool:
-                indices = torch.nonzero(indices).flatten()
-            self._select(indices)
+            self._select(indices, "batch_select_indices", indices)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             mine = [layer for layer in self.layers if isinstance(layer, layer_class)]
-            if mine:
-                batch = mine[0].key_buffer.shape[0]
-                device = mine[0].key_buffer.device
-                self._select(torch.arange(batch, device=device).repeat_interleave(repeats))
-            else:
-                super().batch_repeat_interleave(repeats)
+            self._select(_repeated_rows(mine, repeats), "batch_repeat_interleave", repeats)
 
     PreallocatedCache.__name__ = PreallocatedCache.__qualname__ = f"Preallocated{cache_class.__name__}"
     return PreallocatedCache

@@ -171,11 +171,19 @@ def test_a_preallocated_cache_lives_in_one_block_for_all_layers(lm):
     grown = cache.layers[0].key_buffer.untyped_storage()
     assert storages(cache) == {grown.data_ptr()} and grown.data_ptr() != block.data_ptr()
     assert grown.nbytes() == 6 * block.nbytes() and cache.layers[0].keys.shape[0] == 6
-    _, cache = lm.step(torch.arange(6) + 2, cache)
-    cache.batch_select_indices(torch.tensor([True, False, True, False, False, True]))  # rows that leave
-    assert len(storages(cache)) == 1 and cache.layers[-1].keys.shape[:3] == (3, layer.keys.shape[1], 6)
     _, growing = lm.prefill(ids, None)
     assert len(storages(growing)) == 2 * n_layers
+    growing.reorder_cache(torch.zeros(6, dtype=torch.long))
+    keep = torch.tensor([True, False, True, False, False, True])
+    for c in (cache, growing):  # rows that leave (a mask), then rows repeated; logits as the growing cache's
+        c.batch_select_indices(keep)
+        c.batch_repeat_interleave(2)
+    assert len(storages(cache)) == 1 and cache.layers[-1].keys.shape[:3] == (6, layer.keys.shape[1], 5)
+    tokens = torch.arange(6) + 2
+    assert torch.equal(lm.step(tokens, cache)[0], lm.step(tokens, growing)[0])
+    before = cache.layers[0].keys.clone()
+    cache.layers[0].reorder_cache(torch.tensor([1, 0]))  # a layer alone: its own block, rows reordered
+    assert torch.equal(cache.layers[0].keys, before[[1, 0]])
 
 
 def test_a_preallocated_cache_writes_each_step_in_place(lm):
