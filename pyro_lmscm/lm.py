@@ -168,7 +168,7 @@ def _preallocated_layer() -> Any:
             end = length + key_states.shape[-2]
             if end > self.key_buffer.shape[-2]:  # more than announced: grow (twice, to stay amortised)
                 capacity = max(end, 2 * self.key_buffer.shape[-2])
-                self._buffers(_with_capacity(self.key_buffer, capacity), _with_capacity(self.value_buffer, capacity))
+                _rebuffer([self], None, capacity)
             self.key_buffer[:, :, length:end] = key_states
             self.value_buffer[:, :, length:end] = value_states
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
@@ -188,13 +188,6 @@ def _preallocated_layer() -> Any:
             self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
 
     return PreallocatedLayer
-
-
-def _with_capacity(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A buffer ``(..., capacity, d)`` whose first positions are ``tensor`` ``(..., n, d)``."""
-    buffer = tensor.new_empty((*tensor.shape[:-2], capacity, tensor.shape[-1]))
-    buffer[..., : tensor.shape[-2], :] = tensor
-    return buffer
 
 
 def _rebuffer(layers: list[Any], rows: torch.Tensor | None, capacity: int | None = None) -> None:
