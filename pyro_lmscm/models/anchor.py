@@ -67,7 +67,10 @@ class FactualAnchor:
         """Raw logits of step ``t``: the anchored ones on the path, ``raw`` elsewhere."""
         if t >= self.length:
             return raw
-        return torch.where(on_path.unsqueeze(-1), self.logits[..., t, :], raw)
+        anchored = self.logits[..., t, :]
+        if anchored.dtype == raw.dtype and anchored.device == raw.device and bool(on_path.all()):  # a view
+            return anchored.expand(torch.broadcast_shapes(on_path.shape + (1,), anchored.shape, raw.shape))
+        return torch.where(on_path.unsqueeze(-1), anchored, raw)
 
     def follow(self, t: int, w: torch.Tensor, on_path: torch.Tensor) -> torch.Tensor:
         """Rows still on the path after emitting ``w`` at step ``t``."""

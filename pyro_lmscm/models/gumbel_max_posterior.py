@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import pyro.distributions as dist
@@ -12,7 +13,13 @@ from pyro.distributions import TorchDistribution, constraints
 
 from ..errors import InferenceError
 
-__all__ = ["GumbelMaxPosterior", "gumbel_log_density", "standard_exponential", "standard_gumbel"]
+__all__ = [
+    "GumbelMaxPosterior",
+    "gumbel_log_density",
+    "perturbed_rows",
+    "standard_exponential",
+    "standard_gumbel",
+]
 
 
 def gumbel_log_density(u: torch.Tensor) -> torch.Tensor:
@@ -102,6 +109,53 @@ def _distinct(x: torch.Tensor, event_dim: int) -> torch.Tensor:
     return x
 
 
+#: Entries of the scratch that :func:`perturbed_rows` reuses for each block of rows (256 KB
+#: of float32): a step's ``logits + u`` is never made whole.
+_SCRATCH = 1 << 16
+
+
+def perturbed_rows(logits: torch.Tensor, u: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    r"""The perturbed logits :math:`\ell + u` of each row, a block of rows at a time:
+    ``(rows, block)``, where ``block`` is ``(logits + u)`` seen as rows ``(N, V)`` (the
+    broadcast batch flattened in order) at ``rows``. Every block is written into one scratch
+    of about :data:`_SCRATCH` entries, which the next block overwrites: read a block before
+    asking for the next.
+
+    A step's reductions of :math:`\ell + u` (its argmax, its maximum, the rounding check)
+    need it one row at a time. Making it whole would add an ``(N, V)`` block to every step,
+    a few megabytes each time, allocated and freed once per step.
+    """
+    shape = torch.broadcast_shapes(logits.shape, u.shape)
+    width, batch = shape[-1], shape[:-1]
+    rows = batch.numel()
+    if rows == 0 or width == 0:
+        yield slice(0, rows), (logits + u).reshape(rows, width)
+        return
+    sources = [_own_rows(x, batch) for x in (logits, u)]
+    step = max(1, min(rows, _SCRATCH // width))
+    scratch = torch.empty((step, width), dtype=torch.result_type(logits, u), device=u.device)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        left, right = (
+            flat if len(flat) == 1 else flat[start:stop] if index is None else flat[index[start:stop]]
+            for flat, index in sources
+        )
+        block = scratch[: stop - start]
+        torch.add(left, right, out=block)
+        yield slice(start, stop), block
+
+
+def _own_rows(x: torch.Tensor, batch: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x``'s own rows ``(n, V)``, without the rows that broadcasting to ``batch + (V,)``
+    repeats, and which of them each row of the broadcast batch is (``None``: row ``i`` is
+    row ``i``; one own row serves every row)."""
+    x = _distinct(x.reshape((1,) * (len(batch) + 1 - x.dim()) + x.shape), 1)
+    flat = x.reshape(-1, x.shape[-1])
+    if x.shape[:-1] == batch or len(flat) == 1:
+        return flat, None
+    return flat, torch.arange(len(flat), device=x.device).view(x.shape[:-1]).expand(batch).reshape(-1)
+
+
 def _break_rounding_ties(logits: torch.Tensor, u: torch.Tensor, k: torch.Tensor, active: torch.Tensor) -> None:
     """Make token ``k`` (shape ``(..., 1)``) win ``logits + u`` strictly in floating point,
     editing ``u`` in place.
@@ -110,20 +164,18 @@ def _break_rounding_ties(logits: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
     turn a near-tie into a tie or a loss (measured: 2 draws in 10^4 at logits of 3e4,
     far rarer at LM scales). There the noises that now beat it are lowered until the
     observed token wins by one unit in the last place. The check is two passes over V,
-    made on blocks of rows so that its scratch stays small next to ``u``.
+    made on blocks of rows (:func:`perturbed_rows`), so that its scratch stays small next
+    to ``u``.
     """
     logits, k = logits.expand(u.shape), k.expand(u.shape[:-1] + (1,))
     if u.dim() == 1:
         logits, u, k, active = logits[None], u[None], k[None], active.expand(())[None]
-    per_slice = u[0].numel()
-    block = max(1, (_BLOCK * 16) // per_slice)  # slices along dim 0: about 16 MB of float32 scratch
+    index = k.reshape(-1, 1)
     wrong_rows = []
-    for start in range(0, u.shape[0], block):
-        perturbed = logits[start : start + block] + u[start : start + block]
-        index = k[start : start + block]
-        winner = perturbed.gather(-1, index).squeeze(-1)
-        wrong_rows.append(perturbed.scatter_(-1, index, float("-inf")).amax(-1) >= winner)
-    wrong = torch.cat(wrong_rows) & active
+    for rows, perturbed in perturbed_rows(logits, u):
+        winner = perturbed.gather(-1, index[rows]).squeeze(-1)
+        wrong_rows.append(perturbed.scatter_(-1, index[rows], float("-inf")).amax(-1) >= winner)
+    wrong = torch.cat(wrong_rows).view(u.shape[:-1]) & active
     if not bool(wrong.any()):
         return
     value = k.squeeze(-1)

@@ -36,7 +36,7 @@ import torch
 from ..errors import AbductionError, InferenceError
 from ..validation import has_integer_dtype
 from .gumbel_max_counterfactual import stay_log_prob, step_counterfactual_log_probs
-from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density, standard_gumbel
+from .gumbel_max_posterior import GumbelMaxPosterior, gumbel_log_density, perturbed_rows, standard_gumbel
 
 __all__ = ["GumbelMax", "InPlaceGumbel", "InverseCDF", "InverseCDFPosterior", "NoiseModel"]
 
@@ -180,7 +180,9 @@ class GumbelMax(NoiseModel):
         return standard_gumbel(shape, self.dtype, device, generator=generator)
 
     def structural(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(logits + u, dim=-1)
+        shape = torch.broadcast_shapes(logits.shape, u.shape)
+        winners = [perturbed.argmax(-1) for _, perturbed in perturbed_rows(logits, u)]
+        return torch.cat(winners).view(shape[:-1])
 
     def posterior(
         self, logits: torch.Tensor, observed: torch.Tensor, margin: float = 0.0, active: torch.Tensor | None = None
@@ -213,7 +215,7 @@ class GumbelMax(NoiseModel):
         # copies: a view of the noise column would keep the step's whole noise alive
         return {
             "observed_noise": drawn[:, observed].to(device="cpu", dtype=torch.float32, copy=True),
-            "top_gumbel": (logits + drawn).amax(-1).float().cpu(),
+            "top_gumbel": torch.cat([p.amax(-1) for _, p in perturbed_rows(logits, drawn)]).float().cpu(),
         }
 
     def __repr__(self) -> str:

@@ -218,3 +218,41 @@ def test_counterfactual_is_a_batch_of_one_of_counterfactuals(scm, observed, inte
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
     assert one.log_prob_factual == batch.log_prob_factual and one.noise_stats
     assert not torch.equal(one.counterfactual_ids, other.counterfactual_ids)  # the seed matters
+
+
+def test_a_decoding_step_of_a_null_counterfactual_makes_two_blocks_of_rows_by_vocabulary(scm, monkeypatch):
+    """Per step, the only new ``(rows, V)`` tensors are the LM head's logits and the noise
+    (``rows * (V + 1)`` draws, with the rows' top draws):
+    the anchored logits are the anchor's own rows (a view), and ``logits + u`` (the argmax,
+    the rounding check, the statistics) is reduced a block of rows at a time. Each such
+    tensor is a block of megabytes on the heap at LM vocabularies (3 MB at 16 rows of
+    SmolLM2); six per step let the heap grow by one most steps (issue 34)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pyro_lmscm.models import gumbel_max_posterior
+
+    rows, vocab = 16, scm.vocab_size
+    monkeypatch.setattr(gumbel_max_posterior, "_SCRATCH", vocab)  # a row, as at SmolLM2's vocabulary
+    made = []
+
+    class CountNew(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)
+            }
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and rows * vocab <= t.numel() <= rows * (vocab + 1):
+                    if t.untyped_storage().data_ptr() not in inputs:
+                        made.append(str(func))
+            return out
+
+    counterfactual(scm, PROMPT, None, {}, num_samples=2, seed=0)
+    with CountNew():
+        result = counterfactual(scm, PROMPT, None, {}, num_samples=rows, seed=0)
+    steps = result.counterfactual_ids.shape[-1]
+    assert result.factual_ids.shape[-1] == steps == 8  # every step anchored, every step 16 rows
+    assert len(made) <= 2 * steps, sorted(made)

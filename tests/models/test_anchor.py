@@ -55,3 +55,22 @@ def test_the_anchor_is_scoped_to_its_scm(lm):
         anchored, free = first.model(PROMPT), second.model(PROMPT)
     assert bool((anchored[:, :4] == observed).all())
     assert not bool((free[:, :4] == observed).all(-1).any())
+
+
+def test_logits_on_the_path_are_the_anchors_own_rows_without_a_copy(lm):
+    """Where every row is on the path, a step's raw logits are the anchor's row of that step,
+    broadcast: its storage, no ``(rows, V)`` copy; with some rows off the path, the mix of
+    both (``torch.where``); past the anchor, ``raw``."""
+    observed = torch.tensor([20, 21, 22])
+    anchor = _forcing_anchor(lm, observed)
+    raw = torch.randn(5, lm.vocab_size)
+    every = anchor.logits_at(1, raw, torch.ones(5, dtype=torch.bool))
+    assert torch.equal(every, anchor.logits[1].expand(5, -1))
+    assert every.untyped_storage().data_ptr() == anchor.logits.untyped_storage().data_ptr()
+    some = torch.tensor([True, False, True, True, False])
+    mixed = anchor.logits_at(1, raw, some)
+    assert torch.equal(mixed[some], anchor.logits[1].expand(3, -1)) and torch.equal(mixed[~some], raw[~some])
+    assert mixed.untyped_storage().data_ptr() != anchor.logits.untyped_storage().data_ptr()
+    assert anchor.logits_at(3, raw, torch.ones(5, dtype=torch.bool)) is raw
+    half = anchor.logits_at(1, raw.double(), torch.ones(5, dtype=torch.bool))  # other dtype: where's promotion
+    assert half.dtype == torch.float64 and torch.equal(half, anchor.logits[1].double().expand(5, -1))

@@ -68,7 +68,7 @@ def test_observed_token_wins_in_floating_point(block, monkeypatch):
     from pyro_lmscm.models import gumbel_max_posterior
 
     if block is not None:
-        monkeypatch.setattr(gumbel_max_posterior, "_BLOCK", block)
+        monkeypatch.setattr(gumbel_max_posterior, "_SCRATCH", block)
     logits = torch.tensor([[3e4, 3e4 - 0.01, -3e4], [3e4, 3e4 + 0.01, 2e4]])
     value = torch.tensor([1, 0])
     torch.manual_seed(0)
@@ -121,3 +121,74 @@ def test_standard_exponential_is_seeded_by_torch_and_independent_of_threads():
     sample = draws[0].flatten()[:20000].numpy()
     assert stats.kstest(sample, "expon").pvalue > 1e-3
     assert stats.kstest(1.1 * sample, "expon").pvalue < 1e-6  # baseline: Exp with mean 1.1 fails
+
+
+_SHAPES = {
+    "one row": ((7,), (7,)),
+    "shared logits": ((7,), (4, 7)),
+    "rows": ((4, 7), (4, 7)),
+    "shared noise": ((4, 7), (7,)),
+    "broadcast both": ((3, 1, 7), (2, 7)),
+    "a plate over rows": ((2, 7), (5, 2, 7)),
+    "no rows": ((4, 7), (0, 4, 7)),
+}
+
+
+@pytest.mark.parametrize("scratch", [1, 15, 1 << 16], ids=["a row a block", "two rows a block", "one block"])
+@pytest.mark.parametrize("shapes", _SHAPES.values(), ids=_SHAPES.keys())
+def test_perturbed_rows_are_the_rows_of_the_sum_in_one_reused_scratch(shapes, scratch, monkeypatch):
+    """Each block is ``(logits + u)`` flattened to rows, at its rows, bit for bit (against
+    the whole sum), the blocks cover every row once and in order, and all share one scratch
+    of at most ``_SCRATCH`` entries (or one row)."""
+    from pyro_lmscm.models import gumbel_max_posterior
+    from pyro_lmscm.models.gumbel_max_posterior import perturbed_rows
+
+    monkeypatch.setattr(gumbel_max_posterior, "_SCRATCH", scratch)
+    torch.manual_seed(0)
+    logits, u = torch.randn(shapes[0]), torch.randn(shapes[1])
+    whole = (logits + u).reshape(-1, 7)
+    seen, storages, covered = torch.full_like(whole, float("nan")), set(), []
+    for rows, block in perturbed_rows(logits, u):
+        assert block.shape == (rows.stop - rows.start, 7)
+        assert block.numel() <= max(scratch, 7) or len(whole) == 0
+        seen[rows] = block
+        covered.extend(range(rows.start, rows.stop))
+        storages.add(block.untyped_storage().data_ptr())
+    assert torch.equal(seen, whole)
+    assert covered == list(range(len(whole)))
+    assert len(storages) == 1
+
+
+def test_perturbed_rows_read_broadcast_and_strided_operands_without_copying_them_whole(monkeypatch):
+    """Logits expanded over a plate, and noise that is a transposed view: the same rows."""
+    from pyro_lmscm.models import gumbel_max_posterior
+    from pyro_lmscm.models.gumbel_max_posterior import perturbed_rows
+
+    monkeypatch.setattr(gumbel_max_posterior, "_SCRATCH", 10)
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5).expand(4, 3, 5)
+    u = torch.randn(5, 3, 4).permute(2, 1, 0)  # (4, 3, 5), not contiguous
+    blocks = [(rows, block.clone()) for rows, block in perturbed_rows(logits, u)]
+    assert len(blocks) == 6  # 12 rows, two per block
+    assert torch.equal(torch.cat([b for _, b in blocks]), (logits + u).reshape(12, 5))
+
+
+@pytest.mark.parametrize("scratch", [1, 1 << 16])
+def test_gumbel_max_structural_and_statistics_are_those_of_the_whole_sum(scratch, monkeypatch):
+    """``structural`` is ``argmax(logits + u)`` and ``top_gumbel`` its maximum, however the
+    rows are blocked; ties (a row of equal scores) go to the first token, as ``argmax``'s."""
+    from pyro_lmscm.models import GumbelMax, gumbel_max_posterior
+
+    monkeypatch.setattr(gumbel_max_posterior, "_SCRATCH", scratch)
+    torch.manual_seed(2)
+    noise = GumbelMax()
+    logits = torch.randn(6, 9)
+    u = torch.randn(5, 6, 9)
+    u[0, 0] = -logits[0]  # a row of ties
+    assert torch.equal(noise.structural(logits, u), torch.argmax(logits + u, -1))
+    assert int(noise.structural(logits, u)[0, 0]) == 0
+    assert torch.equal(noise.structural(logits[0], u[:, 0]), torch.argmax(logits[0] + u[:, 0], -1))
+    drawn = torch.randn(4, 9)
+    stats_ = noise.noise_statistics(logits[1], 3, drawn)
+    assert torch.equal(stats_["top_gumbel"], (logits[1] + drawn).amax(-1))
+    assert torch.equal(stats_["observed_noise"], drawn[:, 3])
