@@ -111,7 +111,7 @@ def _distinct(x: torch.Tensor, event_dim: int) -> torch.Tensor:
 
 #: Entries of the scratch that :func:`perturbed_rows` reuses for each block of rows (256 KB
 #: of float32): a step's ``logits + u`` is never made whole.
-_SCRATCH = 1 << 16
+_SCRATCH = 1 << 17
 
 
 def perturbed_rows(logits: torch.Tensor, u: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -131,18 +131,21 @@ def perturbed_rows(logits: torch.Tensor, u: torch.Tensor) -> Iterator[tuple[slic
     if rows == 0 or width == 0:
         yield slice(0, rows), (logits + u).reshape(rows, width)
         return
-    sources = [_own_rows(x, batch) for x in (logits, u)]
+    (left, left_index), (right, right_index) = _own_rows(logits, batch), _own_rows(u, batch)
     step = max(1, min(rows, _SCRATCH // width))
     scratch = torch.empty((step, width), dtype=torch.result_type(logits, u), device=u.device)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        left, right = (
-            flat if len(flat) == 1 else flat[start:stop] if index is None else flat[index[start:stop]]
-            for flat, index in sources
-        )
         block = scratch[: stop - start]
-        torch.add(left, right, out=block)
+        torch.add(_take(left, left_index, start, stop), _take(right, right_index, start, stop), out=block)
         yield slice(start, stop), block
+
+
+def _take(flat: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the broadcast batch from ``flat``, its own rows (:func:`_own_rows`)."""
+    if len(flat) == 1:
+        return flat  # (broadcast by the add)
+    return flat[start:stop] if index is None else flat[index[start:stop]]
 
 
 def _own_rows(x: torch.Tensor, batch: torch.Size) -> tuple[torch.Tensor, torch.Tensor | None]:
