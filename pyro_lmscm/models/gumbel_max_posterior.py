@@ -109,8 +109,9 @@ def _distinct(x: torch.Tensor, event_dim: int) -> torch.Tensor:
     return x
 
 
-#: Entries of the scratch that :func:`perturbed_rows` reuses for each block of rows (256 KB
-#: of float32): a step's ``logits + u`` is never made whole.
+#: Entries of the scratch that :func:`perturbed_rows` reuses for each block of rows on the
+#: CPU (512 KB of float32, two rows of a 49152-token vocabulary): a step's ``logits + u`` is
+#: never made whole there.
 _SCRATCH = 1 << 17
 
 
@@ -122,8 +123,10 @@ def perturbed_rows(logits: torch.Tensor, u: torch.Tensor) -> Iterator[tuple[slic
     asking for the next.
 
     A step's reductions of :math:`\ell + u` (its argmax, its maximum, the rounding check)
-    need it one row at a time. Making it whole would add an ``(N, V)`` block to every step,
-    a few megabytes each time, allocated and freed once per step.
+    need it one row at a time. On the CPU, making it whole would add an ``(N, V)`` block to
+    every step, a few megabytes each time, allocated from and freed to the C heap once per
+    step. On other devices (whose caching allocators keep freed blocks for reuse, and where
+    each block is a kernel launch) the scratch holds every row: one block.
     """
     shape = torch.broadcast_shapes(logits.shape, u.shape)
     width, batch = shape[-1], shape[:-1]
@@ -132,7 +135,7 @@ def perturbed_rows(logits: torch.Tensor, u: torch.Tensor) -> Iterator[tuple[slic
         yield slice(0, rows), (logits + u).reshape(rows, width)
         return
     (left, left_index), (right, right_index) = _own_rows(logits, batch), _own_rows(u, batch)
-    step = max(1, min(rows, _SCRATCH // width))
+    step = max(1, min(rows, _SCRATCH // width)) if u.device.type == "cpu" else rows
     scratch = torch.empty((step, width), dtype=torch.result_type(logits, u), device=u.device)
     for start in range(0, rows, step):
         stop = min(rows, start + step)

@@ -192,3 +192,15 @@ def test_gumbel_max_structural_and_statistics_are_those_of_the_whole_sum(scratch
     stats_ = noise.noise_statistics(logits[1], 3, drawn)
     assert torch.equal(stats_["top_gumbel"], (logits[1] + drawn).amax(-1))
     assert torch.equal(stats_["observed_noise"], drawn[:, 3])
+
+
+def test_perturbed_rows_off_the_cpu_are_one_block():
+    """On another device (here the meta device) the scratch holds every row: one block, one
+    launch per reduction, as the CPU's whole sum was."""
+    from pyro_lmscm.models.gumbel_max_posterior import perturbed_rows
+
+    logits, u = torch.empty(49152, device="meta"), torch.empty(16, 49152, device="meta")
+    blocks = list(perturbed_rows(logits, u))
+    assert [(rows, block.shape) for rows, block in blocks] == [(slice(0, 16), (16, 49152))]
+    on_cpu = list(perturbed_rows(torch.zeros(49152), torch.zeros(16, 49152)))
+    assert len(on_cpu) == 8  # the baseline: two rows a block
